@@ -1,0 +1,171 @@
+//! The catalog: the cluster metadata that Raft replicates, as plain data plus a pure
+//! `apply`. The Raft state machine (`raft::state_machine`) persists what `apply` changes;
+//! services read a shared copy. Keeping the rules here, free of I/O, makes them testable.
+//!
+//! Evolution: commands are encoded with postcard (not self-describing), so a released
+//! variant's fields never change; new behaviour gets a new variant appended at the end.
+
+use std::collections::BTreeMap;
+
+use hashgrid_proto::auth::TokenHash;
+use hashgrid_proto::chunker::ChunkerParams;
+use hashgrid_proto::placement::ClusterMap;
+use hashgrid_proto::snapshot::SnapshotRecord;
+use hashgrid_proto::SnapshotId;
+use serde::{Deserialize, Serialize};
+
+/// Cluster-wide settings fixed at init.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterConfig {
+    pub map: ClusterMap,
+    pub chunker: ChunkerParams,
+    pub admin_token: TokenHash,
+    pub created_unix_ms: i64,
+}
+
+/// A change to the catalog, proposed through Raft.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Sets the cluster config once; later Inits are rejected.
+    Init(ClusterConfig),
+    /// Records a snapshot; its id becomes the log index of this command.
+    CommitSnapshot(SnapshotRecord),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandResult {
+    /// Entries without a command (blank, membership).
+    #[default]
+    Nothing,
+    Initialized,
+    Committed(SnapshotId),
+    Rejected(String),
+}
+
+/// What an applied command changed, for the state machine to persist.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Config,
+    Snapshot(SnapshotId),
+}
+
+/// Who is calling, as established by the auth layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    Admin,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Catalog {
+    pub config: Option<ClusterConfig>,
+    pub snapshots: BTreeMap<SnapshotId, SnapshotRecord>,
+}
+
+impl Catalog {
+    /// Applies the command at log `index`. Deterministic: every replica gets the same result.
+    pub fn apply(&mut self, index: u64, command: Command) -> (CommandResult, Option<Change>) {
+        match command {
+            Command::Init(config) => {
+                if self.config.is_some() {
+                    return (
+                        CommandResult::Rejected("cluster already initialized".into()),
+                        None,
+                    );
+                }
+                self.config = Some(config);
+                (CommandResult::Initialized, Some(Change::Config))
+            }
+            Command::CommitSnapshot(mut record) => {
+                if self.config.is_none() {
+                    return (
+                        CommandResult::Rejected("cluster not initialized".into()),
+                        None,
+                    );
+                }
+                let id = SnapshotId(index);
+                record.id = id;
+                self.snapshots.insert(id, record);
+                (CommandResult::Committed(id), Some(Change::Snapshot(id)))
+            }
+        }
+    }
+
+    /// The principal holding `token`, if any.
+    pub fn authenticate(&self, token: &TokenHash) -> Option<Principal> {
+        let config = self.config.as_ref()?;
+        (config.admin_token == *token).then_some(Principal::Admin)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hashgrid_proto::manifest::ObjectRef;
+    use hashgrid_proto::snapshot::{SnapshotKind, SnapshotStats};
+    use hashgrid_proto::ChunkId;
+
+    use super::*;
+
+    fn config() -> ClusterConfig {
+        ClusterConfig {
+            map: ClusterMap::single(1, "127.0.0.1:1".into()),
+            chunker: ChunkerParams::DEFAULT,
+            admin_token: TokenHash::of("secret"),
+            created_unix_ms: 0,
+        }
+    }
+
+    fn record() -> SnapshotRecord {
+        SnapshotRecord {
+            id: SnapshotId(0),
+            client: "c".into(),
+            dataset: "d".into(),
+            kind: SnapshotKind::Files,
+            time_unix_ms: 1,
+            root: ObjectRef(vec![ChunkId::of(b"root")]),
+            stats: SnapshotStats::default(),
+            tags: vec![],
+            parent: None,
+            hostname: "h".into(),
+            paths: vec![],
+            manifest_version: 1,
+        }
+    }
+
+    #[test]
+    fn commit_before_init_is_rejected() {
+        let mut c = Catalog::default();
+        let (res, change) = c.apply(3, Command::CommitSnapshot(record()));
+        assert!(matches!(res, CommandResult::Rejected(_)));
+        assert_eq!(change, None);
+    }
+
+    #[test]
+    fn snapshot_id_is_the_log_index() {
+        let mut c = Catalog::default();
+        assert_eq!(
+            c.apply(1, Command::Init(config())).0,
+            CommandResult::Initialized
+        );
+        let (res, change) = c.apply(7, Command::CommitSnapshot(record()));
+        assert_eq!(res, CommandResult::Committed(SnapshotId(7)));
+        assert_eq!(change, Some(Change::Snapshot(SnapshotId(7))));
+        assert_eq!(c.snapshots[&SnapshotId(7)].id, SnapshotId(7));
+    }
+
+    #[test]
+    fn init_happens_once() {
+        let mut c = Catalog::default();
+        c.apply(1, Command::Init(config()));
+        let mut other = config();
+        other.admin_token = TokenHash::of("attacker");
+        assert!(matches!(
+            c.apply(2, Command::Init(other)).0,
+            CommandResult::Rejected(_)
+        ));
+        assert_eq!(
+            c.authenticate(&TokenHash::of("secret")),
+            Some(Principal::Admin)
+        );
+        assert_eq!(c.authenticate(&TokenHash::of("attacker")), None);
+    }
+}

@@ -1,0 +1,19 @@
+//! `hashgrid-node`: a storage node of a hashgrid cluster.
+//!
+//! Layers, bottom up: [`chunk_store`] (RocksDB chunks), [`catalog`] + [`raft`] (cluster
+//! metadata replicated by openraft), [`context`] (what services share), [`service`] (gRPC,
+//! behind the auth hook), [`server`] (start, bootstrap, stop). [`config`] is the single source
+//! of settings and defaults.
+
+pub mod catalog;
+pub mod chunk_store;
+pub mod config;
+pub mod context;
+pub mod error;
+pub mod metrics;
+pub mod raft;
+pub mod server;
+pub mod service;
+
+pub use config::NodeConfig;
+pub use server::run;

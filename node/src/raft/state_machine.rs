@@ -1,0 +1,301 @@
+//! The Raft state machine: applies catalog commands and persists their effect together with
+//! `last_applied` and the membership in one synced write batch.
+
+use std::io::Cursor;
+use std::sync::{Arc, RwLock};
+
+use hashgrid_proto::SnapshotId;
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership,
+};
+use rocksdb::{WriteBatch, WriteOptions, DB};
+use serde::{Deserialize, Serialize};
+
+use super::codec::{decode, encode};
+use super::{NodeId, TypeConfig, CF_SM_META, CF_SM_SNAPSHOTS};
+use crate::catalog::{Catalog, Change, CommandResult};
+
+type Result<T> = std::result::Result<T, StorageError<NodeId>>;
+type Membership = StoredMembership<NodeId, BasicNode>;
+
+const KEY_LAST_APPLIED: &[u8] = b"last_applied";
+const KEY_MEMBERSHIP: &[u8] = b"membership";
+const KEY_CONFIG: &[u8] = b"config";
+const KEY_SNAPSHOT: &[u8] = b"raft_snapshot";
+
+/// The catalog shared between the state machine (writer) and the services (readers).
+pub type SharedCatalog = Arc<RwLock<Catalog>>;
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, BasicNode>,
+    data: Vec<u8>,
+}
+
+pub struct StateMachine {
+    db: Arc<DB>,
+    catalog: SharedCatalog,
+    last_applied: Option<LogId<NodeId>>,
+    membership: Membership,
+    snapshot_seq: u64,
+}
+
+fn synced() -> WriteOptions {
+    let mut o = WriteOptions::default();
+    o.set_sync(true);
+    o
+}
+
+fn read_err(e: &(impl std::error::Error + 'static)) -> StorageError<NodeId> {
+    StorageIOError::read_state_machine(e).into()
+}
+
+fn write_err(e: &(impl std::error::Error + 'static)) -> StorageError<NodeId> {
+    StorageIOError::write_state_machine(e).into()
+}
+
+impl StateMachine {
+    /// Loads the persisted catalog from `db`.
+    pub fn open(db: Arc<DB>) -> Result<Self> {
+        let meta = db.cf_handle(CF_SM_META).expect("cf opened in open_db");
+        let get = |key: &[u8]| db.get_cf(meta, key).map_err(|e| read_err(&e));
+        let last_applied = match get(KEY_LAST_APPLIED)? {
+            Some(b) => decode(&b).map_err(|e| read_err(&e))?,
+            None => None,
+        };
+        let membership = match get(KEY_MEMBERSHIP)? {
+            Some(b) => decode(&b).map_err(|e| read_err(&e))?,
+            None => Membership::default(),
+        };
+        let mut catalog = Catalog::default();
+        if let Some(b) = get(KEY_CONFIG)? {
+            catalog.config = Some(decode(&b).map_err(|e| read_err(&e))?);
+        }
+        let snaps = db.cf_handle(CF_SM_SNAPSHOTS).expect("cf opened in open_db");
+        for item in db.iterator_cf(snaps, rocksdb::IteratorMode::Start) {
+            let (_, value) = item.map_err(|e| read_err(&e))?;
+            let record: hashgrid_proto::snapshot::SnapshotRecord =
+                decode(&value).map_err(|e| read_err(&e))?;
+            catalog.snapshots.insert(record.id, record);
+        }
+        Ok(StateMachine {
+            db,
+            catalog: Arc::new(RwLock::new(catalog)),
+            last_applied,
+            membership,
+            snapshot_seq: 0,
+        })
+    }
+
+    pub fn catalog(&self) -> SharedCatalog {
+        self.catalog.clone()
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("cf opened in open_db")
+    }
+
+    fn put_state(&self, batch: &mut WriteBatch) -> Result<()> {
+        batch.put_cf(
+            self.cf(CF_SM_META),
+            KEY_LAST_APPLIED,
+            encode(&self.last_applied).map_err(|e| write_err(&e))?,
+        );
+        batch.put_cf(
+            self.cf(CF_SM_META),
+            KEY_MEMBERSHIP,
+            encode(&self.membership).map_err(|e| write_err(&e))?,
+        );
+        Ok(())
+    }
+
+    fn persist_change(
+        &self,
+        catalog: &Catalog,
+        change: &Change,
+        batch: &mut WriteBatch,
+    ) -> Result<()> {
+        match change {
+            Change::Config => {
+                if let Some(config) = &catalog.config {
+                    batch.put_cf(
+                        self.cf(CF_SM_META),
+                        KEY_CONFIG,
+                        encode(config).map_err(|e| write_err(&e))?,
+                    );
+                }
+            }
+            Change::Snapshot(id) => {
+                let key = id.0.to_be_bytes();
+                match catalog.snapshots.get(id) {
+                    Some(record) => batch.put_cf(
+                        self.cf(CF_SM_SNAPSHOTS),
+                        key,
+                        encode(record).map_err(|e| write_err(&e))?,
+                    ),
+                    None => batch.delete_cf(self.cf(CF_SM_SNAPSHOTS), key),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Builds a snapshot from a copy of the catalog taken between two applies.
+pub struct SnapshotBuilder {
+    sm_db: Arc<DB>,
+    catalog: Catalog,
+    last_applied: Option<LogId<NodeId>>,
+    membership: Membership,
+    seq: u64,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
+        let data = encode(&self.catalog).map_err(|e| StorageIOError::read_state_machine(&e))?;
+        let snapshot_id = match self.last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.seq),
+            None => format!("--{}", self.seq),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: self.last_applied,
+            last_membership: self.membership.clone(),
+            snapshot_id,
+        };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.sm_db
+                .cf_handle(CF_SM_META)
+                .expect("cf opened in open_db"),
+            KEY_SNAPSHOT,
+            encode(&stored).map_err(|e| write_err(&e))?,
+        );
+        self.sm_db
+            .write_opt(batch, &synced())
+            .map_err(|e| write_err(&e))?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId<NodeId>>, Membership)> {
+        Ok((self.last_applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut results = Vec::new();
+        let mut batch = WriteBatch::default();
+        {
+            let catalog = self.catalog.clone();
+            let mut catalog = catalog.write().unwrap_or_else(|p| p.into_inner());
+            for entry in entries {
+                self.last_applied = Some(entry.log_id);
+                let result = match entry.payload {
+                    EntryPayload::Blank => CommandResult::Nothing,
+                    EntryPayload::Normal(command) => {
+                        let (result, change) = catalog.apply(entry.log_id.index, command);
+                        if let Some(change) = change {
+                            self.persist_change(&catalog, &change, &mut batch)?;
+                        }
+                        result
+                    }
+                    EntryPayload::Membership(m) => {
+                        self.membership = StoredMembership::new(Some(entry.log_id), m);
+                        CommandResult::Nothing
+                    }
+                };
+                results.push(result);
+            }
+        }
+        self.put_state(&mut batch)?;
+        self.db
+            .write_opt(batch, &synced())
+            .map_err(|e| write_err(&e))?;
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.snapshot_seq += 1;
+        SnapshotBuilder {
+            sm_db: self.db.clone(),
+            catalog: self
+                .catalog
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            last_applied: self.last_applied,
+            membership: self.membership.clone(),
+            seq: self.snapshot_seq,
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<()> {
+        let data = snapshot.into_inner();
+        let new: Catalog =
+            decode(&data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let mut batch = WriteBatch::default();
+        let snaps = self.cf(CF_SM_SNAPSHOTS);
+        batch.delete_range_cf(snaps, 0u64.to_be_bytes(), u64::MAX.to_be_bytes());
+        batch.delete_cf(snaps, u64::MAX.to_be_bytes());
+        batch.delete_cf(self.cf(CF_SM_META), KEY_CONFIG);
+        self.persist_change(&new, &Change::Config, &mut batch)?;
+        for id in new.snapshots.keys() {
+            self.persist_change(&new, &Change::Snapshot(SnapshotId(id.0)), &mut batch)?;
+        }
+        self.last_applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        self.put_state(&mut batch)?;
+        batch.put_cf(
+            self.cf(CF_SM_META),
+            KEY_SNAPSHOT,
+            encode(&StoredSnapshot {
+                meta: meta.clone(),
+                data,
+            })
+            .map_err(|e| write_err(&e))?,
+        );
+        self.db
+            .write_opt(batch, &synced())
+            .map_err(|e| write_err(&e))?;
+        *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = new;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>> {
+        let Some(bytes) = self
+            .db
+            .get_cf(self.cf(CF_SM_META), KEY_SNAPSHOT)
+            .map_err(|e| read_err(&e))?
+        else {
+            return Ok(None);
+        };
+        let stored: StoredSnapshot = decode(&bytes).map_err(|e| read_err(&e))?;
+        Ok(Some(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        }))
+    }
+}

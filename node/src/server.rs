@@ -1,0 +1,245 @@
+//! Starting and stopping a node: open the stores, start Raft, initialize a new cluster on
+//! first start, serve gRPC until `shutdown` resolves, then stop cleanly.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use hashgrid_proto::auth::TokenHash;
+use hashgrid_proto::chunker::ChunkerParams;
+use hashgrid_proto::limits::MAX_MESSAGE_BYTES;
+use hashgrid_proto::pb::{
+    admin_server::AdminServer, catalog_server::CatalogServer, chunks_server::ChunksServer,
+};
+use hashgrid_proto::placement::ClusterMap;
+use openraft::BasicNode;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+
+use crate::catalog::{ClusterConfig, Command, CommandResult};
+use crate::chunk_store::ChunkStore;
+use crate::config::NodeConfig;
+use crate::context::NodeContext;
+use crate::raft::network::NoPeers;
+use crate::raft::{self, LogStore, Raft, StateMachine};
+use crate::service::admin::AdminService;
+use crate::service::auth::interceptor;
+use crate::service::catalog::CatalogService;
+use crate::service::chunks::ChunksService;
+
+/// File in the data dir holding the admin token made at cluster init (mode 0600).
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// File in the data dir naming the address the node serves on, written once it is ready.
+pub const ADDR_FILE: &str = "node.addr";
+
+/// Runs a node until `shutdown` resolves.
+pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    let _ = std::fs::remove_file(data_dir.join(ADDR_FILE));
+
+    let store = Arc::new(
+        ChunkStore::open(&data_dir.join("chunks"), config.cache_mib << 20)
+            .context("opening the chunk store (is another node using this data dir?)")?,
+    );
+    let raft_db = raft::open_db(&data_dir.join("raft"))
+        .with_context(|| format!("opening Raft state in {}", data_dir.join("raft").display()))?;
+    let node_id = raft::node_id(&raft_db).context("reading node id")?;
+    let state_machine = StateMachine::open(raft_db.clone()).context("loading the catalog")?;
+    let catalog = state_machine.catalog();
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let bound = listener.local_addr()?;
+    let advertise = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| bound.to_string());
+
+    if let Some(addr) = config.metrics_addr().context("--metrics-listen")? {
+        crate::metrics::install(addr)?;
+    }
+
+    let raft = Raft::new(
+        node_id,
+        Arc::new(raft::config().validate()?),
+        NoPeers,
+        LogStore::new(raft_db.clone()),
+        state_machine,
+    )
+    .await
+    .context("starting Raft")?;
+
+    let ctx = Arc::new(NodeContext::new(
+        node_id,
+        store.clone(),
+        raft.clone(),
+        catalog,
+    ));
+    // A failed startup stops the server too, so the process exits with the error.
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop = async {
+        tokio::select! {
+            _ = shutdown => {}
+            Ok(()) = failed_rx => {}
+        }
+    };
+    let server = serve(ctx.clone(), listener, stop);
+    let startup = async {
+        let result = async {
+            bootstrap(&ctx, &data_dir, &advertise, &config.zone).await?;
+            ctx.set_ready();
+            write_atomically(&data_dir.join(ADDR_FILE), advertise.as_bytes())?;
+            tracing::info!(node = node_id, addr = %advertise, "hashgrid-node ready");
+            println!("hashgrid-node {node_id} ready on {advertise}");
+            anyhow::Ok(())
+        }
+        .await;
+        if result.is_err() {
+            let _ = failed_tx.send(());
+        }
+        result
+    };
+    let (served, started) = tokio::join!(server, startup);
+    let result = started.and(served);
+
+    raft.shutdown().await.ok();
+    store.flush().context("flushing the chunk store")?;
+    raft_db.flush_wal(true).context("flushing Raft state")?;
+    tracing::info!("hashgrid-node stopped");
+    result
+}
+
+async fn serve(
+    ctx: Arc<NodeContext>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let auth = interceptor(ctx.clone());
+    let chunks = ChunksServer::new(ChunksService::new(ctx.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let catalog = CatalogServer::new(CatalogService::new(ctx.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let admin = AdminServer::new(AdminService::new(ctx));
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(InterceptedService::new(chunks, auth.clone()))
+        .add_service(InterceptedService::new(catalog, auth.clone()))
+        .add_service(InterceptedService::new(admin, auth))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .context("gRPC server")
+}
+
+/// Makes this node the leader of its one-voter group and, on a brand-new cluster, writes
+/// the cluster config and the admin token.
+async fn bootstrap(
+    ctx: &NodeContext,
+    data_dir: &Path,
+    advertise: &str,
+    zone: &str,
+) -> anyhow::Result<()> {
+    let raft = &ctx.raft;
+    if !raft.is_initialized().await? {
+        let members = BTreeMap::from([(ctx.node_id, BasicNode::new(advertise))]);
+        raft.initialize(members)
+            .await
+            .context("initializing Raft")?;
+    }
+    raft.wait(Some(Duration::from_secs(30)))
+        .metrics(
+            |m| m.current_leader == Some(ctx.node_id),
+            "this node leads its catalog group",
+        )
+        .await
+        .context("waiting for Raft leadership")?;
+    // Everything committed before the restart is applied before we serve.
+    raft.ensure_linearizable()
+        .await
+        .map_err(|e| anyhow::anyhow!("catalog read barrier: {e}"))?;
+
+    let initialized = ctx
+        .catalog
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .config
+        .is_some();
+    if initialized {
+        if !data_dir.join(ADMIN_TOKEN_FILE).exists() {
+            tracing::warn!(
+                "{} is missing; the admin token cannot be recovered from its hash",
+                ADMIN_TOKEN_FILE
+            );
+        }
+        return Ok(());
+    }
+    let token = hex::encode(rand::random::<[u8; 32]>());
+    let token_path = data_dir.join(ADMIN_TOKEN_FILE);
+    write_secret(&token_path, format!("{token}\n").as_bytes())?;
+    let mut map = ClusterMap::single(ctx.node_id, advertise.to_string());
+    map.members[0].zone = zone.to_string();
+    let config = ClusterConfig {
+        map,
+        chunker: ChunkerParams::DEFAULT,
+        admin_token: TokenHash::of(&token),
+        created_unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64),
+    };
+    let resp = raft
+        .client_write(Command::Init(config))
+        .await
+        .context("writing the cluster config")?;
+    if resp.data != CommandResult::Initialized {
+        bail!("cluster init refused: {:?}", resp.data);
+    }
+    tracing::info!(token_file = %token_path.display(), "new cluster initialized; admin token written");
+    Ok(())
+}
+
+fn write_atomically(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    let tmp = tmp_path(path);
+    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+fn write_secret(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = tmp_path(path);
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// The address a node in `data_dir` announced, once it is ready.
+pub fn read_addr(data_dir: &Path) -> Option<SocketAddr> {
+    std::fs::read_to_string(data_dir.join(ADDR_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}

@@ -1,0 +1,72 @@
+//! The `Admin` service: node status (what an agent needs before a backup) and statistics.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use hashgrid_proto::pb::admin_server::Admin;
+use hashgrid_proto::pb::{
+    self, ClientStats, StatsRequest, StatsResponse, StatusRequest, StatusResponse,
+};
+use tonic::{Request, Response, Status};
+
+use super::auth::principal;
+use crate::context::NodeContext;
+
+pub struct AdminService {
+    ctx: Arc<NodeContext>,
+}
+
+impl AdminService {
+    pub fn new(ctx: Arc<NodeContext>) -> Self {
+        AdminService { ctx }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(
+        &self,
+        req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        principal(&req)?;
+        let config = self.ctx.config()?;
+        let metrics = self.ctx.raft.metrics().borrow().clone();
+        Ok(Response::new(StatusResponse {
+            node_id: self.ctx.node_id,
+            version: env!("CARGO_PKG_VERSION").into(),
+            ready: self.ctx.is_ready(),
+            map: Some(pb::ClusterMap::from(&config.map)),
+            chunker: Some(config.chunker.into()),
+            raft_leader: metrics.current_leader.unwrap_or(0),
+            raft_term: metrics.current_term,
+            raft_last_applied: metrics.last_applied.map_or(0, |l| l.index),
+        }))
+    }
+
+    async fn stats(&self, req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        principal(&req)?;
+        let counters = self.ctx.store.counters();
+        let catalog = self.ctx.catalog.read().unwrap_or_else(|p| p.into_inner());
+        let mut clients: BTreeMap<&str, ClientStats> = BTreeMap::new();
+        let mut logical = 0u64;
+        for s in catalog.snapshots.values() {
+            logical += s.stats.logical_bytes;
+            let c = clients.entry(&s.client).or_insert_with(|| ClientStats {
+                client: s.client.clone(),
+                ..Default::default()
+            });
+            c.snapshots += 1;
+            c.logical_bytes += s.stats.logical_bytes;
+            c.new_bytes += s.stats.new_bytes;
+            c.sent_bytes += s.stats.sent_bytes;
+        }
+        Ok(Response::new(StatsResponse {
+            chunks: counters.chunks,
+            stored_bytes: counters.stored_bytes,
+            plain_bytes: counters.plain_bytes,
+            snapshots: catalog.snapshots.len() as u64,
+            logical_bytes: logical,
+            clients: clients.into_values().collect(),
+        }))
+    }
+}

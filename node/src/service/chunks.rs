@@ -1,0 +1,222 @@
+//! The `Chunks` service: batched lookups, verified uploads, streamed downloads.
+//!
+//! Every chunk is checked before it is stored: its encoded form must decode to exactly
+//! `plain_len` bytes (bounded by the cluster's maximum chunk size) that hash to its id, and it
+//! must not be all zeros (zero runs are holes). A bad chunk fails the whole batch with
+//! `INVALID_ARGUMENT` naming the chunk; nothing of that batch is stored.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use hashgrid_proto::codec::{decode_verified, is_zero, ChunkError};
+use hashgrid_proto::id::unpack_ids;
+use hashgrid_proto::limits::{MAX_CHUNKS_PER_PUT, MAX_IDS_PER_REQUEST, TARGET_BATCH_BYTES};
+use hashgrid_proto::pb::chunks_server::Chunks;
+use hashgrid_proto::pb::{
+    self, GetRequest, GetResponse, HasRequest, HasResponse, PutRequest, PutResponse,
+};
+use hashgrid_proto::ChunkId;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::auth::principal;
+use super::blocking;
+use crate::chunk_store::VerifiedChunk;
+use crate::context::NodeContext;
+use crate::error::NodeError;
+use crate::metrics as m;
+
+pub struct ChunksService {
+    ctx: Arc<NodeContext>,
+}
+
+impl ChunksService {
+    pub fn new(ctx: Arc<NodeContext>) -> Self {
+        ChunksService { ctx }
+    }
+}
+
+fn ids_of(packed: &[u8]) -> Result<Vec<ChunkId>, NodeError> {
+    let ids = unpack_ids(packed)?;
+    if ids.len() > MAX_IDS_PER_REQUEST {
+        return Err(NodeError::TooMany {
+            what: "ids",
+            count: ids.len(),
+            limit: MAX_IDS_PER_REQUEST,
+        });
+    }
+    Ok(ids)
+}
+
+/// Verifies and stores one `Put` batch.
+async fn put_batch(ctx: Arc<NodeContext>, req: PutRequest) -> Result<PutResponse, NodeError> {
+    ctx.check_epoch(req.epoch)?;
+    if req.chunks.len() > MAX_CHUNKS_PER_PUT {
+        return Err(NodeError::TooMany {
+            what: "chunks",
+            count: req.chunks.len(),
+            limit: MAX_CHUNKS_PER_PUT,
+        });
+    }
+    let max_len = ctx.chunker()?.max_size;
+    let store = ctx.store.clone();
+    let outcome = blocking(move || {
+        let verified = req
+            .chunks
+            .into_iter()
+            .map(|c| {
+                let (id, plain) = decode_verified(&c, max_len)?;
+                if is_zero(&plain) {
+                    return Err(ChunkError::AllZero { id });
+                }
+                Ok(VerifiedChunk {
+                    id,
+                    plain_len: c.plain_len,
+                    codec: c.codec,
+                    data: c.data,
+                })
+            })
+            .collect::<Result<Vec<_>, ChunkError>>()
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, "refused a chunk batch");
+                metrics::counter!(m::REJECTED, "reason" => "verify").increment(1);
+            })?;
+        Ok(store.put(&verified)?)
+    })
+    .await?;
+    metrics::counter!(m::PUT_CHUNKS, "result" => "stored").increment(u64::from(outcome.stored));
+    metrics::counter!(m::PUT_CHUNKS, "result" => "existing").increment(u64::from(outcome.existing));
+    metrics::counter!(m::PUT_BYTES).increment(outcome.stored_bytes);
+    let counters = ctx.store.counters();
+    metrics::gauge!(m::STORE_CHUNKS).set(counters.chunks as f64);
+    metrics::gauge!(m::STORE_BYTES).set(counters.stored_bytes as f64);
+    Ok(PutResponse {
+        stored: outcome.stored,
+        existing: outcome.existing,
+        stored_bytes: outcome.stored_bytes,
+    })
+}
+
+/// Streams the chunks `ids` in order, in messages of about `TARGET_BATCH_BYTES`.
+async fn stream_chunks(
+    ctx: Arc<NodeContext>,
+    ids: Vec<ChunkId>,
+    tx: mpsc::Sender<Result<GetResponse, Status>>,
+) {
+    const READ_GROUP: usize = 64;
+    let mut pending = GetResponse::default();
+    let mut pending_bytes = 0usize;
+    for group in ids.chunks(READ_GROUP) {
+        let store = ctx.store.clone();
+        let group = group.to_vec();
+        let read = blocking(move || {
+            let found = store.get(&group)?;
+            group
+                .iter()
+                .zip(found)
+                .map(|(id, c)| {
+                    c.map(|c| (*id, c))
+                        .ok_or_else(|| NodeError::NotFound(format!("chunk {id} is not stored")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await;
+        let chunks = match read {
+            Ok(chunks) => chunks,
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        };
+        for (id, c) in chunks {
+            pending_bytes += c.data.len();
+            metrics::counter!(m::GET_BYTES).increment(c.data.len() as u64);
+            pending.chunks.push(pb::Chunk {
+                id: id.as_bytes().to_vec(),
+                plain_len: c.plain_len,
+                codec: c.codec,
+                data: c.data.into(),
+            });
+            if pending_bytes >= TARGET_BATCH_BYTES {
+                metrics::counter!(m::GET_CHUNKS).increment(pending.chunks.len() as u64);
+                if tx.send(Ok(std::mem::take(&mut pending))).await.is_err() {
+                    return;
+                }
+                pending_bytes = 0;
+            }
+        }
+    }
+    if !pending.chunks.is_empty() {
+        metrics::counter!(m::GET_CHUNKS).increment(pending.chunks.len() as u64);
+        let _ = tx.send(Ok(pending)).await;
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Chunks for ChunksService {
+    async fn has(&self, req: Request<HasRequest>) -> Result<Response<HasResponse>, Status> {
+        principal(&req)?;
+        let req = req.into_inner();
+        self.ctx.check_epoch(req.epoch)?;
+        let ids = ids_of(&req.ids)?;
+        let store = self.ctx.store.clone();
+        let found = blocking(move || Ok(store.has(&ids)?)).await?;
+        let mut present = vec![0u8; found.len().div_ceil(8)];
+        let mut hits = 0u64;
+        for (i, &f) in found.iter().enumerate() {
+            if f {
+                present[i / 8] |= 1 << (i % 8);
+                hits += 1;
+            }
+        }
+        metrics::counter!(m::HAS_IDS, "result" => "present").increment(hits);
+        metrics::counter!(m::HAS_IDS, "result" => "absent").increment(found.len() as u64 - hits);
+        Ok(Response::new(HasResponse { present }))
+    }
+
+    type PutStream = BoxStream<PutResponse>;
+
+    async fn put(
+        &self,
+        req: Request<Streaming<PutRequest>>,
+    ) -> Result<Response<Self::PutStream>, Status> {
+        principal(&req)?;
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(msg)) => msg,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(%status, "put stream ended by the client");
+                        break;
+                    }
+                };
+                let reply = put_batch(ctx.clone(), msg).await.map_err(Status::from);
+                let failed = reply.is_err();
+                if tx.send(reply).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type GetStream = BoxStream<GetResponse>;
+
+    async fn get(&self, req: Request<GetRequest>) -> Result<Response<Self::GetStream>, Status> {
+        principal(&req)?;
+        let req = req.into_inner();
+        self.ctx.check_epoch(req.epoch)?;
+        let ids = ids_of(&req.ids)?;
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(stream_chunks(self.ctx.clone(), ids, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

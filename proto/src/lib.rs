@@ -1,0 +1,31 @@
+//! The shared language of hashgrid agents and nodes.
+//!
+//! Everything two processes must agree on lives here and only here: the gRPC services and
+//! messages ([`pb`]), chunk and snapshot ids ([`id`]), the manifest format ([`manifest`]), the
+//! cluster map and the placement function ([`placement`]), the snapshot record kept in the
+//! catalog ([`snapshot`]), how a bearer token is carried and hashed ([`auth`]), the chunker
+//! parameters ([`chunker`]) and the size bounds every request is checked against ([`limits`]).
+
+pub mod auth;
+pub mod chunker;
+pub mod codec;
+pub mod error;
+pub mod id;
+pub mod limits;
+pub mod manifest;
+pub mod placement;
+pub mod snapshot;
+
+pub use error::DecodeError;
+pub use id::{ChunkId, NodeId, SnapshotId};
+
+/// Generated protobuf and gRPC types. Convert to domain types at the edge with the `TryFrom`
+/// impls in the modules above; nothing past the service layer should handle these directly.
+pub mod pb {
+    tonic::include_proto!("hashgrid.v1");
+
+    /// Manifest object messages (the on-chunk format, not a service).
+    pub mod manifest {
+        tonic::include_proto!("hashgrid.manifest.v1");
+    }
+}
