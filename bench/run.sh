@@ -408,9 +408,12 @@ def report(run_dir, out_json):
             errors[tool] = val
             continue
         try:
-            v = float(val)
+            v = int(val)
         except ValueError:
-            v = val
+            try:
+                v = float(val)
+            except ValueError:
+                v = val
         recs[(tool, step, kind, key)] = v
 
     def get(tool, step, kind, key):
@@ -469,12 +472,15 @@ def report(run_dir, out_json):
         ("%*s" % (W, t)) for t in tools)
     rsuffix = "tool/%s" % base
 
-    def row(label, vals, fmt, base_val):
+    def row(label, vals, fmt, base_val, min_abs=0):
+        # min_abs: no ratio when both values are below it (ratios of ~0 are noise)
         cells = []
         for t, v in vals:
             s = fmt(v)
-            if t != base and v is not None:
-                r = ratio(v, base_val)
+            if t != base:
+                r = None
+                if v is not None and max(abs(v), abs(base_val or 0)) >= min_abs:
+                    r = ratio(v, base_val)
                 s += " %6s" % (("%.1fx" % r) if r is not None else "")
             cells.append("%*s" % (W, s))
         return "%-*s" % (W0, label) + "".join(cells)
@@ -493,12 +499,13 @@ def report(run_dir, out_json):
         vals = [(t, size_tbl[t][(s, k, "after")]) for t in tools]
         P(row("%-9s %s" % (s, k), vals, fmt_mib, size_tbl[base][(s, k, "after")]))
     P("")
-    P("== repository growth per step, MiB  (ratio = %s; >1x means %s stores less) ==" % (rsuffix, base))
+    P("== repository growth per step, MiB  (ratio = %s; >1x means %s stores less; no ratio below 1 MiB) =="
+      % (rsuffix, base))
     P(hdr)
     for s in ("initial", "unchanged", "changed"):
         for k in ("tree", "image", "total"):
             vals = [(t, size_tbl[t][(s, k, "growth")]) for t in tools]
-            P(row("%-9s %s" % (s, k), vals, fmt_mib2, size_tbl[base][(s, k, "growth")]))
+            P(row("%-9s %s" % (s, k), vals, fmt_mib2, size_tbl[base][(s, k, "growth")], 1 << 20))
     if hg_stats:
         P("")
         P("hashgrid stats stored_bytes (MiB) after / growth:  " + "  ".join(
@@ -585,6 +592,19 @@ def report(run_dir, out_json):
     return 0
 
 
+def find_key(v, key):
+    if isinstance(v, dict):
+        if key in v:
+            return v[key]
+        v = list(v.values())
+    if isinstance(v, list):
+        for x in v:
+            r = find_key(x, key)
+            if r is not None:
+                return r
+    return None
+
+
 def main():
     cmd = sys.argv[1]
     a = sys.argv[2:]
@@ -596,10 +616,16 @@ def main():
         change(a[0], a[1], int(a[2]), float(a[3]), float(a[4]), int(a[5]))
     elif cmd == "report":
         sys.exit(report(a[0], a[1]))
-    elif cmd == "json-get":  # json-get FILE KEY[.KEY...]
+    elif cmd == "json-get":  # json-get FILE KEY[.KEY...]; a missing single key is searched for recursively
         v = json.load(open(a[0]))
-        for k in a[1].split("."):
-            v = v[k]
+        keys = a[1].split(".")
+        if len(keys) == 1 and not (isinstance(v, dict) and keys[0] in v):
+            v = find_key(v, keys[0])
+            if v is None:
+                sys.exit("key %s not found in %s" % (keys[0], a[0]))
+        else:
+            for k in keys:
+                v = v[k]
         print(v)
     elif cmd == "meta":  # meta RUN_DIR key json-value  (merge into meta.json)
         p = os.path.join(a[0], "meta.json")

@@ -1,0 +1,270 @@
+//! Reading one file or disk image into extents: holes found with SEEK_DATA/SEEK_HOLE are
+//! skipped without reading, data runs are cut by FastCDC, hashed on all cores, all-zero
+//! chunks become holes, and every other chunk is offered to the uploader. Memory stays
+//! bounded by the read buffer and the uploader's budget, whatever the file's size.
+
+use std::fs::File;
+use std::io::ErrorKind;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+
+use bytes::BytesMut;
+use hashgrid_proto::codec::is_zero;
+use hashgrid_proto::manifest::{ChunkListEncoder, Content, Extent, INLINE_EXTENTS_MAX};
+use hashgrid_proto::ChunkId;
+use rayon::prelude::*;
+use rustix::fs::SeekFrom;
+use rustix::io::Errno;
+
+use crate::chunker::Chunker;
+use crate::error::{ClientError, Result};
+use crate::objects::ObjectWriter;
+use crate::progress::Progress;
+use crate::upload::Uploader;
+
+/// Bytes read per call; large enough that hashing fans out over all cores.
+const READ_BUF: usize = 8 << 20;
+
+/// What reading a file produced.
+pub struct FileContent {
+    pub content: Content,
+    /// Bytes of content (data and holes).
+    pub size: u64,
+    /// Data chunks referenced (holes excluded).
+    pub chunks: u64,
+}
+
+/// Collects extents: inline while few, then streamed into a chunk-list object.
+pub struct ContentBuilder<'a> {
+    chunker: &'a Chunker,
+    uploader: &'a Uploader,
+    inline: Vec<Extent>,
+    list: Option<ObjectWriter<'a>>,
+    count: u64,
+    pending_hole: u64,
+    size: u64,
+    chunks: u64,
+    scratch: Vec<u8>,
+}
+
+impl<'a> ContentBuilder<'a> {
+    pub fn new(chunker: &'a Chunker, uploader: &'a Uploader) -> Self {
+        ContentBuilder {
+            chunker,
+            uploader,
+            inline: Vec::new(),
+            list: None,
+            count: 0,
+            pending_hole: 0,
+            size: 0,
+            chunks: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    pub fn hole(&mut self, len: u64) {
+        self.pending_hole += len;
+        self.size += len;
+    }
+
+    pub fn chunk(&mut self, id: ChunkId, len: u32) -> Result<()> {
+        self.flush_hole()?;
+        self.size += u64::from(len);
+        self.chunks += 1;
+        self.push(Extent::Chunk { id, len })
+    }
+
+    fn flush_hole(&mut self) -> Result<()> {
+        if self.pending_hole > 0 {
+            let len = std::mem::take(&mut self.pending_hole);
+            self.push(Extent::Hole { len })?;
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, e: Extent) -> Result<()> {
+        self.count += 1;
+        if let Some(list) = self.list.as_mut() {
+            self.scratch.clear();
+            ChunkListEncoder::encode_extent(&e, &mut self.scratch);
+            return list.write(&self.scratch);
+        }
+        self.inline.push(e);
+        if self.inline.len() > INLINE_EXTENTS_MAX {
+            let mut list = ObjectWriter::new(self.chunker, self.uploader);
+            list.write(&ChunkListEncoder::header())?;
+            for e in self.inline.drain(..) {
+                self.scratch.clear();
+                ChunkListEncoder::encode_extent(&e, &mut self.scratch);
+                list.write(&self.scratch)?;
+            }
+            self.list = Some(list);
+        }
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> Result<FileContent> {
+        self.flush_hole()?;
+        let content = match self.list {
+            Some(list) => Content::List {
+                list: list.finish()?,
+                extents: self.count,
+            },
+            None => Content::Inline(self.inline),
+        };
+        Ok(FileContent {
+            content,
+            size: self.size,
+            chunks: self.chunks,
+        })
+    }
+}
+
+/// Opens for reading without following a final symlink and, where permitted, without
+/// updating the access time.
+pub fn open_for_read(path: &Path) -> Result<File> {
+    let open = |flags| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(flags)
+            .open(path)
+    };
+    match open(libc::O_NOFOLLOW | libc::O_NOATIME) {
+        Err(e) if e.kind() == ErrorKind::PermissionDenied => open(libc::O_NOFOLLOW),
+        other => other,
+    }
+    .map_err(|e| ClientError::io(path, e))
+}
+
+/// Reads a whole file (or block device) into content.
+pub fn read_content(
+    path: &Path,
+    chunker: &Chunker,
+    uploader: &Uploader,
+    progress: &Progress,
+) -> Result<FileContent> {
+    let file = open_for_read(path)?;
+    let io = |e: Errno| ClientError::io(path, e.into());
+    let size = rustix::fs::seek(&file, SeekFrom::End(0)).map_err(io)?;
+    let mut builder = ContentBuilder::new(chunker, uploader);
+    let mut pos = 0u64;
+    // Filesystems without hole support report one data run; devices may refuse to seek by
+    // data, in which case everything is read and zero chunks still become holes.
+    let mut holes_supported = true;
+    while pos < size {
+        let data = if holes_supported {
+            match rustix::fs::seek(&file, SeekFrom::Data(pos)) {
+                Ok(d) => d.min(size),
+                Err(Errno::NXIO) => size,
+                Err(_) => {
+                    holes_supported = false;
+                    pos
+                }
+            }
+        } else {
+            pos
+        };
+        if data > pos {
+            progress.add_bytes(data - pos);
+            builder.hole(data - pos);
+            pos = data;
+        }
+        if pos >= size {
+            break;
+        }
+        let end = if holes_supported {
+            rustix::fs::seek(&file, SeekFrom::Hole(pos))
+                .unwrap_or(size)
+                .min(size)
+        } else {
+            size
+        };
+        let read_to = read_run(
+            &file,
+            path,
+            pos,
+            end,
+            chunker,
+            uploader,
+            &mut builder,
+            progress,
+        )?;
+        if read_to < end {
+            // The file shrank while we read it: record what was there.
+            break;
+        }
+        pos = end;
+    }
+    builder.finish()
+}
+
+/// Reads `[start, end)`, a run without holes, and returns where reading stopped.
+#[allow(clippy::too_many_arguments)]
+fn read_run(
+    file: &File,
+    path: &Path,
+    start: u64,
+    end: u64,
+    chunker: &Chunker,
+    uploader: &Uploader,
+    builder: &mut ContentBuilder<'_>,
+    progress: &Progress,
+) -> Result<u64> {
+    let mut pos = start;
+    let mut carry = BytesMut::new();
+    let mut cuts = Vec::new();
+    loop {
+        let want = (READ_BUF as u64).min(end - pos) as usize;
+        let mut buf = BytesMut::with_capacity(carry.len() + want);
+        buf.extend_from_slice(&carry);
+        let filled = buf.len();
+        buf.resize(filled + want, 0);
+        let got =
+            read_full_at(file, &mut buf[filled..], pos).map_err(|e| ClientError::io(path, e))?;
+        buf.truncate(filled + got);
+        pos += got as u64;
+        progress.add_bytes(got as u64);
+        let eof = got < want || pos >= end;
+        let buf = buf.freeze();
+        cuts.clear();
+        let used = chunker.cut_all(&buf, eof, &mut cuts);
+        let ids: Vec<Option<ChunkId>> = cuts
+            .par_iter()
+            .map(|&(o, l)| {
+                let piece = &buf[o..o + l];
+                (!is_zero(piece)).then(|| ChunkId::of(piece))
+            })
+            .collect();
+        for (&(o, l), id) in cuts.iter().zip(ids) {
+            match id {
+                Some(id) => {
+                    builder.chunk(id, l as u32)?;
+                    uploader.submit_blocking(id, buf.slice(o..o + l))?;
+                }
+                None => builder.hole(l as u64),
+            }
+        }
+        carry = BytesMut::from(&buf[used..]);
+        if eof {
+            debug_assert!(carry.is_empty());
+            return Ok(pos);
+        }
+    }
+}
+
+fn read_full_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<usize> {
+    let mut total = 0;
+    while !buf.is_empty() {
+        match file.read_at(buf, offset) {
+            Ok(0) => break,
+            Ok(n) => {
+                total += n;
+                offset += n as u64;
+                buf = &mut buf[n..];
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(total)
+}

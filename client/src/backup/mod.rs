@@ -1,0 +1,264 @@
+//! Backups: file level (a tree of paths) and image level (one file or block device).
+//!
+//! The pipeline (design §3): walk/read -> cut -> hash -> batched lookups -> compress ->
+//! upload missing -> write manifest objects -> wait for every acknowledgement -> commit the
+//! snapshot through the catalog. Nothing is committed unless every chunk it references is
+//! durable.
+
+pub mod content;
+pub mod walk;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use hashgrid_proto::manifest::{Entry, EntryKind, ObjectRef, Tree, FORMAT_VERSION};
+use hashgrid_proto::pb::{CommitSnapshotRequest, Snapshot};
+use hashgrid_proto::snapshot::{validate_label, SnapshotKind, SnapshotRecord, SnapshotStats};
+use hashgrid_proto::SnapshotId;
+use serde::Serialize;
+
+use self::walk::{metadata_of, unchanged, Selection, Walker};
+use crate::catalog;
+use crate::chunker::Chunker;
+use crate::connection::Connection;
+use crate::error::{ClientError, Result};
+use crate::objects::{ObjectReader, ObjectWriter};
+use crate::progress::Progress;
+use crate::upload::{UploadStats, Uploader};
+
+/// Which earlier snapshot to compare with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ParentChoice {
+    /// The latest snapshot of the same client, dataset and kind.
+    Latest,
+    /// Read every file (still deduplicated against the cluster).
+    None,
+    Id(SnapshotId),
+}
+
+#[derive(Clone, Debug)]
+pub struct BackupOptions {
+    pub paths: Vec<PathBuf>,
+    pub image: bool,
+    pub client: String,
+    pub dataset: String,
+    pub tags: Vec<String>,
+    pub parent: ParentChoice,
+    pub hostname: String,
+    /// zstd level; 0 stores chunks uncompressed.
+    pub zstd_level: i32,
+    pub progress: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BackupSummary {
+    pub snapshot: SnapshotId,
+    pub parent: Option<SnapshotId>,
+    pub stats: SnapshotStats,
+    pub upload: UploadStats,
+    pub warnings: Vec<String>,
+}
+
+/// Runs one backup and commits its snapshot.
+pub async fn backup(conn: &Connection, opts: &BackupOptions) -> Result<BackupSummary> {
+    let started = Instant::now();
+    validate_label("client name", &opts.client)?;
+    validate_label("dataset", &opts.dataset)?;
+    for t in &opts.tags {
+        validate_label("tag", t)?;
+    }
+    if opts.paths.is_empty() {
+        return Err(ClientError::Config(
+            "nothing to back up: give at least one path".into(),
+        ));
+    }
+    if opts.image && opts.paths.len() != 1 {
+        return Err(ClientError::Config(
+            "--image takes exactly one file or device".into(),
+        ));
+    }
+    let paths = opts
+        .paths
+        .iter()
+        .map(|p| std::path::absolute(p).map_err(|e| ClientError::io(p, e)))
+        .collect::<Result<Vec<_>>>()?;
+    for p in &paths {
+        std::fs::symlink_metadata(p).map_err(|e| ClientError::io(p, e))?;
+    }
+
+    let kind = if opts.image {
+        SnapshotKind::Image
+    } else {
+        SnapshotKind::Files
+    };
+    let parent = match &opts.parent {
+        ParentChoice::None => None,
+        ParentChoice::Id(id) => Some(catalog::get(conn, *id).await?),
+        ParentChoice::Latest => {
+            catalog::latest(conn, &opts.client, &opts.dataset, Some(kind)).await?
+        }
+    };
+    let reader = ObjectReader::new(conn.clone());
+    let parent_root = match &parent {
+        Some(p) => Some(reader.load_tree(&p.root).await?),
+        None => None,
+    };
+
+    let total = if opts.image {
+        Some(image_size(&paths[0])?)
+    } else {
+        None
+    };
+    let progress = Progress::new(opts.progress, total, "backup");
+    let walker = Arc::new(Walker::new(
+        Chunker::new(conn.chunker),
+        Uploader::start(conn, opts.zstd_level),
+        reader,
+        progress,
+    ));
+    let root = if opts.image {
+        backup_image(&walker, &paths[0], parent_root).await
+    } else {
+        walker
+            .clone()
+            .backup_dir(PathBuf::from("/"), parent_root, Selection::of_paths(&paths))
+            .await
+    };
+    walker.progress.finish();
+    let walker = Arc::try_unwrap(walker)
+        .map_err(|_| ClientError::Internal("walker still shared after the walk".into()))?;
+    // Finish uploads even when the walk failed, so the pipeline stops cleanly.
+    let uploaded = walker.uploader.finish().await;
+    let root = root?;
+    let upload = uploaded?;
+
+    let c = &walker.counters;
+    let stats = SnapshotStats {
+        logical_bytes: c.logical_bytes.load(Ordering::Relaxed),
+        new_bytes: upload.stored_bytes,
+        sent_bytes: upload.sent_bytes,
+        files: c.files.load(Ordering::Relaxed),
+        dirs: c.dirs.load(Ordering::Relaxed),
+        chunks: c.chunks.load(Ordering::Relaxed),
+        new_chunks: upload.stored_chunks,
+        reused_files: c.reused_files.load(Ordering::Relaxed),
+        duration_ms: started.elapsed().as_millis() as u64,
+    };
+    let record = SnapshotRecord {
+        id: SnapshotId(0),
+        client: opts.client.clone(),
+        dataset: opts.dataset.clone(),
+        kind,
+        time_unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64),
+        root,
+        stats,
+        tags: opts.tags.clone(),
+        parent: parent.as_ref().map(|p| p.id),
+        hostname: opts.hostname.clone(),
+        paths: paths
+            .iter()
+            .map(|p| p.as_os_str().as_encoded_bytes().to_vec())
+            .collect(),
+        manifest_version: u32::from(FORMAT_VERSION),
+    };
+    let mut client = conn.catalog.clone();
+    let id = client
+        .commit_snapshot(CommitSnapshotRequest {
+            snapshot: Some(Snapshot::from(&record)),
+        })
+        .await
+        .map_err(|s| ClientError::rpc("committing the snapshot", s))?
+        .into_inner()
+        .id;
+    Ok(BackupSummary {
+        snapshot: SnapshotId(id),
+        parent: parent.map(|p| p.id),
+        stats,
+        upload,
+        warnings: walker
+            .warnings
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner()),
+    })
+}
+
+/// An image snapshot's root tree holds one file entry, named after the image.
+async fn backup_image(
+    walker: &Arc<Walker>,
+    path: &Path,
+    parent: Option<Tree>,
+) -> Result<ObjectRef> {
+    let st = std::fs::metadata(path).map_err(|e| ClientError::io(path, e))?;
+    if !(st.is_file() || std::os::unix::fs::FileTypeExt::is_block_device(&st.file_type())) {
+        return Err(ClientError::Config(format!(
+            "{} is neither a regular file nor a block device",
+            path.display()
+        )));
+    }
+    let name = path
+        .file_name()
+        .ok_or_else(|| ClientError::Config(format!("{} has no file name", path.display())))?
+        .as_encoded_bytes()
+        .to_vec();
+    let mut meta = metadata_of(&st);
+    let parent_entry = parent.as_ref().and_then(|t| t.get(&name));
+    // A device's mtime says nothing about its content: always read it.
+    let reusable = if st.is_file() {
+        parent_entry.and_then(|p| unchanged(p, &st, &meta))
+    } else {
+        None
+    };
+    walker.counters.files.fetch_add(1, Ordering::Relaxed);
+    let content = match reusable {
+        Some(content) => {
+            let (ids, chunks) = walker.referenced_ids(&content).await?;
+            walker.uploader.check(ids).await?;
+            walker.counters.reused_files.fetch_add(1, Ordering::Relaxed);
+            walker.counters.chunks.fetch_add(chunks, Ordering::Relaxed);
+            meta.size = st.len();
+            content
+        }
+        None => {
+            let w = walker.clone();
+            let p = path.to_path_buf();
+            let read = tokio::task::spawn_blocking(move || {
+                content::read_content(&p, &w.chunker, &w.uploader, &w.progress)
+            })
+            .await??;
+            walker
+                .counters
+                .chunks
+                .fetch_add(read.chunks, Ordering::Relaxed);
+            meta.size = read.size;
+            read.content
+        }
+    };
+    walker
+        .counters
+        .logical_bytes
+        .fetch_add(meta.size, Ordering::Relaxed);
+    let tree = Tree {
+        entries: vec![Entry {
+            name,
+            meta,
+            kind: EntryKind::File {
+                content,
+                link_key: None,
+            },
+        }],
+    };
+    let w = walker.clone();
+    tokio::task::spawn_blocking(move || {
+        ObjectWriter::write_all(&w.chunker, &w.uploader, &tree.encode())
+    })
+    .await?
+}
+
+fn image_size(path: &Path) -> Result<u64> {
+    let f = std::fs::File::open(path).map_err(|e| ClientError::io(path, e))?;
+    rustix::fs::seek(&f, rustix::fs::SeekFrom::End(0)).map_err(|e| ClientError::io(path, e.into()))
+}

@@ -1,0 +1,382 @@
+//! The file-tree walk: lists directories in name order, compares every file with the parent
+//! snapshot's entry of the same name, reads only what changed, and writes one tree object per
+//! directory once its children are done. Children are processed concurrently (bounded), so
+//! small files from many directories keep every core busy.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs::Metadata as FsMetadata;
+use std::num::NonZeroU64;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use hashgrid_proto::manifest::{
+    Content, Entry, EntryKind, Extent, Metadata, ObjectRef, Timestamp, Tree,
+};
+use hashgrid_proto::ChunkId;
+use tokio::sync::Semaphore;
+
+use super::content::read_content;
+use crate::chunker::Chunker;
+use crate::error::{ClientError, Result};
+use crate::objects::{ObjectReader, ObjectWriter};
+use crate::progress::Progress;
+use crate::upload::Uploader;
+
+/// Children of one directory processed at once.
+const DIR_WIDTH: usize = 32;
+
+/// Which part of a directory to back up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selection {
+    All,
+    Only(BTreeMap<Vec<u8>, Selection>),
+}
+
+impl Selection {
+    /// The selection for absolute `paths`: their ancestors hold only the way down to them.
+    pub fn of_paths(paths: &[PathBuf]) -> Selection {
+        let mut root = Selection::Only(BTreeMap::new());
+        for p in paths {
+            let comps: Vec<Vec<u8>> = p
+                .components()
+                .filter_map(|c| match c {
+                    std::path::Component::Normal(n) => Some(n.as_bytes().to_vec()),
+                    _ => None,
+                })
+                .collect();
+            let mut node = &mut root;
+            for c in comps {
+                node = match node {
+                    Selection::All => break,
+                    Selection::Only(children) => children
+                        .entry(c)
+                        .or_insert_with(|| Selection::Only(BTreeMap::new())),
+                };
+            }
+            *node = Selection::All;
+        }
+        root
+    }
+}
+
+#[derive(Default)]
+pub struct WalkCounters {
+    pub files: AtomicU64,
+    pub dirs: AtomicU64,
+    pub reused_files: AtomicU64,
+    pub logical_bytes: AtomicU64,
+    pub chunks: AtomicU64,
+}
+
+pub struct Walker {
+    pub chunker: Chunker,
+    pub uploader: Uploader,
+    pub reader: ObjectReader,
+    pub progress: Progress,
+    pub counters: WalkCounters,
+    pub warnings: Mutex<Vec<String>>,
+    files: Semaphore,
+}
+
+impl Walker {
+    pub fn new(
+        chunker: Chunker,
+        uploader: Uploader,
+        reader: ObjectReader,
+        progress: Progress,
+    ) -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Walker {
+            chunker,
+            uploader,
+            reader,
+            progress,
+            counters: WalkCounters::default(),
+            warnings: Mutex::new(Vec::new()),
+            files: Semaphore::new(cores * 2),
+        }
+    }
+
+    fn warn(&self, msg: String) {
+        tracing::warn!("{msg}");
+        self.warnings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(msg);
+    }
+
+    /// Backs up directory `path` (restricted to `selection`) and returns its tree object.
+    pub fn backup_dir(
+        self: Arc<Self>,
+        path: PathBuf,
+        parent: Option<Tree>,
+        selection: Selection,
+    ) -> BoxFuture<'static, Result<ObjectRef>> {
+        async move {
+            let listing = {
+                let path = path.clone();
+                let selection = selection.clone();
+                tokio::task::spawn_blocking(move || list_dir(&path, &selection)).await?
+            };
+            let listing = match listing {
+                Ok(l) => l,
+                Err(e) => {
+                    self.warn(format!("{e}; recorded as an empty directory"));
+                    Vec::new()
+                }
+            };
+            let parent = parent.map(Arc::new);
+            let children = listing.into_iter().map(|(name, st)| {
+                let parent_entry = parent.as_ref().and_then(|t| t.get(&name)).cloned();
+                let child_sel = match &selection {
+                    Selection::All => Selection::All,
+                    Selection::Only(m) => m.get(&name).cloned().unwrap_or(Selection::All),
+                };
+                self.clone().backup_entry(
+                    path.join(OsStr::from_bytes(&name)),
+                    name,
+                    st,
+                    parent_entry,
+                    child_sel,
+                )
+            });
+            let entries: Vec<Option<Entry>> = futures::stream::iter(children)
+                .buffered(DIR_WIDTH)
+                .try_collect()
+                .await?;
+            let tree = Tree {
+                entries: entries.into_iter().flatten().collect(),
+            };
+            self.counters.dirs.fetch_add(1, Ordering::Relaxed);
+            let walker = self.clone();
+            tokio::task::spawn_blocking(move || {
+                ObjectWriter::write_all(&walker.chunker, &walker.uploader, &tree.encode())
+            })
+            .await?
+        }
+        .boxed()
+    }
+
+    /// One entry; `None` when it could not be read (a warning says why).
+    async fn backup_entry(
+        self: Arc<Self>,
+        path: PathBuf,
+        name: Vec<u8>,
+        st: FsMetadata,
+        parent: Option<Entry>,
+        selection: Selection,
+    ) -> Result<Option<Entry>> {
+        let mut meta = metadata_of(&st);
+        let ft = st.file_type();
+        let kind = if ft.is_dir() {
+            let parent_tree = match parent.map(|p| p.kind) {
+                Some(EntryKind::Dir { subtree }) => Some(self.reader.load_tree(&subtree).await?),
+                _ => None,
+            };
+            let subtree = self
+                .clone()
+                .backup_dir(path, parent_tree, selection)
+                .await?;
+            EntryKind::Dir { subtree }
+        } else if ft.is_file() {
+            self.counters.files.fetch_add(1, Ordering::Relaxed);
+            let link_key = (st.nlink() > 1)
+                .then(|| link_key(st.dev(), st.ino()))
+                .flatten();
+            match self.file_content(&path, &st, &meta, parent.as_ref()).await {
+                Ok((content, size)) => {
+                    meta.size = size;
+                    self.counters
+                        .logical_bytes
+                        .fetch_add(size, Ordering::Relaxed);
+                    EntryKind::File { content, link_key }
+                }
+                Err(ClientError::Io { path, source }) => {
+                    self.warn(format!("skipped {}: {source}", path.display()));
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            }
+        } else if ft.is_symlink() {
+            match std::fs::read_link(&path) {
+                Ok(target) => {
+                    let target = target.into_os_string().into_vec();
+                    meta.size = target.len() as u64;
+                    EntryKind::Symlink { target }
+                }
+                Err(e) => {
+                    self.warn(format!("skipped {}: {e}", path.display()));
+                    return Ok(None);
+                }
+            }
+        } else if ft.is_fifo() {
+            EntryKind::Fifo
+        } else if ft.is_socket() {
+            EntryKind::Socket
+        } else if ft.is_char_device() {
+            EntryKind::CharDevice { rdev: st.rdev() }
+        } else if ft.is_block_device() {
+            EntryKind::BlockDevice { rdev: st.rdev() }
+        } else {
+            self.warn(format!("skipped {}: unknown file type", path.display()));
+            return Ok(None);
+        };
+        Ok(Some(Entry { name, meta, kind }))
+    }
+
+    /// A file's content: the parent's when the file is unchanged, else read afresh.
+    async fn file_content(
+        self: &Arc<Self>,
+        path: &Path,
+        st: &FsMetadata,
+        meta: &Metadata,
+        parent: Option<&Entry>,
+    ) -> Result<(Content, u64)> {
+        if let Some(content) = parent.and_then(|p| unchanged(p, st, meta)) {
+            let (ids, chunks) = self.referenced_ids(&content).await?;
+            self.uploader.check(ids).await?;
+            self.counters.reused_files.fetch_add(1, Ordering::Relaxed);
+            self.counters.chunks.fetch_add(chunks, Ordering::Relaxed);
+            self.progress.add_bytes(st.len());
+            return Ok((content, st.len()));
+        }
+        let _permit = self
+            .files
+            .acquire()
+            .await
+            .map_err(|_| ClientError::Internal("file limiter closed".into()))?;
+        let walker = self.clone();
+        let path = path.to_path_buf();
+        let read = tokio::task::spawn_blocking(move || {
+            read_content(&path, &walker.chunker, &walker.uploader, &walker.progress)
+        })
+        .await??;
+        self.counters
+            .chunks
+            .fetch_add(read.chunks, Ordering::Relaxed);
+        Ok((read.content, read.size))
+    }
+
+    /// Every chunk id a reused content references (list pieces and data chunks), and how many
+    /// data chunks that is.
+    pub async fn referenced_ids(&self, content: &Content) -> Result<(Vec<ChunkId>, u64)> {
+        let (mut ids, extents) = match content {
+            Content::Inline(e) => (Vec::new(), e.clone()),
+            Content::List { list, .. } => (
+                list.0.clone(),
+                self.reader.chunk_list(list).collect().await?,
+            ),
+        };
+        let mut chunks = 0;
+        for e in extents {
+            if let Extent::Chunk { id, .. } = e {
+                ids.push(id);
+                chunks += 1;
+            }
+        }
+        Ok((ids, chunks))
+    }
+}
+
+/// The parent entry's content if the file looks unchanged: same size, mtime, ctime, inode.
+pub fn unchanged(parent: &Entry, st: &FsMetadata, meta: &Metadata) -> Option<Content> {
+    match &parent.kind {
+        EntryKind::File { content, .. }
+            if parent.meta.size == st.len()
+                && parent.meta.mtime == meta.mtime
+                && parent.meta.ctime == meta.ctime
+                && parent.meta.inode == meta.inode =>
+        {
+            Some(content.clone())
+        }
+        _ => None,
+    }
+}
+
+/// Lists a directory (or the selected names in it), sorted by name bytes, with `lstat` data.
+fn list_dir(path: &Path, selection: &Selection) -> Result<Vec<(Vec<u8>, FsMetadata)>> {
+    let mut out = Vec::new();
+    match selection {
+        Selection::All => {
+            let rd = std::fs::read_dir(path).map_err(|e| ClientError::io(path, e))?;
+            for item in rd {
+                let item = item.map_err(|e| ClientError::io(path, e))?;
+                match item.metadata() {
+                    Ok(st) => out.push((item.file_name().into_vec(), st)),
+                    // Vanished between listing and lstat: nothing to back up.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(ClientError::io(item.path(), e)),
+                }
+            }
+        }
+        Selection::Only(names) => {
+            for name in names.keys() {
+                let p = path.join(OsStr::from_bytes(name));
+                let st = std::fs::symlink_metadata(&p).map_err(|e| ClientError::io(&p, e))?;
+                out.push((name.clone(), st));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+pub fn metadata_of(st: &FsMetadata) -> Metadata {
+    Metadata {
+        mode: st.mode() & 0o7777,
+        uid: st.uid(),
+        gid: st.gid(),
+        mtime: Timestamp {
+            sec: st.mtime(),
+            nsec: st.mtime_nsec() as u32,
+        },
+        size: 0,
+        xattrs: Vec::new(),
+        ctime: Timestamp {
+            sec: st.ctime(),
+            nsec: st.ctime_nsec() as u32,
+        },
+        inode: st.ino(),
+    }
+}
+
+/// A stable key for the hard-link group of (device, inode).
+fn link_key(dev: u64, ino: u64) -> Option<NonZeroU64> {
+    let mut h = blake3::Hasher::new();
+    h.update(&dev.to_le_bytes());
+    h.update(&ino.to_le_bytes());
+    let b = h.finalize();
+    NonZeroU64::new(u64::from_le_bytes(
+        b.as_bytes()[..8].try_into().expect("8 bytes"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selection_of_paths() {
+        let s = Selection::of_paths(&[
+            PathBuf::from("/a/b"),
+            PathBuf::from("/a/c/d"),
+            PathBuf::from("/a/b/e"),
+        ]);
+        let Selection::Only(root) = s else { panic!() };
+        let Selection::Only(a) = &root[&b"a".to_vec()] else {
+            panic!()
+        };
+        assert_eq!(a[&b"b".to_vec()], Selection::All);
+        let Selection::Only(c) = &a[&b"c".to_vec()] else {
+            panic!()
+        };
+        assert_eq!(c[&b"d".to_vec()], Selection::All);
+        assert_eq!(Selection::of_paths(&[PathBuf::from("/")]), Selection::All);
+    }
+}

@@ -1,0 +1,150 @@
+//! The command line: one subcommand per module, each parsing its own arguments and calling
+//! the library. Errors end up here and become one line on stderr and a non-zero exit code.
+
+mod backup;
+mod demo;
+mod ls;
+mod restore;
+mod snapshots;
+mod stats;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use crate::connection::{ConnectOptions, Connection, DEFAULT_SERVER};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hashgrid",
+    version,
+    about = "hashgrid backup agent and admin tool"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Global {
+    /// Node to talk to (any node of the cluster coordinates).
+    #[arg(long, global = true, env = "HASHGRID_SERVER", default_value = DEFAULT_SERVER)]
+    pub server: String,
+    /// Access token (prefer HASHGRID_TOKEN or --token-file: arguments are visible in ps).
+    #[arg(long, global = true, env = "HASHGRID_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the access token [default: ./hashgrid-data/admin.token].
+    #[arg(long, global = true, env = "HASHGRID_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Print results as JSON on stdout (for scripts); no progress bars.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More logging (-v, -vv).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+impl Global {
+    pub fn connect_options(&self) -> ConnectOptions {
+        ConnectOptions {
+            server: self.server.clone(),
+            token: self.token.clone(),
+            token_file: self.token_file.clone(),
+        }
+    }
+
+    pub async fn connect(&self) -> anyhow::Result<Connection> {
+        Ok(Connection::connect(&self.connect_options()).await?)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Back up files and directories, or a disk image with --image.
+    Backup(backup::Args),
+    /// Restore a snapshot, or paths in it, into a directory.
+    Restore(restore::Args),
+    /// List snapshots.
+    Snapshots(snapshots::Args),
+    /// List the contents of a snapshot.
+    Ls(ls::Args),
+    /// Logical vs stored bytes and the dedup ratio, per client and for the cluster.
+    Stats(stats::Args),
+    /// Start a local node, back up sample data twice, restore, verify, print dedup figures.
+    Demo(demo::Args),
+}
+
+/// The client name used when --client is not given: this host's name.
+pub fn default_client() -> String {
+    let uname = rustix::system::uname();
+    let name = uname.nodename().to_string_lossy().into_owned();
+    if name.is_empty() {
+        "localhost".into()
+    } else {
+        name
+    }
+}
+
+/// Runs the CLI; the exit code is 0 on success, 3 for a backup that skipped unreadable
+/// files, 1 for any error.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.global.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match &cli.command {
+            Command::Backup(a) => backup::run(&cli.global, a).await,
+            Command::Restore(a) => restore::run(&cli.global, a)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::Snapshots(a) => snapshots::run(&cli.global, a)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::Ls(a) => ls::run(&cli.global, a).await.map(|()| ExitCode::SUCCESS),
+            Command::Stats(a) => stats::run(&cli.global, a).await.map(|()| ExitCode::SUCCESS),
+            Command::Demo(a) => demo::run(a).await.map(|()| ExitCode::SUCCESS),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints a value as one line of JSON.
+pub fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(v)?);
+    Ok(())
+}
+
+/// `unix ms` as an RFC 3339 UTC time, to the second.
+pub fn format_time(unix_ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}

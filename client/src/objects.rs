@@ -1,0 +1,202 @@
+//! Reading and writing manifest objects (trees, chunk lists) as chunks.
+//!
+//! [`ObjectWriter`] cuts an object's bytes with the same chunker as file data and offers the
+//! pieces to the uploader, so an unchanged tree yields the same ids and is not sent again.
+//! [`ObjectReader`] fetches pieces, verifies each against its id, and reassembles objects
+//! within the size bound, or streams a chunk list extent by extent.
+
+use bytes::{Bytes, BytesMut};
+use hashgrid_proto::codec::decode_verified;
+use hashgrid_proto::id::pack_ids;
+use hashgrid_proto::limits::{MAX_IDS_PER_REQUEST, MAX_OBJECT_BYTES};
+use hashgrid_proto::manifest::{ChunkListDecoder, Extent, ObjectRef, Tree};
+use hashgrid_proto::pb::GetRequest;
+use hashgrid_proto::ChunkId;
+
+use crate::chunker::Chunker;
+use crate::connection::Connection;
+use crate::error::{ClientError, Result};
+use crate::upload::Uploader;
+
+/// Streams one object's bytes into chunks. For use on blocking threads.
+pub struct ObjectWriter<'a> {
+    chunker: &'a Chunker,
+    uploader: &'a Uploader,
+    buf: BytesMut,
+    ids: Vec<ChunkId>,
+    cuts: Vec<(usize, usize)>,
+}
+
+impl<'a> ObjectWriter<'a> {
+    pub fn new(chunker: &'a Chunker, uploader: &'a Uploader) -> Self {
+        ObjectWriter {
+            chunker,
+            uploader,
+            buf: BytesMut::new(),
+            ids: Vec::new(),
+            cuts: Vec::new(),
+        }
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= 4 * self.chunker.max_size() {
+            self.cut(false)?;
+        }
+        Ok(())
+    }
+
+    fn cut(&mut self, eof: bool) -> Result<()> {
+        self.cuts.clear();
+        let used = self.chunker.cut_all(&self.buf, eof, &mut self.cuts);
+        let data = self.buf.split_to(used).freeze();
+        for &(offset, len) in &self.cuts {
+            let piece = data.slice(offset..offset + len);
+            let id = ChunkId::of(&piece);
+            self.uploader.submit_blocking(id, piece)?;
+            self.ids.push(id);
+        }
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> Result<ObjectRef> {
+        self.cut(true)?;
+        Ok(ObjectRef(self.ids))
+    }
+
+    /// Writes a whole object at once.
+    pub fn write_all(chunker: &Chunker, uploader: &Uploader, bytes: &[u8]) -> Result<ObjectRef> {
+        let mut w = ObjectWriter::new(chunker, uploader);
+        w.write(bytes)?;
+        w.finish()
+    }
+}
+
+/// Fetches chunks and manifest objects from the cluster, verifying every chunk.
+#[derive(Clone)]
+pub struct ObjectReader {
+    conn: Connection,
+}
+
+impl ObjectReader {
+    pub fn new(conn: Connection) -> Self {
+        ObjectReader { conn }
+    }
+
+    /// The plaintexts of `ids`, in order, each checked against its id.
+    pub async fn fetch(&self, ids: &[ChunkId]) -> Result<Vec<Bytes>> {
+        let max_len = self.conn.chunker.max_size;
+        let mut out = Vec::with_capacity(ids.len());
+        for group in ids.chunks(MAX_IDS_PER_REQUEST) {
+            let mut client = self.conn.chunks.clone();
+            let mut stream = client
+                .get(GetRequest {
+                    epoch: self.conn.epoch(),
+                    ids: pack_ids(group),
+                })
+                .await
+                .map_err(|s| ClientError::rpc("fetching chunks", s))?
+                .into_inner();
+            let mut got = 0;
+            while let Some(msg) = stream
+                .message()
+                .await
+                .map_err(|s| ClientError::rpc("fetching chunks", s))?
+            {
+                for chunk in msg.chunks {
+                    let expected = group.get(got).ok_or_else(|| {
+                        ClientError::Manifest("node sent more chunks than asked for".into())
+                    })?;
+                    let (id, plain) = decode_verified(&chunk, max_len)?;
+                    if id != *expected {
+                        return Err(ClientError::Manifest(format!(
+                            "node sent chunk {id} where {expected} was asked for"
+                        )));
+                    }
+                    out.push(Bytes::from(plain));
+                    got += 1;
+                }
+            }
+            if got != group.len() {
+                return Err(ClientError::Manifest(format!(
+                    "node sent {got} of {} chunks",
+                    group.len()
+                )));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A whole manifest object.
+    pub async fn read_object(&self, r: &ObjectRef) -> Result<Vec<u8>> {
+        let pieces = self.fetch(&r.0).await?;
+        let total: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+        if total > MAX_OBJECT_BYTES {
+            return Err(ClientError::Manifest(format!(
+                "manifest object of {total} bytes exceeds the {MAX_OBJECT_BYTES}-byte bound"
+            )));
+        }
+        let mut out = Vec::with_capacity(total as usize);
+        for p in pieces {
+            out.extend_from_slice(&p);
+        }
+        Ok(out)
+    }
+
+    pub async fn load_tree(&self, r: &ObjectRef) -> Result<Tree> {
+        let bytes = self.read_object(r).await?;
+        Ok(Tree::decode(&bytes)?)
+    }
+
+    /// Streams the extents of a chunk-list object.
+    pub fn chunk_list(&self, list: &ObjectRef) -> ChunkListReader {
+        ChunkListReader {
+            reader: self.clone(),
+            pieces: list.0.clone(),
+            next_piece: 0,
+            decoder: ChunkListDecoder::new(),
+        }
+    }
+}
+
+/// Reads a chunk-list object a few pieces at a time, so memory stays bounded for any file.
+pub struct ChunkListReader {
+    reader: ObjectReader,
+    pieces: Vec<ChunkId>,
+    next_piece: usize,
+    decoder: ChunkListDecoder,
+}
+
+impl ChunkListReader {
+    const PIECES_PER_FETCH: usize = 8;
+
+    pub async fn next(&mut self) -> Result<Option<Extent>> {
+        loop {
+            if let Some(e) = self.decoder.next_extent()? {
+                return Ok(Some(e));
+            }
+            if self.next_piece == self.pieces.len() {
+                self.decoder.finish()?;
+                return Ok(None);
+            }
+            let end = (self.next_piece + Self::PIECES_PER_FETCH).min(self.pieces.len());
+            for piece in self
+                .reader
+                .fetch(&self.pieces[self.next_piece..end])
+                .await?
+            {
+                self.decoder.push(&piece);
+            }
+            self.next_piece = end;
+        }
+    }
+
+    /// Every extent (for small lists or when the caller needs them all anyway).
+    pub async fn collect(mut self) -> Result<Vec<Extent>> {
+        let mut out = Vec::new();
+        while let Some(e) = self.next().await? {
+            out.push(e);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,433 @@
+//! The upload pipeline: every chunk a backup produces passes through here.
+//!
+//! submit -> batched `Has` lookups (thousands of ids per request, several in flight) -> zstd
+//! on the CPU pool for the chunks the cluster lacks -> `Put` on parallel streams, batched to
+//! a few MiB -> acknowledgements. A chunk seen once in this session is never looked up or sent
+//! again. Memory is bounded: a chunk's bytes hold a share of a fixed budget from submit until
+//! the cluster says it has them (present, or stored and acknowledged).
+//!
+//! [`Uploader::finish`] returns only after every upload was acknowledged as durable, which is
+//! what lets the caller commit the snapshot (the commit invariant, design §3).
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use hashgrid_proto::codec::{encode, Codec};
+use hashgrid_proto::id::pack_ids;
+use hashgrid_proto::limits::{MAX_CHUNKS_PER_PUT, MAX_IDS_PER_REQUEST, TARGET_BATCH_BYTES};
+use hashgrid_proto::pb::{self, HasRequest, PutRequest};
+use hashgrid_proto::ChunkId;
+use rayon::prelude::*;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::connection::Connection;
+use crate::error::{ClientError, Result};
+
+/// Ids per `Has` request when producers are fast enough to fill it.
+const HAS_BATCH: usize = 4096;
+/// `Has` requests in flight.
+const HAS_IN_FLIGHT: usize = 4;
+/// Parallel `Put` streams: the node verifies and writes each stream's batches in turn.
+const PUT_STREAMS: usize = 3;
+/// Bytes of chunk data held between submit and acknowledgement.
+const MEMORY_BUDGET: usize = 256 << 20;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct UploadStats {
+    /// Distinct chunks offered in this session (data and reference checks).
+    pub unique_chunks: u64,
+    /// Of those, chunks the cluster already held.
+    pub present_chunks: u64,
+    /// Chunks uploaded and their encoded bytes.
+    pub sent_chunks: u64,
+    pub sent_bytes: u64,
+    /// Chunks and encoded bytes the cluster newly stored (a chunk another backup uploaded at
+    /// the same moment counts as sent but not stored).
+    pub stored_chunks: u64,
+    pub stored_bytes: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    unique: AtomicU64,
+    present: AtomicU64,
+    sent_chunks: AtomicU64,
+    sent_bytes: AtomicU64,
+    stored_chunks: AtomicU64,
+    stored_bytes: AtomicU64,
+}
+
+enum Item {
+    /// A chunk with its plaintext: upload it if the cluster lacks it.
+    Data {
+        id: ChunkId,
+        plain: Bytes,
+        permit: OwnedSemaphorePermit,
+    },
+    /// A chunk referenced without its data (reused from the parent snapshot): it must be
+    /// present. The lookup also refreshes its `last_seen`, which GC relies on.
+    Check { id: ChunkId },
+}
+
+struct Encoded {
+    chunk: pb::Chunk,
+    permit: OwnedSemaphorePermit,
+}
+
+pub struct Uploader {
+    tx: mpsc::Sender<Item>,
+    seen: Mutex<HashSet<ChunkId>>,
+    memory: Arc<Semaphore>,
+    counters: Arc<Counters>,
+    pipeline: JoinHandle<Result<()>>,
+    runtime: tokio::runtime::Handle,
+}
+
+fn permits_for(len: usize) -> u32 {
+    (len.div_ceil(1024)).max(1) as u32
+}
+
+impl Uploader {
+    /// Starts the pipeline on the current Tokio runtime. `level` is the zstd level.
+    pub fn start(conn: &Connection, level: i32) -> Self {
+        let (tx, rx) = mpsc::channel(HAS_BATCH * 2);
+        let counters = Arc::new(Counters::default());
+        let pipeline = tokio::spawn(run_pipeline(rx, conn.clone(), level, counters.clone()));
+        Uploader {
+            tx,
+            seen: Mutex::new(HashSet::new()),
+            memory: Arc::new(Semaphore::new(MEMORY_BUDGET / 1024)),
+            counters,
+            pipeline,
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    fn first_time(&self, id: &ChunkId) -> bool {
+        let fresh = self
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(*id);
+        if fresh {
+            self.counters.unique.fetch_add(1, Ordering::Relaxed);
+        }
+        fresh
+    }
+
+    fn closed() -> ClientError {
+        ClientError::Internal("upload pipeline stopped; see the error from finish()".into())
+    }
+
+    /// Offers a chunk from a blocking (non-async) thread; waits while the memory budget is
+    /// spent.
+    pub fn submit_blocking(&self, id: ChunkId, plain: Bytes) -> Result<()> {
+        if !self.first_time(&id) {
+            return Ok(());
+        }
+        let permit = self
+            .runtime
+            .block_on(
+                self.memory
+                    .clone()
+                    .acquire_many_owned(permits_for(plain.len())),
+            )
+            .map_err(|_| Self::closed())?;
+        self.tx
+            .blocking_send(Item::Data { id, plain, permit })
+            .map_err(|_| Self::closed())
+    }
+
+    /// Requires chunks to be present without uploading them, from async code.
+    pub async fn check(&self, ids: impl IntoIterator<Item = ChunkId>) -> Result<()> {
+        let fresh: Vec<ChunkId> = ids.into_iter().filter(|id| self.first_time(id)).collect();
+        for id in fresh {
+            self.tx
+                .send(Item::Check { id })
+                .await
+                .map_err(|_| Self::closed())?;
+        }
+        Ok(())
+    }
+
+    /// Figures so far (for progress display).
+    pub fn stats(&self) -> UploadStats {
+        let c = &self.counters;
+        UploadStats {
+            unique_chunks: c.unique.load(Ordering::Relaxed),
+            present_chunks: c.present.load(Ordering::Relaxed),
+            sent_chunks: c.sent_chunks.load(Ordering::Relaxed),
+            sent_bytes: c.sent_bytes.load(Ordering::Relaxed),
+            stored_chunks: c.stored_chunks.load(Ordering::Relaxed),
+            stored_bytes: c.stored_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until everything offered is known present or acknowledged durable.
+    pub async fn finish(self) -> Result<UploadStats> {
+        let Uploader {
+            tx,
+            pipeline,
+            counters,
+            memory,
+            seen,
+            runtime,
+        } = self;
+        drop((tx, seen, runtime, memory));
+        pipeline.await??;
+        let c = &counters;
+        Ok(UploadStats {
+            unique_chunks: c.unique.load(Ordering::Relaxed),
+            present_chunks: c.present.load(Ordering::Relaxed),
+            sent_chunks: c.sent_chunks.load(Ordering::Relaxed),
+            sent_bytes: c.sent_bytes.load(Ordering::Relaxed),
+            stored_chunks: c.stored_chunks.load(Ordering::Relaxed),
+            stored_bytes: c.stored_bytes.load(Ordering::Relaxed),
+        })
+    }
+}
+
+async fn run_pipeline(
+    rx: mpsc::Receiver<Item>,
+    conn: Connection,
+    level: i32,
+    counters: Arc<Counters>,
+) -> Result<()> {
+    let (enc_tx, enc_rx) = mpsc::channel::<Encoded>(1024);
+    let lookups = {
+        let conn = conn.clone();
+        let counters = counters.clone();
+        async move {
+            ReceiverStream::new(rx)
+                .ready_chunks(HAS_BATCH.min(MAX_IDS_PER_REQUEST))
+                .map(|items| lookup(conn.clone(), items, counters.clone()))
+                .buffer_unordered(HAS_IN_FLIGHT)
+                .map_ok(|missing| compress(missing, level))
+                .try_buffer_unordered(2)
+                .try_for_each(|encoded| {
+                    let enc_tx = enc_tx.clone();
+                    async move {
+                        for e in encoded {
+                            enc_tx.send(e).await.map_err(|_| Uploader::closed())?;
+                        }
+                        Ok(())
+                    }
+                })
+                .await
+        }
+    };
+    let puts = put_all(enc_rx, conn, counters);
+    tokio::try_join!(lookups, puts)?;
+    Ok(())
+}
+
+/// One `Has` round trip: returns the data chunks the cluster lacks.
+async fn lookup(
+    conn: Connection,
+    items: Vec<Item>,
+    counters: Arc<Counters>,
+) -> Result<Vec<(ChunkId, Bytes, OwnedSemaphorePermit)>> {
+    let ids: Vec<ChunkId> = items
+        .iter()
+        .map(|i| match i {
+            Item::Data { id, .. } | Item::Check { id } => *id,
+        })
+        .collect();
+    let mut client = conn.chunks.clone();
+    let resp = client
+        .has(HasRequest {
+            epoch: conn.epoch(),
+            ids: pack_ids(&ids),
+        })
+        .await
+        .map_err(|s| ClientError::rpc("looking up chunks", s))?
+        .into_inner();
+    let mut missing = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let present = resp
+            .present
+            .get(i / 8)
+            .is_some_and(|b| b & (1 << (i % 8)) != 0);
+        if present {
+            counters.present.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        match item {
+            Item::Data { id, plain, permit } => missing.push((id, plain, permit)),
+            Item::Check { id } => {
+                return Err(ClientError::NotFound(format!(
+                    "chunk {id}, reused from the parent snapshot, is missing on the cluster; \
+                     back up again with --no-parent to read every file"
+                )))
+            }
+        }
+    }
+    Ok(missing)
+}
+
+/// Compresses a batch on the CPU pool.
+async fn compress(
+    missing: Vec<(ChunkId, Bytes, OwnedSemaphorePermit)>,
+    level: i32,
+) -> Result<Vec<Encoded>> {
+    if missing.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(tokio::task::spawn_blocking(move || {
+        missing
+            .into_par_iter()
+            .map(|(id, plain, permit)| {
+                let (codec, data) = match level {
+                    0 => (Codec::Raw, plain.to_vec()),
+                    l => encode(&plain, l),
+                };
+                Encoded {
+                    chunk: pb::Chunk {
+                        id: id.as_bytes().to_vec(),
+                        plain_len: plain.len() as u32,
+                        codec: pb::Codec::from(codec) as i32,
+                        data: data.into(),
+                    },
+                    permit,
+                }
+            })
+            .collect()
+    })
+    .await?)
+}
+
+/// One open `Put` stream and what it still owes us acknowledgements for.
+struct PutStream {
+    tx: mpsc::Sender<PutRequest>,
+    /// Permits of each batch sent and not yet acknowledged, oldest first.
+    unacked: Arc<Mutex<VecDeque<Vec<OwnedSemaphorePermit>>>>,
+    reader: JoinHandle<Result<()>>,
+}
+
+impl PutStream {
+    async fn open(conn: &Connection, counters: Arc<Counters>) -> Result<PutStream> {
+        let (tx, rx) = mpsc::channel::<PutRequest>(2);
+        let mut client = conn.chunks.clone();
+        let mut replies = client
+            .put(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| ClientError::rpc("opening an upload stream", s))?
+            .into_inner();
+        let unacked: Arc<Mutex<VecDeque<Vec<OwnedSemaphorePermit>>>> = Arc::default();
+        let pending = unacked.clone();
+        let reader = tokio::spawn(async move {
+            while let Some(reply) = replies
+                .message()
+                .await
+                .map_err(|s| ClientError::rpc("uploading chunks", s))?
+            {
+                counters
+                    .stored_chunks
+                    .fetch_add(u64::from(reply.stored), Ordering::Relaxed);
+                counters
+                    .stored_bytes
+                    .fetch_add(reply.stored_bytes, Ordering::Relaxed);
+                pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pop_front();
+            }
+            if !pending.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+                return Err(ClientError::Internal(
+                    "upload stream closed before every batch was acknowledged".into(),
+                ));
+            }
+            Ok(())
+        });
+        Ok(PutStream {
+            tx,
+            unacked,
+            reader,
+        })
+    }
+
+    async fn send(
+        &self,
+        chunks: Vec<pb::Chunk>,
+        permits: Vec<OwnedSemaphorePermit>,
+        epoch: u64,
+    ) -> Result<()> {
+        self.unacked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(permits);
+        self.tx
+            .send(PutRequest { epoch, chunks })
+            .await
+            .map_err(|_| ClientError::Internal("upload stream closed early".into()))
+    }
+}
+
+/// Batches encoded chunks into `Put` requests spread over parallel streams.
+async fn put_all(
+    mut rx: mpsc::Receiver<Encoded>,
+    conn: Connection,
+    counters: Arc<Counters>,
+) -> Result<()> {
+    let mut streams: Vec<PutStream> = Vec::new();
+    let mut next = 0usize;
+    let mut chunks = Vec::new();
+    let mut permits = Vec::new();
+    let mut bytes = 0usize;
+    let mut more = true;
+    while more {
+        let item = rx.recv().await;
+        more = item.is_some();
+        if let Some(e) = item {
+            bytes += e.chunk.data.len();
+            chunks.push(e.chunk);
+            permits.push(e.permit);
+        }
+        // Flush when full, at the end, or when the producers paused (nothing queued).
+        let flush = !chunks.is_empty()
+            && (bytes >= TARGET_BATCH_BYTES
+                || chunks.len() >= MAX_CHUNKS_PER_PUT
+                || !more
+                || rx.is_empty());
+        if !flush {
+            continue;
+        }
+        if streams.len() < PUT_STREAMS {
+            streams.push(PutStream::open(&conn, counters.clone()).await?);
+        }
+        let idx = next % streams.len();
+        next += 1;
+        counters
+            .sent_chunks
+            .fetch_add(chunks.len() as u64, Ordering::Relaxed);
+        counters
+            .sent_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        let sent = streams[idx]
+            .send(
+                std::mem::take(&mut chunks),
+                std::mem::take(&mut permits),
+                conn.epoch(),
+            )
+            .await;
+        if let Err(e) = sent {
+            // A stream closes early when the node refused a batch; its reader has the cause.
+            for s in streams {
+                drop(s.tx);
+                s.reader.await??;
+            }
+            return Err(e);
+        }
+        bytes = 0;
+    }
+    for s in streams {
+        drop(s.tx);
+        s.reader.await??;
+    }
+    Ok(())
+}
