@@ -483,7 +483,7 @@ def report(run_dir, out_json):
                     r = ratio(v, base_val)
                 s += " %6s" % (("%.1fx" % r) if r is not None else "")
             cells.append("%*s" % (W, s))
-        return "%-*s" % (W0, label) + "".join(cells)
+        return ("%-*s" % (W0, label) + "".join(cells)).rstrip()
 
     P("")
     P("== wall-clock seconds  (ratio = %s; >1x means %s is faster) ==" % (rsuffix, base))

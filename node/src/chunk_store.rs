@@ -368,7 +368,7 @@ mod tests {
         let a = chunk(b"alpha");
         let b = chunk(b"bravo");
         assert_eq!(store.has(&[a.id, b.id]).unwrap(), vec![false, false]);
-        let out = store.put(&[a.clone()]).unwrap();
+        let out = store.put(std::slice::from_ref(&a)).unwrap();
         assert_eq!((out.stored, out.existing, out.stored_bytes), (1, 0, 5));
         assert_eq!(store.has(&[a.id, b.id]).unwrap(), vec![true, false]);
         let got = store.get(&[a.id, b.id]).unwrap();

@@ -19,8 +19,8 @@ use hashgrid_proto::pb::{
 use hashgrid_proto::placement::ClusterMap;
 use openraft::BasicNode;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
 
 use crate::catalog::{ClusterConfig, Command, CommandResult};
 use crate::chunk_store::ChunkStore;
@@ -131,11 +131,13 @@ async fn serve(
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let admin = AdminServer::new(AdminService::new(ctx));
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(InterceptedService::new(chunks, auth.clone()))
         .add_service(InterceptedService::new(catalog, auth.clone()))
         .add_service(InterceptedService::new(admin, auth))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
         .context("gRPC server")
 }

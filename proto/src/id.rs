@@ -81,7 +81,7 @@ pub fn pack_ids<'a>(ids: impl IntoIterator<Item = &'a ChunkId>) -> Vec<u8> {
 
 /// Unpacks the wire form produced by [`pack_ids`].
 pub fn unpack_ids(packed: &[u8]) -> Result<Vec<ChunkId>, DecodeError> {
-    if packed.len() % ChunkId::LEN != 0 {
+    if !packed.len().is_multiple_of(ChunkId::LEN) {
         return Err(DecodeError::PackedIdsLength(packed.len()));
     }
     Ok(packed

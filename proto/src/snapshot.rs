@@ -52,7 +52,8 @@ pub fn validate_label(what: &'static str, label: &str) -> Result<(), DecodeError
         && label
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-:@/+=".contains(&b))
-        && !label.starts_with(['-', '/']);
+        && !label.starts_with(['-', '/'])
+        && !label.contains("..");
     if ok {
         Ok(())
     } else {
@@ -164,7 +165,16 @@ mod tests {
         for ok in ["web-01", "vm/db.example.com", "a", "host:dataset@x"] {
             validate_label("t", ok).unwrap();
         }
-        for bad in ["", "-rf", "/abs", "with space", "é", &"x".repeat(129)] {
+        for bad in [
+            "",
+            "-rf",
+            "/abs",
+            "../etc",
+            "a/../b",
+            "with space",
+            "é",
+            &"x".repeat(129),
+        ] {
             assert!(validate_label("t", bad).is_err(), "{bad:?}");
         }
     }

@@ -100,6 +100,7 @@ pub async fn backup(conn: &Connection, opts: &BackupOptions) -> Result<BackupSum
             catalog::latest(conn, &opts.client, &opts.dataset, Some(kind)).await?
         }
     };
+    tracing::debug!(elapsed = ?started.elapsed(), parent = ?parent.as_ref().map(|p| p.id), "parent chosen");
     let reader = ObjectReader::new(conn.clone());
     let parent_root = match &parent {
         Some(p) => Some(reader.load_tree(&p.root).await?),
@@ -127,12 +128,14 @@ pub async fn backup(conn: &Connection, opts: &BackupOptions) -> Result<BackupSum
             .await
     };
     walker.progress.finish();
+    tracing::debug!(elapsed = ?started.elapsed(), "walk done");
     let walker = Arc::try_unwrap(walker)
         .map_err(|_| ClientError::Internal("walker still shared after the walk".into()))?;
     // Finish uploads even when the walk failed, so the pipeline stops cleanly.
     let uploaded = walker.uploader.finish().await;
     let root = root?;
     let upload = uploaded?;
+    tracing::debug!(elapsed = ?started.elapsed(), "uploads acknowledged");
 
     let c = &walker.counters;
     let stats = SnapshotStats {
@@ -174,6 +177,7 @@ pub async fn backup(conn: &Connection, opts: &BackupOptions) -> Result<BackupSum
         .map_err(|s| ClientError::rpc("committing the snapshot", s))?
         .into_inner()
         .id;
+    tracing::debug!(elapsed = ?started.elapsed(), "snapshot committed");
     Ok(BackupSummary {
         snapshot: SnapshotId(id),
         parent: parent.map(|p| p.id),

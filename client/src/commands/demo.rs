@@ -120,7 +120,7 @@ fn sample_bytes(seed: u64, len: usize, text: bool) -> Vec<u8> {
     while out.len() < len {
         let w = WORDS[(rnd[i % len] & 15) as usize];
         out.extend_from_slice(w.as_bytes());
-        out.push(if rnd[(i + 1) % len] % 11 == 0 {
+        out.push(if rnd[(i + 1) % len].is_multiple_of(11) {
             b'\n'
         } else {
             b' '
@@ -144,7 +144,7 @@ fn make_tree(root: &Path, budget: u64) -> anyhow::Result<()> {
         };
         std::fs::write(
             dir.join(format!("file{n:05}.dat")),
-            sample_bytes(n, size as usize, n % 2 == 0),
+            sample_bytes(n, size as usize, n.is_multiple_of(2)),
         )?;
         used += size;
         n += 1;

@@ -27,7 +27,7 @@ impl ObjectKind {
     }
 
     /// Checks the header of a complete or partial object and returns the body.
-    pub(crate) fn strip<'a>(self, bytes: &'a [u8]) -> Result<&'a [u8], DecodeError> {
+    pub(crate) fn strip(self, bytes: &[u8]) -> Result<&[u8], DecodeError> {
         if bytes.len() < HEADER_LEN || &bytes[..3] != MAGIC {
             return Err(DecodeError::BadMagic);
         }
