@@ -129,8 +129,11 @@ impl Connection {
         let status = loop {
             match admin.status(StatusRequest {}).await {
                 Ok(resp) => break resp.into_inner(),
+                // A node that is up but still starting says so; anything else (nothing
+                // listening, wrong address) is reported at once.
                 Err(s)
                     if s.code() == tonic::Code::Unavailable
+                        && s.message().contains("starting")
                         && tokio::time::Instant::now() < deadline =>
                 {
                     tracing::debug!(status = %s, "node not ready, retrying");

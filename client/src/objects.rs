@@ -113,7 +113,7 @@ impl ObjectReader {
                             "node sent chunk {id} where {expected} was asked for"
                         )));
                     }
-                    out.push(Bytes::from(plain));
+                    out.push(plain);
                     got += 1;
                 }
             }

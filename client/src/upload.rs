@@ -12,15 +12,15 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use hashgrid_proto::codec::{encode, Codec};
+use hashgrid_proto::codec::encode;
 use hashgrid_proto::id::pack_ids;
 use hashgrid_proto::limits::{MAX_CHUNKS_PER_PUT, MAX_IDS_PER_REQUEST, TARGET_BATCH_BYTES};
 use hashgrid_proto::pb::{self, HasRequest, PutRequest};
 use hashgrid_proto::ChunkId;
-use rayon::prelude::*;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -34,6 +34,11 @@ const HAS_BATCH: usize = 4096;
 const HAS_IN_FLIGHT: usize = 4;
 /// Parallel `Put` streams: the node verifies and writes each stream's batches in turn.
 const PUT_STREAMS: usize = 3;
+/// Longest a lookup or upload batch waits to fill: long enough that files of a few KiB do
+/// not each become a request, short against any transfer.
+const BATCH_WAIT: Duration = Duration::from_millis(2);
+/// Compression batches running at once (each on its own blocking thread).
+const COMPRESS_IN_FLIGHT: usize = 3;
 /// Bytes of chunk data held between submit and acknowledgement.
 const MEMORY_BUDGET: usize = 256 << 20;
 
@@ -50,6 +55,9 @@ pub struct UploadStats {
     /// the same moment counts as sent but not stored).
     pub stored_chunks: u64,
     pub stored_bytes: u64,
+    /// Round trips: lookups and upload batches.
+    pub has_requests: u64,
+    pub put_requests: u64,
 }
 
 #[derive(Default)]
@@ -60,6 +68,23 @@ struct Counters {
     sent_bytes: AtomicU64,
     stored_chunks: AtomicU64,
     stored_bytes: AtomicU64,
+    has_requests: AtomicU64,
+    put_requests: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> UploadStats {
+        UploadStats {
+            unique_chunks: self.unique.load(Ordering::Relaxed),
+            present_chunks: self.present.load(Ordering::Relaxed),
+            sent_chunks: self.sent_chunks.load(Ordering::Relaxed),
+            sent_bytes: self.sent_bytes.load(Ordering::Relaxed),
+            stored_chunks: self.stored_chunks.load(Ordering::Relaxed),
+            stored_bytes: self.stored_bytes.load(Ordering::Relaxed),
+            has_requests: self.has_requests.load(Ordering::Relaxed),
+            put_requests: self.put_requests.load(Ordering::Relaxed),
+        }
+    }
 }
 
 enum Item {
@@ -157,15 +182,7 @@ impl Uploader {
 
     /// Figures so far (for progress display).
     pub fn stats(&self) -> UploadStats {
-        let c = &self.counters;
-        UploadStats {
-            unique_chunks: c.unique.load(Ordering::Relaxed),
-            present_chunks: c.present.load(Ordering::Relaxed),
-            sent_chunks: c.sent_chunks.load(Ordering::Relaxed),
-            sent_bytes: c.sent_bytes.load(Ordering::Relaxed),
-            stored_chunks: c.stored_chunks.load(Ordering::Relaxed),
-            stored_bytes: c.stored_bytes.load(Ordering::Relaxed),
-        }
+        self.counters.snapshot()
     }
 
     /// Waits until everything offered is known present or acknowledged durable.
@@ -180,15 +197,7 @@ impl Uploader {
         } = self;
         drop((tx, seen, runtime, memory));
         pipeline.await??;
-        let c = &counters;
-        Ok(UploadStats {
-            unique_chunks: c.unique.load(Ordering::Relaxed),
-            present_chunks: c.present.load(Ordering::Relaxed),
-            sent_chunks: c.sent_chunks.load(Ordering::Relaxed),
-            sent_bytes: c.sent_bytes.load(Ordering::Relaxed),
-            stored_chunks: c.stored_chunks.load(Ordering::Relaxed),
-            stored_bytes: c.stored_bytes.load(Ordering::Relaxed),
-        })
+        Ok(counters.snapshot())
     }
 }
 
@@ -203,22 +212,25 @@ async fn run_pipeline(
         let conn = conn.clone();
         let counters = counters.clone();
         async move {
-            ReceiverStream::new(rx)
-                .ready_chunks(HAS_BATCH.min(MAX_IDS_PER_REQUEST))
-                .map(|items| lookup(conn.clone(), items, counters.clone()))
-                .buffer_unordered(HAS_IN_FLIGHT)
-                .map_ok(|missing| compress(missing, level))
-                .try_buffer_unordered(2)
-                .try_for_each(|encoded| {
-                    let enc_tx = enc_tx.clone();
-                    async move {
-                        for e in encoded {
-                            enc_tx.send(e).await.map_err(|_| Uploader::closed())?;
-                        }
-                        Ok(())
+            tokio_stream::StreamExt::chunks_timeout(
+                ReceiverStream::new(rx),
+                HAS_BATCH.min(MAX_IDS_PER_REQUEST),
+                BATCH_WAIT,
+            )
+            .map(|items| lookup(conn.clone(), items, counters.clone()))
+            .buffer_unordered(HAS_IN_FLIGHT)
+            .map_ok(|missing| compress(missing, level))
+            .try_buffer_unordered(COMPRESS_IN_FLIGHT)
+            .try_for_each(|encoded| {
+                let enc_tx = enc_tx.clone();
+                async move {
+                    for e in encoded {
+                        enc_tx.send(e).await.map_err(|_| Uploader::closed())?;
                     }
-                })
-                .await
+                    Ok(())
+                }
+            })
+            .await
         }
     };
     let puts = put_all(enc_rx, conn, counters);
@@ -238,6 +250,7 @@ async fn lookup(
             Item::Data { id, .. } | Item::Check { id } => *id,
         })
         .collect();
+    counters.has_requests.fetch_add(1, Ordering::Relaxed);
     let mut client = conn.chunks.clone();
     let resp = client
         .has(HasRequest {
@@ -270,7 +283,7 @@ async fn lookup(
     Ok(missing)
 }
 
-/// Compresses a batch on the CPU pool.
+/// Compresses a batch on a blocking thread; batches run side by side.
 async fn compress(
     missing: Vec<(ChunkId, Bytes, OwnedSemaphorePermit)>,
     level: i32,
@@ -280,18 +293,15 @@ async fn compress(
     }
     Ok(tokio::task::spawn_blocking(move || {
         missing
-            .into_par_iter()
+            .into_iter()
             .map(|(id, plain, permit)| {
-                let (codec, data) = match level {
-                    0 => (Codec::Raw, plain.to_vec()),
-                    l => encode(&plain, l),
-                };
+                let (codec, data) = encode(&plain, level);
                 Encoded {
                     chunk: pb::Chunk {
                         id: id.as_bytes().to_vec(),
                         plain_len: plain.len() as u32,
                         codec: pb::Codec::from(codec) as i32,
-                        data: data.into(),
+                        data,
                     },
                     permit,
                 }
@@ -299,6 +309,12 @@ async fn compress(
             .collect()
     })
     .await?)
+}
+
+enum Next {
+    Item(Encoded),
+    Idle,
+    Closed,
 }
 
 /// One open `Put` stream and what it still owes us acknowledgements for.
@@ -311,7 +327,7 @@ struct PutStream {
 
 impl PutStream {
     async fn open(conn: &Connection, counters: Arc<Counters>) -> Result<PutStream> {
-        let (tx, rx) = mpsc::channel::<PutRequest>(2);
+        let (tx, rx) = mpsc::channel::<PutRequest>(4);
         let mut client = conn.chunks.clone();
         let mut replies = client
             .put(ReceiverStream::new(rx))
@@ -375,33 +391,44 @@ async fn put_all(
     counters: Arc<Counters>,
 ) -> Result<()> {
     let mut streams: Vec<PutStream> = Vec::new();
-    let mut next = 0usize;
+    let mut rotation = 0usize;
     let mut chunks = Vec::new();
     let mut permits = Vec::new();
     let mut bytes = 0usize;
-    let mut more = true;
-    while more {
-        let item = rx.recv().await;
-        more = item.is_some();
-        if let Some(e) = item {
-            bytes += e.chunk.data.len();
-            chunks.push(e.chunk);
-            permits.push(e.permit);
-        }
-        // Flush when full, at the end, or when the producers paused (nothing queued).
-        let flush = !chunks.is_empty()
-            && (bytes >= TARGET_BATCH_BYTES
-                || chunks.len() >= MAX_CHUNKS_PER_PUT
-                || !more
-                || rx.is_empty());
-        if !flush {
+    loop {
+        // Wait briefly for more once a batch has started, so a stream of small files does
+        // not become one request per chunk.
+        let next = if chunks.is_empty() {
+            rx.recv().await.map_or(Next::Closed, Next::Item)
+        } else {
+            match tokio::time::timeout(BATCH_WAIT, rx.recv()).await {
+                Ok(Some(e)) => Next::Item(e),
+                Ok(None) => Next::Closed,
+                Err(_) => Next::Idle,
+            }
+        };
+        let closed = matches!(next, Next::Closed);
+        let flush = match next {
+            Next::Item(e) => {
+                bytes += e.chunk.data.len();
+                chunks.push(e.chunk);
+                permits.push(e.permit);
+                bytes >= TARGET_BATCH_BYTES || chunks.len() >= MAX_CHUNKS_PER_PUT
+            }
+            Next::Idle | Next::Closed => true,
+        };
+        if !flush || chunks.is_empty() {
+            if closed {
+                break;
+            }
             continue;
         }
         if streams.len() < PUT_STREAMS {
             streams.push(PutStream::open(&conn, counters.clone()).await?);
         }
-        let idx = next % streams.len();
-        next += 1;
+        let idx = rotation % streams.len();
+        rotation += 1;
+        counters.put_requests.fetch_add(1, Ordering::Relaxed);
         counters
             .sent_chunks
             .fetch_add(chunks.len() as u64, Ordering::Relaxed);
@@ -424,6 +451,9 @@ async fn put_all(
             return Err(e);
         }
         bytes = 0;
+        if closed {
+            break;
+        }
     }
     for s in streams {
         drop(s.tx);

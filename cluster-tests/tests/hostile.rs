@@ -355,5 +355,7 @@ fn nodes_refuse_bad_requests_and_keep_nothing_of_them() {
 }
 
 fn zstd_bytes(plain: &[u8]) -> Vec<u8> {
-    hashgrid_proto::codec::encode(plain, 3).1
+    hashgrid_proto::codec::encode(&plain.to_vec().into(), 3)
+        .1
+        .to_vec()
 }

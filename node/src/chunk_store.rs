@@ -1,18 +1,19 @@
-//! The node's chunk store: chunk metadata and chunk bytes in two RocksDB column families.
+//! The node's chunk store: chunk metadata in RocksDB, chunk bytes in pack files.
 //!
-//! - `chunk_meta`: id -> plaintext length, encoded length, codec, last_seen. Small values with
-//!   bloom filters and a block cache, so `has` answers absent ids without a disk seek and
-//!   never touches chunk bytes.
-//! - `chunk_data`: id -> encoded bytes, kept in blob files (key-value separation), so
-//!   compaction of the LSM does not rewrite chunk data.
-//! - `store_meta`: counters (chunks, bytes), updated in the same write batch as the chunks.
+//! - `chunk_meta` (RocksDB column family): id -> where the bytes are (pack, offset, length),
+//!   plaintext length, codec, last_seen. Small values with bloom filters and a block cache,
+//!   so `has` answers absent ids without a disk seek and never touches chunk bytes.
+//! - `packs/` ([`crate::pack`]): append-only files of chunk records, written once.
+//! - `store_meta`: counters (chunks, bytes), updated in the same write batch as the metadata.
 //!
-//! Guarantees: an insert is atomic and durable (WAL synced) before it returns; a stored chunk
-//! is never overwritten (a second insert only refreshes `last_seen`); chunks leave only by GC
-//! (a later issue), which relies on `last_seen` as PBS relies on atime.
+//! Guarantees: an insert is durable before it returns (pack bytes synced, then metadata
+//! written with a synced WAL); a stored chunk is never overwritten (a second insert only
+//! refreshes `last_seen`); chunks leave only by GC (a later issue), which relies on
+//! `last_seen` as PBS relies on atime.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -23,8 +24,9 @@ use rocksdb::{
 };
 use thiserror::Error;
 
+use crate::pack::{Location, PackFiles, Record};
+
 const CF_META: &str = "chunk_meta";
-const CF_DATA: &str = "chunk_data";
 const CF_STORE: &str = "store_meta";
 const KEY_COUNTERS: &[u8] = b"counters";
 
@@ -33,10 +35,12 @@ const KEY_COUNTERS: &[u8] = b"counters";
 pub const TOUCH_INTERVAL_SECS: u64 = 3600;
 
 const META_VERSION: u8 = 1;
-const META_LEN: usize = 18;
+const META_LEN: usize = 30;
 
-#[derive(Debug, Error)]
+#[derive(Clone, Debug, Error)]
 pub enum StoreError {
+    #[error("chunk store: {0}")]
+    Thread(String),
     #[error("chunk store at {path}: {source}")]
     Open {
         path: String,
@@ -49,8 +53,8 @@ pub enum StoreError {
     },
     #[error("chunk store: corrupt metadata for chunk {id}")]
     CorruptMeta { id: ChunkId },
-    #[error("chunk store: metadata for {id} but no data: the store is damaged")]
-    MissingData { id: ChunkId },
+    #[error("chunk store: pack files: {0}")]
+    Pack(String),
 }
 
 fn rocks(op: &'static str) -> impl FnOnce(rocksdb::Error) -> StoreError {
@@ -60,8 +64,8 @@ fn rocks(op: &'static str) -> impl FnOnce(rocksdb::Error) -> StoreError {
 /// What a chunk's metadata record says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkMeta {
+    pub location: Location,
     pub plain_len: u32,
-    pub stored_len: u32,
     pub codec: i32,
     pub last_seen: u64,
 }
@@ -70,10 +74,12 @@ impl ChunkMeta {
     fn encode(&self) -> [u8; META_LEN] {
         let mut out = [0u8; META_LEN];
         out[0] = META_VERSION;
-        out[1..5].copy_from_slice(&self.plain_len.to_le_bytes());
-        out[5..9].copy_from_slice(&self.stored_len.to_le_bytes());
-        out[9] = self.codec as u8;
-        out[10..18].copy_from_slice(&self.last_seen.to_le_bytes());
+        out[1..5].copy_from_slice(&self.location.pack.to_le_bytes());
+        out[5..13].copy_from_slice(&self.location.offset.to_le_bytes());
+        out[13..17].copy_from_slice(&self.location.len.to_le_bytes());
+        out[17..21].copy_from_slice(&self.plain_len.to_le_bytes());
+        out[21] = self.codec as u8;
+        out[22..30].copy_from_slice(&self.last_seen.to_le_bytes());
         out
     }
 
@@ -82,11 +88,16 @@ impl ChunkMeta {
             return Err(StoreError::CorruptMeta { id: *id });
         }
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
         Ok(ChunkMeta {
-            plain_len: u32_at(1),
-            stored_len: u32_at(5),
-            codec: i32::from(b[9]),
-            last_seen: u64::from_le_bytes(b[10..18].try_into().expect("8 bytes")),
+            location: Location {
+                pack: u32_at(1),
+                offset: u64_at(5),
+                len: u32_at(13),
+            },
+            plain_len: u32_at(17),
+            codec: i32::from(b[21]),
+            last_seen: u64_at(22),
         })
     }
 }
@@ -141,11 +152,35 @@ impl StoreCounters {
     }
 }
 
+/// Upper bound on the bytes one group commit gathers before its synced write.
+const GROUP_BYTES: usize = 32 << 20;
+
 pub struct ChunkStore {
-    db: DB,
-    /// Serialises the check-then-insert of `put`, so a chunk arriving on two streams at once
-    /// is counted once, and keeps the counters exact.
-    insert_lock: Mutex<StoreCounters>,
+    db: Arc<DB>,
+    packs: Arc<PackFiles>,
+    /// Inserts go to one writer thread, which merges whatever batches are waiting into one
+    /// synced write (group commit: one fsync for several streams' batches) and does the
+    /// check-then-insert for all of them, so a chunk arriving twice at once is stored and
+    /// counted once.
+    writer: Option<SyncSender<WriteRequest>>,
+    writer_thread: Option<std::thread::JoinHandle<()>>,
+    counters: Arc<Mutex<StoreCounters>>,
+}
+
+impl Drop for ChunkStore {
+    /// Stops the writer thread and waits for it, so the database is closed (and its lock
+    /// released) when the store is dropped.
+    fn drop(&mut self) {
+        drop(self.writer.take());
+        if let Some(t) = self.writer_thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct WriteRequest {
+    chunks: Vec<VerifiedChunk>,
+    reply: SyncSender<Result<PutOutcome, StoreError>>,
 }
 
 fn now_secs() -> u64 {
@@ -170,68 +205,56 @@ impl ChunkStore {
         meta_opts.set_compression_type(DBCompressionType::Lz4);
         meta_opts.set_write_buffer_size(32 << 20);
 
-        let mut data_table = BlockBasedOptions::default();
-        data_table.set_block_cache(&cache);
-        data_table.set_bloom_filter(10.0, false);
-        let mut data_opts = Options::default();
-        data_opts.set_block_based_table_factory(&data_table);
-        data_opts.set_enable_blob_files(true);
-        data_opts.set_min_blob_size(256);
-        data_opts.set_blob_file_size(256 << 20);
-        // Chunks arrive compressed when compression helps; compressing again wastes CPU.
-        data_opts.set_blob_compression_type(DBCompressionType::None);
-        data_opts.set_enable_blob_gc(true);
-        data_opts.set_write_buffer_size(64 << 20);
-
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
         db_opts.increase_parallelism(2);
-        db_opts.set_max_total_wal_size(256 << 20);
 
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_META, meta_opts),
-            ColumnFamilyDescriptor::new(CF_DATA, data_opts),
             ColumnFamilyDescriptor::new(CF_STORE, Options::default()),
         ];
-        let db =
-            DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|source| StoreError::Open {
-                path: path.display().to_string(),
-                source,
-            })?;
+        let open_err = |source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        let db = DB::open_cf_descriptors(&db_opts, path.join("meta"), cfs).map_err(open_err)?;
+        let packs = Arc::new(
+            PackFiles::open(&path.join("packs")).map_err(|e| StoreError::Pack(e.to_string()))?,
+        );
         let counters = db
             .get_cf(db.cf_handle(CF_STORE).expect("cf opened"), KEY_COUNTERS)
             .map_err(rocks("read counters"))?
             .and_then(|b| StoreCounters::decode(&b))
             .unwrap_or_default();
+        let db = Arc::new(db);
+        let counters = Arc::new(Mutex::new(counters));
+        let (writer, requests) = sync_channel(64);
+        let writer_thread = {
+            let db = db.clone();
+            let packs = packs.clone();
+            let counters = counters.clone();
+            std::thread::Builder::new()
+                .name("chunk-writer".into())
+                .spawn(move || write_loop(&db, &packs, &requests, &counters))
+                .map_err(|e| StoreError::Thread(e.to_string()))?
+        };
         Ok(ChunkStore {
             db,
-            insert_lock: Mutex::new(counters),
+            packs,
+            writer: Some(writer),
+            writer_thread: Some(writer_thread),
+            counters,
         })
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        self.db
-            .cf_handle(name)
-            .expect("column family opened in ChunkStore::open")
-    }
-
-    fn metas(&self, ids: &[ChunkId]) -> Result<Vec<Option<ChunkMeta>>, StoreError> {
-        let cf = self.cf(CF_META);
-        self.db
-            .batched_multi_get_cf(cf, ids.iter().map(|id| id.as_bytes()), false)
-            .into_iter()
-            .zip(ids)
-            .map(|(r, id)| match r.map_err(rocks("read metadata"))? {
-                Some(v) => ChunkMeta::decode(id, &v).map(Some),
-                None => Ok(None),
-            })
-            .collect()
+        cf(&self.db, name)
     }
 
     /// Which of `ids` are stored. Found chunks have `last_seen` refreshed (lazily).
     pub fn has(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
-        let metas = self.metas(ids)?;
+        let metas = metas(&self.db, ids)?;
         let now = now_secs();
         let mut touch = WriteBatch::default();
         for (id, meta) in ids.iter().zip(&metas) {
@@ -253,16 +276,124 @@ impl ChunkStore {
 
     /// Stores verified chunks atomically and durably. Chunks already present are not
     /// rewritten; their `last_seen` is refreshed.
-    pub fn put(&self, chunks: &[VerifiedChunk]) -> Result<PutOutcome, StoreError> {
-        let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
-        let mut counters = self.insert_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let metas = self.metas(&ids)?;
-        let now = now_secs();
-        let mut batch = WriteBatch::default();
+    pub fn put(&self, chunks: Vec<VerifiedChunk>) -> Result<PutOutcome, StoreError> {
+        let (reply, outcome) = sync_channel(1);
+        self.writer
+            .as_ref()
+            .ok_or_else(|| StoreError::Thread("chunk store closed".into()))?
+            .send(WriteRequest { chunks, reply })
+            .map_err(|_| StoreError::Thread("chunk writer stopped".into()))?;
+        outcome
+            .recv()
+            .map_err(|_| StoreError::Thread("chunk writer stopped".into()))?
+    }
+
+    /// Reads chunks; `None` for ids not stored.
+    pub fn get(&self, ids: &[ChunkId]) -> Result<Vec<Option<StoredChunk>>, StoreError> {
+        metas(&self.db, ids)?
+            .into_iter()
+            .map(|meta| {
+                let Some(meta) = meta else { return Ok(None) };
+                let data = self
+                    .packs
+                    .read(meta.location)
+                    .map_err(|e| StoreError::Pack(format!("reading {:?}: {e}", meta.location)))?;
+                Ok(Some(StoredChunk {
+                    plain_len: meta.plain_len,
+                    codec: meta.codec,
+                    data,
+                }))
+            })
+            .collect()
+    }
+
+    pub fn counters(&self) -> StoreCounters {
+        *self.counters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Flushes memtables so the WAL can be dropped; called on clean shutdown.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        for cf in [CF_META, CF_STORE] {
+            self.db.flush_cf(self.cf(cf)).map_err(rocks("flush"))?;
+        }
+        Ok(())
+    }
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    db.cf_handle(name)
+        .expect("column family opened in ChunkStore::open")
+}
+
+fn metas(db: &DB, ids: &[ChunkId]) -> Result<Vec<Option<ChunkMeta>>, StoreError> {
+    db.batched_multi_get_cf(cf(db, CF_META), ids.iter().map(|id| id.as_bytes()), false)
+        .into_iter()
+        .zip(ids)
+        .map(|(r, id)| match r.map_err(rocks("read metadata"))? {
+            Some(v) => ChunkMeta::decode(id, &v).map(Some),
+            None => Ok(None),
+        })
+        .collect()
+}
+
+/// The writer thread: takes the next request and whatever else is already waiting, and
+/// commits them together.
+fn write_loop(
+    db: &DB,
+    packs: &PackFiles,
+    requests: &Receiver<WriteRequest>,
+    counters: &Mutex<StoreCounters>,
+) {
+    while let Ok(first) = requests.recv() {
+        let mut bytes: usize = first.chunks.iter().map(|c| c.data.len()).sum();
+        let mut group = vec![first];
+        while bytes < GROUP_BYTES {
+            match requests.try_recv() {
+                Ok(r) => {
+                    bytes += r.chunks.iter().map(|c| c.data.len()).sum::<usize>();
+                    group.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        match write_group(db, packs, &group, counters) {
+            Ok(outcomes) => {
+                for (req, outcome) in group.into_iter().zip(outcomes) {
+                    let _ = req.reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                for req in group {
+                    let _ = req.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Commits several requests together: new chunks' bytes go to a pack file (synced), then
+/// all metadata and the counters in one synced write batch. Returns each request's outcome.
+fn write_group(
+    db: &DB,
+    packs: &PackFiles,
+    group: &[WriteRequest],
+    counters: &Mutex<StoreCounters>,
+) -> Result<Vec<PutOutcome>, StoreError> {
+    let ids: Vec<ChunkId> = group
+        .iter()
+        .flat_map(|r| r.chunks.iter().map(|c| c.id))
+        .collect();
+    let found = metas(db, &ids)?;
+    let now = now_secs();
+    let mut batch = WriteBatch::default();
+    let mut seen = std::collections::HashSet::with_capacity(ids.len());
+    let mut new_chunks: Vec<&VerifiedChunk> = Vec::new();
+    let mut outcomes = Vec::with_capacity(group.len());
+    let mut found = found.into_iter();
+    for req in group {
         let mut outcome = PutOutcome::default();
-        let mut next = *counters;
-        let mut seen = std::collections::HashSet::with_capacity(chunks.len());
-        for (chunk, meta) in chunks.iter().zip(&metas) {
+        for chunk in &req.chunks {
+            let meta = found.next().flatten();
             if !seen.insert(chunk.id) {
                 outcome.existing += 1;
                 continue;
@@ -273,79 +404,56 @@ impl ChunkStore {
                     if m.last_seen + TOUCH_INTERVAL_SECS < now {
                         let m = ChunkMeta {
                             last_seen: now,
-                            ..*m
+                            ..m
                         };
-                        batch.put_cf(self.cf(CF_META), chunk.id.as_bytes(), m.encode());
+                        batch.put_cf(cf(db, CF_META), chunk.id.as_bytes(), m.encode());
                     }
                 }
                 None => {
-                    let meta = ChunkMeta {
-                        plain_len: chunk.plain_len,
-                        stored_len: chunk.data.len() as u32,
-                        codec: chunk.codec,
-                        last_seen: now,
-                    };
-                    batch.put_cf(self.cf(CF_DATA), chunk.id.as_bytes(), &chunk.data);
-                    batch.put_cf(self.cf(CF_META), chunk.id.as_bytes(), meta.encode());
                     outcome.stored += 1;
                     outcome.stored_bytes += chunk.data.len() as u64;
-                    next.chunks += 1;
-                    next.stored_bytes += chunk.data.len() as u64;
-                    next.plain_bytes += u64::from(chunk.plain_len);
+                    new_chunks.push(chunk);
                 }
             }
         }
-        if batch.is_empty() {
-            return Ok(outcome);
+        outcomes.push(outcome);
+    }
+    if !new_chunks.is_empty() {
+        let records: Vec<Record<'_>> = new_chunks
+            .iter()
+            .map(|c| Record {
+                id: &c.id,
+                plain_len: c.plain_len,
+                codec: c.codec,
+                data: &c.data,
+            })
+            .collect();
+        let locations = packs
+            .append(&records)
+            .map_err(|e| StoreError::Pack(format!("appending chunks: {e}")))?;
+        let mut next = *counters.lock().unwrap_or_else(|p| p.into_inner());
+        for (chunk, location) in new_chunks.iter().zip(locations) {
+            let meta = ChunkMeta {
+                location,
+                plain_len: chunk.plain_len,
+                codec: chunk.codec,
+                last_seen: now,
+            };
+            batch.put_cf(cf(db, CF_META), chunk.id.as_bytes(), meta.encode());
+            next.chunks += 1;
+            next.stored_bytes += chunk.data.len() as u64;
+            next.plain_bytes += u64::from(chunk.plain_len);
         }
-        if outcome.stored > 0 {
-            batch.put_cf(self.cf(CF_STORE), KEY_COUNTERS, next.encode());
-        }
+        batch.put_cf(cf(db, CF_STORE), KEY_COUNTERS, next.encode());
         let mut sync = WriteOptions::default();
         sync.set_sync(true);
-        self.db
-            .write_opt(batch, &sync)
-            .map_err(rocks("write chunks"))?;
-        *counters = next;
-        Ok(outcome)
+        db.write_opt(batch, &sync)
+            .map_err(rocks("write chunk metadata"))?;
+        *counters.lock().unwrap_or_else(|p| p.into_inner()) = next;
+    } else if !batch.is_empty() {
+        db.write(batch).map_err(rocks("touch last_seen"))?;
     }
-
-    /// Reads chunks; `None` for ids not stored.
-    pub fn get(&self, ids: &[ChunkId]) -> Result<Vec<Option<StoredChunk>>, StoreError> {
-        let metas = self.metas(ids)?;
-        let data = self.db.batched_multi_get_cf(
-            self.cf(CF_DATA),
-            ids.iter().map(|id| id.as_bytes()),
-            false,
-        );
-        ids.iter()
-            .zip(metas)
-            .zip(data)
-            .map(|((id, meta), data)| {
-                let Some(meta) = meta else { return Ok(None) };
-                let data = data
-                    .map_err(rocks("read chunk"))?
-                    .ok_or(StoreError::MissingData { id: *id })?;
-                Ok(Some(StoredChunk {
-                    plain_len: meta.plain_len,
-                    codec: meta.codec,
-                    data: data.to_vec(),
-                }))
-            })
-            .collect()
-    }
-
-    pub fn counters(&self) -> StoreCounters {
-        *self.insert_lock.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Flushes memtables so the WAL can be dropped; called on clean shutdown.
-    pub fn flush(&self) -> Result<(), StoreError> {
-        for cf in [CF_META, CF_DATA, CF_STORE] {
-            self.db.flush_cf(self.cf(cf)).map_err(rocks("flush"))?;
-        }
-        Ok(())
-    }
+    Ok(outcomes)
 }
 
 #[cfg(test)]
@@ -368,7 +476,7 @@ mod tests {
         let a = chunk(b"alpha");
         let b = chunk(b"bravo");
         assert_eq!(store.has(&[a.id, b.id]).unwrap(), vec![false, false]);
-        let out = store.put(std::slice::from_ref(&a)).unwrap();
+        let out = store.put(vec![a.clone()]).unwrap();
         assert_eq!((out.stored, out.existing, out.stored_bytes), (1, 0, 5));
         assert_eq!(store.has(&[a.id, b.id]).unwrap(), vec![true, false]);
         let got = store.get(&[a.id, b.id]).unwrap();
@@ -381,10 +489,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ChunkStore::open(dir.path(), 8 << 20).unwrap();
         let a = chunk(b"alpha");
-        store.put(&[a.clone(), a.clone()]).unwrap();
+        store.put(vec![a.clone(), a.clone()]).unwrap();
         let mut evil = a.clone();
         evil.data = Bytes::from_static(b"other");
-        let out = store.put(&[evil]).unwrap();
+        let out = store.put(vec![evil]).unwrap();
         assert_eq!((out.stored, out.existing), (0, 1));
         assert_eq!(
             store.get(&[a.id]).unwrap()[0].as_ref().unwrap().data,
@@ -398,7 +506,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = ChunkStore::open(dir.path(), 8 << 20).unwrap();
-            store.put(&[chunk(b"one"), chunk(b"three")]).unwrap();
+            store.put(vec![chunk(b"one"), chunk(b"three")]).unwrap();
         }
         let store = ChunkStore::open(dir.path(), 8 << 20).unwrap();
         assert_eq!(

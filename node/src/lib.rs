@@ -1,6 +1,6 @@
 //! `hashgrid-node`: a storage node of a hashgrid cluster.
 //!
-//! Layers, bottom up: [`chunk_store`] (RocksDB chunks), [`catalog`] + [`raft`] (cluster
+//! Layers, bottom up: [`chunk_store`] (chunk metadata in RocksDB, bytes in [`pack`] files), [`catalog`] + [`raft`] (cluster
 //! metadata replicated by openraft), [`context`] (what services share), [`service`] (gRPC,
 //! behind the auth hook), [`server`] (start, bootstrap, stop). [`config`] is the single source
 //! of settings and defaults.
@@ -11,6 +11,7 @@ pub mod config;
 pub mod context;
 pub mod error;
 pub mod metrics;
+pub mod pack;
 pub mod raft;
 pub mod server;
 pub mod service;

@@ -5,10 +5,11 @@
 
 use std::fs::File;
 use std::io::ErrorKind;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::io::{Read, Seek};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use bytes::BytesMut;
+use bytes::Bytes;
 use hashgrid_proto::codec::is_zero;
 use hashgrid_proto::manifest::{ChunkListEncoder, Content, Extent, INLINE_EXTENTS_MAX};
 use hashgrid_proto::ChunkId;
@@ -149,8 +150,9 @@ pub fn read_content(
     let mut builder = ContentBuilder::new(chunker, uploader);
     let mut pos = 0u64;
     // Filesystems without hole support report one data run; devices may refuse to seek by
-    // data, in which case everything is read and zero chunks still become holes.
-    let mut holes_supported = true;
+    // data, in which case everything is read and zero chunks still become holes. Files
+    // of one chunk or less are read whole: looking for their holes costs more than it saves.
+    let mut holes_supported = size > chunker.max_size() as u64;
     while pos < size {
         let data = if holes_supported {
             match rustix::fs::seek(&file, SeekFrom::Data(pos)) {
@@ -210,31 +212,39 @@ fn read_run(
     builder: &mut ContentBuilder<'_>,
     progress: &Progress,
 ) -> Result<u64> {
+    let mut reader = file;
+    reader
+        .seek(std::io::SeekFrom::Start(start))
+        .map_err(|e| ClientError::io(path, e))?;
     let mut pos = start;
-    let mut carry = BytesMut::new();
+    let mut carry = Bytes::new();
     let mut cuts = Vec::new();
     loop {
-        let want = (READ_BUF as u64).min(end - pos) as usize;
-        let mut buf = BytesMut::with_capacity(carry.len() + want);
+        let want = (READ_BUF as u64).min(end - pos);
+        // A fresh buffer each round: the chunks cut from the last one are still in flight.
+        // `read_to_end` fills spare capacity without zeroing it first.
+        let mut buf = Vec::with_capacity(carry.len() + want as usize);
         buf.extend_from_slice(&carry);
-        let filled = buf.len();
-        buf.resize(filled + want, 0);
-        let got =
-            read_full_at(file, &mut buf[filled..], pos).map_err(|e| ClientError::io(path, e))?;
-        buf.truncate(filled + got);
-        pos += got as u64;
-        progress.add_bytes(got as u64);
+        let got = reader
+            .take(want)
+            .read_to_end(&mut buf)
+            .map_err(|e| ClientError::io(path, e))? as u64;
+        pos += got;
+        progress.add_bytes(got);
         let eof = got < want || pos >= end;
-        let buf = buf.freeze();
+        let buf = Bytes::from(buf);
         cuts.clear();
         let used = chunker.cut_all(&buf, eof, &mut cuts);
-        let ids: Vec<Option<ChunkId>> = cuts
-            .par_iter()
-            .map(|&(o, l)| {
-                let piece = &buf[o..o + l];
-                (!is_zero(piece)).then(|| ChunkId::of(piece))
-            })
-            .collect();
+        let hash = |&(o, l): &(usize, usize)| {
+            let piece = &buf[o..o + l];
+            (!is_zero(piece)).then(|| ChunkId::of(piece))
+        };
+        // Fan hashing out over the cores only when there is enough of it to pay for that.
+        let ids: Vec<Option<ChunkId>> = if cuts.len() > 4 {
+            cuts.par_iter().map(hash).collect()
+        } else {
+            cuts.iter().map(hash).collect()
+        };
         for (&(o, l), id) in cuts.iter().zip(ids) {
             match id {
                 Some(id) => {
@@ -244,27 +254,10 @@ fn read_run(
                 None => builder.hole(l as u64),
             }
         }
-        carry = BytesMut::from(&buf[used..]);
         if eof {
-            debug_assert!(carry.is_empty());
+            debug_assert_eq!(used, buf.len());
             return Ok(pos);
         }
+        carry = buf.slice(used..);
     }
-}
-
-fn read_full_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<usize> {
-    let mut total = 0;
-    while !buf.is_empty() {
-        match file.read_at(buf, offset) {
-            Ok(0) => break,
-            Ok(n) => {
-                total += n;
-                offset += n as u64;
-                buf = &mut buf[n..];
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(total)
 }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt};
 use hashgrid_proto::manifest::{
     Content, Entry, EntryKind, Extent, Metadata, ObjectRef, Timestamp, Tree,
 };
@@ -30,6 +30,22 @@ use crate::upload::Uploader;
 
 /// Children of one directory processed at once.
 const DIR_WIDTH: usize = 32;
+/// Files up to this size are read in groups of up to `SMALL_GROUP_FILES` files or
+/// `SMALL_GROUP_BYTES` bytes.
+const SMALL_FILE: u64 = 256 * 1024;
+const SMALL_GROUP_FILES: usize = 64;
+const SMALL_GROUP_BYTES: u64 = 4 << 20;
+
+/// Entries of a directory with their positions in its listing (`None`: skipped).
+type Placed = Vec<(usize, Option<Entry>)>;
+
+/// A changed small file waiting to be read with others.
+struct SmallFile {
+    index: usize,
+    path: PathBuf,
+    name: Vec<u8>,
+    st: FsMetadata,
+}
 
 /// Which part of a directory to back up.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,7 +115,7 @@ impl Walker {
             progress,
             counters: WalkCounters::default(),
             warnings: Mutex::new(Vec::new()),
-            files: Semaphore::new(cores * 2),
+            files: Semaphore::new(cores * 4),
         }
     }
 
@@ -132,24 +148,65 @@ impl Walker {
                 }
             };
             let parent = parent.map(Arc::new);
-            let children = listing.into_iter().map(|(name, st)| {
+            let count = listing.len();
+            // Changed small files are read in groups, one blocking task per group: for
+            // trees of many small files the hand-off per task costs more than the reading.
+            let mut tasks: Vec<BoxFuture<'static, Result<Placed>>> = Vec::new();
+            let mut group: Vec<SmallFile> = Vec::new();
+            let mut group_bytes = 0u64;
+            for (index, (name, st)) in listing.into_iter().enumerate() {
                 let parent_entry = parent.as_ref().and_then(|t| t.get(&name)).cloned();
+                let child_path = path.join(OsStr::from_bytes(&name));
+                let small_and_changed = st.is_file()
+                    && st.len() <= SMALL_FILE
+                    && parent_entry
+                        .as_ref()
+                        .and_then(|p| unchanged(p, &st, &metadata_of(&st)))
+                        .is_none();
+                if small_and_changed {
+                    group_bytes += st.len();
+                    group.push(SmallFile {
+                        index,
+                        path: child_path,
+                        name,
+                        st,
+                    });
+                    if group.len() >= SMALL_GROUP_FILES || group_bytes >= SMALL_GROUP_BYTES {
+                        tasks.push(
+                            self.clone()
+                                .read_small_files(std::mem::take(&mut group))
+                                .boxed(),
+                        );
+                        group_bytes = 0;
+                    }
+                    continue;
+                }
                 let child_sel = match &selection {
                     Selection::All => Selection::All,
                     Selection::Only(m) => m.get(&name).cloned().unwrap_or(Selection::All),
                 };
-                self.clone().backup_entry(
-                    path.join(OsStr::from_bytes(&name)),
-                    name,
-                    st,
-                    parent_entry,
-                    child_sel,
-                )
-            });
-            let entries: Vec<Option<Entry>> = futures::stream::iter(children)
-                .buffered(DIR_WIDTH)
-                .try_collect()
-                .await?;
+                let walker = self.clone();
+                tasks.push(
+                    async move {
+                        let entry = walker
+                            .backup_entry(child_path, name, st, parent_entry, child_sel)
+                            .await?;
+                        Ok(vec![(index, entry)])
+                    }
+                    .boxed(),
+                );
+            }
+            if !group.is_empty() {
+                tasks.push(self.clone().read_small_files(group).boxed());
+            }
+            let mut slots: Vec<Option<Entry>> = vec![None; count];
+            let mut done = futures::stream::iter(tasks).buffer_unordered(DIR_WIDTH);
+            while let Some(results) = done.next().await {
+                for (index, entry) in results? {
+                    slots[index] = entry;
+                }
+            }
+            let entries = slots;
             let tree = Tree {
                 entries: entries.into_iter().flatten().collect(),
             };
@@ -185,24 +242,8 @@ impl Walker {
                 .await?;
             EntryKind::Dir { subtree }
         } else if ft.is_file() {
-            self.counters.files.fetch_add(1, Ordering::Relaxed);
-            let link_key = (st.nlink() > 1)
-                .then(|| link_key(st.dev(), st.ino()))
-                .flatten();
-            match self.file_content(&path, &st, &meta, parent.as_ref()).await {
-                Ok((content, size)) => {
-                    meta.size = size;
-                    self.counters
-                        .logical_bytes
-                        .fetch_add(size, Ordering::Relaxed);
-                    EntryKind::File { content, link_key }
-                }
-                Err(ClientError::Io { path, source }) => {
-                    self.warn(format!("skipped {}: {source}", path.display()));
-                    return Ok(None);
-                }
-                Err(e) => return Err(e),
-            }
+            let read = self.file_content(&path, &st, &meta, parent.as_ref()).await;
+            return self.file_entry(name, &st, meta, read);
         } else if ft.is_symlink() {
             match std::fs::read_link(&path) {
                 Ok(target) => {
@@ -230,21 +271,77 @@ impl Walker {
         Ok(Some(Entry { name, meta, kind }))
     }
 
-    /// A file's content: the parent's when the file is unchanged, else read afresh.
+    /// Reads a group of small changed files on one blocking thread.
+    async fn read_small_files(self: Arc<Self>, files: Vec<SmallFile>) -> Result<Placed> {
+        let _permit = self
+            .files
+            .acquire()
+            .await
+            .map_err(|_| ClientError::Internal("file limiter closed".into()))?;
+        let walker = self.clone();
+        tokio::task::spawn_blocking(move || {
+            files
+                .into_iter()
+                .map(|f| {
+                    let read =
+                        read_content(&f.path, &walker.chunker, &walker.uploader, &walker.progress)
+                            .map(|c| (c.content, c.size, c.chunks));
+                    let meta = metadata_of(&f.st);
+                    Ok((f.index, walker.file_entry(f.name, &f.st, meta, read)?))
+                })
+                .collect()
+        })
+        .await?
+    }
+
+    /// The entry for a regular file once its content is known; a file that could not be
+    /// read is skipped with a warning.
+    fn file_entry(
+        &self,
+        name: Vec<u8>,
+        st: &FsMetadata,
+        mut meta: Metadata,
+        read: Result<(Content, u64, u64)>,
+    ) -> Result<Option<Entry>> {
+        let (content, size, chunks) = match read {
+            Ok(r) => r,
+            Err(ClientError::Io { path, source }) => {
+                self.warn(format!("skipped {}: {source}", path.display()));
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        self.counters.files.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .logical_bytes
+            .fetch_add(size, Ordering::Relaxed);
+        self.counters.chunks.fetch_add(chunks, Ordering::Relaxed);
+        meta.size = size;
+        let link_key = (st.nlink() > 1)
+            .then(|| link_key(st.dev(), st.ino()))
+            .flatten();
+        Ok(Some(Entry {
+            name,
+            meta,
+            kind: EntryKind::File { content, link_key },
+        }))
+    }
+
+    /// A file's content: the parent's when the file is unchanged, else read afresh. Returns
+    /// the content, its size and its data chunk count.
     async fn file_content(
         self: &Arc<Self>,
         path: &Path,
         st: &FsMetadata,
         meta: &Metadata,
         parent: Option<&Entry>,
-    ) -> Result<(Content, u64)> {
+    ) -> Result<(Content, u64, u64)> {
         if let Some(content) = parent.and_then(|p| unchanged(p, st, meta)) {
             let (ids, chunks) = self.referenced_ids(&content).await?;
             self.uploader.check(ids).await?;
             self.counters.reused_files.fetch_add(1, Ordering::Relaxed);
-            self.counters.chunks.fetch_add(chunks, Ordering::Relaxed);
             self.progress.add_bytes(st.len());
-            return Ok((content, st.len()));
+            return Ok((content, st.len(), chunks));
         }
         let _permit = self
             .files
@@ -257,10 +354,7 @@ impl Walker {
             read_content(&path, &walker.chunker, &walker.uploader, &walker.progress)
         })
         .await??;
-        self.counters
-            .chunks
-            .fetch_add(read.chunks, Ordering::Relaxed);
-        Ok((read.content, read.size))
+        Ok((read.content, read.size, read.chunks))
     }
 
     /// Every chunk id a reused content references (list pieces and data chunks), and how many

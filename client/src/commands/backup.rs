@@ -34,7 +34,7 @@ pub struct Args {
     #[arg(long)]
     pub no_parent: bool,
     /// zstd level for chunks (0 = store uncompressed).
-    #[arg(long, default_value_t = DEFAULT_ZSTD_LEVEL, value_parser = clap::value_parser!(i32).range(0..=19))]
+    #[arg(long, default_value_t = DEFAULT_ZSTD_LEVEL, value_parser = clap::value_parser!(i32).range(-7..=19))]
     pub zstd_level: i32,
 }
 

@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use hashgrid_proto::codec::decode_verified;
 use hashgrid_proto::id::pack_ids;
@@ -428,7 +427,6 @@ async fn fetch_and_write(
                         "node sent chunk {id} where {expected} was asked for"
                     )));
                 }
-                let plain = Bytes::from(plain);
                 for job in jobs {
                     if plain.len() != job.len as usize {
                         return Err(ClientError::Manifest(format!(

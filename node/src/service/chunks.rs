@@ -8,7 +8,8 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
+use futures::stream::FuturesOrdered;
+use futures::{Stream, StreamExt};
 use hashgrid_proto::codec::{decode_verified, is_zero, ChunkError};
 use hashgrid_proto::id::unpack_ids;
 use hashgrid_proto::limits::{MAX_CHUNKS_PER_PUT, MAX_IDS_PER_REQUEST, TARGET_BATCH_BYTES};
@@ -27,6 +28,9 @@ use crate::chunk_store::VerifiedChunk;
 use crate::context::NodeContext;
 use crate::error::NodeError;
 use crate::metrics as m;
+
+/// `Put` batches of one stream in flight on the node at once.
+const PUT_PIPELINE: usize = 8;
 
 pub struct ChunksService {
     ctx: Arc<NodeContext>,
@@ -83,7 +87,7 @@ async fn put_batch(ctx: Arc<NodeContext>, req: PutRequest) -> Result<PutResponse
                 tracing::warn!(error = %e, "refused a chunk batch");
                 metrics::counter!(m::REJECTED, "reason" => "verify").increment(1);
             })?;
-        Ok(store.put(&verified)?)
+        Ok(store.put(verified)?)
     })
     .await?;
     metrics::counter!(m::PUT_CHUNKS, "result" => "stored").increment(u64::from(outcome.stored));
@@ -186,22 +190,37 @@ impl Chunks for ChunksService {
     ) -> Result<Response<Self::PutStream>, Status> {
         principal(&req)?;
         let mut inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = mpsc::channel(PUT_PIPELINE);
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
+            // Batches of one stream are verified and queued for the writer concurrently (up
+            // to PUT_PIPELINE at once), so the writer's group commits can gather several of
+            // them; replies still go out in request order.
+            let mut pending = FuturesOrdered::new();
+            let mut inbound_open = true;
             loop {
-                let msg = match inbound.message().await {
-                    Ok(Some(msg)) => msg,
-                    Ok(None) => break,
-                    Err(status) => {
-                        tracing::debug!(%status, "put stream ended by the client");
-                        break;
+                tokio::select! {
+                    msg = inbound.message(), if inbound_open && pending.len() < PUT_PIPELINE => {
+                        match msg {
+                            Ok(Some(msg)) => pending.push_back(tokio::spawn(put_batch(ctx.clone(), msg))),
+                            Ok(None) => inbound_open = false,
+                            Err(status) => {
+                                tracing::debug!(%status, "put stream ended by the client");
+                                break;
+                            }
+                        }
                     }
-                };
-                let reply = put_batch(ctx.clone(), msg).await.map_err(Status::from);
-                let failed = reply.is_err();
-                if tx.send(reply).await.is_err() || failed {
-                    break;
+                    Some(joined) = pending.next() => {
+                        let reply = match joined {
+                            Ok(r) => r.map_err(Status::from),
+                            Err(e) => Err(Status::internal(format!("put task: {e}"))),
+                        };
+                        let failed = reply.is_err();
+                        if tx.send(reply).await.is_err() || failed {
+                            break;
+                        }
+                    }
+                    else => break,
                 }
             }
         });
