@@ -87,16 +87,11 @@ impl Counters {
     }
 }
 
-enum Item {
-    /// A chunk with its plaintext: upload it if the cluster lacks it.
-    Data {
-        id: ChunkId,
-        plain: Bytes,
-        permit: OwnedSemaphorePermit,
-    },
-    /// A chunk referenced without its data (reused from the parent snapshot): it must be
-    /// present. The lookup also refreshes its `last_seen`, which GC relies on.
-    Check { id: ChunkId },
+/// A chunk with its plaintext: uploaded if the cluster lacks it.
+struct Item {
+    id: ChunkId,
+    plain: Bytes,
+    permit: OwnedSemaphorePermit,
 }
 
 struct Encoded {
@@ -164,20 +159,8 @@ impl Uploader {
             )
             .map_err(|_| Self::closed())?;
         self.tx
-            .blocking_send(Item::Data { id, plain, permit })
+            .blocking_send(Item { id, plain, permit })
             .map_err(|_| Self::closed())
-    }
-
-    /// Requires chunks to be present without uploading them, from async code.
-    pub async fn check(&self, ids: impl IntoIterator<Item = ChunkId>) -> Result<()> {
-        let fresh: Vec<ChunkId> = ids.into_iter().filter(|id| self.first_time(id)).collect();
-        for id in fresh {
-            self.tx
-                .send(Item::Check { id })
-                .await
-                .map_err(|_| Self::closed())?;
-        }
-        Ok(())
     }
 
     /// Figures so far (for progress display).
@@ -244,12 +227,7 @@ async fn lookup(
     items: Vec<Item>,
     counters: Arc<Counters>,
 ) -> Result<Vec<(ChunkId, Bytes, OwnedSemaphorePermit)>> {
-    let ids: Vec<ChunkId> = items
-        .iter()
-        .map(|i| match i {
-            Item::Data { id, .. } | Item::Check { id } => *id,
-        })
-        .collect();
+    let ids: Vec<ChunkId> = items.iter().map(|i| i.id).collect();
     counters.has_requests.fetch_add(1, Ordering::Relaxed);
     let mut client = conn.chunks.clone();
     let resp = client
@@ -270,15 +248,7 @@ async fn lookup(
             counters.present.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        match item {
-            Item::Data { id, plain, permit } => missing.push((id, plain, permit)),
-            Item::Check { id } => {
-                return Err(ClientError::NotFound(format!(
-                    "chunk {id}, reused from the parent snapshot, is missing on the cluster; \
-                     back up again with --no-parent to read every file"
-                )))
-            }
-        }
+        missing.push((item.id, item.plain, item.permit));
     }
     Ok(missing)
 }

@@ -51,6 +51,7 @@ fn file_entry(name: &[u8], data_id: ChunkId, len: u64) -> mpb::Entry {
             }],
             list: vec![],
             extent_count: 1,
+            chunk_count: 1,
         }),
         ..Default::default()
     }

@@ -110,6 +110,7 @@ impl<'a> ContentBuilder<'a> {
             Some(list) => Content::List {
                 list: list.finish()?,
                 extents: self.count,
+                chunks: self.chunks,
             },
             None => Content::Inline(self.inline),
         };

@@ -19,7 +19,7 @@ use hashgrid_proto::snapshot::{validate_label, SnapshotKind, SnapshotRecord, Sna
 use hashgrid_proto::SnapshotId;
 use serde::Serialize;
 
-use self::walk::{metadata_of, unchanged, Selection, Walker};
+use self::walk::{metadata_of, reuse, Selection, Walker};
 use crate::catalog;
 use crate::chunker::Chunker;
 use crate::connection::Connection;
@@ -103,7 +103,7 @@ pub async fn backup(conn: &Connection, opts: &BackupOptions) -> Result<BackupSum
     tracing::debug!(elapsed = ?started.elapsed(), parent = ?parent.as_ref().map(|p| p.id), "parent chosen");
     let reader = ObjectReader::new(conn.clone());
     let parent_root = match &parent {
-        Some(p) => Some(reader.load_tree(&p.root).await?),
+        Some(p) => Some((reader.load_tree(&p.root).await?, p.root.clone())),
         None => None,
     };
 
@@ -120,12 +120,13 @@ pub async fn backup(conn: &Connection, opts: &BackupOptions) -> Result<BackupSum
         progress,
     ));
     let root = if opts.image {
-        backup_image(&walker, &paths[0], parent_root).await
+        backup_image(&walker, &paths[0], parent_root.map(|(tree, _)| tree)).await
     } else {
         walker
             .clone()
             .backup_dir(PathBuf::from("/"), parent_root, Selection::of_paths(&paths))
             .await
+            .map(|(root, _)| root)
     };
     walker.progress.finish();
     tracing::debug!(elapsed = ?started.elapsed(), "walk done");
@@ -209,20 +210,23 @@ async fn backup_image(
         .as_encoded_bytes()
         .to_vec();
     let mut meta = metadata_of(&st);
-    let parent_entry = parent.as_ref().and_then(|t| t.get(&name));
+    let parent_entry = parent.and_then(|t| t.entries.into_iter().find(|e| e.name == name));
     // A device's mtime says nothing about its content: always read it.
     let reusable = if st.is_file() {
-        parent_entry.and_then(|p| unchanged(p, &st, &meta))
+        parent_entry
+            .and_then(|p| reuse(p, &st, &meta, None))
+            .map(|r| r.content)
     } else {
         None
     };
     walker.counters.files.fetch_add(1, Ordering::Relaxed);
     let content = match reusable {
         Some(content) => {
-            let (ids, chunks) = walker.referenced_ids(&content).await?;
-            walker.uploader.check(ids).await?;
             walker.counters.reused_files.fetch_add(1, Ordering::Relaxed);
-            walker.counters.chunks.fetch_add(chunks, Ordering::Relaxed);
+            walker
+                .counters
+                .chunks
+                .fetch_add(content.chunk_count(), Ordering::Relaxed);
             meta.size = st.len();
             content
         }

@@ -15,10 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
-use hashgrid_proto::manifest::{
-    Content, Entry, EntryKind, Extent, Metadata, ObjectRef, Timestamp, Tree,
-};
-use hashgrid_proto::ChunkId;
+use hashgrid_proto::manifest::{Content, Entry, EntryKind, Metadata, ObjectRef, Timestamp, Tree};
 use tokio::sync::Semaphore;
 
 use super::content::read_content;
@@ -36,8 +33,9 @@ const SMALL_FILE: u64 = 256 * 1024;
 const SMALL_GROUP_FILES: usize = 64;
 const SMALL_GROUP_BYTES: u64 = 4 << 20;
 
-/// Entries of a directory with their positions in its listing (`None`: skipped).
-type Placed = Vec<(usize, Option<Entry>)>;
+/// Entries of a directory with their positions in its listing (`None`: skipped) and whether
+/// each is identical to the parent's.
+type Placed = Vec<(usize, Option<Entry>, bool)>;
 
 /// A changed small file waiting to be read with others.
 struct SmallFile {
@@ -127,13 +125,16 @@ impl Walker {
             .push(msg);
     }
 
-    /// Backs up directory `path` (restricted to `selection`) and returns its tree object.
+    /// Backs up directory `path` (restricted to `selection`) and returns its tree object,
+    /// and whether it is exactly the parent's (`parent`: the parent snapshot's tree for this
+    /// directory and its reference). An unchanged directory reuses the parent's reference
+    /// without encoding or sending anything.
     pub fn backup_dir(
         self: Arc<Self>,
         path: PathBuf,
-        parent: Option<Tree>,
+        parent: Option<(Tree, ObjectRef)>,
         selection: Selection,
-    ) -> BoxFuture<'static, Result<ObjectRef>> {
+    ) -> BoxFuture<'static, Result<(ObjectRef, bool)>> {
         async move {
             let listing = {
                 let path = path.clone();
@@ -147,7 +148,14 @@ impl Walker {
                     Vec::new()
                 }
             };
-            let parent = parent.map(Arc::new);
+            let (parent_tree, parent_ref) = match parent {
+                Some((t, r)) => (t, Some(r)),
+                None => (Tree::default(), None),
+            };
+            // Both lists are sorted by name: walk them together, moving each parent entry
+            // to the child of the same name.
+            let mut same = parent_ref.is_some() && parent_tree.entries.len() == listing.len();
+            let mut parent_entries = parent_tree.entries.into_iter().peekable();
             let count = listing.len();
             // Changed small files are read in groups, one blocking task per group: for
             // trees of many small files the hand-off per task costs more than the reading.
@@ -155,14 +163,16 @@ impl Walker {
             let mut group: Vec<SmallFile> = Vec::new();
             let mut group_bytes = 0u64;
             for (index, (name, st)) in listing.into_iter().enumerate() {
-                let parent_entry = parent.as_ref().and_then(|t| t.get(&name)).cloned();
+                while parent_entries.next_if(|p| p.name < name).is_some() {
+                    same = false;
+                }
+                let parent_entry = parent_entries.next_if(|p| p.name == name);
                 let child_path = path.join(OsStr::from_bytes(&name));
                 let small_and_changed = st.is_file()
                     && st.len() <= SMALL_FILE
-                    && parent_entry
+                    && !parent_entry
                         .as_ref()
-                        .and_then(|p| unchanged(p, &st, &metadata_of(&st)))
-                        .is_none();
+                        .is_some_and(|p| looks_unchanged(p, &st, &metadata_of(&st)));
                 if small_and_changed {
                     group_bytes += st.len();
                     group.push(SmallFile {
@@ -188,10 +198,10 @@ impl Walker {
                 let walker = self.clone();
                 tasks.push(
                     async move {
-                        let entry = walker
+                        let (entry, same) = walker
                             .backup_entry(child_path, name, st, parent_entry, child_sel)
                             .await?;
-                        Ok(vec![(index, entry)])
+                        Ok(vec![(index, entry, same)])
                     }
                     .boxed(),
                 );
@@ -202,25 +212,30 @@ impl Walker {
             let mut slots: Vec<Option<Entry>> = vec![None; count];
             let mut done = futures::stream::iter(tasks).buffer_unordered(DIR_WIDTH);
             while let Some(results) = done.next().await {
-                for (index, entry) in results? {
+                for (index, entry, entry_same) in results? {
+                    same &= entry_same && entry.is_some();
                     slots[index] = entry;
                 }
             }
-            let entries = slots;
-            let tree = Tree {
-                entries: entries.into_iter().flatten().collect(),
-            };
             self.counters.dirs.fetch_add(1, Ordering::Relaxed);
+            if let (true, Some(r)) = (same, parent_ref) {
+                return Ok((r, true));
+            }
+            let tree = Tree {
+                entries: slots.into_iter().flatten().collect(),
+            };
             let walker = self.clone();
-            tokio::task::spawn_blocking(move || {
+            let r = tokio::task::spawn_blocking(move || {
                 ObjectWriter::write_all(&walker.chunker, &walker.uploader, &tree.encode())
             })
-            .await?
+            .await??;
+            Ok((r, false))
         }
         .boxed()
     }
 
-    /// One entry; `None` when it could not be read (a warning says why).
+    /// One entry (`None` when it could not be read; a warning says why), and whether it is
+    /// exactly the parent's entry of the same name.
     async fn backup_entry(
         self: Arc<Self>,
         path: PathBuf,
@@ -228,22 +243,58 @@ impl Walker {
         st: FsMetadata,
         parent: Option<Entry>,
         selection: Selection,
-    ) -> Result<Option<Entry>> {
+    ) -> Result<(Option<Entry>, bool)> {
         let mut meta = metadata_of(&st);
         let ft = st.file_type();
         let kind = if ft.is_dir() {
-            let parent_tree = match parent.map(|p| p.kind) {
-                Some(EntryKind::Dir { subtree }) => Some(self.reader.load_tree(&subtree).await?),
-                _ => None,
+            let (parent_sub, parent_meta) = match parent {
+                Some(Entry {
+                    kind: EntryKind::Dir { subtree },
+                    meta,
+                    ..
+                }) => (
+                    Some((self.reader.load_tree(&subtree).await?, subtree)),
+                    Some(meta),
+                ),
+                _ => (None, None),
             };
-            let subtree = self
-                .clone()
-                .backup_dir(path, parent_tree, selection)
-                .await?;
-            EntryKind::Dir { subtree }
+            // A task of its own, so subtrees are walked on every worker thread.
+            let (subtree, sub_same) =
+                tokio::spawn(self.clone().backup_dir(path, parent_sub, selection)).await??;
+            let same = sub_same && parent_meta.as_ref() == Some(&meta);
+            return Ok((
+                Some(Entry {
+                    name,
+                    meta,
+                    kind: EntryKind::Dir { subtree },
+                }),
+                same,
+            ));
         } else if ft.is_file() {
-            let read = self.file_content(&path, &st, &meta, parent.as_ref()).await;
-            return self.file_entry(name, &st, meta, read);
+            let link_key = file_link_key(&st);
+            if let Some(reused) = parent.and_then(|p| reuse(p, &st, &meta, link_key)) {
+                self.counters.files.fetch_add(1, Ordering::Relaxed);
+                self.counters.reused_files.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .chunks
+                    .fetch_add(reused.content.chunk_count(), Ordering::Relaxed);
+                self.counters
+                    .logical_bytes
+                    .fetch_add(st.len(), Ordering::Relaxed);
+                self.progress.add_bytes(st.len());
+                meta.size = st.len();
+                let entry = Entry {
+                    name,
+                    meta,
+                    kind: EntryKind::File {
+                        content: reused.content,
+                        link_key,
+                    },
+                };
+                return Ok((Some(entry), reused.same));
+            }
+            let read = self.read_file(&path).await;
+            return Ok((self.file_entry(name, &st, meta, read)?, false));
         } else if ft.is_symlink() {
             match std::fs::read_link(&path) {
                 Ok(target) => {
@@ -253,7 +304,7 @@ impl Walker {
                 }
                 Err(e) => {
                     self.warn(format!("skipped {}: {e}", path.display()));
-                    return Ok(None);
+                    return Ok((None, false));
                 }
             }
         } else if ft.is_fifo() {
@@ -266,9 +317,11 @@ impl Walker {
             EntryKind::BlockDevice { rdev: st.rdev() }
         } else {
             self.warn(format!("skipped {}: unknown file type", path.display()));
-            return Ok(None);
+            return Ok((None, false));
         };
-        Ok(Some(Entry { name, meta, kind }))
+        let entry = Entry { name, meta, kind };
+        let same = parent.as_ref() == Some(&entry);
+        Ok((Some(entry), same))
     }
 
     /// Reads a group of small changed files on one blocking thread.
@@ -287,7 +340,11 @@ impl Walker {
                         read_content(&f.path, &walker.chunker, &walker.uploader, &walker.progress)
                             .map(|c| (c.content, c.size, c.chunks));
                     let meta = metadata_of(&f.st);
-                    Ok((f.index, walker.file_entry(f.name, &f.st, meta, read)?))
+                    Ok((
+                        f.index,
+                        walker.file_entry(f.name, &f.st, meta, read)?,
+                        false,
+                    ))
                 })
                 .collect()
         })
@@ -327,22 +384,8 @@ impl Walker {
         }))
     }
 
-    /// A file's content: the parent's when the file is unchanged, else read afresh. Returns
-    /// the content, its size and its data chunk count.
-    async fn file_content(
-        self: &Arc<Self>,
-        path: &Path,
-        st: &FsMetadata,
-        meta: &Metadata,
-        parent: Option<&Entry>,
-    ) -> Result<(Content, u64, u64)> {
-        if let Some(content) = parent.and_then(|p| unchanged(p, st, meta)) {
-            let (ids, chunks) = self.referenced_ids(&content).await?;
-            self.uploader.check(ids).await?;
-            self.counters.reused_files.fetch_add(1, Ordering::Relaxed);
-            self.progress.add_bytes(st.len());
-            return Ok((content, st.len(), chunks));
-        }
+    /// Reads a changed file: its content, size and data chunk count.
+    async fn read_file(self: &Arc<Self>, path: &Path) -> Result<(Content, u64, u64)> {
         let _permit = self
             .files
             .acquire()
@@ -356,41 +399,54 @@ impl Walker {
         .await??;
         Ok((read.content, read.size, read.chunks))
     }
+}
 
-    /// Every chunk id a reused content references (list pieces and data chunks), and how many
-    /// data chunks that is.
-    pub async fn referenced_ids(&self, content: &Content) -> Result<(Vec<ChunkId>, u64)> {
-        let (mut ids, extents) = match content {
-            Content::Inline(e) => (Vec::new(), e.clone()),
-            Content::List { list, .. } => (
-                list.0.clone(),
-                self.reader.chunk_list(list).collect().await?,
-            ),
-        };
-        let mut chunks = 0;
-        for e in extents {
-            if let Extent::Chunk { id, .. } = e {
-                ids.push(id);
-                chunks += 1;
-            }
-        }
-        Ok((ids, chunks))
+/// Does a regular file look unchanged since the parent snapshot: same size, mtime, ctime
+/// and inode? (Any chmod, chown or link count change moves ctime too.)
+pub fn looks_unchanged(parent: &Entry, st: &FsMetadata, meta: &Metadata) -> bool {
+    matches!(parent.kind, EntryKind::File { .. })
+        && parent.meta.size == st.len()
+        && parent.meta.mtime == meta.mtime
+        && parent.meta.ctime == meta.ctime
+        && parent.meta.inode == meta.inode
+}
+
+/// A parent file entry's content, taken over for an unchanged file.
+pub struct Reused {
+    pub content: Content,
+    /// The new entry will be identical to the parent's.
+    pub same: bool,
+}
+
+/// Takes the parent entry's content if the file looks unchanged.
+pub fn reuse(
+    parent: Entry,
+    st: &FsMetadata,
+    meta: &Metadata,
+    link_key: Option<NonZeroU64>,
+) -> Option<Reused> {
+    if !looks_unchanged(&parent, st, meta) {
+        return None;
+    }
+    let mut new_meta = meta.clone();
+    new_meta.size = st.len();
+    match parent.kind {
+        EntryKind::File {
+            content,
+            link_key: parent_key,
+        } => Some(Reused {
+            content,
+            same: parent.meta == new_meta && parent_key == link_key,
+        }),
+        _ => None,
     }
 }
 
-/// The parent entry's content if the file looks unchanged: same size, mtime, ctime, inode.
-pub fn unchanged(parent: &Entry, st: &FsMetadata, meta: &Metadata) -> Option<Content> {
-    match &parent.kind {
-        EntryKind::File { content, .. }
-            if parent.meta.size == st.len()
-                && parent.meta.mtime == meta.mtime
-                && parent.meta.ctime == meta.ctime
-                && parent.meta.inode == meta.inode =>
-        {
-            Some(content.clone())
-        }
-        _ => None,
-    }
+/// The hard-link group key of a regular file with more than one name.
+fn file_link_key(st: &FsMetadata) -> Option<NonZeroU64> {
+    (st.nlink() > 1)
+        .then(|| link_key(st.dev(), st.ino()))
+        .flatten()
 }
 
 /// Lists a directory (or the selected names in it), sorted by name bytes, with `lstat` data.

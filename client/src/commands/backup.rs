@@ -7,7 +7,7 @@ use hashgrid_proto::codec::DEFAULT_ZSTD_LEVEL;
 use hashgrid_proto::SnapshotId;
 use indicatif::HumanBytes;
 
-use super::{default_client, print_json, Global};
+use super::{default_client, outln, print_json, Global};
 use crate::backup::{backup, BackupOptions, ParentChoice};
 
 #[derive(Debug, clap::Args)]
@@ -71,21 +71,21 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
         print_json(&summary)?;
     } else {
         let s = &summary.stats;
-        println!(
+        outln!(
             "snapshot {} saved ({} {}, parent {})",
             summary.snapshot,
             opts.client,
             opts.dataset,
             summary.parent.map_or("none".into(), |p| p.to_string())
         );
-        println!(
+        outln!(
             "  files {} ({} unchanged), dirs {}, {} logical",
             s.files,
             s.reused_files,
             s.dirs,
             HumanBytes(s.logical_bytes)
         );
-        println!(
+        outln!(
             "  chunks {} ({} new), sent {}, stored {} new, in {:.2}s",
             s.chunks,
             s.new_chunks,

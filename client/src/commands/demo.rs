@@ -3,6 +3,7 @@
 //! them up, changes them and backs up again, backs up a clone of the image as a second site,
 //! restores, verifies the restore against the source, and prints what deduplication saved.
 
+use super::outln;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -224,7 +225,7 @@ async fn step(
     };
     let summary = backup(conn, &opts).await?;
     let s = &summary.stats;
-    println!(
+    outln!(
         "  {what:<36} snapshot {:>3}: {:>10} logical, {:>10} sent, {:>10} new, {:>5.2}s",
         summary.snapshot,
         HumanBytes(s.logical_bytes).to_string(),
@@ -253,9 +254,9 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         (None, Some(d)) => d.clone(),
         (None, None) => unreachable!("one of them is set"),
     };
-    println!("hashgrid demo in {}", work.display());
+    outln!("hashgrid demo in {}", work.display());
     let (node, addr) = start_node(&work)?;
-    println!(
+    outln!(
         "  node ready on {addr} (log: {})",
         work.join("node.log").display()
     );
@@ -275,7 +276,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let mib = args.size_mib.max(16) << 20;
     make_tree(&tree, mib / 3)?;
     make_image(&image, mib * 2)?;
-    println!(
+    outln!(
         "  sample: {} file tree, {} sparse VM image",
         HumanBytes(mib / 3),
         HumanBytes(mib * 2)
@@ -380,7 +381,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
                 diffs.join("\n")
             );
         }
-        println!(
+        outln!(
             "  restored snapshot {:>3} ({} {}) in {:.2}s: {} files, identical to the source",
             snap.id,
             client,
@@ -397,26 +398,26 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         .await?
         .into_inner();
     let sent: u64 = steps.iter().map(|s| s.stats.sent_bytes).sum();
-    println!();
-    println!(
+    outln!();
+    outln!(
         "  logical bytes backed up  {:>12}",
         HumanBytes(stats.logical_bytes).to_string()
     );
-    println!(
+    outln!(
         "  bytes sent over the wire {:>12}",
         HumanBytes(sent).to_string()
     );
-    println!(
+    outln!(
         "  bytes stored             {:>12}",
         HumanBytes(stats.stored_bytes).to_string()
     );
-    println!(
+    outln!(
         "  dedup + compression      {:>11.1}x  ({} distinct chunks)",
         stats.logical_bytes as f64 / stats.stored_bytes.max(1) as f64,
         stats.chunks
     );
     let clone_step = steps.last().expect("steps ran");
-    println!(
+    outln!(
         "  site B sent {} for a {} image cloned from site A's",
         HumanBytes(clone_step.stats.sent_bytes),
         HumanBytes(clone_step.stats.logical_bytes)
@@ -426,7 +427,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         if let Some(t) = temp {
             let _ = t.keep();
         }
-        println!("  kept {}", work.display());
+        outln!("  kept {}", work.display());
     }
     Ok(())
 }

@@ -6,7 +6,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use hashgrid_proto::manifest::{Entry, EntryKind, Tree};
 
-use super::{format_time, Global};
+use super::{format_time, outln, Global};
 use crate::catalog::resolve;
 use crate::error::ClientError;
 use crate::objects::ObjectReader;
@@ -59,13 +59,13 @@ fn print_entry(path: &[u8], e: &Entry, long: bool, json: bool) {
             "size": e.meta.size,
             "mtime": format_time(e.meta.mtime.sec.saturating_mul(1000)),
         });
-        println!("{v}");
+        outln!("{v}");
     } else if long {
         let target = match &e.kind {
             EntryKind::Symlink { target } => format!(" -> {}", String::from_utf8_lossy(target)),
             _ => String::new(),
         };
-        println!(
+        outln!(
             "{} {:>6} {:>6} {:>12} {} {p}{target}",
             mode_string(&e.kind, e.meta.mode),
             e.meta.uid,
@@ -74,7 +74,7 @@ fn print_entry(path: &[u8], e: &Entry, long: bool, json: bool) {
             format_time(e.meta.mtime.sec.saturating_mul(1000)),
         );
     } else {
-        println!("{p}");
+        outln!("{p}");
     }
 }
 

@@ -137,9 +137,31 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Writes one line to stdout. When stdout is a closed pipe (`hashgrid snapshots | head`),
+/// the program ends quietly instead of panicking, as Unix tools do; the work whose result
+/// was being printed is already done.
+pub fn write_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` through [`write_line`].
+macro_rules! outln {
+    () => { $crate::commands::write_line(format_args!("")) };
+    ($($arg:tt)*) => { $crate::commands::write_line(format_args!($($arg)*)) };
+}
+pub(crate) use outln;
+
 /// Prints a value as one line of JSON.
 pub fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string(v)?);
+    outln!("{}", serde_json::to_string(v)?);
     Ok(())
 }
 

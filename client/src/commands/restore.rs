@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use indicatif::HumanBytes;
 
-use super::{print_json, Global};
+use super::{outln, print_json, Global};
 use crate::catalog::resolve;
 use crate::restore::{restore, RestoreOptions};
 
@@ -50,7 +50,7 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<()> {
             "duration_ms": started.elapsed().as_millis() as u64,
         }))?;
     } else {
-        println!(
+        outln!(
             "restored snapshot {} to {}: {} files, {} dirs, {} hard links, {} ({} fetched) in {:.2}s",
             snapshot.id,
             args.target.display(),

@@ -3,7 +3,7 @@
 use hashgrid_proto::snapshot::SnapshotKind;
 use indicatif::HumanBytes;
 
-use super::{format_time, print_json, Global};
+use super::{format_time, outln, print_json, Global};
 use crate::catalog::list;
 
 #[derive(Debug, clap::Args)]
@@ -38,12 +38,18 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<()> {
             .collect();
         return print_json(&rows);
     }
-    println!(
+    outln!(
         "{:>6}  {:<20}  {:<16}  {:<16}  {:<5}  {:>10}  {:>10}  paths",
-        "id", "time", "client", "dataset", "kind", "size", "new"
+        "id",
+        "time",
+        "client",
+        "dataset",
+        "kind",
+        "size",
+        "new"
     );
     for s in &snaps {
-        println!(
+        outln!(
             "{:>6}  {:<20}  {:<16}  {:<16}  {:<5}  {:>10}  {:>10}  {}",
             s.id.to_string(),
             format_time(s.time_unix_ms),
@@ -62,6 +68,6 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<()> {
                 .join(" ")
         );
     }
-    println!("{} snapshots", snaps.len());
+    outln!("{} snapshots", snaps.len());
     Ok(())
 }

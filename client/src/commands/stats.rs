@@ -3,7 +3,7 @@
 use hashgrid_proto::pb::StatsRequest;
 use indicatif::HumanBytes;
 
-use super::{print_json, Global};
+use super::{outln, print_json, Global};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {}
@@ -46,8 +46,8 @@ pub async fn run(global: &Global, _args: &Args) -> anyhow::Result<()> {
             "clients": clients,
         }));
     }
-    println!("cluster: {} snapshots, {} chunks", s.snapshots, s.chunks);
-    println!(
+    outln!("cluster: {} snapshots, {} chunks", s.snapshots, s.chunks);
+    outln!(
         "  logical {}  unique {}  stored {}  dedup+compression ratio {:.2}x",
         HumanBytes(s.logical_bytes),
         HumanBytes(s.plain_bytes),
@@ -55,12 +55,17 @@ pub async fn run(global: &Global, _args: &Args) -> anyhow::Result<()> {
         ratio(s.logical_bytes, s.stored_bytes)
     );
     if !s.clients.is_empty() {
-        println!(
+        outln!(
             "{:<24} {:>9} {:>12} {:>12} {:>12} {:>8}",
-            "client", "snapshots", "logical", "new", "sent", "ratio"
+            "client",
+            "snapshots",
+            "logical",
+            "new",
+            "sent",
+            "ratio"
         );
         for c in &s.clients {
-            println!(
+            outln!(
                 "{:<24} {:>9} {:>12} {:>12} {:>12} {:>7.2}x",
                 c.client,
                 c.snapshots,

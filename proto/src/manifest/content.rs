@@ -74,25 +74,43 @@ impl Extent {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Content {
     Inline(Vec<Extent>),
-    /// A chunk-list object holding `extents` extents.
+    /// A chunk-list object holding `extents` extents, `chunks` of them chunks.
     List {
         list: ObjectRef,
         extents: u64,
+        chunks: u64,
     },
 }
 
 impl Content {
+    /// How many data chunks (not holes) the content references.
+    pub fn chunk_count(&self) -> u64 {
+        match self {
+            Content::Inline(extents) => extents
+                .iter()
+                .filter(|e| matches!(e, Extent::Chunk { .. }))
+                .count() as u64,
+            Content::List { chunks, .. } => *chunks,
+        }
+    }
+
     pub(crate) fn to_wire(&self) -> mpb::Content {
         match self {
             Content::Inline(extents) => mpb::Content {
                 extents: extents.iter().map(|e| e.to_wire()).collect(),
                 list: Vec::new(),
                 extent_count: extents.len() as u64,
+                chunk_count: self.chunk_count(),
             },
-            Content::List { list, extents } => mpb::Content {
+            Content::List {
+                list,
+                extents,
+                chunks,
+            } => mpb::Content {
                 extents: Vec::new(),
                 list: list.to_wire(),
                 extent_count: *extents,
+                chunk_count: *chunks,
             },
         }
     }
@@ -107,9 +125,13 @@ impl Content {
                     "both inline extents and a list",
                 ));
             }
+            if c.chunk_count > c.extent_count {
+                return Err(DecodeError::invalid("content", "more chunks than extents"));
+            }
             return Ok(Content::List {
                 list: ObjectRef::from_wire(&c.list, "chunk list reference")?,
                 extents: c.extent_count,
+                chunks: c.chunk_count,
             });
         }
         let extents = c
