@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use hashgrid_proto::auth::{bearer_value, METADATA_KEY};
 use hashgrid_proto::chunker::ChunkerParams;
-use hashgrid_proto::limits::MAX_MESSAGE_BYTES;
+use hashgrid_proto::limits::{
+    CONNECTION_WINDOW_BYTES, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, STREAM_WINDOW_BYTES,
+};
 use hashgrid_proto::pb::admin_client::AdminClient;
 use hashgrid_proto::pb::catalog_client::CatalogClient;
 use hashgrid_proto::pb::chunks_client::ChunksClient;
@@ -111,8 +113,9 @@ impl Connection {
             .map_err(|e| ClientError::Config(format!("server address {server:?}: {e}")))?
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true)
-            .initial_stream_window_size(Some(8 << 20))
-            .initial_connection_window_size(Some(32 << 20))
+            .max_frame_size(MAX_FRAME_BYTES)
+            .initial_stream_window_size(STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
         let channel = endpoint.connect_lazy();

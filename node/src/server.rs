@@ -12,7 +12,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use hashgrid_proto::auth::TokenHash;
 use hashgrid_proto::chunker::ChunkerParams;
-use hashgrid_proto::limits::MAX_MESSAGE_BYTES;
+use hashgrid_proto::limits::{
+    CONNECTION_WINDOW_BYTES, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, STREAM_WINDOW_BYTES,
+};
 use hashgrid_proto::pb::{
     admin_server::AdminServer, catalog_server::CatalogServer, chunks_server::ChunksServer,
 };
@@ -130,7 +132,12 @@ async fn serve(
     let catalog = CatalogServer::new(CatalogService::new(ctx.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let admin = AdminServer::new(AdminService::new(ctx));
+    // Chunk traffic is bulk: large frames and windows mean one syscall per ~1 MiB instead of
+    // per 16 KiB, and no stalls waiting for window updates.
     tonic::transport::Server::builder()
+        .max_frame_size(MAX_FRAME_BYTES)
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .add_service(InterceptedService::new(chunks, auth.clone()))
         .add_service(InterceptedService::new(catalog, auth.clone()))
         .add_service(InterceptedService::new(admin, auth))

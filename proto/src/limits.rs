@@ -4,6 +4,13 @@
 /// Largest gRPC message either side accepts.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
+/// HTTP/2 settings both sides advertise: frames of up to 1 MiB (the default 16 KiB costs a
+/// write system call per 16 KiB of chunk data) and flow-control windows large enough for
+/// several batches in flight.
+pub const MAX_FRAME_BYTES: u32 = 1024 * 1024;
+pub const STREAM_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+pub const CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
+
 /// Most ids in one `Has` or `Get` request.
 pub const MAX_IDS_PER_REQUEST: usize = 16 * 1024;
 
