@@ -23,9 +23,9 @@ impl Progress {
             ProgressDrawTarget::hidden()
         });
         let template = if total_bytes.is_some() {
-            "{prefix} {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}"
+            "{prefix} {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
         } else {
-            "{prefix} {spinner} {bytes} {bytes_per_sec} {msg}"
+            "{prefix} {spinner} {bytes} {bytes_per_sec}"
         };
         bar.set_style(ProgressStyle::with_template(template).expect("valid template"));
         bar.set_prefix(verb.to_string());
@@ -35,16 +35,8 @@ impl Progress {
         Progress { bar }
     }
 
-    pub fn hidden() -> Self {
-        Progress::new(false, None, "")
-    }
-
     pub fn add_bytes(&self, n: u64) {
         self.bar.inc(n);
-    }
-
-    pub fn message(&self, msg: String) {
-        self.bar.set_message(msg);
     }
 
     pub fn finish(&self) {

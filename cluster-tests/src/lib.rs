@@ -11,7 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use hashgrid::backup::{BackupOptions, ParentChoice};
+use hashgrid::restore::{restore, RestoreOptions, RestoreSummary};
+use hashgrid::treediff::{diff_trees, Compare};
 use hashgrid::{ConnectOptions, Connection};
+use hashgrid_proto::SnapshotId;
 
 /// Directory holding `hashgrid-node` and `hashgrid`.
 pub fn bin_dir() -> PathBuf {
@@ -215,4 +219,53 @@ pub fn runtime() -> tokio::runtime::Runtime {
 pub fn allocated_bytes(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).expect("stat").blocks() * 512
+}
+
+/// Backup options for tests: the parent is the latest snapshot, no progress display.
+pub fn backup_opts(paths: &[&Path], image: bool, client: &str, dataset: &str) -> BackupOptions {
+    BackupOptions {
+        paths: paths.iter().map(|p| p.to_path_buf()).collect(),
+        image,
+        client: client.into(),
+        dataset: dataset.into(),
+        tags: vec![],
+        parent: ParentChoice::Latest,
+        hostname: "test-host".into(),
+        zstd_level: hashgrid_proto::codec::DEFAULT_ZSTD_LEVEL,
+        progress: false,
+    }
+}
+
+/// Restores snapshot `id` (all of it) into `target`.
+pub async fn restore_all(conn: &Connection, id: SnapshotId, target: &Path) -> RestoreSummary {
+    let snap = hashgrid::catalog::get(conn, id).await.expect("snapshot");
+    restore(
+        conn,
+        &snap,
+        &RestoreOptions {
+            target: target.to_path_buf(),
+            paths: vec![],
+            progress: false,
+        },
+    )
+    .await
+    .expect("restore")
+}
+
+/// Where a backed-up source directory lands inside a restore target (file-level snapshots
+/// keep absolute paths).
+pub fn restored(target: &Path, src: &Path) -> PathBuf {
+    target.join(src.strip_prefix("/").expect("absolute source"))
+}
+
+/// Asserts that two trees are identical in content and metadata.
+pub fn assert_same_tree(expected: &Path, actual: &Path) {
+    let diffs = diff_trees(expected, actual, Compare::ALL).expect("compare trees");
+    assert!(
+        diffs.is_empty(),
+        "{} differs from {}:\n{}",
+        actual.display(),
+        expected.display(),
+        diffs.join("\n")
+    );
 }

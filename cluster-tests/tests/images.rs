@@ -6,39 +6,12 @@ use std::path::Path;
 use std::process::Command;
 
 use hashgrid::backup::{backup, BackupOptions, ParentChoice};
-use hashgrid::restore::{restore, RestoreOptions};
 use hashgrid::treediff::{diff_trees, Compare};
-use hashgrid::Connection;
-use hashgrid_cluster_tests::{allocated_bytes, data, runtime, Node};
+use hashgrid_cluster_tests::{allocated_bytes, backup_opts, data, restore_all, runtime, Node};
 use hashgrid_proto::pb::StatsRequest;
 
 fn image_opts(path: &Path, client: &str) -> BackupOptions {
-    BackupOptions {
-        paths: vec![path.to_path_buf()],
-        image: true,
-        client: client.into(),
-        dataset: "disk".into(),
-        tags: vec![],
-        parent: ParentChoice::Latest,
-        hostname: "proxy".into(),
-        zstd_level: 3,
-        progress: false,
-    }
-}
-
-async fn restore_latest(conn: &Connection, id: hashgrid_proto::SnapshotId, target: &Path) {
-    let snap = hashgrid::catalog::get(conn, id).await.unwrap();
-    restore(
-        conn,
-        &snap,
-        &RestoreOptions {
-            target: target.to_path_buf(),
-            paths: vec![],
-            progress: false,
-        },
-    )
-    .await
-    .unwrap();
+    backup_opts(&[path], true, client, "disk")
 }
 
 fn same_bytes(a: &Path, b: &Path) {
@@ -76,7 +49,7 @@ fn sparse_8gib_image_restores_identical_and_sparse() {
             s.stats.sent_bytes,
             data_bytes
         );
-        restore_latest(&conn, s.snapshot, &target).await;
+        restore_all(&conn, s.snapshot, &target).await;
     });
     let out = target.join("disk.raw");
     let diffs = diff_trees(img.parent().unwrap(), &target, Compare::ALL).unwrap();
@@ -173,7 +146,7 @@ fn clones_of_one_template_store_only_their_differences() {
             first.stats
         );
         let target = tmp.path().join("restore-b");
-        restore_latest(&conn, second.snapshot, &target).await;
+        restore_all(&conn, second.snapshot, &target).await;
         same_bytes(&b, &target.join("vm.raw"));
     });
 }

@@ -1,24 +1,14 @@
 //! Node restarts lose nothing: a snapshot acknowledged before kill -9 restores after, and a
 //! backup interrupted by a crash completes on the next run without re-sending what landed.
 
-use hashgrid::backup::{backup, BackupOptions, ParentChoice};
-use hashgrid::restore::{restore, RestoreOptions};
-use hashgrid::treediff::{diff_trees, Compare};
-use hashgrid_cluster_tests::{data, runtime, Node};
+use hashgrid::backup::{backup, BackupOptions};
+use hashgrid_cluster_tests::{
+    assert_same_tree, backup_opts, data, restore_all, restored, runtime, Node,
+};
 use hashgrid_proto::pb::StatsRequest;
 
 fn opts(src: &std::path::Path) -> BackupOptions {
-    BackupOptions {
-        paths: vec![src.to_path_buf()],
-        image: false,
-        client: "db01".into(),
-        dataset: "files".into(),
-        tags: vec![],
-        parent: ParentChoice::Latest,
-        hostname: "db01".into(),
-        zstd_level: 3,
-        progress: false,
-    }
+    backup_opts(&[src], false, "db01", "files")
 }
 
 #[test]
@@ -36,26 +26,9 @@ fn kill_9_between_backup_and_restore_loses_nothing() {
     node.restart();
     rt.block_on(async {
         let conn = node.connect().await;
-        let snap = hashgrid::catalog::get(&conn, first.snapshot).await.unwrap();
         let target = tmp.path().join("restore");
-        restore(
-            &conn,
-            &snap,
-            &RestoreOptions {
-                target: target.clone(),
-                paths: vec![],
-                progress: false,
-            },
-        )
-        .await
-        .unwrap();
-        let diffs = diff_trees(
-            &src,
-            &target.join(src.strip_prefix("/").unwrap()),
-            Compare::ALL,
-        )
-        .unwrap();
-        assert!(diffs.is_empty(), "{diffs:?}");
+        restore_all(&conn, first.snapshot, &target).await;
+        assert_same_tree(&src, &restored(&target, &src));
         // The catalog and the store agree after the crash: an unchanged backup reads and
         // sends no file (only tree objects of ancestors whose mtime moved may be new).
         let again = backup(&conn, &opts(&src)).await.unwrap();
@@ -148,25 +121,8 @@ fn backup_interrupted_by_a_crash_resumes_without_resending() {
             total,
             landed.stored_bytes
         );
-        let snap = hashgrid::catalog::get(&conn, done.snapshot).await.unwrap();
         let target = tmp.path().join("restore");
-        restore(
-            &conn,
-            &snap,
-            &RestoreOptions {
-                target: target.clone(),
-                paths: vec![],
-                progress: false,
-            },
-        )
-        .await
-        .unwrap();
-        let diffs = diff_trees(
-            &src,
-            &target.join(src.strip_prefix("/").unwrap()),
-            Compare::ALL,
-        )
-        .unwrap();
-        assert!(diffs.is_empty(), "{diffs:?}");
+        restore_all(&conn, done.snapshot, &target).await;
+        assert_same_tree(&src, &restored(&target, &src));
     });
 }

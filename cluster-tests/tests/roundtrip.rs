@@ -4,28 +4,20 @@
 use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use hashgrid::backup::{backup, BackupOptions, BackupSummary, ParentChoice};
+use hashgrid::backup::{backup, BackupOptions, BackupSummary};
 use hashgrid::restore::{restore, RestoreOptions};
 use hashgrid::treediff::{diff_trees, Compare};
 use hashgrid::Connection;
-use hashgrid_cluster_tests::{allocated_bytes, data, runtime, Node};
+use hashgrid_cluster_tests::{
+    allocated_bytes, assert_same_tree, backup_opts, data, restore_all, restored, runtime, Node,
+};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
-pub fn files_opts(paths: &[&Path], dataset: &str) -> BackupOptions {
-    BackupOptions {
-        paths: paths.iter().map(|p| p.to_path_buf()).collect(),
-        image: false,
-        client: "test-client".into(),
-        dataset: dataset.into(),
-        tags: vec![],
-        parent: ParentChoice::Latest,
-        hostname: "test-host".into(),
-        zstd_level: 3,
-        progress: false,
-    }
+fn files_opts(paths: &[&Path], dataset: &str) -> BackupOptions {
+    backup_opts(paths, false, "test-client", dataset)
 }
 
 async fn backup_and_restore(
@@ -37,26 +29,8 @@ async fn backup_and_restore(
     let summary = backup(conn, &files_opts(&[src], dataset))
         .await
         .expect("backup");
-    let snap = hashgrid::catalog::get(conn, summary.snapshot)
-        .await
-        .expect("snapshot");
-    restore(
-        conn,
-        &snap,
-        &RestoreOptions {
-            target: target.to_path_buf(),
-            paths: vec![],
-            progress: false,
-        },
-    )
-    .await
-    .expect("restore");
+    restore_all(conn, summary.snapshot, target).await;
     summary
-}
-
-/// Where a source directory lands inside a restore target (its absolute path below it).
-fn restored(target: &Path, src: &Path) -> PathBuf {
-    target.join(src.strip_prefix("/").unwrap())
 }
 
 #[test]
@@ -70,8 +44,7 @@ fn every_kind_of_entry_restores_identical() {
         let conn = node.connect().await;
         let s = backup_and_restore(&conn, &src, &target, "edge").await;
         assert!(s.warnings.is_empty(), "{:?}", s.warnings);
-        let diffs = diff_trees(&src, &restored(&target, &src), Compare::ALL).unwrap();
-        assert!(diffs.is_empty(), "differences:\n{}", diffs.join("\n"));
+        assert_same_tree(&src, &restored(&target, &src));
 
         // Sparse files come back sparse; zeros written as data take no space either.
         let (a, b) = (
@@ -117,8 +90,7 @@ fn restore_of_chosen_paths_writes_only_those() {
         .await
         .unwrap();
         let out = restored(&target, &src);
-        let diffs = diff_trees(&inside, &out.join("dir/deeper"), Compare::ALL).unwrap();
-        assert!(diffs.is_empty(), "{diffs:?}");
+        assert_same_tree(&inside, &out.join("dir/deeper"));
         assert_eq!(std::fs::read(out.join("small.txt")).unwrap(), b"hello\n");
         assert!(!out.join("dir/random.bin").exists());
         assert!(!out.join("empty").exists());
@@ -316,20 +288,8 @@ fn backups_after_changes_restore_the_new_state() {
 
         for snap in [second.snapshot, third.snapshot] {
             let target = tmp.path().join(format!("restore-{snap}"));
-            let record = hashgrid::catalog::get(&conn, snap).await.unwrap();
-            restore(
-                &conn,
-                &record,
-                &RestoreOptions {
-                    target: target.clone(),
-                    paths: vec![],
-                    progress: false,
-                },
-            )
-            .await
-            .unwrap();
-            let diffs = diff_trees(&src, &restored(&target, &src), Compare::ALL).unwrap();
-            assert!(diffs.is_empty(), "snapshot {snap}:\n{}", diffs.join("\n"));
+            restore_all(&conn, snap, &target).await;
+            assert_same_tree(&src, &restored(&target, &src));
         }
     });
 }

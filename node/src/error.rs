@@ -48,6 +48,9 @@ impl NodeError {
 impl From<NodeError> for Status {
     fn from(e: NodeError) -> Status {
         let msg = e.to_string();
+        if e.is_retryable() {
+            return Status::unavailable(msg);
+        }
         match &e {
             NodeError::NotReady | NodeError::Raft(_) => Status::unavailable(msg),
             NodeError::StaleEpoch { .. } | NodeError::Precondition(_) => {

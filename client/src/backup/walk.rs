@@ -37,8 +37,8 @@ const SMALL_GROUP_BYTES: u64 = 4 << 20;
 /// each is identical to the parent's.
 type Placed = Vec<(usize, Option<Entry>, bool)>;
 
-/// A changed small file waiting to be read with others.
-struct SmallFile {
+/// A changed file waiting to be read.
+struct ChangedFile {
     index: usize,
     path: PathBuf,
     name: Vec<u8>,
@@ -160,7 +160,7 @@ impl Walker {
             // Changed small files are read in groups, one blocking task per group: for
             // trees of many small files the hand-off per task costs more than the reading.
             let mut tasks: Vec<BoxFuture<'static, Result<Placed>>> = Vec::new();
-            let mut group: Vec<SmallFile> = Vec::new();
+            let mut group: Vec<ChangedFile> = Vec::new();
             let mut group_bytes = 0u64;
             for (index, (name, st)) in listing.into_iter().enumerate() {
                 while parent_entries.next_if(|p| p.name < name).is_some() {
@@ -175,18 +175,14 @@ impl Walker {
                         .is_some_and(|p| looks_unchanged(p, &st, &metadata_of(&st)));
                 if small_and_changed {
                     group_bytes += st.len();
-                    group.push(SmallFile {
+                    group.push(ChangedFile {
                         index,
                         path: child_path,
                         name,
                         st,
                     });
                     if group.len() >= SMALL_GROUP_FILES || group_bytes >= SMALL_GROUP_BYTES {
-                        tasks.push(
-                            self.clone()
-                                .read_small_files(std::mem::take(&mut group))
-                                .boxed(),
-                        );
+                        tasks.push(self.clone().read_files(std::mem::take(&mut group)).boxed());
                         group_bytes = 0;
                     }
                     continue;
@@ -207,7 +203,7 @@ impl Walker {
                 );
             }
             if !group.is_empty() {
-                tasks.push(self.clone().read_small_files(group).boxed());
+                tasks.push(self.clone().read_files(group).boxed());
             }
             let mut slots: Vec<Option<Entry>> = vec![None; count];
             let mut done = futures::stream::iter(tasks).buffer_unordered(DIR_WIDTH);
@@ -293,8 +289,18 @@ impl Walker {
                 };
                 return Ok((Some(entry), reused.same));
             }
-            let read = self.read_file(&path).await;
-            return Ok((self.file_entry(name, &st, meta, read)?, false));
+            let file = ChangedFile {
+                index: 0,
+                path,
+                name,
+                st,
+            };
+            let entry = self
+                .read_files(vec![file])
+                .await?
+                .pop()
+                .and_then(|(_, e, _)| e);
+            return Ok((entry, false));
         } else if ft.is_symlink() {
             match std::fs::read_link(&path) {
                 Ok(target) => {
@@ -324,8 +330,8 @@ impl Walker {
         Ok((Some(entry), same))
     }
 
-    /// Reads a group of small changed files on one blocking thread.
-    async fn read_small_files(self: Arc<Self>, files: Vec<SmallFile>) -> Result<Placed> {
+    /// Reads changed files (one large one, or a group of small ones) on one blocking thread.
+    async fn read_files(self: Arc<Self>, files: Vec<ChangedFile>) -> Result<Placed> {
         let _permit = self
             .files
             .acquire()
@@ -382,22 +388,6 @@ impl Walker {
             meta,
             kind: EntryKind::File { content, link_key },
         }))
-    }
-
-    /// Reads a changed file: its content, size and data chunk count.
-    async fn read_file(self: &Arc<Self>, path: &Path) -> Result<(Content, u64, u64)> {
-        let _permit = self
-            .files
-            .acquire()
-            .await
-            .map_err(|_| ClientError::Internal("file limiter closed".into()))?;
-        let walker = self.clone();
-        let path = path.to_path_buf();
-        let read = tokio::task::spawn_blocking(move || {
-            read_content(&path, &walker.chunker, &walker.uploader, &walker.progress)
-        })
-        .await??;
-        Ok((read.content, read.size, read.chunks))
     }
 }
 

@@ -382,12 +382,13 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
             );
         }
         outln!(
-            "  restored snapshot {:>3} ({} {}) in {:.2}s: {} files, identical to the source",
+            "  restored snapshot {:>3} ({} {}) in {:.2}s: {} file{}, identical to the source",
             snap.id,
             client,
             dataset,
             started.elapsed().as_secs_f64(),
-            r.files
+            r.files,
+            if r.files == 1 { "" } else { "s" }
         );
     }
 
