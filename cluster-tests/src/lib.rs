@@ -269,3 +269,13 @@ pub fn assert_same_tree(expected: &Path, actual: &Path) {
         diffs.join("\n")
     );
 }
+
+/// The cluster's statistics (chunks, bytes, snapshots).
+pub async fn cluster_stats(conn: &Connection) -> hashgrid_proto::pb::StatsResponse {
+    conn.admin
+        .clone()
+        .stats(hashgrid_proto::pb::StatsRequest {})
+        .await
+        .expect("stats")
+        .into_inner()
+}

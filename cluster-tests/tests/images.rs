@@ -7,8 +7,9 @@ use std::process::Command;
 
 use hashgrid::backup::{backup, BackupOptions, ParentChoice};
 use hashgrid::treediff::{diff_trees, Compare};
-use hashgrid_cluster_tests::{allocated_bytes, backup_opts, data, restore_all, runtime, Node};
-use hashgrid_proto::pb::StatsRequest;
+use hashgrid_cluster_tests::{
+    allocated_bytes, backup_opts, cluster_stats, data, restore_all, runtime, Node,
+};
 
 fn image_opts(path: &Path, client: &str) -> BackupOptions {
     backup_opts(&[path], true, client, "disk")
@@ -164,13 +165,7 @@ fn backing_up_the_same_data_again_stores_no_new_chunk() {
         let conn = node.connect().await;
         let first = backup(&conn, &opts).await.unwrap();
         assert!(first.stats.new_chunks > 0);
-        let before = conn
-            .admin
-            .clone()
-            .stats(StatsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let before = cluster_stats(&conn).await;
         // With the parent (nothing re-read) and without it (everything re-read and hashed):
         // either way the cluster already has every chunk.
         // The source's ancestors (/, /tmp, ...) are recorded too, and other tests change
@@ -200,13 +195,7 @@ fn backing_up_the_same_data_again_stores_no_new_chunk() {
                 assert_eq!(again.stats.reused_files, 0);
             }
         }
-        let after = conn
-            .admin
-            .clone()
-            .stats(StatsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let after = cluster_stats(&conn).await;
         assert!(after.chunks <= before.chunks + 2 * ancestors);
         assert!(after.stored_bytes < before.stored_bytes + 8192);
         assert_eq!(after.snapshots, 3);

@@ -3,9 +3,8 @@
 
 use hashgrid::backup::{backup, BackupOptions};
 use hashgrid_cluster_tests::{
-    assert_same_tree, backup_opts, data, restore_all, restored, runtime, Node,
+    assert_same_tree, backup_opts, cluster_stats, data, restore_all, restored, runtime, Node,
 };
-use hashgrid_proto::pb::StatsRequest;
 
 fn opts(src: &std::path::Path) -> BackupOptions {
     backup_opts(&[src], false, "db01", "files")
@@ -46,13 +45,7 @@ fn kill_9_between_backup_and_restore_loses_nothing() {
     node.restart();
     rt.block_on(async {
         let conn = node.connect().await;
-        let stats = conn
-            .admin
-            .clone()
-            .stats(StatsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let stats = cluster_stats(&conn).await;
         assert_eq!(stats.snapshots, 2);
     });
 }
@@ -81,13 +74,7 @@ fn backup_interrupted_by_a_crash_resumes_without_resending() {
     loop {
         let stored = rt.block_on(async {
             let conn = node.connect().await;
-            conn.admin
-                .clone()
-                .stats(StatsRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .stored_bytes
+            cluster_stats(&conn).await.stored_bytes
         });
         if stored > 20 << 20 {
             break;
@@ -104,13 +91,7 @@ fn backup_interrupted_by_a_crash_resumes_without_resending() {
     node.restart();
     rt.block_on(async {
         let conn = node.connect().await;
-        let landed = conn
-            .admin
-            .clone()
-            .stats(StatsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let landed = cluster_stats(&conn).await;
         assert_eq!(landed.snapshots, 0, "nothing was committed");
         let done = backup(&conn, &opts(&src)).await.unwrap();
         let total = 40 * (3u64 << 20);

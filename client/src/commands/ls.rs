@@ -6,7 +6,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use hashgrid_proto::manifest::{Entry, EntryKind, Tree};
 
-use super::{format_time, outln, Global};
+use super::{format_time, outln, Global, SnapshotFilter};
 use crate::catalog::resolve;
 use crate::error::ClientError;
 use crate::objects::ObjectReader;
@@ -20,10 +20,8 @@ pub struct Args {
     /// Long format: type and mode, owner, size, mtime.
     #[arg(short, long)]
     pub long: bool,
-    #[arg(long, default_value = "")]
-    pub client: String,
-    #[arg(long, default_value = "")]
-    pub dataset: String,
+    #[command(flatten)]
+    pub filter: SnapshotFilter,
 }
 
 fn type_char(k: &EntryKind) -> char {
@@ -80,7 +78,13 @@ fn print_entry(path: &[u8], e: &Entry, long: bool, json: bool) {
 
 pub async fn run(global: &Global, args: &Args) -> anyhow::Result<()> {
     let conn = global.connect().await?;
-    let snapshot = resolve(&conn, &args.snapshot, &args.client, &args.dataset).await?;
+    let snapshot = resolve(
+        &conn,
+        &args.snapshot,
+        &args.filter.client,
+        &args.filter.dataset,
+    )
+    .await?;
     let reader = ObjectReader::new(conn);
     let mut tree = reader.load_tree(&snapshot.root).await?;
     let mut prefix = Vec::new();

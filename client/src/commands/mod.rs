@@ -62,6 +62,17 @@ impl Global {
     }
 }
 
+/// Which snapshots a command looks at; for a SNAPSHOT argument of `latest`, whose latest.
+#[derive(Debug, clap::Args)]
+pub struct SnapshotFilter {
+    /// Only this client's snapshots [default: any].
+    #[arg(long, default_value = "")]
+    pub client: String,
+    /// Only this dataset's snapshots [default: any].
+    #[arg(long, default_value = "")]
+    pub dataset: String,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Back up files and directories, or a disk image with --image.

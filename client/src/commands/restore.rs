@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use indicatif::HumanBytes;
 
-use super::{outln, print_json, Global};
+use super::{outln, print_json, Global, SnapshotFilter};
 use crate::catalog::resolve;
 use crate::restore::{restore, RestoreOptions};
 
@@ -17,17 +17,19 @@ pub struct Args {
     /// Directory to restore into (created if missing); files keep their snapshot paths.
     #[arg(long)]
     pub target: PathBuf,
-    /// Client whose latest snapshot `latest` means [default: any].
-    #[arg(long, default_value = "")]
-    pub client: String,
-    /// Dataset whose latest snapshot `latest` means [default: any].
-    #[arg(long, default_value = "")]
-    pub dataset: String,
+    #[command(flatten)]
+    pub filter: SnapshotFilter,
 }
 
 pub async fn run(global: &Global, args: &Args) -> anyhow::Result<()> {
     let conn = global.connect().await?;
-    let snapshot = resolve(&conn, &args.snapshot, &args.client, &args.dataset).await?;
+    let snapshot = resolve(
+        &conn,
+        &args.snapshot,
+        &args.filter.client,
+        &args.filter.dataset,
+    )
+    .await?;
     let started = std::time::Instant::now();
     let summary = restore(
         &conn,

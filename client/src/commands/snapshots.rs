@@ -3,22 +3,18 @@
 use hashgrid_proto::snapshot::SnapshotKind;
 use indicatif::HumanBytes;
 
-use super::{format_time, outln, print_json, Global};
+use super::{format_time, outln, print_json, Global, SnapshotFilter};
 use crate::catalog::list;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Only this client's snapshots.
-    #[arg(long, default_value = "")]
-    pub client: String,
-    /// Only this dataset's snapshots.
-    #[arg(long, default_value = "")]
-    pub dataset: String,
+    #[command(flatten)]
+    pub filter: SnapshotFilter,
 }
 
 pub async fn run(global: &Global, args: &Args) -> anyhow::Result<()> {
     let conn = global.connect().await?;
-    let snaps = list(&conn, &args.client, &args.dataset).await?;
+    let snaps = list(&conn, &args.filter.client, &args.filter.dataset).await?;
     if global.json {
         let rows: Vec<_> = snaps
             .iter()
