@@ -7,7 +7,6 @@ use futures::FutureExt;
 use hashgrid_proto::manifest::{Entry, EntryKind, Tree};
 
 use super::{format_time, outln, Global, SnapshotFilter};
-use crate::catalog::resolve;
 use crate::error::ClientError;
 use crate::objects::ObjectReader;
 
@@ -78,13 +77,7 @@ fn print_entry(path: &[u8], e: &Entry, long: bool, json: bool) {
 
 pub async fn run(global: &Global, args: &Args) -> anyhow::Result<()> {
     let conn = global.connect().await?;
-    let snapshot = resolve(
-        &conn,
-        &args.snapshot,
-        &args.filter.client,
-        &args.filter.dataset,
-    )
-    .await?;
+    let snapshot = args.filter.resolve(&conn, &args.snapshot).await?;
     let reader = ObjectReader::new(conn);
     let mut tree = reader.load_tree(&snapshot.root).await?;
     let mut prefix = Vec::new();

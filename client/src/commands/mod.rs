@@ -73,6 +73,17 @@ pub struct SnapshotFilter {
     pub dataset: String,
 }
 
+impl SnapshotFilter {
+    /// The snapshot a SNAPSHOT argument names: a numeric id, or `latest` within this filter.
+    pub async fn resolve(
+        &self,
+        conn: &Connection,
+        snapshot: &str,
+    ) -> anyhow::Result<hashgrid_proto::snapshot::SnapshotRecord> {
+        Ok(crate::catalog::resolve(conn, snapshot, &self.client, &self.dataset).await?)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Back up files and directories, or a disk image with --image.

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use indicatif::HumanBytes;
 
 use super::{outln, print_json, Global, SnapshotFilter};
-use crate::catalog::resolve;
 use crate::restore::{restore, RestoreOptions};
 
 #[derive(Debug, clap::Args)]
@@ -23,13 +22,7 @@ pub struct Args {
 
 pub async fn run(global: &Global, args: &Args) -> anyhow::Result<()> {
     let conn = global.connect().await?;
-    let snapshot = resolve(
-        &conn,
-        &args.snapshot,
-        &args.filter.client,
-        &args.filter.dataset,
-    )
-    .await?;
+    let snapshot = args.filter.resolve(&conn, &args.snapshot).await?;
     let started = std::time::Instant::now();
     let summary = restore(
         &conn,
