@@ -11,15 +11,18 @@ use thiserror::Error;
 pub enum ClientError {
     #[error("{0}")]
     Config(String),
-    #[error("{context}: {status}")]
+    /// Printed as the node's message and the code's name, without tonic's metadata dump.
+    #[error("{context}: {} ({:?})", .status.message(), .status.code())]
     Rpc {
         context: String,
         status: Box<tonic::Status>,
     },
-    #[error("{path}: {source}")]
+    /// The cause is part of the message rather than a `source`, so a printed error chain
+    /// does not repeat it.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(transparent)]
     Decode(#[from] DecodeError),
@@ -43,10 +46,10 @@ impl ClientError {
         }
     }
 
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         ClientError::Io {
             path: path.into(),
-            source,
+            error,
         }
     }
 }

@@ -279,3 +279,46 @@ pub async fn cluster_stats(conn: &Connection) -> hashgrid_proto::pb::StatsRespon
         .expect("stats")
         .into_inner()
 }
+
+/// A size-limited tmpfs mounted for a test (a disk that fills up), unmounted on drop.
+pub struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts `size_mib` MiB at `path` (created if missing). `None` when not root: mounting
+    /// needs it, and the caller says the test was skipped.
+    pub fn mount(path: &Path, size_mib: u64) -> Option<Tmpfs> {
+        if !rustix::process::geteuid().is_root() {
+            return None;
+        }
+        std::fs::create_dir_all(path).expect("mount point");
+        run_mount(
+            &["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"],
+            path,
+        );
+        Some(Tmpfs {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Grows (or shrinks) the filesystem in place, as an operator adding capacity would.
+    pub fn resize(&self, size_mib: u64) {
+        run_mount(&["-o", &format!("remount,size={size_mib}m")], &self.path);
+    }
+}
+
+fn run_mount(args: &[&str], path: &Path) {
+    let status = Command::new("mount")
+        .args(args)
+        .arg(path)
+        .status()
+        .expect("run mount");
+    assert!(status.success(), "mount {args:?} {} failed", path.display());
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}

@@ -55,10 +55,30 @@ pub enum StoreError {
     CorruptMeta { id: ChunkId },
     #[error("chunk store: pack files: {0}")]
     Pack(String),
+    #[error("chunk store: out of disk space ({0}); free space or add capacity, then retry")]
+    NoSpace(String),
 }
 
 fn rocks(op: &'static str) -> impl FnOnce(rocksdb::Error) -> StoreError {
-    move |source| StoreError::Rocks { op, source }
+    move |source| {
+        // RocksDB reports a full disk only in its message text.
+        if source.to_string().contains("No space left on device") {
+            return StoreError::NoSpace(format!("{op}: {source}"));
+        }
+        StoreError::Rocks { op, source }
+    }
+}
+
+/// A pack file error, with a full disk (or quota) told apart so agents get
+/// `RESOURCE_EXHAUSTED` and the operator a warning rather than an internal error.
+fn pack_err(what: &str, e: std::io::Error) -> StoreError {
+    let full = e.kind() == std::io::ErrorKind::StorageFull
+        || e.kind() == std::io::ErrorKind::QuotaExceeded;
+    if full {
+        StoreError::NoSpace(format!("{what}: {e}"))
+    } else {
+        StoreError::Pack(format!("{what}: {e}"))
+    }
 }
 
 /// What a chunk's metadata record says.
@@ -219,9 +239,8 @@ impl ChunkStore {
             source,
         };
         let db = DB::open_cf_descriptors(&db_opts, path.join("meta"), cfs).map_err(open_err)?;
-        let packs = Arc::new(
-            PackFiles::open(&path.join("packs")).map_err(|e| StoreError::Pack(e.to_string()))?,
-        );
+        let packs =
+            Arc::new(PackFiles::open(&path.join("packs")).map_err(|e| pack_err("opening", e))?);
         let counters = db
             .get_cf(db.cf_handle(CF_STORE).expect("cf opened"), KEY_COUNTERS)
             .map_err(rocks("read counters"))?
@@ -297,7 +316,7 @@ impl ChunkStore {
                 let data = self
                     .packs
                     .read(meta.location)
-                    .map_err(|e| StoreError::Pack(format!("reading {:?}: {e}", meta.location)))?;
+                    .map_err(|e| pack_err(&format!("reading {:?}", meta.location), e))?;
                 Ok(Some(StoredChunk {
                     plain_len: meta.plain_len,
                     codec: meta.codec,
@@ -430,7 +449,12 @@ fn write_group(
             .collect();
         let locations = packs
             .append(&records)
-            .map_err(|e| StoreError::Pack(format!("appending chunks: {e}")))?;
+            .map_err(|e| pack_err("appending chunks", e))
+            .inspect_err(|e| {
+                if matches!(e, StoreError::NoSpace(_)) {
+                    tracing::warn!(error = %e, "chunk upload refused");
+                }
+            })?;
         let mut next = *counters.lock().unwrap_or_else(|p| p.into_inner());
         for (chunk, location) in new_chunks.iter().zip(locations) {
             let meta = ChunkMeta {

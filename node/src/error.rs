@@ -61,6 +61,7 @@ impl From<NodeError> for Status {
             }
             NodeError::NotFound(_) => Status::not_found(msg),
             NodeError::PermissionDenied(_) => Status::permission_denied(msg),
+            NodeError::Store(StoreError::NoSpace(_)) => Status::resource_exhausted(msg),
             NodeError::Store(_) | NodeError::Internal(_) => Status::internal(msg),
         }
     }

@@ -368,8 +368,8 @@ impl Walker {
     ) -> Result<Option<Entry>> {
         let (content, size, chunks) = match read {
             Ok(r) => r,
-            Err(ClientError::Io { path, source }) => {
-                self.warn(format!("skipped {}: {source}", path.display()));
+            Err(ClientError::Io { path, error }) => {
+                self.warn(format!("skipped {}: {error}", path.display()));
                 return Ok(None);
             }
             Err(e) => return Err(e),

@@ -143,10 +143,12 @@ pub async fn restore(
     })
     .await?;
     let (mut summary, matched, planned) = planned;
-    // The planner dropped its sender; the writer drains what was queued.
+    // The planner dropped its sender; the writer drains what was queued. A writer that failed
+    // (a full disk, say) stops the planner with a closed queue, so its error is the cause
+    // and is reported first.
     let written = writer.await?;
-    planned?;
     written?;
+    planned?;
     progress.finish();
     if let Some(e) = failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
         return Err(ClientError::Internal(e));
