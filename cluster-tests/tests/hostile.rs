@@ -6,7 +6,7 @@ use std::path::Path;
 use hashgrid::restore::{restore, RestoreOptions};
 use hashgrid::upload::Uploader;
 use hashgrid::Connection;
-use hashgrid_cluster_tests::{runtime, Node};
+use hashgrid_cluster_tests::{restore_all, runtime, Node};
 use hashgrid_proto::id::pack_ids;
 use hashgrid_proto::manifest::ObjectRef;
 use hashgrid_proto::pb::manifest as mpb;
@@ -151,17 +151,7 @@ fn hostile_manifests_cannot_write_outside_the_target() {
         std::os::unix::fs::symlink(&outside, target.join("evil")).unwrap();
         let root = upload_object(&conn, tree_bytes(vec![dir_entry(b"evil", &inner)])).await;
         let snap = commit(&conn, root).await;
-        restore(
-            &conn,
-            &snap,
-            &RestoreOptions {
-                target: target.clone(),
-                paths: vec![],
-                progress: false,
-            },
-        )
-        .await
-        .unwrap();
+        restore_all(&conn, snap.id, &target).await;
         assert!(target.join("evil").symlink_metadata().unwrap().is_dir());
         assert_eq!(std::fs::read(target.join("evil/pwned")).unwrap(), payload);
 
