@@ -28,6 +28,7 @@ pub async fn list(conn: &Connection, client: &str, dataset: &str) -> Result<Vec<
         .list_snapshots(ListSnapshotsRequest {
             client: client.to_string(),
             dataset: dataset.to_string(),
+            ..Default::default()
         })
         .await
         .map_err(|s| ClientError::rpc("listing snapshots", s))?

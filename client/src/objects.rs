@@ -8,8 +8,8 @@
 use bytes::{Bytes, BytesMut};
 use hashgrid_proto::codec::decode_verified;
 use hashgrid_proto::id::pack_ids;
-use hashgrid_proto::limits::{MAX_IDS_PER_REQUEST, MAX_OBJECT_BYTES};
-use hashgrid_proto::manifest::{ChunkListDecoder, Extent, ObjectRef, Tree};
+use hashgrid_proto::limits::{MAX_IDS_PER_REQUEST, MAX_TREE_BYTES};
+use hashgrid_proto::manifest::{decode_dir, ChunkListDecoder, DirObject, Extent, ObjectRef, Tree};
 use hashgrid_proto::pb::GetRequest;
 use hashgrid_proto::ChunkId;
 
@@ -127,13 +127,13 @@ impl ObjectReader {
         Ok(out)
     }
 
-    /// A whole manifest object.
+    /// A whole tree or tree-index object.
     pub async fn read_object(&self, r: &ObjectRef) -> Result<Vec<u8>> {
         let pieces = self.fetch(&r.0).await?;
         let total: u64 = pieces.iter().map(|p| p.len() as u64).sum();
-        if total > MAX_OBJECT_BYTES {
+        if total > MAX_TREE_BYTES {
             return Err(ClientError::Manifest(format!(
-                "manifest object of {total} bytes exceeds the {MAX_OBJECT_BYTES}-byte bound"
+                "manifest object of {total} bytes exceeds the {MAX_TREE_BYTES}-byte bound"
             )));
         }
         let mut out = Vec::with_capacity(total as usize);
@@ -143,9 +143,22 @@ impl ObjectReader {
         Ok(out)
     }
 
+    /// A directory's whole tree; a directory split over parts is loaded part by part and
+    /// joined.
     pub async fn load_tree(&self, r: &ObjectRef) -> Result<Tree> {
         let bytes = self.read_object(r).await?;
-        Ok(Tree::decode(&bytes)?)
+        match decode_dir(&bytes)? {
+            DirObject::Tree(t) => Ok(t),
+            DirObject::Index(index) => {
+                let mut tree = Tree::default();
+                for part in &index.parts {
+                    let t = Tree::decode(&self.read_object(&part.object).await?)?;
+                    part.check(&t)?;
+                    tree.entries.extend(t.entries);
+                }
+                Ok(tree)
+            }
+        }
     }
 
     /// Streams the extents of a chunk-list object.

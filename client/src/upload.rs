@@ -274,6 +274,7 @@ async fn compress(
                         plain_len: plain.len() as u32,
                         codec: pb::Codec::from(codec) as i32,
                         data,
+                        ..Default::default()
                     },
                     permit,
                 }

@@ -189,6 +189,7 @@ fn chunk(plain: &[u8]) -> pb::Chunk {
         plain_len: plain.len() as u32,
         codec: pb::Codec::Raw as i32,
         data: plain.to_vec().into(),
+        ..Default::default()
     }
 }
 

@@ -128,6 +128,7 @@ mod tests {
             hostname: "h".into(),
             paths: vec![],
             manifest_version: 1,
+            damage: None,
         }
     }
 

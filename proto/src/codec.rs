@@ -162,6 +162,7 @@ mod tests {
             plain_len: plain.len() as u32,
             codec: pb::Codec::from(codec) as i32,
             data,
+            ..Default::default()
         }
     }
 

@@ -20,8 +20,19 @@ pub const MAX_CHUNKS_PER_PUT: usize = 1024;
 /// Target size of one `Put` or `Get` message's chunk payload.
 pub const TARGET_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
-/// Largest manifest object (a tree or a chunk list) an agent or node will reassemble.
-pub const MAX_OBJECT_BYTES: u64 = 512 * 1024 * 1024;
+/// Largest tree or tree-index object an agent or node will reassemble and decode. Decoded, a
+/// tree takes about three times its encoded size, so this bounds what one directory object
+/// can cost a reader (~100 MB) whatever a snapshot says. Chunk lists are streamed and have
+/// no such bound.
+pub const MAX_TREE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// Size at which a backup splits a directory's tree over several part objects under a
+/// tree index (about 100,000 entries a part). Below [`MAX_TREE_BYTES`] with room to spare.
+pub const TREE_PART_BYTES: usize = 8 * 1024 * 1024;
+
+/// Most chunks in one object reference (a snapshot root, a subtree, a chunk list): a tree
+/// of `MAX_TREE_BYTES` cut into the smallest chunks any cluster may use needs fewer.
+pub const MAX_OBJECT_REF_IDS: usize = 1 << 16;
 
 /// Longest entry name (Linux NAME_MAX).
 pub const MAX_NAME_BYTES: usize = 255;
@@ -35,3 +46,16 @@ pub const MAX_XATTR_BYTES: usize = 1024 * 1024;
 
 /// Longest client, dataset or tag label.
 pub const MAX_LABEL_BYTES: usize = 128;
+
+/// Catalog record bounds: a snapshot record is replicated to every catalog member and kept
+/// forever, so none of its fields may grow without limit.
+pub const MAX_HOSTNAME_BYTES: usize = 255;
+pub const MAX_TAGS: usize = 64;
+pub const MAX_SOURCE_PATHS: usize = 1024;
+pub const MAX_SOURCE_PATH_BYTES: usize = 4096;
+/// Most chunk ids in a snapshot's root reference.
+pub const MAX_ROOT_IDS: usize = 4096;
+
+/// Snapshots per `ListSnapshots` page: the default and the most a caller may ask for.
+pub const DEFAULT_LIST_PAGE: u32 = 1000;
+pub const MAX_LIST_PAGE: u32 = 1000;

@@ -3,7 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::limits::MAX_LABEL_BYTES;
+use crate::limits::{
+    MAX_HOSTNAME_BYTES, MAX_LABEL_BYTES, MAX_ROOT_IDS, MAX_SOURCE_PATHS, MAX_SOURCE_PATH_BYTES,
+    MAX_TAGS,
+};
 use crate::manifest::ObjectRef;
 use crate::{pb, DecodeError, SnapshotId};
 
@@ -42,6 +45,25 @@ pub struct SnapshotRecord {
     pub hostname: String,
     pub paths: Vec<Vec<u8>>,
     pub manifest_version: u32,
+    /// Set by the catalog when a verify run found chunks this snapshot references bad or
+    /// missing. Catalog state, not part of the committed record: never stored with it.
+    #[serde(skip)]
+    pub damage: Option<SnapshotDamage>,
+}
+
+/// What verify found wrong with a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotDamage {
+    /// Referenced chunks with no good copy.
+    pub missing_chunks: u64,
+    /// Some of them, for the operator (at most [`SnapshotDamage::MAX_EXAMPLES`]).
+    pub examples: Vec<crate::ChunkId>,
+    /// When the verify run that found it started.
+    pub found_unix_ms: i64,
+}
+
+impl SnapshotDamage {
+    pub const MAX_EXAMPLES: usize = 16;
 }
 
 /// Client names, datasets and tags: printable, no spaces, at most 128 bytes, so they can be
@@ -116,6 +138,11 @@ impl From<&SnapshotRecord> for pb::Snapshot {
             hostname: s.hostname.clone(),
             paths: s.paths.clone(),
             manifest_version: s.manifest_version,
+            damage: s.damage.as_ref().map(|d| pb::SnapshotDamage {
+                missing_chunks: d.missing_chunks,
+                examples: d.examples.iter().map(|id| id.as_bytes().to_vec()).collect(),
+                found_unix_ms: d.found_unix_ms,
+            }),
         }
     }
 }
@@ -128,6 +155,41 @@ impl TryFrom<pb::Snapshot> for SnapshotRecord {
         for tag in &s.tags {
             validate_label("tag", tag)?;
         }
+        let too_large = |what: &'static str, size: usize, limit: usize| {
+            Err(DecodeError::TooLarge {
+                what,
+                size: size as u64,
+                limit: limit as u64,
+            })
+        };
+        if s.hostname.len() > MAX_HOSTNAME_BYTES {
+            return too_large("hostname", s.hostname.len(), MAX_HOSTNAME_BYTES);
+        }
+        if s.tags.len() > MAX_TAGS {
+            return too_large("tag list", s.tags.len(), MAX_TAGS);
+        }
+        if s.paths.len() > MAX_SOURCE_PATHS {
+            return too_large("source path list", s.paths.len(), MAX_SOURCE_PATHS);
+        }
+        if let Some(p) = s.paths.iter().find(|p| p.len() > MAX_SOURCE_PATH_BYTES) {
+            return too_large("source path", p.len(), MAX_SOURCE_PATH_BYTES);
+        }
+        if s.root.len() > MAX_ROOT_IDS {
+            return too_large("snapshot root reference", s.root.len(), MAX_ROOT_IDS);
+        }
+        let damage = match s.damage {
+            None => None,
+            Some(d) => Some(SnapshotDamage {
+                missing_chunks: d.missing_chunks,
+                examples: d
+                    .examples
+                    .iter()
+                    .take(SnapshotDamage::MAX_EXAMPLES)
+                    .map(|b| crate::ChunkId::from_slice(b))
+                    .collect::<Result<_, _>>()?,
+                found_unix_ms: d.found_unix_ms,
+            }),
+        };
         let kind = match pb::SnapshotKind::try_from(s.kind) {
             Ok(pb::SnapshotKind::Files) => SnapshotKind::Files,
             Ok(pb::SnapshotKind::Image) => SnapshotKind::Image,
@@ -151,6 +213,7 @@ impl TryFrom<pb::Snapshot> for SnapshotRecord {
             hostname: s.hostname,
             paths: s.paths,
             manifest_version: s.manifest_version,
+            damage,
         })
     }
 }
@@ -197,10 +260,48 @@ mod tests {
             hostname: "h".into(),
             paths: vec![b"/x".to_vec()],
             manifest_version: 1,
+            damage: Some(SnapshotDamage {
+                missing_chunks: 2,
+                examples: vec![ChunkId::of(b"m")],
+                found_unix_ms: 5,
+            }),
         };
         assert_eq!(
             SnapshotRecord::try_from(pb::Snapshot::from(&rec)).unwrap(),
             rec
         );
+    }
+}
+
+#[cfg(test)]
+mod bounds {
+    use super::*;
+
+    fn pb_record() -> pb::Snapshot {
+        pb::Snapshot {
+            client: "c".into(),
+            dataset: "d".into(),
+            root: vec![vec![7; 32]],
+            manifest_version: 1,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn oversized_fields_are_refused() {
+        SnapshotRecord::try_from(pb_record()).unwrap();
+        let cases: Vec<Box<dyn Fn(&mut pb::Snapshot)>> = vec![
+            Box::new(|s| s.hostname = "h".repeat(MAX_HOSTNAME_BYTES + 1)),
+            Box::new(|s| s.tags = vec!["t".into(); MAX_TAGS + 1]),
+            Box::new(|s| s.paths = vec![b"/p".to_vec(); MAX_SOURCE_PATHS + 1]),
+            Box::new(|s| s.paths = vec![vec![b'a'; MAX_SOURCE_PATH_BYTES + 1]]),
+            Box::new(|s| s.root = vec![vec![7; 32]; MAX_ROOT_IDS + 1]),
+            Box::new(|s| s.root = vec![]),
+        ];
+        for (i, tweak) in cases.iter().enumerate() {
+            let mut s = pb_record();
+            tweak(&mut s);
+            assert!(SnapshotRecord::try_from(s).is_err(), "case {i}");
+        }
     }
 }

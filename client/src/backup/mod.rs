@@ -168,6 +168,7 @@ pub async fn backup(conn: &Connection, opts: &BackupOptions) -> Result<BackupSum
             .map(|p| p.as_os_str().as_encoded_bytes().to_vec())
             .collect(),
         manifest_version: u32::from(FORMAT_VERSION),
+        damage: None,
     };
     let mut client = conn.catalog.clone();
     let id = client

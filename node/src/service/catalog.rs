@@ -102,7 +102,10 @@ impl Catalog for CatalogService {
             .filter(|s| Self::may_read(&who, &s.client))
             .map(Snapshot::from)
             .collect();
-        Ok(Response::new(ListSnapshotsResponse { snapshots }))
+        Ok(Response::new(ListSnapshotsResponse {
+            snapshots,
+            next_cursor: 0,
+        }))
     }
 
     async fn get_snapshot(

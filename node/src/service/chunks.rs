@@ -142,6 +142,7 @@ async fn stream_chunks(
                 plain_len: c.plain_len,
                 codec: c.codec,
                 data: c.data.into(),
+                ..Default::default()
             });
             if pending_bytes >= TARGET_BATCH_BYTES {
                 metrics::counter!(m::GET_CHUNKS).increment(pending.chunks.len() as u64);

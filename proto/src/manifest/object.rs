@@ -11,6 +11,8 @@ pub(crate) const HEADER_LEN: usize = 5;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ObjectKind {
     Tree,
+    /// The part list of a directory split over several tree objects.
+    TreeIndex,
     ChunkList,
 }
 
@@ -18,8 +20,31 @@ impl ObjectKind {
     fn byte(self) -> u8 {
         match self {
             ObjectKind::Tree => b'T',
+            ObjectKind::TreeIndex => b'I',
             ObjectKind::ChunkList => b'L',
         }
+    }
+
+    /// The kind named by an object's header, checking magic and version.
+    pub fn of(bytes: &[u8]) -> Result<ObjectKind, DecodeError> {
+        if bytes.len() < HEADER_LEN || &bytes[..3] != MAGIC {
+            return Err(DecodeError::BadMagic);
+        }
+        let kind = match bytes[3] {
+            b'T' => ObjectKind::Tree,
+            b'I' => ObjectKind::TreeIndex,
+            b'L' => ObjectKind::ChunkList,
+            other => {
+                return Err(DecodeError::invalid(
+                    "manifest object",
+                    format!("unknown kind byte {other:#04x}"),
+                ))
+            }
+        };
+        if bytes[4] != FORMAT_VERSION {
+            return Err(DecodeError::UnsupportedVersion(bytes[4]));
+        }
+        Ok(kind)
     }
 
     pub(crate) fn header(self) -> [u8; HEADER_LEN] {

@@ -8,7 +8,7 @@ use super::content::Content;
 use super::name::validate_name;
 use super::object::ObjectKind;
 use super::ObjectRef;
-use crate::limits::{MAX_OBJECT_BYTES, MAX_SYMLINK_BYTES, MAX_XATTRS, MAX_XATTR_BYTES};
+use crate::limits::{MAX_SYMLINK_BYTES, MAX_TREE_BYTES, MAX_XATTRS, MAX_XATTR_BYTES};
 use crate::pb::manifest as mpb;
 use crate::DecodeError;
 
@@ -96,11 +96,11 @@ impl Tree {
 
     /// Decodes and validates a whole tree object.
     pub fn decode(bytes: &[u8]) -> Result<Tree, DecodeError> {
-        if bytes.len() as u64 > MAX_OBJECT_BYTES {
+        if bytes.len() as u64 > MAX_TREE_BYTES {
             return Err(DecodeError::TooLarge {
                 what: "tree object",
                 size: bytes.len() as u64,
-                limit: MAX_OBJECT_BYTES,
+                limit: MAX_TREE_BYTES,
             });
         }
         let body = ObjectKind::Tree.strip(bytes)?;
@@ -120,6 +120,27 @@ impl Tree {
         Ok(Tree { entries })
     }
 
+    /// Splits a sorted tree into parts whose encodings stay under `part_bytes` each (every
+    /// part holds at least one entry), keeping name order. A tree that fits is one part.
+    pub fn split(self, part_bytes: usize) -> Vec<Tree> {
+        let mut parts = Vec::new();
+        let mut current = Tree::default();
+        let mut size = 0usize;
+        for entry in self.entries {
+            let len = entry.encoded_len();
+            if !current.entries.is_empty() && size + len > part_bytes {
+                parts.push(std::mem::take(&mut current));
+                size = 0;
+            }
+            size += len;
+            current.entries.push(entry);
+        }
+        if !current.entries.is_empty() || parts.is_empty() {
+            parts.push(current);
+        }
+        parts
+    }
+
     /// The entry called `name`, by binary search over the sorted entries.
     pub fn get(&self, name: &[u8]) -> Option<&Entry> {
         self.entries
@@ -130,6 +151,11 @@ impl Tree {
 }
 
 impl Entry {
+    /// Bytes this entry adds to an encoded tree (the field key and length prefix included).
+    pub fn encoded_len(&self) -> usize {
+        prost::encoding::message::encoded_len(1, &self.to_wire())
+    }
+
     fn to_wire(&self) -> mpb::Entry {
         let m = &self.meta;
         let mut e = mpb::Entry {
