@@ -1,9 +1,9 @@
-//! Starting and stopping a node: open the stores, start Raft, initialize a new cluster on
-//! first start, serve gRPC until `shutdown` resolves, then stop cleanly.
+//! Starting and stopping a node: open the stores, start Raft, then on first start either
+//! create a new cluster (no `--join`) or join one, serve gRPC until `shutdown` resolves,
+//! then stop cleanly. A member that restarts finds its cluster in its data directory.
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use hashgrid_proto::chunker::ChunkerParams;
 use hashgrid_proto::limits::{
     CONNECTION_WINDOW_BYTES, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, STREAM_WINDOW_BYTES,
 };
+use hashgrid_proto::pb::peer::peer_server::PeerServer;
 use hashgrid_proto::pb::{
     admin_server::AdminServer, catalog_server::CatalogServer, chunks_server::ChunksServer,
 };
@@ -28,12 +29,16 @@ use crate::catalog::{ClusterConfig, Command, CommandResult};
 use crate::chunk_store::ChunkStore;
 use crate::config::NodeConfig;
 use crate::context::NodeContext;
-use crate::raft::network::NoPeers;
+use crate::durable::write_secret_file;
+use crate::membership;
+use crate::peer::{ClusterSecret, PeerPool};
+use crate::raft::network::Network;
 use crate::raft::{self, LogStore, Raft, StateMachine};
 use crate::service::admin::AdminService;
 use crate::service::auth::interceptor;
 use crate::service::catalog::CatalogService;
 use crate::service::chunks::ChunksService;
+use crate::service::peer::{self as peer_service, PeerService};
 
 /// File in the data dir holding the admin token made at cluster init (mode 0600).
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -70,10 +75,22 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         crate::metrics::install(addr)?;
     }
 
+    let has_cluster = catalog
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .config
+        .is_some();
+    let creating = !has_cluster && config.join.is_empty();
+    let secret = ClusterSecret::load_or_create(
+        &data_dir,
+        config.cluster_secret_file.as_deref(),
+        creating || has_cluster,
+    )?;
+    let peers = Arc::new(PeerPool::new(&secret, config.peer_timeout()));
     let raft = Raft::new(
         node_id,
-        Arc::new(raft::config().validate()?),
-        NoPeers,
+        Arc::new(raft::config(&config).validate()?),
+        Network::new(peers.clone()),
         LogStore::new(raft_db.clone()),
         state_machine,
     )
@@ -82,9 +99,12 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
 
     let ctx = Arc::new(NodeContext::new(
         node_id,
+        advertise.clone(),
         store.clone(),
         raft.clone(),
         catalog,
+        secret,
+        peers,
     ));
     // A failed startup stops the server too, so the process exits with the error.
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<()>();
@@ -97,8 +117,15 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     let server = serve(ctx.clone(), listener, stop);
     let startup = async {
         let result = async {
-            bootstrap(&ctx, &data_dir, &advertise, &config.zone).await?;
+            if has_cluster {
+                rejoin(&ctx, &config).await?;
+            } else if creating {
+                bootstrap(&ctx, &data_dir, &config).await?;
+            } else {
+                join(&ctx, &config).await?;
+            }
             ctx.set_ready();
+            tokio::spawn(membership::maintain(ctx.clone()));
             write_atomically(&data_dir.join(ADDR_FILE), advertise.as_bytes())?;
             tracing::info!(node = node_id, addr = %advertise, "hashgrid-node ready");
             println!("hashgrid-node {node_id} ready on {advertise}");
@@ -126,6 +153,12 @@ async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let auth = interceptor(ctx.clone());
+    let peer = InterceptedService::new(
+        PeerServer::new(PeerService::new(ctx.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        peer_service::interceptor(ctx.clone()),
+    );
     let chunks = ChunksServer::new(ChunksService::new(ctx.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -141,6 +174,7 @@ async fn serve(
         .add_service(InterceptedService::new(chunks, auth.clone()))
         .add_service(InterceptedService::new(catalog, auth.clone()))
         .add_service(InterceptedService::new(admin, auth))
+        .add_service(peer)
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
@@ -149,54 +183,41 @@ async fn serve(
         .context("gRPC server")
 }
 
-/// Makes this node the leader of its one-voter group and, on a brand-new cluster, writes
-/// the cluster config and the admin token.
-async fn bootstrap(
-    ctx: &NodeContext,
-    data_dir: &Path,
-    advertise: &str,
-    zone: &str,
-) -> anyhow::Result<()> {
+/// Creates a new cluster: this node becomes the only voter of the catalog group and writes
+/// the cluster config (a one-member map with the configured R and W) and the admin token.
+/// The token file is durable before the config that holds its hash is committed, so a crash
+/// in between leaves a cluster that is not yet initialized (and is created afresh on the
+/// next start), never one whose admin token is lost.
+async fn bootstrap(ctx: &NodeContext, data_dir: &Path, config: &NodeConfig) -> anyhow::Result<()> {
     let raft = &ctx.raft;
     if !raft.is_initialized().await? {
-        let members = BTreeMap::from([(ctx.node_id, BasicNode::new(advertise))]);
+        let members = BTreeMap::from([(ctx.node_id, BasicNode::new(&ctx.advertise))]);
         raft.initialize(members)
             .await
             .context("initializing Raft")?;
     }
-    raft.wait(Some(Duration::from_secs(30)))
-        .metrics(
-            |m| m.current_leader == Some(ctx.node_id),
-            "this node leads its catalog group",
-        )
-        .await
-        .context("waiting for Raft leadership")?;
-    // Everything committed before the restart is applied before we serve.
-    raft.ensure_linearizable()
-        .await
-        .map_err(|e| anyhow::anyhow!("catalog read barrier: {e}"))?;
-
-    let initialized = ctx
+    wait_for_leader(ctx, Some(ctx.node_id)).await?;
+    // An Init committed before a crash but not yet applied then was applied by the barrier
+    // in `wait_for_leader`: this is a restart, and the token file from then is the one.
+    if ctx
         .catalog
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .config
-        .is_some();
-    if initialized {
-        if !data_dir.join(ADMIN_TOKEN_FILE).exists() {
-            tracing::warn!(
-                "{} is missing; the admin token cannot be recovered from its hash",
-                ADMIN_TOKEN_FILE
-            );
-        }
+        .is_some()
+    {
         return Ok(());
     }
     let token = hex::encode(rand::random::<[u8; 32]>());
     let token_path = data_dir.join(ADMIN_TOKEN_FILE);
-    write_secret(&token_path, format!("{token}\n").as_bytes())?;
-    let mut map = ClusterMap::single(ctx.node_id, advertise.to_string());
-    map.members[0].zone = zone.to_string();
-    let config = ClusterConfig {
+    write_secret_file(&token_path, format!("{token}\n").as_bytes())
+        .with_context(|| format!("writing {}", token_path.display()))?;
+    let mut map = ClusterMap::single(ctx.node_id, ctx.advertise.clone());
+    map.members[0].zone = config.zone.clone();
+    map.members[0].weight = config.weight;
+    map.replication = config.replicas;
+    map.write_quorum = config.write_quorum;
+    let init = ClusterConfig {
         map,
         chunker: ChunkerParams::DEFAULT,
         admin_token: TokenHash::of(&token),
@@ -204,36 +225,103 @@ async fn bootstrap(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64),
     };
-    let resp = raft
-        .client_write(Command::Init(config))
-        .await
-        .context("writing the cluster config")?;
-    if resp.data != CommandResult::Initialized {
-        bail!("cluster init refused: {:?}", resp.data);
+    let result = ctx.write(Command::Init(init)).await?;
+    if result != CommandResult::Initialized {
+        bail!("cluster init refused: {result:?}");
     }
-    tracing::info!(token_file = %token_path.display(), "new cluster initialized; admin token written");
+    tracing::info!(
+        token_file = %token_path.display(),
+        secret_file = %data_dir.join(crate::peer::secret::FILE).display(),
+        "new cluster initialized; admin token and cluster secret written"
+    );
+    Ok(())
+}
+
+/// First start with `--join`: asks the members to admit this node, then waits until this
+/// node's copy of the catalog lists it.
+async fn join(ctx: &NodeContext, config: &NodeConfig) -> anyhow::Result<()> {
+    tracing::info!(seeds = ?config.join, "joining the cluster");
+    let resp = membership::join_through(ctx, &config.join, &config.zone, config.weight).await?;
+    ctx.raft
+        .wait(Some(JOIN_APPLY))
+        .metrics(
+            |_| {
+                ctx.catalog
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .config
+                    .as_ref()
+                    .is_some_and(|c| c.map.member(ctx.node_id).is_some())
+            },
+            "the catalog lists this node",
+        )
+        .await
+        .context("waiting for the catalog to reach this node")?;
+    tracing::info!(leader = resp.leader_id, "joined the cluster");
+    Ok(())
+}
+
+/// A restart of a member: wait (a while) for a leader so that what was committed before is
+/// applied, and make sure the map has this node's current address.
+async fn rejoin(ctx: &NodeContext, config: &NodeConfig) -> anyhow::Result<()> {
+    if let Err(e) = wait_for_leader(ctx, None).await {
+        // A member whose peers are all down still serves what it holds (restores).
+        tracing::warn!(error = %e, "no catalog leader yet; serving with the catalog as stored");
+        return Ok(());
+    }
+    let stale = ctx
+        .catalog
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .config
+        .as_ref()
+        .and_then(|c| c.map.member(ctx.node_id).cloned())
+        .is_some_and(|m| m.addr != ctx.advertise);
+    if stale {
+        tracing::info!(addr = %ctx.advertise, "this node's address changed; updating the map");
+        membership::join_through(ctx, &[ctx.advertise.clone()], &config.zone, config.weight)
+            .await?;
+    }
+    Ok(())
+}
+
+/// How long a joiner waits for the catalog to list it after being admitted.
+const JOIN_APPLY: Duration = Duration::from_secs(60);
+
+/// Waits until the catalog group has a leader (`want`: a particular one) and everything
+/// committed is applied here.
+async fn wait_for_leader(ctx: &NodeContext, want: Option<u64>) -> anyhow::Result<()> {
+    // A one-voter group would otherwise wait a whole election timeout after a restart.
+    let single = {
+        let m = ctx.raft.metrics().borrow().membership_config.clone();
+        m.membership().voter_ids().eq([ctx.node_id])
+    };
+    if single {
+        let _ = ctx.raft.trigger().elect().await;
+    }
+    ctx.raft
+        .wait(Some(Duration::from_secs(30)))
+        .metrics(
+            |m| match want {
+                Some(id) => m.current_leader == Some(id),
+                None => m.current_leader.is_some(),
+            },
+            "a catalog leader",
+        )
+        .await
+        .context("waiting for a catalog leader")?;
+    if ctx.leader() == Some(ctx.node_id) {
+        ctx.raft
+            .ensure_linearizable()
+            .await
+            .map_err(|e| anyhow::anyhow!("catalog read barrier: {e}"))?;
+    }
     Ok(())
 }
 
 fn write_atomically(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     let tmp = tmp_path(path);
     std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
-}
-
-fn write_secret(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = tmp_path(path);
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(data)?;
-    f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(())
 }
