@@ -290,13 +290,13 @@ mod bounds {
     #[test]
     fn oversized_fields_are_refused() {
         SnapshotRecord::try_from(pb_record()).unwrap();
-        let cases: Vec<Box<dyn Fn(&mut pb::Snapshot)>> = vec![
-            Box::new(|s| s.hostname = "h".repeat(MAX_HOSTNAME_BYTES + 1)),
-            Box::new(|s| s.tags = vec!["t".into(); MAX_TAGS + 1]),
-            Box::new(|s| s.paths = vec![b"/p".to_vec(); MAX_SOURCE_PATHS + 1]),
-            Box::new(|s| s.paths = vec![vec![b'a'; MAX_SOURCE_PATH_BYTES + 1]]),
-            Box::new(|s| s.root = vec![vec![7; 32]; MAX_ROOT_IDS + 1]),
-            Box::new(|s| s.root = vec![]),
+        let cases: [fn(&mut pb::Snapshot); 6] = [
+            |s| s.hostname = "h".repeat(MAX_HOSTNAME_BYTES + 1),
+            |s| s.tags = vec!["t".into(); MAX_TAGS + 1],
+            |s| s.paths = vec![b"/p".to_vec(); MAX_SOURCE_PATHS + 1],
+            |s| s.paths = vec![vec![b'a'; MAX_SOURCE_PATH_BYTES + 1]],
+            |s| s.root = vec![vec![7; 32]; MAX_ROOT_IDS + 1],
+            |s| s.root = vec![],
         ];
         for (i, tweak) in cases.iter().enumerate() {
             let mut s = pb_record();
