@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use hashgrid_proto::auth::TokenHash;
 use hashgrid_proto::chunker::ChunkerParams;
 use hashgrid_proto::placement::ClusterMap;
-use hashgrid_proto::NodeId;
 use hashgrid_proto::snapshot::SnapshotRecord;
+use hashgrid_proto::NodeId;
 use hashgrid_proto::SnapshotId;
 use serde::{Deserialize, Serialize};
 
@@ -126,7 +126,10 @@ impl Catalog {
                     );
                 };
                 self.history.report_synced(node, epoch, &config.map);
-                (CommandResult::MapEpoch(config.map.epoch), Some(Change::History))
+                (
+                    CommandResult::MapEpoch(config.map.epoch),
+                    Some(Change::History),
+                )
             }
         }
     }

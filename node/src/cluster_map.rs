@@ -31,8 +31,14 @@ pub enum MapChange {
         zone: String,
         weight: u32,
     },
-    SetState { id: NodeId, state: MemberState },
-    SetReplication { replication: u8, write_quorum: u8 },
+    SetState {
+        id: NodeId,
+        state: MemberState,
+    },
+    SetReplication {
+        replication: u8,
+        write_quorum: u8,
+    },
 }
 
 /// Why a change was refused. The catalog answers it as a rejected command.
@@ -151,9 +157,7 @@ pub fn places_differently(a: &ClusterMap, b: &ClusterMap) -> bool {
         v.sort();
         v
     };
-    a.replication != b.replication
-        || a.partition_bits != b.partition_bits
-        || owners(a) != owners(b)
+    a.replication != b.replication || a.partition_bits != b.partition_bits || owners(a) != owners(b)
 }
 
 /// Maps still in transition and who has caught up with the current one.

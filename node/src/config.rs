@@ -121,7 +121,10 @@ impl NodeConfig {
         };
         // File settings become leading flags, so later (real) flags override them; a key
         // whose environment variable is set is left out so the environment wins too.
-        let mut merged = vec![args.first().cloned().unwrap_or_else(|| "hashgrid-node".into())];
+        let mut merged = vec![args
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "hashgrid-node".into())];
         merged.extend(file_args(&path)?);
         merged.extend(args.into_iter().skip(1));
         NodeConfig::try_parse_from(merged)?.validate()
@@ -181,10 +184,12 @@ fn file_args(path: &Path) -> Result<Vec<OsString>, ConfigError> {
         path: shown.clone(),
         source,
     })?;
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Invalid {
-        path: shown.clone(),
-        reason: e.to_string(),
-    })?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Invalid {
+            path: shown.clone(),
+            reason: e.to_string(),
+        })?;
     let known: Vec<String> = NodeConfig::command()
         .get_arguments()
         .filter_map(|a| a.get_long().map(str::to_string))

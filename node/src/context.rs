@@ -77,11 +77,10 @@ impl NodeContext {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// The cluster config, or `NotReady` before the catalog has been initialized.
+    /// The cluster config, or `NotReady` before this node's catalog has it. (Agents are
+    /// kept out until the node is ready by the auth hook; the node's own startup reads the
+    /// catalog before that.)
     pub fn config(&self) -> Result<ClusterConfig, NodeError> {
-        if !self.is_ready() {
-            return Err(NodeError::NotReady);
-        }
         self.catalog
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -101,16 +100,16 @@ impl NodeContext {
     /// Placement for the current epoch and the older ones still in transition, rebuilt only
     /// when the map or its history changes.
     pub fn placement(&self) -> Result<Arc<PlacementHistory>, NodeError> {
-        if !self.is_ready() {
-            return Err(NodeError::NotReady);
-        }
         let catalog = self.catalog.read().unwrap_or_else(|p| p.into_inner());
         let config = catalog.config.as_ref().ok_or(NodeError::NotReady)?;
         let older = &catalog.history.older;
         let mut cached = self.placement.lock().unwrap_or_else(|p| p.into_inner());
         let current = cached.as_ref().filter(|p| {
             p.epoch() == config.map.epoch
-                && p.older().iter().map(|o| o.epoch()).eq(older.iter().map(|m| m.epoch))
+                && p.older()
+                    .iter()
+                    .map(|o| o.epoch())
+                    .eq(older.iter().map(|m| m.epoch))
         });
         if let Some(p) = current {
             return Ok(p.clone());
@@ -182,9 +181,9 @@ impl NodeContext {
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => Err(
                 WriteAttempt::Failed(NodeError::Internal(format!("membership change: {e}"))),
             ),
-            Err(RaftError::Fatal(e)) => Err(WriteAttempt::Failed(NodeError::Unavailable(
-                format!("this node's catalog replica stopped: {e}"),
-            ))),
+            Err(RaftError::Fatal(e)) => Err(WriteAttempt::Failed(NodeError::Unavailable(format!(
+                "this node's catalog replica stopped: {e}"
+            )))),
         }
     }
 
@@ -206,12 +205,16 @@ impl NodeContext {
             }
         };
         let answer: Result<CommandResult, ForwardError> = decode(&reply.data).map_err(|e| {
-            WriteAttempt::Failed(NodeError::Internal(format!("decoding the leader's answer: {e}")))
+            WriteAttempt::Failed(NodeError::Internal(format!(
+                "decoding the leader's answer: {e}"
+            )))
         })?;
         match answer {
             Ok(r) => Ok(r),
             Err(ForwardError::NotLeader { leader }) => Err(WriteAttempt::NotLeader(leader)),
-            Err(ForwardError::Failed(msg)) => Err(WriteAttempt::Failed(NodeError::Unavailable(msg))),
+            Err(ForwardError::Failed(msg)) => {
+                Err(WriteAttempt::Failed(NodeError::Unavailable(msg)))
+            }
         }
     }
 

@@ -64,7 +64,11 @@ pub async fn admit(ctx: &NodeContext, req: JoinRequest) -> Result<JoinResponse, 
                 .map(|n| n.addr.clone())
                 .ok_or_else(|| NodeError::Unavailable("catalog leader address unknown".into()))?;
             ctx.peers
-                .call(&addr, Some(CATCH_UP), |mut c| async move { c.join(req).await })
+                .call(
+                    &addr,
+                    Some(CATCH_UP),
+                    |mut c| async move { c.join(req).await },
+                )
                 .await
                 .map_err(|e| NodeError::Unavailable(format!("forwarding the join: {e}")))
         }
@@ -99,10 +103,7 @@ async fn admit_as_leader(ctx: &NodeContext, req: JoinRequest) -> Result<JoinResp
         Some(n) if n.addr != node.addr => {
             // A member that moved: update where Raft reaches it.
             ctx.raft
-                .change_membership(
-                    ChangeMembers::SetNodes(BTreeMap::from([(id, node)])),
-                    true,
-                )
+                .change_membership(ChangeMembers::SetNodes(BTreeMap::from([(id, node)])), true)
                 .await
                 .map_err(raft_err)?;
         }
@@ -211,6 +212,45 @@ pub async fn ensure_voters(ctx: &NodeContext) -> Result<(), NodeError> {
             .map_err(raft_err)?;
     }
     Ok(())
+}
+
+/// Changes a member's state (admin request on any node), then keeps the voters right.
+pub async fn change_state(
+    ctx: &NodeContext,
+    id: NodeId,
+    state: MemberState,
+) -> Result<hashgrid_proto::placement::ClusterMap, NodeError> {
+    expect_map(
+        ctx.write(Command::ChangeMap(MapChange::SetState { id, state }))
+            .await?,
+    )?;
+    tracing::info!(node = id, state = state.as_str(), "member state changed");
+    ensure_voters_anywhere(ctx).await;
+    ctx.map()
+}
+
+/// Changes R and W (admin request on any node).
+pub async fn set_replication(
+    ctx: &NodeContext,
+    replication: u8,
+    write_quorum: u8,
+) -> Result<hashgrid_proto::placement::ClusterMap, NodeError> {
+    expect_map(
+        ctx.write(Command::ChangeMap(MapChange::SetReplication {
+            replication,
+            write_quorum,
+        }))
+        .await?,
+    )?;
+    ctx.map()
+}
+
+/// Adjusts the voters now if this node leads; otherwise the leader's [`maintain`] loop
+/// does it within a few seconds.
+async fn ensure_voters_anywhere(ctx: &NodeContext) {
+    if let Err(e) = ensure_voters(ctx).await {
+        tracing::warn!(error = %e, "adjusting the catalog voters");
+    }
 }
 
 /// The leader's periodic duty: keep the voter set right as members come and go.

@@ -106,15 +106,17 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         secret,
         peers,
     ));
-    // A failed startup stops the server too, so the process exits with the error.
-    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<()>();
-    let stop = async {
-        tokio::select! {
-            _ = shutdown => {}
-            Ok(()) = failed_rx => {}
-        }
+    // A failed startup stops the server too, so the process exits with the error; a
+    // shutdown stops a startup still under way (a join still waiting for its cluster).
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
     };
-    let server = serve(ctx.clone(), listener, stop);
+    let server = serve(ctx.clone(), listener, stopped(stop_rx.clone()));
+    let signal = async {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
     let startup = async {
         let result = async {
             if has_cluster {
@@ -133,11 +135,22 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         }
         .await;
         if result.is_err() {
-            let _ = failed_tx.send(());
+            let _ = stop_tx.send(true);
         }
         result
     };
-    let (served, started) = tokio::join!(server, startup);
+    let startup = async {
+        tokio::select! {
+            r = startup => r,
+            () = stopped(stop_rx.clone()) => Ok(()),
+        }
+    };
+    let (served, started, ()) = tokio::join!(server, startup, async {
+        tokio::select! {
+            () = signal => {}
+            () = stopped(stop_rx.clone()) => {}
+        }
+    });
     let result = started.and(served);
 
     raft.shutdown().await.ok();
@@ -279,8 +292,13 @@ async fn rejoin(ctx: &NodeContext, config: &NodeConfig) -> anyhow::Result<()> {
         .is_some_and(|m| m.addr != ctx.advertise);
     if stale {
         tracing::info!(addr = %ctx.advertise, "this node's address changed; updating the map");
-        membership::join_through(ctx, &[ctx.advertise.clone()], &config.zone, config.weight)
-            .await?;
+        membership::join_through(
+            ctx,
+            std::slice::from_ref(&ctx.advertise),
+            &config.zone,
+            config.weight,
+        )
+        .await?;
     }
     Ok(())
 }

@@ -216,7 +216,10 @@ impl PlacementHistory {
         current: std::sync::Arc<Placement>,
         older: Vec<std::sync::Arc<Placement>>,
     ) -> Result<Self, DecodeError> {
-        if let Some(p) = older.iter().find(|p| p.partition_bits != current.partition_bits) {
+        if let Some(p) = older
+            .iter()
+            .find(|p| p.partition_bits != current.partition_bits)
+        {
             return Err(DecodeError::invalid(
                 "map history",
                 format!(
@@ -570,8 +573,7 @@ mod tests {
         m.members[0].state = MemberState::Joining;
         m.members[1].state = MemberState::Removed;
         let p = Placement::new(&m).unwrap();
-        assert!((0..p.partitions())
-            .all(|part| p.owners(Partition(part)).iter().all(|&n| n > 2)));
+        assert!((0..p.partitions()).all(|part| p.owners(Partition(part)).iter().all(|&n| n > 2)));
         let back = ClusterMap::try_from(pb::ClusterMap::from(&m)).unwrap();
         assert_eq!(back, m);
     }

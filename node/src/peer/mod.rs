@@ -108,9 +108,11 @@ impl PeerPool {
                 channel
             }
         };
-        Ok(PeerClient::with_interceptor(channel, self.interceptor.clone())
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        Ok(
+            PeerClient::with_interceptor(channel, self.interceptor.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
     }
 
     /// Runs one call to `addr` under `timeout` (the pool's default when `None`).

@@ -28,7 +28,9 @@ pub fn interceptor(
             .metadata()
             .get(METADATA_KEY)
             .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| Status::unauthenticated("node-to-node call without the cluster secret"))?;
+            .ok_or_else(|| {
+                Status::unauthenticated("node-to-node call without the cluster secret")
+            })?;
         if !ctx.secret.matches(presented) {
             return Err(Status::unauthenticated("wrong cluster secret"));
         }
