@@ -273,8 +273,9 @@ fn nodes_refuse_bad_requests_and_keep_nothing_of_them() {
             .await
             .unwrap()
             .into_inner();
-        let e = get.message().await.unwrap_err();
-        assert_eq!(e.code(), Code::NotFound);
+        let reply = get.message().await.unwrap().unwrap();
+        assert_eq!(reply.chunks.len(), 1);
+        assert_eq!(reply.chunks[0].fault, pb::ChunkFault::Missing as i32);
 
         // A commit whose root was never uploaded is refused.
         let e = conn
