@@ -120,7 +120,9 @@ pub fn encode(plain: &Bytes, level: i32) -> (Codec, Bytes) {
 fn check_canonical(codec: pb::Codec, data: &[u8], plain_len: u32) -> Result<(), NonCanonical> {
     let len = data.len();
     match codec {
-        pb::Codec::Raw if len != plain_len as usize => Err(NonCanonical::RawLength { len, plain_len }),
+        pb::Codec::Raw if len != plain_len as usize => {
+            Err(NonCanonical::RawLength { len, plain_len })
+        }
         pb::Codec::Raw => Ok(()),
         pb::Codec::Zstd => {
             let bound = zstd::zstd_safe::compress_bound(plain_len as usize);
