@@ -304,6 +304,28 @@ pub async fn cluster_stats(conn: &Connection) -> hashgrid_proto::pb::StatsRespon
         .into_inner()
 }
 
+/// Sends `chunks` in one `Put` batch and returns the node's reply to it.
+pub async fn put_chunks(
+    conn: &Connection,
+    chunks: Vec<hashgrid_proto::pb::Chunk>,
+) -> Result<hashgrid_proto::pb::PutResponse, tonic::Status> {
+    let mut replies = conn
+        .chunks
+        .clone()
+        .put(futures::stream::iter(vec![
+            hashgrid_proto::pb::PutRequest {
+                epoch: conn.epoch(),
+                chunks,
+            },
+        ]))
+        .await?
+        .into_inner();
+    replies
+        .message()
+        .await?
+        .ok_or_else(|| tonic::Status::internal("no reply"))
+}
+
 /// A size-limited tmpfs mounted for a test (a disk that fills up), unmounted on drop.
 pub struct Tmpfs {
     path: PathBuf,

@@ -10,10 +10,12 @@ use hashgrid::objects::ObjectReader;
 use hashgrid::restore::{restore, RestoreOptions};
 use hashgrid::{ClientError, Connection};
 use hashgrid_cluster_tests::{
-    assert_same_tree, backup_opts, cluster_stats, data, restore_all, restored, runtime, Node,
+    assert_same_tree, backup_opts, cluster_stats, data, put_chunks, restore_all, restored, runtime,
+    Node,
 };
+use hashgrid_proto::codec::encode_chunk;
 use hashgrid_proto::id::pack_ids;
-use hashgrid_proto::pb::{self, ChunkFault, GetRequest, HasRequest, PutRequest};
+use hashgrid_proto::pb::{self, ChunkFault, GetRequest, HasRequest};
 use hashgrid_proto::ChunkId;
 use tonic::Code;
 
@@ -264,34 +266,8 @@ fn the_agent_names_a_chunk_it_cannot_get() {
     });
 }
 
-async fn put_one(
-    conn: &Connection,
-    chunks: Vec<pb::Chunk>,
-) -> Result<pb::PutResponse, tonic::Status> {
-    let mut replies = conn
-        .chunks
-        .clone()
-        .put(futures::stream::iter(vec![PutRequest {
-            epoch: conn.epoch(),
-            chunks,
-        }]))
-        .await?
-        .into_inner();
-    replies
-        .message()
-        .await?
-        .ok_or_else(|| tonic::Status::internal("no reply"))
-}
-
 fn encoded(plain: &[u8], level: i32) -> pb::Chunk {
-    let (codec, data) = hashgrid_proto::codec::encode(&plain.to_vec().into(), level);
-    pb::Chunk {
-        id: ChunkId::of(plain).as_bytes().to_vec(),
-        plain_len: plain.len() as u32,
-        codec: pb::Codec::from(codec) as i32,
-        data,
-        ..Default::default()
-    }
+    encode_chunk(ChunkId::of(plain), &plain.to_vec().into(), level)
 }
 
 #[test]
@@ -318,7 +294,9 @@ fn chunks_carrying_extra_bytes_are_refused_and_nothing_is_stored() {
 
         let good = encoded(b"a good chunk in a bad batch", 0);
         for bad in [padded, trailing, long_raw] {
-            let e = put_one(&conn, vec![good.clone(), bad]).await.unwrap_err();
+            let e = put_chunks(&conn, vec![good.clone(), bad])
+                .await
+                .unwrap_err();
             assert_eq!(e.code(), Code::InvalidArgument, "{e}");
             assert!(e.message().contains("honest encoder"), "{e}");
         }
@@ -330,6 +308,6 @@ fn chunks_carrying_extra_bytes_are_refused_and_nothing_is_stored() {
         assert!(!has(&conn, ChunkId::of(&text)).await);
         assert!(!has(&conn, ChunkId::from_slice(&good.id).unwrap()).await);
         // The honest encoding of the same chunk is taken.
-        assert_eq!(put_one(&conn, vec![honest]).await.unwrap().stored, 1);
+        assert_eq!(put_chunks(&conn, vec![honest]).await.unwrap().stored, 1);
     });
 }

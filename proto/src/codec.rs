@@ -114,6 +114,18 @@ pub fn encode(plain: &Bytes, level: i32) -> (Codec, Bytes) {
     }
 }
 
+/// `plain` (whose id is `id`) encoded with [`encode`], as a chunk on the wire.
+pub fn encode_chunk(id: ChunkId, plain: &Bytes, level: i32) -> pb::Chunk {
+    let (codec, data) = encode(plain, level);
+    pb::Chunk {
+        id: id.as_bytes().to_vec(),
+        plain_len: plain.len() as u32,
+        codec: pb::Codec::from(codec) as i32,
+        data,
+        ..Default::default()
+    }
+}
+
 /// Checks that `data` is exactly what an encoder with `codec` could have made of a
 /// plaintext of `plain_len` bytes: nothing before, around or after the encoded plaintext.
 /// Cheap (a scan of the zstd block headers), so it runs before any decompression.
@@ -208,14 +220,7 @@ mod tests {
     use super::*;
 
     fn chunk(plain: &[u8], level: i32) -> pb::Chunk {
-        let (codec, data) = encode(&Bytes::copy_from_slice(plain), level);
-        pb::Chunk {
-            id: ChunkId::of(plain).as_bytes().to_vec(),
-            plain_len: plain.len() as u32,
-            codec: pb::Codec::from(codec) as i32,
-            data,
-            ..Default::default()
-        }
+        encode_chunk(ChunkId::of(plain), &Bytes::copy_from_slice(plain), level)
     }
 
     #[test]
