@@ -51,8 +51,8 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let data_dir = config.data_dir.clone();
     durable::create_dirs(&data_dir)
-        .and_then(|()| std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700)))
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    make_private(&data_dir)?;
     let _ = std::fs::remove_file(data_dir.join(ADDR_FILE));
 
     let store = Arc::new(
@@ -224,6 +224,31 @@ async fn bootstrap(
     }
     tracing::info!(token_file = %token_path.display(), "new cluster initialized; admin token written");
     Ok(())
+}
+
+/// Makes the data dir 0700. One the node may write in but not chmod (a volume root owned by
+/// root and shared with a group the node is in, as Kubernetes mounts them) is left as it is,
+/// with a warning: everything the node creates inside it is private anyway.
+fn make_private(dir: &Path) -> anyhow::Result<()> {
+    let mode = std::fs::metadata(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    match std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            tracing::warn!(
+                data_dir = %dir.display(),
+                mode = format!("{:o}", mode & 0o7777),
+                "cannot make the data dir private (not its owner); what the node creates in it is"
+            );
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("making {} private", dir.display())),
+    }
 }
 
 /// An initialized cluster whose token file is missing. Builds before the token's rename was
