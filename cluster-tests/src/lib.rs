@@ -48,16 +48,28 @@ pub struct Node {
     listen: String,
     pub addr: String,
     child: Option<Child>,
+    /// The umask the node process starts with, when not the harness's own.
+    umask: Option<u32>,
 }
 
 impl Node {
     /// Starts a node in `dir` on a free port and waits until it is ready.
     pub fn start(dir: &Path) -> Node {
+        Self::launch(dir, None)
+    }
+
+    /// [`Node::start`] with the node process (and its restarts) under `umask`.
+    pub fn start_with_umask(dir: &Path, umask: u32) -> Node {
+        Self::launch(dir, Some(umask))
+    }
+
+    fn launch(dir: &Path, umask: Option<u32>) -> Node {
         let mut node = Node {
             dir: dir.to_path_buf(),
             listen: "127.0.0.1:0".into(),
             addr: String::new(),
             child: None,
+            umask,
         };
         node.spawn();
         node.listen = node.addr.clone();
@@ -73,7 +85,19 @@ impl Node {
             .append(true)
             .open(self.dir.join("node.log"))
             .expect("node log");
-        let child = Command::new(bin_dir().join("hashgrid-node"))
+        let bin = bin_dir().join("hashgrid-node");
+        let mut cmd = match self.umask {
+            None => Command::new(bin),
+            // The shell sets the umask and `exec`s, so the node keeps the shell's pid.
+            Some(mask) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("umask {mask:03o} && exec \"$0\" \"$@\""))
+                    .arg(bin);
+                sh
+            }
+        };
+        let child = cmd
             .arg("--data-dir")
             .arg(&data)
             .args(["--listen", &self.listen, "--metrics-listen", "off"])
@@ -278,6 +302,28 @@ pub async fn cluster_stats(conn: &Connection) -> hashgrid_proto::pb::StatsRespon
         .await
         .expect("stats")
         .into_inner()
+}
+
+/// Sends `chunks` in one `Put` batch and returns the node's reply to it.
+pub async fn put_chunks(
+    conn: &Connection,
+    chunks: Vec<hashgrid_proto::pb::Chunk>,
+) -> Result<hashgrid_proto::pb::PutResponse, tonic::Status> {
+    let mut replies = conn
+        .chunks
+        .clone()
+        .put(futures::stream::iter(vec![
+            hashgrid_proto::pb::PutRequest {
+                epoch: conn.epoch(),
+                chunks,
+            },
+        ]))
+        .await?
+        .into_inner();
+    replies
+        .message()
+        .await?
+        .ok_or_else(|| tonic::Status::internal("no reply"))
 }
 
 /// A size-limited tmpfs mounted for a test (a disk that fills up), unmounted on drop.

@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod chunk_store;
 pub mod config;
 pub mod context;
+pub mod durable;
 pub mod error;
 pub mod metrics;
 pub mod pack;

@@ -3,9 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -28,6 +28,7 @@ use crate::catalog::{ClusterConfig, Command, CommandResult};
 use crate::chunk_store::ChunkStore;
 use crate::config::NodeConfig;
 use crate::context::NodeContext;
+use crate::durable;
 use crate::raft::network::NoPeers;
 use crate::raft::{self, LogStore, Raft, StateMachine};
 use crate::service::admin::AdminService;
@@ -41,18 +42,28 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 pub const ADDR_FILE: &str = "node.addr";
 
 /// Runs a node until `shutdown` resolves.
+///
+/// Sets the process umask to 0o077 first: chunks are stored unencrypted and the data dir
+/// holds the admin token, so everything the node (and RocksDB inside it) creates must be
+/// private to its user, whatever umask the node was started with. An existing data dir is
+/// made 0700 too, which also closes off files an older build created more openly.
 pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let data_dir = config.data_dir.clone();
-    std::fs::create_dir_all(&data_dir)
+    durable::create_dirs(&data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    make_private(&data_dir)?;
     let _ = std::fs::remove_file(data_dir.join(ADDR_FILE));
 
     let store = Arc::new(
         ChunkStore::open(&data_dir.join("chunks"), config.cache_mib << 20)
             .context("opening the chunk store (is another node using this data dir?)")?,
     );
-    let raft_db = raft::open_db(&data_dir.join("raft"))
-        .with_context(|| format!("opening Raft state in {}", data_dir.join("raft").display()))?;
+    let raft_dir = data_dir.join("raft");
+    let raft_db = durable::create_dirs(&raft_dir)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| Ok(raft::open_db(&raft_dir)?))
+        .with_context(|| format!("opening Raft state in {}", raft_dir.display()))?;
     let node_id = raft::node_id(&raft_db).context("reading node id")?;
     let state_machine = StateMachine::open(raft_db.clone()).context("loading the catalog")?;
     let catalog = state_machine.catalog();
@@ -181,19 +192,19 @@ async fn bootstrap(
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .config
-        .is_some();
-    if initialized {
-        if !data_dir.join(ADMIN_TOKEN_FILE).exists() {
-            tracing::warn!(
-                "{} is missing; the admin token cannot be recovered from its hash",
-                ADMIN_TOKEN_FILE
-            );
+        .clone();
+    let token_path = data_dir.join(ADMIN_TOKEN_FILE);
+    if let Some(config) = initialized {
+        if !token_path.exists() {
+            recover_token(&token_path, &config.admin_token)?;
         }
         return Ok(());
     }
     let token = hex::encode(rand::random::<[u8; 32]>());
-    let token_path = data_dir.join(ADMIN_TOKEN_FILE);
-    write_secret(&token_path, format!("{token}\n").as_bytes())?;
+    // Durable before the Init that commits its hash: a cluster whose token file was lost
+    // would have no usable admin token.
+    durable::write_private(&token_path, format!("{token}\n").as_bytes())
+        .with_context(|| format!("writing {}", token_path.display()))?;
     let mut map = ClusterMap::single(ctx.node_id, advertise.to_string());
     map.members[0].zone = zone.to_string();
     let config = ClusterConfig {
@@ -215,33 +226,59 @@ async fn bootstrap(
     Ok(())
 }
 
+/// Makes the data dir 0700. One the node may write in but not chmod (a volume root owned by
+/// root and shared with a group the node is in, as Kubernetes mounts them) is left as it is,
+/// with a warning: everything the node creates inside it is private anyway.
+fn make_private(dir: &Path) -> anyhow::Result<()> {
+    let mode = std::fs::metadata(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    match std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            tracing::warn!(
+                data_dir = %dir.display(),
+                mode = format!("{:o}", mode & 0o7777),
+                "cannot make the data dir private (not its owner); what the node creates in it is"
+            );
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("making {} private", dir.display())),
+    }
+}
+
+/// An initialized cluster whose token file is missing. Builds before the token's rename was
+/// made durable could lose it to a power cut, leaving the complete, synced `.tmp` copy: if
+/// that copy holds the token the catalog has the hash of, it is put in place.
+fn recover_token(token_path: &Path, hash: &TokenHash) -> anyhow::Result<()> {
+    let tmp = durable::tmp_path(token_path);
+    let staged = std::fs::read_to_string(&tmp).ok();
+    match staged {
+        Some(token) if TokenHash::of(token.trim()) == *hash => {
+            durable::rename(&tmp, token_path)
+                .with_context(|| format!("restoring {}", token_path.display()))?;
+            tracing::warn!(
+                token_file = %token_path.display(),
+                "the admin token file was missing; restored it from its interrupted write"
+            );
+        }
+        _ => tracing::warn!(
+            "{} is missing; the admin token cannot be recovered from its hash",
+            ADMIN_TOKEN_FILE
+        ),
+    }
+    Ok(())
+}
+
 fn write_atomically(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    let tmp = tmp_path(path);
+    let tmp = durable::tmp_path(path);
     std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(())
-}
-
-fn write_secret(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = tmp_path(path);
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
 }
 
 /// The address a node in `data_dir` announced, once it is ready.
