@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use hashgrid_proto::codec::ChunkError;
-use hashgrid_proto::DecodeError;
+use hashgrid_proto::pb::ChunkFault;
+use hashgrid_proto::{ChunkId, DecodeError};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -28,6 +29,12 @@ pub enum ClientError {
     Decode(#[from] DecodeError),
     #[error(transparent)]
     Chunk(#[from] ChunkError),
+    /// The node could not serve a chunk: nothing else can bring its bytes back.
+    #[error("chunk {id}: {} (data loss)", match .fault {
+        ChunkFault::Damaged => "every stored copy failed verification",
+        ChunkFault::Missing | ChunkFault::None => "no copy is stored",
+    })]
+    ChunkFault { id: ChunkId, fault: ChunkFault },
     #[error("{0}")]
     Manifest(String),
     #[error("{0}")]

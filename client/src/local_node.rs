@@ -74,17 +74,20 @@ pub struct LocalNode {
     pub addr: String,
     binary: PathBuf,
     args: Vec<OsString>,
+    umask: Option<u32>,
     child: Option<Child>,
 }
 
 impl LocalNode {
-    /// Starts `binary --data-dir DATA_DIR ARGS...` with stderr appended to `log`. Returns at
-    /// once; call [`LocalNode::wait_ready`].
+    /// Starts `binary --data-dir DATA_DIR ARGS...` with stderr appended to `log` (under
+    /// `umask` when given, else this process's). Returns at once; call
+    /// [`LocalNode::wait_ready`].
     pub fn spawn(
         binary: &Path,
         data_dir: &Path,
         log: &Path,
         args: Vec<OsString>,
+        umask: Option<u32>,
     ) -> Result<LocalNode, LocalNodeError> {
         let mut node = LocalNode {
             data_dir: data_dir.to_path_buf(),
@@ -92,6 +95,7 @@ impl LocalNode {
             addr: String::new(),
             binary: binary.to_path_buf(),
             args,
+            umask,
             child: None,
         };
         node.start()?;
@@ -105,7 +109,18 @@ impl LocalNode {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let child = Command::new(&self.binary)
+        let mut cmd = match self.umask {
+            None => Command::new(&self.binary),
+            // The shell sets the umask and `exec`s, so the node keeps the shell's pid.
+            Some(mask) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("umask {mask:03o} && exec \"$0\" \"$@\""))
+                    .arg(&self.binary);
+                sh
+            }
+        };
+        let child = cmd
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.args)

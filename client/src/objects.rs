@@ -10,7 +10,7 @@ use hashgrid_proto::codec::decode_verified;
 use hashgrid_proto::id::pack_ids;
 use hashgrid_proto::limits::{MAX_IDS_PER_REQUEST, MAX_TREE_BYTES};
 use hashgrid_proto::manifest::{decode_dir, ChunkListDecoder, DirObject, Extent, ObjectRef, Tree};
-use hashgrid_proto::pb::GetRequest;
+use hashgrid_proto::pb::{self, ChunkFault, GetRequest};
 use hashgrid_proto::ChunkId;
 
 use crate::chunker::Chunker;
@@ -72,6 +72,21 @@ impl<'a> ObjectWriter<'a> {
     }
 }
 
+/// A `Get` reply for `expected` that carries a fault instead of the chunk, as an error.
+pub(crate) fn check_fault(chunk: &pb::Chunk, expected: ChunkId) -> Result<()> {
+    match ChunkFault::try_from(chunk.fault) {
+        Ok(ChunkFault::None) => Ok(()),
+        Ok(fault) => Err(ClientError::ChunkFault {
+            id: expected,
+            fault,
+        }),
+        Err(_) => Err(ClientError::Manifest(format!(
+            "chunk {expected}: the node reports fault {}, unknown to this agent",
+            chunk.fault
+        ))),
+    }
+}
+
 /// Fetches chunks and manifest objects from the cluster, verifying every chunk.
 #[derive(Clone)]
 pub struct ObjectReader {
@@ -107,6 +122,7 @@ impl ObjectReader {
                     let expected = group.get(got).ok_or_else(|| {
                         ClientError::Manifest("node sent more chunks than asked for".into())
                     })?;
+                    check_fault(&chunk, *expected)?;
                     let (id, plain) = decode_verified(&chunk, max_len)?;
                     if id != *expected {
                         return Err(ClientError::Manifest(format!(

@@ -55,6 +55,8 @@ pub struct NodeOpts {
     pub zone: Option<String>,
     /// Anything else, e.g. `["--cache-mib", "32"]`.
     pub extra: Vec<String>,
+    /// The umask the node process (and its restarts) starts with, when not the harness's.
+    pub umask: Option<u32>,
 }
 
 impl NodeOpts {
@@ -104,6 +106,17 @@ impl Node {
         Node::start_with(dir, NodeOpts::default())
     }
 
+    /// [`Node::start`] with the node process (and its restarts) under `umask`.
+    pub fn start_with_umask(dir: &Path, umask: u32) -> Node {
+        Node::start_with(
+            dir,
+            NodeOpts {
+                umask: Some(umask),
+                ..Default::default()
+            },
+        )
+    }
+
     /// Starts a node with `opts` and waits until it is ready.
     pub fn start_with(dir: &Path, opts: NodeOpts) -> Node {
         let mut node = Node::spawn_with(dir, opts);
@@ -119,6 +132,7 @@ impl Node {
             &dir.join("data"),
             &dir.join("node.log"),
             opts.args("127.0.0.1:0"),
+            opts.umask,
         )
         .expect("spawn hashgrid-node");
         Node {
@@ -322,6 +336,28 @@ pub async fn cluster_stats(conn: &Connection) -> hashgrid_proto::pb::StatsRespon
         .await
         .expect("stats")
         .into_inner()
+}
+
+/// Sends `chunks` in one `Put` batch and returns the node's reply to it.
+pub async fn put_chunks(
+    conn: &Connection,
+    chunks: Vec<hashgrid_proto::pb::Chunk>,
+) -> Result<hashgrid_proto::pb::PutResponse, tonic::Status> {
+    let mut replies = conn
+        .chunks
+        .clone()
+        .put(futures::stream::iter(vec![
+            hashgrid_proto::pb::PutRequest {
+                epoch: conn.epoch(),
+                chunks,
+            },
+        ]))
+        .await?
+        .into_inner();
+    replies
+        .message()
+        .await?
+        .ok_or_else(|| tonic::Status::internal("no reply"))
 }
 
 /// A size-limited tmpfs mounted for a test (a disk that fills up), unmounted on drop.

@@ -6,13 +6,11 @@ use std::path::Path;
 use hashgrid::restore::{restore, RestoreOptions};
 use hashgrid::upload::Uploader;
 use hashgrid::Connection;
-use hashgrid_cluster_tests::{restore_all, runtime, Node};
+use hashgrid_cluster_tests::{put_chunks, restore_all, runtime, Node};
 use hashgrid_proto::id::pack_ids;
 use hashgrid_proto::manifest::ObjectRef;
 use hashgrid_proto::pb::manifest as mpb;
-use hashgrid_proto::pb::{
-    self, chunks_client::ChunksClient, CommitSnapshotRequest, HasRequest, PutRequest,
-};
+use hashgrid_proto::pb::{self, chunks_client::ChunksClient, CommitSnapshotRequest, HasRequest};
 use hashgrid_proto::snapshot::SnapshotRecord;
 use hashgrid_proto::ChunkId;
 use prost::Message;
@@ -194,18 +192,7 @@ fn chunk(plain: &[u8]) -> pb::Chunk {
 }
 
 async fn put_one(conn: &Connection, c: pb::Chunk) -> Result<pb::PutResponse, tonic::Status> {
-    let mut client = conn.chunks.clone();
-    let mut replies = client
-        .put(futures::stream::iter(vec![PutRequest {
-            epoch: conn.epoch(),
-            chunks: vec![c],
-        }]))
-        .await?
-        .into_inner();
-    replies
-        .message()
-        .await?
-        .ok_or_else(|| tonic::Status::internal("no reply"))
+    put_chunks(conn, vec![c]).await
 }
 
 #[test]
@@ -273,8 +260,9 @@ fn nodes_refuse_bad_requests_and_keep_nothing_of_them() {
             .await
             .unwrap()
             .into_inner();
-        let e = get.message().await.unwrap_err();
-        assert_eq!(e.code(), Code::NotFound);
+        let reply = get.message().await.unwrap().unwrap();
+        assert_eq!(reply.chunks.len(), 1);
+        assert_eq!(reply.chunks[0].fault, pb::ChunkFault::Missing as i32);
 
         // A commit whose root was never uploaded is refused.
         let e = conn

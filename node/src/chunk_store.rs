@@ -4,27 +4,34 @@
 //!   plaintext length, codec, last_seen. Small values with bloom filters and a block cache,
 //!   so `has` answers absent ids without a disk seek and never touches chunk bytes.
 //! - `packs/` ([`crate::pack`]): append-only files of chunk records, written once.
-//! - `store_meta`: counters (chunks, bytes), updated in the same write batch as the metadata.
+//! - `store_meta`: counters (chunks, bytes, damaged copies), updated in the same write batch
+//!   as the metadata.
 //!
 //! Guarantees: an insert is durable before it returns (pack bytes synced, then metadata
 //! written with a synced WAL); a stored chunk is never overwritten (a second insert only
-//! refreshes `last_seen`); chunks leave only by GC (a later issue), which relies on
-//! `last_seen` as PBS relies on atime.
+//! refreshes `last_seen`); presence means a verified copy: every read decodes the copy and
+//! checks it against its id and its pack record header, and a copy that fails leaves the
+//! index (so `has` answers absent and the next insert stores a fresh copy). Otherwise chunks
+//! leave only by GC (a later issue), which relies on `last_seen` as PBS relies on atime.
 
 use std::path::Path;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use hashgrid_proto::ChunkId;
+use hashgrid_proto::codec::{decode_verified, ChunkError};
+use hashgrid_proto::{pb, ChunkId};
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Options, WriteBatch,
-    WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Options, WriteBatch, DB,
 };
 use thiserror::Error;
 
-use crate::pack::{Location, PackFiles, Record};
+use crate::durable;
+use crate::pack::{Location, PackFiles, RecordHeader, SyncData, HEADER_LEN};
+
+mod writer;
+use writer::{DropRequest, PutRequest, Request, Writer};
 
 const CF_META: &str = "chunk_meta";
 const CF_STORE: &str = "store_meta";
@@ -131,12 +138,52 @@ pub struct VerifiedChunk {
     pub data: Bytes,
 }
 
-/// A chunk as stored, ready to send.
+/// A chunk as stored, verified when read, ready to send.
 #[derive(Clone, Debug)]
 pub struct StoredChunk {
     pub plain_len: u32,
     pub codec: i32,
-    pub data: Vec<u8>,
+    pub data: Bytes,
+}
+
+/// What a read found for one id.
+#[derive(Clone, Debug)]
+pub enum ChunkRead {
+    Found(StoredChunk),
+    /// Not in the index.
+    Missing,
+    /// The copy failed verification; it has been dropped from the index.
+    Damaged,
+}
+
+/// Why a stored copy failed verification.
+#[derive(Debug, Error)]
+pub enum Damage {
+    #[error("pack unreadable: {0}")]
+    Unreadable(std::io::Error),
+    #[error("the index gives an encoded length of {len} bytes, more than any chunk can have")]
+    ImpossibleLength { len: u32 },
+    #[error("no record header in front of the bytes")]
+    NoHeader,
+    #[error("the record header says {found:?}, the index {expected:?}")]
+    HeaderMismatch {
+        found: RecordHeader,
+        expected: RecordHeader,
+    },
+    #[error(transparent)]
+    Content(ChunkError),
+}
+
+/// Read errors that mean the copy is bad (the pack file is gone, shorter than the index says,
+/// or unreadable at that place) rather than the node being short of a resource for now (too
+/// many open files, memory): only the former drop a chunk from the index.
+fn is_damage(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{InvalidData, NotFound, UnexpectedEof};
+    matches!(e.kind(), NotFound | UnexpectedEof | InvalidData)
+        || matches!(
+            e.raw_os_error(),
+            Some(libc::EIO | libc::EBADMSG | libc::EUCLEAN)
+        )
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -151,40 +198,42 @@ pub struct StoreCounters {
     pub chunks: u64,
     pub stored_bytes: u64,
     pub plain_bytes: u64,
+    /// Copies dropped from the index because they failed verification, ever.
+    pub damaged: u64,
 }
 
 impl StoreCounters {
-    fn encode(&self) -> [u8; 24] {
-        let mut out = [0u8; 24];
+    fn encode(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
         out[..8].copy_from_slice(&self.chunks.to_le_bytes());
         out[8..16].copy_from_slice(&self.stored_bytes.to_le_bytes());
-        out[16..].copy_from_slice(&self.plain_bytes.to_le_bytes());
+        out[16..24].copy_from_slice(&self.plain_bytes.to_le_bytes());
+        out[24..].copy_from_slice(&self.damaged.to_le_bytes());
         out
     }
 
+    /// Stores written before the `damaged` counter existed have 24 bytes.
     fn decode(b: &[u8]) -> Option<Self> {
         let u = |i: usize| Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?));
         Some(StoreCounters {
             chunks: u(0)?,
             stored_bytes: u(8)?,
             plain_bytes: u(16)?,
+            damaged: if b.len() > 24 { u(24)? } else { 0 },
         })
     }
 }
 
-/// Upper bound on the bytes one group commit gathers before its synced write.
-const GROUP_BYTES: usize = 32 << 20;
-
 pub struct ChunkStore {
     db: Arc<DB>,
     packs: Arc<PackFiles>,
-    /// Inserts go to one writer thread, which merges whatever batches are waiting into one
-    /// synced write (group commit: one fsync for several streams' batches) and does the
-    /// check-then-insert for all of them, so a chunk arriving twice at once is stored and
-    /// counted once.
-    writer: Option<SyncSender<WriteRequest>>,
+    /// Inserts and drops of damaged copies go to one writer thread ([`writer`]).
+    writer: Option<SyncSender<Request>>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
     counters: Arc<Mutex<StoreCounters>>,
+    /// Held shared by `has` from reading metadata to refreshing `last_seen`, and exclusively
+    /// while damaged copies are dropped, so a refresh cannot write back an entry just dropped.
+    fence: Arc<RwLock<()>>,
 }
 
 impl Drop for ChunkStore {
@@ -198,11 +247,6 @@ impl Drop for ChunkStore {
     }
 }
 
-struct WriteRequest {
-    chunks: Vec<VerifiedChunk>,
-    reply: SyncSender<Result<PutOutcome, StoreError>>,
-}
-
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -213,6 +257,16 @@ impl ChunkStore {
     /// Opens (creating if needed) the store in `path`. `cache_bytes` sizes the block cache
     /// shared by both column families' index, filter and data blocks.
     pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+        Self::open_with_sync(path, cache_bytes, Arc::new(std::fs::File::sync_data))
+    }
+
+    /// [`ChunkStore::open`] with another way of syncing pack appends (tests make it fail).
+    pub fn open_with_sync(
+        path: &Path,
+        cache_bytes: usize,
+        sync: SyncData,
+    ) -> Result<Self, StoreError> {
+        durable::create_dirs(&path.join("meta")).map_err(|e| pack_err("creating", e))?;
         let cache = Cache::new_lru_cache(cache_bytes);
 
         let mut meta_table = BlockBasedOptions::default();
@@ -239,8 +293,10 @@ impl ChunkStore {
             source,
         };
         let db = DB::open_cf_descriptors(&db_opts, path.join("meta"), cfs).map_err(open_err)?;
-        let packs =
-            Arc::new(PackFiles::open(&path.join("packs")).map_err(|e| pack_err("opening", e))?);
+        let packs = Arc::new(
+            PackFiles::open_with_sync(&path.join("packs"), sync)
+                .map_err(|e| pack_err("opening", e))?,
+        );
         let counters = db
             .get_cf(db.cf_handle(CF_STORE).expect("cf opened"), KEY_COUNTERS)
             .map_err(rocks("read counters"))?
@@ -248,22 +304,21 @@ impl ChunkStore {
             .unwrap_or_default();
         let db = Arc::new(db);
         let counters = Arc::new(Mutex::new(counters));
-        let (writer, requests) = sync_channel(64);
-        let writer_thread = {
-            let db = db.clone();
-            let packs = packs.clone();
-            let counters = counters.clone();
-            std::thread::Builder::new()
-                .name("chunk-writer".into())
-                .spawn(move || write_loop(&db, &packs, &requests, &counters))
-                .map_err(|e| StoreError::Thread(e.to_string()))?
-        };
+        let fence = Arc::new(RwLock::new(()));
+        let (writer, writer_thread) = Writer {
+            db: db.clone(),
+            packs: packs.clone(),
+            counters: counters.clone(),
+            fence: fence.clone(),
+        }
+        .spawn()?;
         Ok(ChunkStore {
             db,
             packs,
             writer: Some(writer),
             writer_thread: Some(writer_thread),
             counters,
+            fence,
         })
     }
 
@@ -271,8 +326,10 @@ impl ChunkStore {
         cf(&self.db, name)
     }
 
-    /// Which of `ids` are stored. Found chunks have `last_seen` refreshed (lazily).
+    /// Which of `ids` are stored. Found chunks have `last_seen` refreshed (lazily). Reads
+    /// metadata only: a damaged copy counts as present until a read finds it out.
     pub fn has(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
+        let _fence = self.fence.read().unwrap_or_else(|p| p.into_inner());
         let metas = metas(&self.db, ids)?;
         let now = now_secs();
         let mut touch = WriteBatch::default();
@@ -297,33 +354,107 @@ impl ChunkStore {
     /// rewritten; their `last_seen` is refreshed.
     pub fn put(&self, chunks: Vec<VerifiedChunk>) -> Result<PutOutcome, StoreError> {
         let (reply, outcome) = sync_channel(1);
-        self.writer
-            .as_ref()
-            .ok_or_else(|| StoreError::Thread("chunk store closed".into()))?
-            .send(WriteRequest { chunks, reply })
-            .map_err(|_| StoreError::Thread("chunk writer stopped".into()))?;
+        self.send(Request::Put(PutRequest { chunks, reply }))?;
         outcome
             .recv()
             .map_err(|_| StoreError::Thread("chunk writer stopped".into()))?
     }
 
-    /// Reads chunks; `None` for ids not stored.
-    pub fn get(&self, ids: &[ChunkId]) -> Result<Vec<Option<StoredChunk>>, StoreError> {
-        metas(&self.db, ids)?
-            .into_iter()
-            .map(|meta| {
-                let Some(meta) = meta else { return Ok(None) };
-                let data = self
-                    .packs
-                    .read(meta.location)
-                    .map_err(|e| pack_err(&format!("reading {:?}", meta.location), e))?;
-                Ok(Some(StoredChunk {
-                    plain_len: meta.plain_len,
-                    codec: meta.codec,
-                    data,
-                }))
-            })
-            .collect()
+    fn send(&self, request: Request) -> Result<(), StoreError> {
+        self.writer
+            .as_ref()
+            .ok_or_else(|| StoreError::Thread("chunk store closed".into()))?
+            .send(request)
+            .map_err(|_| StoreError::Thread("chunk writer stopped".into()))
+    }
+
+    /// Reads chunks, verifying each copy (see [`ChunkStore::read_verified`]); `max_plain_len`
+    /// is the cluster's largest chunk. Copies that fail are dropped from the index (durably,
+    /// before this returns), counted and logged, and reported `Damaged`. CPU-bound: call it
+    /// from a blocking thread.
+    pub fn get(&self, ids: &[ChunkId], max_plain_len: u32) -> Result<Vec<ChunkRead>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        let mut damaged = Vec::new();
+        for (id, meta) in ids.iter().zip(metas(&self.db, ids)?) {
+            let Some(meta) = meta else {
+                out.push(ChunkRead::Missing);
+                continue;
+            };
+            match self.read_verified(id, &meta, max_plain_len)? {
+                Ok(chunk) => out.push(ChunkRead::Found(chunk)),
+                Err(damage) => {
+                    tracing::warn!(
+                        chunk = %id,
+                        pack = meta.location.pack,
+                        offset = meta.location.offset,
+                        error = %damage,
+                        "stored chunk failed verification; dropping it from the index"
+                    );
+                    damaged.push((*id, meta));
+                    out.push(ChunkRead::Damaged);
+                }
+            }
+        }
+        if !damaged.is_empty() {
+            let (reply, dropped) = sync_channel(1);
+            self.send(Request::Drop(DropRequest {
+                copies: damaged,
+                reply,
+            }))?;
+            dropped
+                .recv()
+                .map_err(|_| StoreError::Thread("chunk writer stopped".into()))??;
+        }
+        Ok(out)
+    }
+
+    /// Reads the copy `meta` points at and checks that the record header in front of it names
+    /// the same id, lengths and codec, and that it decodes to the plaintext its id names
+    /// ([`decode_verified`]). The inner error says what is wrong with the copy; the outer one
+    /// is a failure of the node (a resource short for now), which says nothing about it.
+    fn read_verified(
+        &self,
+        id: &ChunkId,
+        meta: &ChunkMeta,
+        max_plain_len: u32,
+    ) -> Result<Result<StoredChunk, Damage>, StoreError> {
+        let len = meta.location.len;
+        if len as usize > zstd::zstd_safe::compress_bound(max_plain_len as usize) {
+            return Ok(Err(Damage::ImpossibleLength { len }));
+        }
+        let record = match self.packs.read_record(meta.location) {
+            Ok(r) => r,
+            Err(e) if is_damage(&e) => return Ok(Err(Damage::Unreadable(e))),
+            Err(e) => return Err(pack_err(&format!("reading {:?}", meta.location), e)),
+        };
+        let expected = RecordHeader {
+            id: *id,
+            plain_len: meta.plain_len,
+            codec: meta.codec as u8,
+            len,
+        };
+        match RecordHeader::decode(&record) {
+            None => return Ok(Err(Damage::NoHeader)),
+            Some(found) if found != expected => {
+                return Ok(Err(Damage::HeaderMismatch { found, expected }))
+            }
+            Some(_) => {}
+        }
+        let chunk = pb::Chunk {
+            id: id.as_bytes().to_vec(),
+            plain_len: meta.plain_len,
+            codec: meta.codec,
+            data: record.slice(HEADER_LEN..),
+            ..Default::default()
+        };
+        if let Err(e) = decode_verified(&chunk, max_plain_len) {
+            return Ok(Err(Damage::Content(e)));
+        }
+        Ok(Ok(StoredChunk {
+            plain_len: chunk.plain_len,
+            codec: chunk.codec,
+            data: chunk.data,
+        }))
     }
 
     pub fn counters(&self) -> StoreCounters {
@@ -355,134 +486,13 @@ fn metas(db: &DB, ids: &[ChunkId]) -> Result<Vec<Option<ChunkMeta>>, StoreError>
         .collect()
 }
 
-/// The writer thread: takes the next request and whatever else is already waiting, and
-/// commits them together.
-fn write_loop(
-    db: &DB,
-    packs: &PackFiles,
-    requests: &Receiver<WriteRequest>,
-    counters: &Mutex<StoreCounters>,
-) {
-    while let Ok(first) = requests.recv() {
-        let mut bytes: usize = first.chunks.iter().map(|c| c.data.len()).sum();
-        let mut group = vec![first];
-        while bytes < GROUP_BYTES {
-            match requests.try_recv() {
-                Ok(r) => {
-                    bytes += r.chunks.iter().map(|c| c.data.len()).sum::<usize>();
-                    group.push(r);
-                }
-                Err(_) => break,
-            }
-        }
-        match write_group(db, packs, &group, counters) {
-            Ok(outcomes) => {
-                for (req, outcome) in group.into_iter().zip(outcomes) {
-                    let _ = req.reply.send(Ok(outcome));
-                }
-            }
-            Err(e) => {
-                for req in group {
-                    let _ = req.reply.send(Err(e.clone()));
-                }
-            }
-        }
-    }
-}
-
-/// Commits several requests together: new chunks' bytes go to a pack file (synced), then
-/// all metadata and the counters in one synced write batch. Returns each request's outcome.
-fn write_group(
-    db: &DB,
-    packs: &PackFiles,
-    group: &[WriteRequest],
-    counters: &Mutex<StoreCounters>,
-) -> Result<Vec<PutOutcome>, StoreError> {
-    let ids: Vec<ChunkId> = group
-        .iter()
-        .flat_map(|r| r.chunks.iter().map(|c| c.id))
-        .collect();
-    let found = metas(db, &ids)?;
-    let now = now_secs();
-    let mut batch = WriteBatch::default();
-    let mut seen = std::collections::HashSet::with_capacity(ids.len());
-    let mut new_chunks: Vec<&VerifiedChunk> = Vec::new();
-    let mut outcomes = Vec::with_capacity(group.len());
-    let mut found = found.into_iter();
-    for req in group {
-        let mut outcome = PutOutcome::default();
-        for chunk in &req.chunks {
-            let meta = found.next().flatten();
-            if !seen.insert(chunk.id) {
-                outcome.existing += 1;
-                continue;
-            }
-            match meta {
-                Some(m) => {
-                    outcome.existing += 1;
-                    if m.last_seen + TOUCH_INTERVAL_SECS < now {
-                        let m = ChunkMeta {
-                            last_seen: now,
-                            ..m
-                        };
-                        batch.put_cf(cf(db, CF_META), chunk.id.as_bytes(), m.encode());
-                    }
-                }
-                None => {
-                    outcome.stored += 1;
-                    outcome.stored_bytes += chunk.data.len() as u64;
-                    new_chunks.push(chunk);
-                }
-            }
-        }
-        outcomes.push(outcome);
-    }
-    if !new_chunks.is_empty() {
-        let records: Vec<Record<'_>> = new_chunks
-            .iter()
-            .map(|c| Record {
-                id: &c.id,
-                plain_len: c.plain_len,
-                codec: c.codec,
-                data: &c.data,
-            })
-            .collect();
-        let locations = packs
-            .append(&records)
-            .map_err(|e| pack_err("appending chunks", e))
-            .inspect_err(|e| {
-                if matches!(e, StoreError::NoSpace(_)) {
-                    tracing::warn!(error = %e, "chunk upload refused");
-                }
-            })?;
-        let mut next = *counters.lock().unwrap_or_else(|p| p.into_inner());
-        for (chunk, location) in new_chunks.iter().zip(locations) {
-            let meta = ChunkMeta {
-                location,
-                plain_len: chunk.plain_len,
-                codec: chunk.codec,
-                last_seen: now,
-            };
-            batch.put_cf(cf(db, CF_META), chunk.id.as_bytes(), meta.encode());
-            next.chunks += 1;
-            next.stored_bytes += chunk.data.len() as u64;
-            next.plain_bytes += u64::from(chunk.plain_len);
-        }
-        batch.put_cf(cf(db, CF_STORE), KEY_COUNTERS, next.encode());
-        let mut sync = WriteOptions::default();
-        sync.set_sync(true);
-        db.write_opt(batch, &sync)
-            .map_err(rocks("write chunk metadata"))?;
-        *counters.lock().unwrap_or_else(|p| p.into_inner()) = next;
-    } else if !batch.is_empty() {
-        db.write(batch).map_err(rocks("touch last_seen"))?;
-    }
-    Ok(outcomes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pack::pack_path;
+    use std::os::unix::fs::FileExt;
+
+    const MAX: u32 = 1 << 20;
 
     fn chunk(plain: &[u8]) -> VerifiedChunk {
         VerifiedChunk {
@@ -493,19 +503,57 @@ mod tests {
         }
     }
 
+    fn zstd_chunk(plain: &[u8]) -> VerifiedChunk {
+        let (codec, data) = hashgrid_proto::codec::encode(&Bytes::copy_from_slice(plain), 3);
+        assert_eq!(codec, hashgrid_proto::codec::Codec::Zstd);
+        VerifiedChunk {
+            id: ChunkId::of(plain),
+            plain_len: plain.len() as u32,
+            codec: pb::Codec::Zstd as i32,
+            data,
+        }
+    }
+
+    fn found(read: &ChunkRead) -> &[u8] {
+        match read {
+            ChunkRead::Found(c) => &c.data,
+            other => panic!("expected the chunk, got {other:?}"),
+        }
+    }
+
+    fn location(store: &ChunkStore, id: &ChunkId) -> Location {
+        metas(&store.db, &[*id]).unwrap()[0].unwrap().location
+    }
+
+    /// Flips one bit of the pack file `at` bytes from the start of `loc`'s encoded bytes
+    /// (negative: inside the record header).
+    fn flip(dir: &Path, loc: Location, at: i64) {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(pack_path(&dir.join("packs"), loc.pack))
+            .unwrap();
+        let pos = (loc.offset as i64 + at) as u64;
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, pos).unwrap();
+        f.write_all_at(&[b[0] ^ 0x10], pos).unwrap();
+    }
+
     #[test]
     fn put_has_get_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let store = ChunkStore::open(dir.path(), 8 << 20).unwrap();
         let a = chunk(b"alpha");
         let b = chunk(b"bravo");
+        let z = zstd_chunk(&b"zulu".repeat(1000));
         assert_eq!(store.has(&[a.id, b.id]).unwrap(), vec![false, false]);
-        let out = store.put(vec![a.clone()]).unwrap();
-        assert_eq!((out.stored, out.existing, out.stored_bytes), (1, 0, 5));
+        let out = store.put(vec![a.clone(), z.clone()]).unwrap();
+        assert_eq!((out.stored, out.existing), (2, 0));
         assert_eq!(store.has(&[a.id, b.id]).unwrap(), vec![true, false]);
-        let got = store.get(&[a.id, b.id]).unwrap();
-        assert_eq!(got[0].as_ref().unwrap().data, b"alpha");
-        assert!(got[1].is_none());
+        let got = store.get(&[a.id, b.id, z.id], MAX).unwrap();
+        assert_eq!(found(&got[0]), b"alpha");
+        assert!(matches!(got[1], ChunkRead::Missing));
+        assert_eq!(found(&got[2]), &z.data[..]);
     }
 
     #[test]
@@ -518,10 +566,7 @@ mod tests {
         evil.data = Bytes::from_static(b"other");
         let out = store.put(vec![evil]).unwrap();
         assert_eq!((out.stored, out.existing), (0, 1));
-        assert_eq!(
-            store.get(&[a.id]).unwrap()[0].as_ref().unwrap().data,
-            b"alpha"
-        );
+        assert_eq!(found(&store.get(&[a.id], MAX).unwrap()[0]), b"alpha");
         assert_eq!(store.counters().chunks, 1);
     }
 
@@ -538,9 +583,148 @@ mod tests {
             StoreCounters {
                 chunks: 2,
                 stored_bytes: 8,
-                plain_bytes: 8
+                plain_bytes: 8,
+                damaged: 0,
             }
         );
         assert_eq!(store.has(&[ChunkId::of(b"one")]).unwrap(), vec![true]);
+    }
+
+    #[test]
+    fn counters_written_before_the_damaged_count_still_read() {
+        let old = [
+            &5u64.to_le_bytes()[..],
+            &6u64.to_le_bytes(),
+            &7u64.to_le_bytes(),
+        ]
+        .concat();
+        let c = StoreCounters::decode(&old).unwrap();
+        assert_eq!(
+            (c.chunks, c.stored_bytes, c.plain_bytes, c.damaged),
+            (5, 6, 7, 0)
+        );
+        assert_eq!(StoreCounters::decode(&c.encode()), Some(c));
+    }
+
+    #[test]
+    fn a_flipped_byte_is_found_dropped_counted_and_healed_by_the_next_put() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = zstd_chunk(&b"alpha ".repeat(2000));
+        let b = chunk(b"bravo");
+        {
+            let store = ChunkStore::open(dir.path(), 8 << 20).unwrap();
+            store.put(vec![a.clone(), b.clone()]).unwrap();
+            flip(dir.path(), location(&store, &a.id), 5);
+            // `has` reads metadata only.
+            assert_eq!(store.has(&[a.id]).unwrap(), vec![true]);
+            // Asked for twice in one read: dropped and counted once.
+            let got = store.get(&[a.id, b.id, a.id], MAX).unwrap();
+            assert!(matches!(got[0], ChunkRead::Damaged), "{:?}", got[0]);
+            assert_eq!(found(&got[1]), b"bravo");
+            assert!(matches!(got[2], ChunkRead::Damaged));
+            assert_eq!(store.has(&[a.id, b.id]).unwrap(), vec![false, true]);
+            assert!(matches!(
+                store.get(&[a.id], MAX).unwrap()[0],
+                ChunkRead::Missing
+            ));
+        }
+        // The drop and its count are durable.
+        let store = ChunkStore::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(
+            store.counters(),
+            StoreCounters {
+                chunks: 1,
+                stored_bytes: 5,
+                plain_bytes: 5,
+                damaged: 1,
+            }
+        );
+        assert_eq!(store.has(&[a.id]).unwrap(), vec![false]);
+        // The next upload of the chunk stores a fresh copy, which reads back whole.
+        let out = store.put(vec![a.clone()]).unwrap();
+        assert_eq!((out.stored, out.existing), (1, 0));
+        assert_eq!(found(&store.get(&[a.id], MAX).unwrap()[0]), &a.data[..]);
+        assert_eq!(store.counters().chunks, 2);
+    }
+
+    #[test]
+    fn a_header_that_disagrees_with_the_index_is_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), 8 << 20).unwrap();
+        let chunks = [chunk(b"magic"), chunk(b"id"), chunk(b"plain length")];
+        store.put(chunks.to_vec()).unwrap();
+        // Byte offsets into the header, counted back from the encoded bytes.
+        let header = -(HEADER_LEN as i64);
+        for (c, at) in chunks.iter().zip([header, header + 4, header + 36]) {
+            flip(dir.path(), location(&store, &c.id), at);
+        }
+        let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
+        let got = store.get(&ids, MAX).unwrap();
+        assert!(
+            got.iter().all(|r| matches!(r, ChunkRead::Damaged)),
+            "{got:?}"
+        );
+        assert_eq!(store.counters().damaged, 3);
+        assert_eq!(store.counters().chunks, 0);
+    }
+
+    #[test]
+    fn a_short_or_missing_pack_is_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), 8 << 20).unwrap();
+        let a = chunk(b"alpha");
+        store.put(vec![a.clone()]).unwrap();
+        let loc = location(&store, &a.id);
+        let pack = pack_path(&dir.path().join("packs"), loc.pack);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&pack)
+            .unwrap()
+            .set_len(loc.offset + 2)
+            .unwrap();
+        assert!(matches!(
+            store.get(&[a.id], MAX).unwrap()[0],
+            ChunkRead::Damaged
+        ));
+        drop(store);
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), 8 << 20).unwrap();
+        store.put(vec![a.clone()]).unwrap();
+        std::fs::remove_file(pack_path(&dir.path().join("packs"), 1)).unwrap();
+        assert!(matches!(
+            store.get(&[a.id], MAX).unwrap()[0],
+            ChunkRead::Damaged
+        ));
+        assert_eq!(store.has(&[a.id]).unwrap(), vec![false]);
+    }
+
+    #[test]
+    fn a_failed_pack_sync_fails_the_batch_and_loses_nothing_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (one, two, three) = (chunk(b"one"), chunk(b"two"), chunk(b"three"));
+        {
+            let sync = crate::pack::tests::failing_sync(&[1]);
+            let store = ChunkStore::open_with_sync(dir.path(), 8 << 20, sync).unwrap();
+            store.put(vec![one.clone()]).unwrap();
+            assert!(matches!(
+                store.put(vec![two.clone()]),
+                Err(StoreError::Pack(_))
+            ));
+            assert_eq!(store.has(&[two.id]).unwrap(), vec![false], "indexed anyway");
+            let out = store.put(vec![three.clone()]).unwrap();
+            assert_eq!(out.stored, 1);
+            assert_ne!(
+                location(&store, &three.id).pack,
+                location(&store, &one.id).pack,
+                "appended to the pack whose sync failed"
+            );
+        }
+        let store = ChunkStore::open(dir.path(), 8 << 20).unwrap();
+        let got = store.get(&[one.id, two.id, three.id], MAX).unwrap();
+        assert_eq!(found(&got[0]), b"one");
+        assert!(matches!(got[1], ChunkRead::Missing));
+        assert_eq!(found(&got[2]), b"three");
+        assert_eq!(store.counters().chunks, 2);
     }
 }

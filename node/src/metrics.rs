@@ -15,6 +15,7 @@ pub const GET_BYTES: &str = "hashgrid_chunk_get_bytes_total";
 pub const SNAPSHOTS_COMMITTED: &str = "hashgrid_catalog_snapshots_committed_total";
 pub const STORE_CHUNKS: &str = "hashgrid_store_chunks";
 pub const STORE_BYTES: &str = "hashgrid_store_stored_bytes";
+pub const STORE_DAMAGED: &str = "hashgrid_store_damaged_chunks_total";
 
 /// Starts the exporter's HTTP listener on the current Tokio runtime.
 pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
@@ -26,10 +27,17 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
     describe_counter!(PUT_CHUNKS, "Chunks received, by result (stored/existing)");
     describe_counter!(PUT_BYTES, "Encoded bytes newly stored");
     describe_counter!(REJECTED, "Chunks refused, by reason");
-    describe_counter!(GET_CHUNKS, "Chunks served");
+    describe_counter!(
+        GET_CHUNKS,
+        "Chunks asked for, by result (served/missing/damaged)"
+    );
     describe_counter!(GET_BYTES, "Encoded bytes served");
     describe_counter!(SNAPSHOTS_COMMITTED, "Snapshots committed through this node");
     describe_gauge!(STORE_CHUNKS, "Distinct chunks held by this node");
     describe_gauge!(STORE_BYTES, "Encoded bytes of the chunks held by this node");
+    describe_counter!(
+        STORE_DAMAGED,
+        "Stored chunk copies that failed verification on a read and left the index"
+    );
     Ok(())
 }

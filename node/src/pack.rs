@@ -19,7 +19,13 @@
 //! harmless and reclaimed by pack compaction (with GC, a later issue). A torn record at the
 //! tail is never referenced for the same reason. Headers make a pack file self-describing, so
 //! scrub and recovery can read one without the metadata; zero padding between groups has no
-//! magic and is skipped to the next 4 KiB boundary.
+//! magic and is skipped to the next 4 KiB boundary. Readers check the header in front of the
+//! bytes they read against the metadata that sent them there.
+//!
+//! A failed `fdatasync` is never retried on the same file (PostgreSQL's "fsyncgate"): Linux
+//! may already have dropped the dirty pages and cleared the error, so a second sync could
+//! report success for bytes that are gone. The failed group is not acknowledged, and the
+//! pack is retired: later groups go to a new pack file.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -27,7 +33,10 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use bytes::Bytes;
 use hashgrid_proto::ChunkId;
+
+use crate::durable;
 
 const MAGIC: &[u8; 4] = b"HGP1";
 pub const HEADER_LEN: usize = 4 + 32 + 4 + 1 + 4;
@@ -58,15 +67,55 @@ pub struct Record<'a> {
     pub data: &'a [u8],
 }
 
-fn header(r: &Record<'_>) -> [u8; HEADER_LEN] {
-    let mut h = [0u8; HEADER_LEN];
-    h[..4].copy_from_slice(MAGIC);
-    h[4..36].copy_from_slice(r.id.as_bytes());
-    h[36..40].copy_from_slice(&r.plain_len.to_le_bytes());
-    h[40] = r.codec as u8;
-    h[41..45].copy_from_slice(&(r.data.len() as u32).to_le_bytes());
-    h
+/// What a record's header says about the bytes behind it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub id: ChunkId,
+    pub plain_len: u32,
+    pub codec: u8,
+    /// Encoded length.
+    pub len: u32,
 }
+
+impl RecordHeader {
+    fn of(r: &Record<'_>) -> Self {
+        RecordHeader {
+            id: *r.id,
+            plain_len: r.plain_len,
+            codec: r.codec as u8,
+            len: r.data.len() as u32,
+        }
+    }
+
+    fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[..4].copy_from_slice(MAGIC);
+        h[4..36].copy_from_slice(self.id.as_bytes());
+        h[36..40].copy_from_slice(&self.plain_len.to_le_bytes());
+        h[40] = self.codec;
+        h[41..45].copy_from_slice(&self.len.to_le_bytes());
+        h
+    }
+
+    /// The header at the start of `b`; `None` when `b` is too short or has no magic.
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        let h = b.get(..HEADER_LEN)?;
+        if &h[..4] != MAGIC {
+            return None;
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().expect("4 bytes"));
+        Some(RecordHeader {
+            id: ChunkId::from_slice(&h[4..36]).ok()?,
+            plain_len: u32_at(36),
+            codec: h[40],
+            len: u32_at(41),
+        })
+    }
+}
+
+/// Makes a pack's appended bytes durable: `fdatasync` in production. A seam, so tests can
+/// make it fail and see the pack retired.
+pub type SyncData = Arc<dyn Fn(&File) -> std::io::Result<()> + Send + Sync>;
 
 struct Current {
     number: u32,
@@ -76,23 +125,31 @@ struct Current {
     direct: bool,
     /// Page-aligned staging buffer for direct writes, reused between groups.
     staging: Option<memmap2::MmapMut>,
+    /// A sync of this pack failed: nothing more is appended to it.
+    retired: bool,
 }
 
 pub struct PackFiles {
     dir: PathBuf,
+    sync: SyncData,
     /// The pack being appended to. Only the store's writer thread appends.
     current: std::sync::Mutex<Current>,
     readers: RwLock<HashMap<u32, Arc<File>>>,
 }
 
-fn pack_path(dir: &Path, number: u32) -> PathBuf {
+pub(crate) fn pack_path(dir: &Path, number: u32) -> PathBuf {
     dir.join(format!("{number:08}.pack"))
 }
 
 impl PackFiles {
     /// Opens the pack directory, appending to the newest pack.
     pub fn open(dir: &Path) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        Self::open_with_sync(dir, Arc::new(File::sync_data))
+    }
+
+    /// [`PackFiles::open`] with another way of syncing appends (tests make it fail).
+    pub fn open_with_sync(dir: &Path, sync: SyncData) -> std::io::Result<Self> {
+        durable::create_dirs(dir)?;
         let newest = std::fs::read_dir(dir)?
             .filter_map(|e| e.ok())
             .filter_map(|e| {
@@ -105,6 +162,7 @@ impl PackFiles {
         let current = Self::open_for_append(dir, newest)?;
         Ok(PackFiles {
             dir: dir.to_path_buf(),
+            sync,
             current: std::sync::Mutex::new(current),
             readers: RwLock::new(HashMap::new()),
         })
@@ -112,7 +170,6 @@ impl PackFiles {
 
     fn open_for_append(dir: &Path, number: u32) -> std::io::Result<Current> {
         let path = pack_path(dir, number);
-        let existed = path.exists();
         let open = |direct: bool| {
             let mut o = OpenOptions::new();
             o.create(true).write(true);
@@ -126,11 +183,10 @@ impl PackFiles {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(false)?, false),
             Err(e) => return Err(e),
         };
-        if !existed {
-            // Make the new file's name durable before any record in it is referenced.
-            file.sync_all()?;
-            File::open(dir)?.sync_all()?;
-        }
+        // Make the file's name durable before any record in it is referenced. Done for an
+        // existing pack too: an earlier attempt may have created it and failed before this.
+        file.sync_all()?;
+        durable::sync_dir(dir)?;
         let size = file.metadata()?.len();
         Ok(Current {
             number,
@@ -138,15 +194,22 @@ impl PackFiles {
             len: if direct { align_up(size) } else { size },
             direct,
             staging: None,
+            retired: false,
         })
+    }
+
+    /// Moves appends from the current pack to the next one.
+    fn roll(&self, cur: &mut Current) -> std::io::Result<()> {
+        let next = cur.number + 1;
+        *cur = Self::open_for_append(&self.dir, next)?;
+        Ok(())
     }
 
     /// Appends records and makes them durable; returns where each one's bytes are.
     pub fn append(&self, records: &[Record<'_>]) -> std::io::Result<Vec<Location>> {
         let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        if cur.len >= PACK_TARGET_BYTES {
-            let next = cur.number + 1;
-            *cur = Self::open_for_append(&self.dir, next)?;
+        if cur.retired || cur.len >= PACK_TARGET_BYTES {
+            self.roll(&mut cur)?;
         }
         let total: u64 = records
             .iter()
@@ -162,7 +225,7 @@ impl PackFiles {
             let buf = cur.staging.as_mut().expect("allocated above");
             let mut at = 0usize;
             for r in records {
-                buf[at..at + HEADER_LEN].copy_from_slice(&header(r));
+                buf[at..at + HEADER_LEN].copy_from_slice(&RecordHeader::of(r).encode());
                 at += HEADER_LEN;
                 locations.push(Location {
                     pack: 0,
@@ -188,8 +251,20 @@ impl PackFiles {
             cur.len = start + padded as u64;
             return Err(e);
         }
-        cur.file.sync_data()?;
         cur.len = start + padded as u64;
+        if let Err(e) = (self.sync)(&cur.file) {
+            tracing::error!(
+                pack = cur.number,
+                error = %e,
+                "syncing a pack file failed; its last group is not acknowledged and the pack is retired"
+            );
+            cur.retired = true;
+            // Roll now, so a restart before the next append does not append to it either.
+            if let Err(roll) = self.roll(&mut cur) {
+                tracing::warn!(error = %roll, "opening the next pack file failed; the next append retries");
+            }
+            return Err(e);
+        }
         Ok(locations)
     }
 
@@ -210,16 +285,23 @@ impl PackFiles {
         Ok(f)
     }
 
-    /// Reads the encoded bytes at `loc`.
-    pub fn read(&self, loc: Location) -> std::io::Result<Vec<u8>> {
-        let mut buf = vec![0u8; loc.len as usize];
-        self.reader(loc.pack)?.read_exact_at(&mut buf, loc.offset)?;
-        Ok(buf)
+    /// Reads the record whose encoded bytes are at `loc`: its header followed by those bytes
+    /// (check the header with [`RecordHeader::decode`], the bytes are `[HEADER_LEN..]`).
+    pub fn read_record(&self, loc: Location) -> std::io::Result<Bytes> {
+        let start = loc.offset.checked_sub(HEADER_LEN as u64).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("offset {} leaves no room for a record header", loc.offset),
+            )
+        })?;
+        let mut buf = vec![0u8; HEADER_LEN + loc.len as usize];
+        self.reader(loc.pack)?.read_exact_at(&mut buf, start)?;
+        Ok(Bytes::from(buf))
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -244,23 +326,83 @@ mod tests {
             packs.append(&recs).unwrap()
         };
         let packs = PackFiles::open(dir.path()).unwrap();
-        for (loc, d) in locs.iter().zip(&data) {
-            assert_eq!(&packs.read(*loc).unwrap(), d);
+        for ((loc, d), id) in locs.iter().zip(&data).zip(&ids) {
+            let rec = packs.read_record(*loc).unwrap();
+            assert_eq!(&rec[HEADER_LEN..], d);
+            assert_eq!(
+                RecordHeader::decode(&rec),
+                Some(RecordHeader {
+                    id: *id,
+                    plain_len: d.len() as u32,
+                    codec: 0,
+                    len: d.len() as u32
+                })
+            );
         }
         // Appends after reopening go after the existing records.
-        let more = packs
-            .append(&[Record {
-                id: &ids[0],
-                plain_len: 3,
-                codec: 0,
-                data: b"abc",
-            }])
-            .unwrap();
+        let more = packs.append(&[record(&ids[0], b"abc")]).unwrap();
         assert!(more[0].offset > locs[2].offset);
-        assert_eq!(packs.read(more[0]).unwrap(), b"abc");
+        assert_eq!(&packs.read_record(more[0]).unwrap()[HEADER_LEN..], b"abc");
         // The header describes the record.
         let raw = std::fs::read(pack_path(dir.path(), 1)).unwrap();
         assert_eq!(&raw[..4], MAGIC);
         assert_eq!(&raw[4..36], ids[0].as_bytes());
+    }
+
+    fn record<'a>(id: &'a ChunkId, data: &'a [u8]) -> Record<'a> {
+        Record {
+            id,
+            plain_len: data.len() as u32,
+            codec: 0,
+            data,
+        }
+    }
+
+    /// A sync that fails on the calls whose numbers (from 0) are in `failing`.
+    pub(crate) fn failing_sync(failing: &'static [usize]) -> SyncData {
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        Arc::new(move |f: &File| {
+            let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if failing.contains(&n) {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
+            f.sync_data()
+        })
+    }
+
+    #[test]
+    fn a_failed_sync_retires_the_pack_and_appends_move_to_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let packs = PackFiles::open_with_sync(dir.path(), failing_sync(&[1])).unwrap();
+        let id = ChunkId::of(b"x");
+        let first = packs.append(&[record(&id, b"first")]).unwrap();
+        let err = packs.append(&[record(&id, b"lost")]).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+        let third = packs.append(&[record(&id, b"third")]).unwrap();
+        assert_eq!((first[0].pack, third[0].pack), (1, 2));
+        assert!(pack_path(dir.path(), 2).exists());
+        // Appends after a restart go to the new pack too, never the retired one.
+        drop(packs);
+        let packs = PackFiles::open(dir.path()).unwrap();
+        let fourth = packs.append(&[record(&id, b"fourth")]).unwrap();
+        assert_eq!(fourth[0].pack, 2);
+        for (loc, want) in [
+            (first[0], &b"first"[..]),
+            (third[0], b"third"),
+            (fourth[0], b"fourth"),
+        ] {
+            assert_eq!(&packs.read_record(loc).unwrap()[HEADER_LEN..], want);
+        }
+    }
+
+    #[test]
+    fn a_header_without_magic_or_cut_short_does_not_decode() {
+        let id = ChunkId::of(b"x");
+        let h = RecordHeader::of(&record(&id, b"abc")).encode();
+        assert_eq!(RecordHeader::decode(&h).map(|h| h.id), Some(id));
+        assert_eq!(RecordHeader::decode(&h[..HEADER_LEN - 1]), None);
+        let mut bad = h;
+        bad[0] ^= 1;
+        assert_eq!(RecordHeader::decode(&bad), None);
     }
 }

@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -29,7 +30,7 @@ use crate::catalog::{ClusterConfig, Command, CommandResult};
 use crate::chunk_store::ChunkStore;
 use crate::config::NodeConfig;
 use crate::context::NodeContext;
-use crate::durable::write_secret_file;
+use crate::durable;
 use crate::membership;
 use crate::peer::{ClusterSecret, PeerPool};
 use crate::raft::network::Network;
@@ -46,18 +47,28 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 pub const ADDR_FILE: &str = "node.addr";
 
 /// Runs a node until `shutdown` resolves.
+///
+/// Sets the process umask to 0o077 first: chunks are stored unencrypted and the data dir
+/// holds the admin token, so everything the node (and RocksDB inside it) creates must be
+/// private to its user, whatever umask the node was started with. An existing data dir is
+/// made 0700 too, which also closes off files an older build created more openly.
 pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let data_dir = config.data_dir.clone();
-    std::fs::create_dir_all(&data_dir)
+    durable::create_dirs(&data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    make_private(&data_dir)?;
     let _ = std::fs::remove_file(data_dir.join(ADDR_FILE));
 
     let store = Arc::new(
         ChunkStore::open(&data_dir.join("chunks"), config.cache_mib << 20)
             .context("opening the chunk store (is another node using this data dir?)")?,
     );
-    let raft_db = raft::open_db(&data_dir.join("raft"))
-        .with_context(|| format!("opening Raft state in {}", data_dir.join("raft").display()))?;
+    let raft_dir = data_dir.join("raft");
+    let raft_db = durable::create_dirs(&raft_dir)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| Ok(raft::open_db(&raft_dir)?))
+        .with_context(|| format!("opening Raft state in {}", raft_dir.display()))?;
     let node_id = raft::node_id(&raft_db).context("reading node id")?;
     let state_machine = StateMachine::open(raft_db.clone()).context("loading the catalog")?;
     let catalog = state_machine.catalog();
@@ -219,11 +230,13 @@ async fn bootstrap(ctx: &NodeContext, data_dir: &Path, config: &NodeConfig) -> a
         .config
         .is_some()
     {
-        return Ok(());
+        return settle_token(ctx, data_dir);
     }
     let token = hex::encode(rand::random::<[u8; 32]>());
     let token_path = data_dir.join(ADMIN_TOKEN_FILE);
-    write_secret_file(&token_path, format!("{token}\n").as_bytes())
+    // Durable before the Init that commits its hash: a cluster whose token file was lost
+    // would have no usable admin token.
+    durable::write_private(&token_path, format!("{token}\n").as_bytes())
         .with_context(|| format!("writing {}", token_path.display()))?;
     let mut map = ClusterMap::single(ctx.node_id, ctx.advertise.clone());
     map.members[0].zone = config.zone.clone();
@@ -277,6 +290,7 @@ async fn join(ctx: &NodeContext, config: &NodeConfig) -> anyhow::Result<()> {
 /// A restart of a member: wait (a while) for a leader so that what was committed before is
 /// applied, and make sure the map has this node's current address.
 async fn rejoin(ctx: &NodeContext, config: &NodeConfig) -> anyhow::Result<()> {
+    settle_token(ctx, &config.data_dir)?;
     if let Err(e) = wait_for_leader(ctx, None).await {
         // A member whose peers are all down still serves what it holds (restores).
         tracing::warn!(error = %e, "no catalog leader yet; serving with the catalog as stored");
@@ -337,17 +351,70 @@ async fn wait_for_leader(ctx: &NodeContext, want: Option<u64>) -> anyhow::Result
     Ok(())
 }
 
-fn write_atomically(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    let tmp = tmp_path(path);
-    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+/// Makes the data dir 0700. One the node may write in but not chmod (a volume root owned by
+/// root and shared with a group the node is in, as Kubernetes mounts them) is left as it is,
+/// with a warning: everything the node creates inside it is private anyway.
+fn make_private(dir: &Path) -> anyhow::Result<()> {
+    let mode = std::fs::metadata(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    match std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            tracing::warn!(
+                data_dir = %dir.display(),
+                mode = format!("{:o}", mode & 0o7777),
+                "cannot make the data dir private (not its owner); what the node creates in it is"
+            );
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("making {} private", dir.display())),
+    }
+}
+
+/// On an initialized cluster: a token file left half-way by a power cut (an older build,
+/// or a crash between the staged write and the rename) is completed. Builds before the
+/// token's rename was made durable could lose it, leaving the complete, synced `.tmp` copy;
+/// if that copy holds the token the catalog has the hash of, it is put in place. Members
+/// that joined never had a token file and have nothing to do.
+fn settle_token(ctx: &NodeContext, data_dir: &Path) -> anyhow::Result<()> {
+    let token_path = data_dir.join(ADMIN_TOKEN_FILE);
+    let tmp = durable::tmp_path(&token_path);
+    if token_path.exists() || !tmp.exists() {
+        return Ok(());
+    }
+    let Ok(hash) = ctx.config().map(|c| c.admin_token) else {
+        return Ok(());
+    };
+    let staged = std::fs::read_to_string(&tmp).ok();
+    match staged {
+        Some(token) if TokenHash::of(token.trim()) == hash => {
+            durable::rename(&tmp, &token_path)
+                .with_context(|| format!("restoring {}", token_path.display()))?;
+            tracing::warn!(
+                token_file = %token_path.display(),
+                "the admin token file was missing; restored it from its interrupted write"
+            );
+        }
+        _ => tracing::warn!(
+            "{} is missing and {} does not hold the cluster's token; the admin token cannot \
+             be recovered from its hash",
+            ADMIN_TOKEN_FILE,
+            tmp.display()
+        ),
+    }
     Ok(())
 }
 
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
+fn write_atomically(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    let tmp = durable::tmp_path(path);
+    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
 }
 
 /// The address a node in `data_dir` announced, once it is ready.

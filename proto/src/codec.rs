@@ -1,6 +1,11 @@
 //! Chunk encoding: how a chunk's plaintext travels and rests. Agents compress with zstd when
 //! that shrinks the chunk; nodes store the encoded form as received, after checking that it
 //! decodes to exactly the plaintext its id names. Restore applies the same check.
+//!
+//! The check also bounds the encoded form to what an honest encoder produces (raw data of
+//! exactly the plaintext length, or one zstd frame no larger than zstd's worst case), so a
+//! client cannot make a node store padding, trailing bytes or hidden skippable frames beside
+//! a valid chunk: what a node keeps is a function of the chunk's plaintext.
 
 use std::cell::RefCell;
 
@@ -41,8 +46,23 @@ pub enum ChunkError {
     WrongHash { id: ChunkId, actual: ChunkId },
     #[error("chunk {id}: all zeros; zero runs are holes and are never stored")]
     AllZero { id: ChunkId },
+    #[error("chunk {id}: {why}; an honest encoder never produces that")]
+    NonCanonical { id: ChunkId, why: NonCanonical },
     #[error("malformed chunk: {0}")]
     Malformed(String),
+}
+
+/// Ways an encoded chunk can differ from what an encoder makes of its plaintext.
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+pub enum NonCanonical {
+    #[error("raw data of {len} bytes for a plaintext of {plain_len}")]
+    RawLength { len: usize, plain_len: u32 },
+    #[error("zstd data of {len} bytes exceeds zstd's bound of {bound} for its plaintext")]
+    OverBound { len: usize, bound: usize },
+    #[error("zstd data does not start with a zstd frame (skippable or legacy frame)")]
+    NotAFrame,
+    #[error("{extra} bytes follow the zstd frame")]
+    Trailing { extra: usize },
 }
 
 thread_local! {
@@ -94,8 +114,50 @@ pub fn encode(plain: &Bytes, level: i32) -> (Codec, Bytes) {
     }
 }
 
+/// `plain` (whose id is `id`) encoded with [`encode`], as a chunk on the wire.
+pub fn encode_chunk(id: ChunkId, plain: &Bytes, level: i32) -> pb::Chunk {
+    let (codec, data) = encode(plain, level);
+    pb::Chunk {
+        id: id.as_bytes().to_vec(),
+        plain_len: plain.len() as u32,
+        codec: pb::Codec::from(codec) as i32,
+        data,
+        ..Default::default()
+    }
+}
+
+/// Checks that `data` is exactly what an encoder with `codec` could have made of a
+/// plaintext of `plain_len` bytes: nothing before, around or after the encoded plaintext.
+/// Cheap (a scan of the zstd block headers), so it runs before any decompression.
+fn check_canonical(codec: pb::Codec, data: &[u8], plain_len: u32) -> Result<(), NonCanonical> {
+    let len = data.len();
+    match codec {
+        pb::Codec::Raw if len != plain_len as usize => {
+            Err(NonCanonical::RawLength { len, plain_len })
+        }
+        pb::Codec::Raw => Ok(()),
+        pb::Codec::Zstd => {
+            let bound = zstd::zstd_safe::compress_bound(plain_len as usize);
+            if len > bound {
+                return Err(NonCanonical::OverBound { len, bound });
+            }
+            // Skippable frames (any content) and legacy formats have other magic numbers.
+            let magic = data.first_chunk::<4>().map(|m| u32::from_le_bytes(*m));
+            if magic != Some(zstd::zstd_safe::MAGICNUMBER) {
+                return Err(NonCanonical::NotAFrame);
+            }
+            match zstd::zstd_safe::find_frame_compressed_size(data) {
+                Ok(frame) if frame < len => Err(NonCanonical::Trailing { extra: len - frame }),
+                // A truncated or garbled frame: decompression reports it.
+                _ => Ok(()),
+            }
+        }
+    }
+}
+
 /// Decodes a chunk and checks it against its id and declared length; returns the plaintext.
-/// `max_len` bounds the plaintext so a hostile chunk cannot make us allocate without limit.
+/// `max_len` bounds the plaintext so a hostile chunk cannot make us allocate without limit,
+/// and the encoded bytes must be no more than an honest encoder produces (see [`NonCanonical`]).
 /// Raw chunks are checked in place, without a copy.
 pub fn decode_verified(chunk: &pb::Chunk, max_len: u32) -> Result<(ChunkId, Bytes), ChunkError> {
     let id = ChunkId::from_slice(&chunk.id).map_err(|e| ChunkError::Malformed(e.to_string()))?;
@@ -106,10 +168,18 @@ pub fn decode_verified(chunk: &pb::Chunk, max_len: u32) -> Result<(ChunkId, Byte
             limit: u64::from(max_len),
         });
     }
+    let Ok(codec) = pb::Codec::try_from(chunk.codec) else {
+        return Err(ChunkError::UnknownCodec {
+            id,
+            codec: chunk.codec,
+        });
+    };
+    check_canonical(codec, &chunk.data, chunk.plain_len)
+        .map_err(|why| ChunkError::NonCanonical { id, why })?;
     let corrupt = |reason: String| ChunkError::Corrupt { id, reason };
-    let plain = match pb::Codec::try_from(chunk.codec) {
-        Ok(pb::Codec::Raw) => chunk.data.clone(),
-        Ok(pb::Codec::Zstd) => DECOMPRESSOR
+    let plain = match codec {
+        pb::Codec::Raw => chunk.data.clone(),
+        pb::Codec::Zstd => DECOMPRESSOR
             .with(|cell| {
                 let mut d = cell.borrow_mut();
                 if d.is_none() {
@@ -122,12 +192,6 @@ pub fn decode_verified(chunk: &pb::Chunk, max_len: u32) -> Result<(ChunkId, Byte
             })
             .map(Bytes::from)
             .map_err(corrupt)?,
-        Err(_) => {
-            return Err(ChunkError::UnknownCodec {
-                id,
-                codec: chunk.codec,
-            })
-        }
     };
     if plain.len() != chunk.plain_len as usize {
         return Err(corrupt(format!(
@@ -156,14 +220,7 @@ mod tests {
     use super::*;
 
     fn chunk(plain: &[u8], level: i32) -> pb::Chunk {
-        let (codec, data) = encode(&Bytes::copy_from_slice(plain), level);
-        pb::Chunk {
-            id: ChunkId::of(plain).as_bytes().to_vec(),
-            plain_len: plain.len() as u32,
-            codec: pb::Codec::from(codec) as i32,
-            data,
-            ..Default::default()
-        }
+        encode_chunk(ChunkId::of(plain), &Bytes::copy_from_slice(plain), level)
     }
 
     #[test]
@@ -208,8 +265,103 @@ mod tests {
         c.data = Bytes::from_static(b"not zstd");
         assert!(matches!(
             decode_verified(&c, 1 << 20),
+            Err(ChunkError::NonCanonical {
+                why: NonCanonical::NotAFrame,
+                ..
+            })
+        ));
+
+        let mut c = chunk(&plain, 3);
+        c.data = c.data.slice(..c.data.len() - 3);
+        assert!(matches!(
+            decode_verified(&c, 1 << 20),
             Err(ChunkError::Corrupt { .. })
         ));
+    }
+
+    fn skippable_frame(payload: &[u8]) -> Vec<u8> {
+        let mut f = 0x184D_2A5Au32.to_le_bytes().to_vec();
+        f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn non_canonical(c: &pb::Chunk) -> NonCanonical {
+        match decode_verified(c, 1 << 20) {
+            Err(ChunkError::NonCanonical { why, .. }) => why,
+            other => panic!("accepted or refused for another reason: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn skippable_frames_beside_a_valid_frame_are_refused() {
+        let plain = b"hello world".repeat(100);
+        let honest = chunk(&plain, 3);
+        let hidden = skippable_frame(b"a stowaway the node must not keep");
+
+        let mut after = honest.clone();
+        after.data = [&honest.data[..], &hidden].concat().into();
+        assert_eq!(
+            non_canonical(&after),
+            NonCanonical::Trailing {
+                extra: hidden.len()
+            }
+        );
+
+        let mut before = honest.clone();
+        before.data = [&hidden, &honest.data[..]].concat().into();
+        assert_eq!(non_canonical(&before), NonCanonical::NotAFrame);
+    }
+
+    #[test]
+    fn trailing_bytes_and_padding_after_the_frame_are_refused() {
+        let plain = b"hello world".repeat(100);
+        let honest = chunk(&plain, 3);
+        let mut trailing = honest.clone();
+        trailing.data = [&honest.data[..], b"garbage"].concat().into();
+        assert_eq!(
+            non_canonical(&trailing),
+            NonCanonical::Trailing { extra: 7 }
+        );
+
+        let mut padded = honest.clone();
+        padded.data = [&honest.data[..], &[0u8; 8192][..]].concat().into();
+        let bound = zstd::zstd_safe::compress_bound(plain.len());
+        assert_eq!(
+            non_canonical(&padded),
+            NonCanonical::OverBound {
+                len: honest.data.len() + 8192,
+                bound
+            }
+        );
+        // The honest chunk itself passes.
+        assert_eq!(decode_verified(&honest, 1 << 20).unwrap().1, plain);
+    }
+
+    #[test]
+    fn raw_data_must_be_exactly_the_plaintext() {
+        let mut plain = vec![0u8; 4096];
+        blake3::Hasher::new().finalize_xof().fill(&mut plain);
+        let honest = chunk(&plain, 0);
+        assert_eq!(honest.codec, pb::Codec::Raw as i32);
+        let mut oversized = honest.clone();
+        oversized.data = [&plain[..], b"extra"].concat().into();
+        assert_eq!(
+            non_canonical(&oversized),
+            NonCanonical::RawLength {
+                len: 4101,
+                plain_len: 4096
+            }
+        );
+        let mut short = honest.clone();
+        short.data = honest.data.slice(..4000);
+        assert_eq!(
+            non_canonical(&short),
+            NonCanonical::RawLength {
+                len: 4000,
+                plain_len: 4096
+            }
+        );
     }
 
     #[test]

@@ -42,6 +42,7 @@ fn start_node(work: &Path) -> anyhow::Result<(LocalNode, String)> {
         ["--listen", "127.0.0.1:0", "--metrics-listen", "off"]
             .map(OsString::from)
             .to_vec(),
+        None,
     )?;
     let addr = node.wait_ready(Duration::from_secs(30))?.to_string();
     Ok((node, addr))

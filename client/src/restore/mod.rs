@@ -35,7 +35,7 @@ use self::fs::Dir;
 use crate::backup::walk::Selection;
 use crate::connection::Connection;
 use crate::error::{ClientError, Result};
-use crate::objects::ObjectReader;
+use crate::objects::{check_fault, ObjectReader};
 use crate::progress::Progress;
 
 /// Chunks per `Get` request.
@@ -412,6 +412,7 @@ async fn fetch_and_write(
             let expected = order.get(got).ok_or_else(|| {
                 ClientError::Manifest("node sent more chunks than asked for".into())
             })?;
+            check_fault(&chunk, *expected)?;
             got += 1;
             fetched.0.fetch_add(1, Ordering::Relaxed);
             fetched

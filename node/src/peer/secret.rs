@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use tonic::metadata::{Ascii, MetadataValue};
 
-use crate::durable::write_secret_file;
+use crate::durable::write_private;
 
 /// gRPC metadata key carrying the secret on `Peer` calls.
 pub const METADATA_KEY: &str = "x-hashgrid-cluster";
@@ -100,7 +100,7 @@ impl ClusterSecret {
             (None, None) if may_create => Self::generate(),
             (None, None) => return Err(SecretError::Missing),
         };
-        write_secret_file(&kept, format!("{}\n", secret.hex).as_bytes())
+        write_private(&kept, format!("{}\n", secret.hex).as_bytes())
             .map_err(|source| SecretError::Write { path: kept, source })?;
         Ok(secret)
     }

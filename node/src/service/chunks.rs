@@ -4,6 +4,10 @@
 //! `plain_len` bytes (bounded by the cluster's maximum chunk size) that hash to its id, and it
 //! must not be all zeros (zero runs are holes). A bad chunk fails the whole batch with
 //! `INVALID_ARGUMENT` naming the chunk; nothing of that batch is stored.
+//!
+//! `Get` answers every id it is asked for, in order: the chunk, verified as it is read, or
+//! a fault (missing, or damaged: the stored copy failed verification and left the index).
+//! One bad chunk never ends the stream, so a restore loses only the files that use it.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,7 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::principal;
 use super::blocking;
-use crate::chunk_store::VerifiedChunk;
+use crate::chunk_store::{ChunkRead, ChunkStore, VerifiedChunk};
 use crate::context::NodeContext;
 use crate::error::NodeError;
 use crate::metrics as m;
@@ -93,9 +97,7 @@ async fn put_batch(ctx: Arc<NodeContext>, req: PutRequest) -> Result<PutResponse
     metrics::counter!(m::PUT_CHUNKS, "result" => "stored").increment(u64::from(outcome.stored));
     metrics::counter!(m::PUT_CHUNKS, "result" => "existing").increment(u64::from(outcome.existing));
     metrics::counter!(m::PUT_BYTES).increment(outcome.stored_bytes);
-    let counters = ctx.store.counters();
-    metrics::gauge!(m::STORE_CHUNKS).set(counters.chunks as f64);
-    metrics::gauge!(m::STORE_BYTES).set(counters.stored_bytes as f64);
+    publish_store_gauges(&ctx.store);
     Ok(PutResponse {
         stored: outcome.stored,
         existing: outcome.existing,
@@ -103,28 +105,54 @@ async fn put_batch(ctx: Arc<NodeContext>, req: PutRequest) -> Result<PutResponse
     })
 }
 
-/// Streams the chunks `ids` in order, in messages of about `TARGET_BATCH_BYTES`.
+fn publish_store_gauges(store: &ChunkStore) {
+    let counters = store.counters();
+    metrics::gauge!(m::STORE_CHUNKS).set(counters.chunks as f64);
+    metrics::gauge!(m::STORE_BYTES).set(counters.stored_bytes as f64);
+}
+
+/// The reply for one requested id.
+fn reply_chunk(id: ChunkId, read: ChunkRead) -> pb::Chunk {
+    let fault = |fault: pb::ChunkFault| pb::Chunk {
+        id: id.as_bytes().to_vec(),
+        fault: fault as i32,
+        ..Default::default()
+    };
+    match read {
+        ChunkRead::Found(c) => pb::Chunk {
+            id: id.as_bytes().to_vec(),
+            plain_len: c.plain_len,
+            codec: c.codec,
+            data: c.data,
+            fault: pb::ChunkFault::None as i32,
+        },
+        ChunkRead::Missing => fault(pb::ChunkFault::Missing),
+        ChunkRead::Damaged => fault(pb::ChunkFault::Damaged),
+    }
+}
+
+/// Streams one reply per id of `ids`, in order, in messages of about `TARGET_BATCH_BYTES`.
 async fn stream_chunks(
     ctx: Arc<NodeContext>,
     ids: Vec<ChunkId>,
     tx: mpsc::Sender<Result<GetResponse, Status>>,
 ) {
     const READ_GROUP: usize = 64;
+    let max_len = match ctx.chunker() {
+        Ok(c) => c.max_size,
+        Err(e) => {
+            let _ = tx.send(Err(e.into())).await;
+            return;
+        }
+    };
     let mut pending = GetResponse::default();
     let mut pending_bytes = 0usize;
     for group in ids.chunks(READ_GROUP) {
         let store = ctx.store.clone();
         let group = group.to_vec();
         let read = blocking(move || {
-            let found = store.get(&group)?;
-            group
-                .iter()
-                .zip(found)
-                .map(|(id, c)| {
-                    c.map(|c| (*id, c))
-                        .ok_or_else(|| NodeError::NotFound(format!("chunk {id} is not stored")))
-                })
-                .collect::<Result<Vec<_>, _>>()
+            let reads = store.get(&group, max_len)?;
+            Ok(group.into_iter().zip(reads).collect::<Vec<_>>())
         })
         .await;
         let chunks = match read {
@@ -134,18 +162,22 @@ async fn stream_chunks(
                 return;
             }
         };
-        for (id, c) in chunks {
+        let count = |what: fn(&ChunkRead) -> bool| chunks.iter().filter(|(_, r)| what(r)).count();
+        let missing = count(|r| matches!(r, ChunkRead::Missing));
+        let damaged = count(|r| matches!(r, ChunkRead::Damaged));
+        let served = chunks.len() - missing - damaged;
+        metrics::counter!(m::GET_CHUNKS, "result" => "served").increment(served as u64);
+        metrics::counter!(m::GET_CHUNKS, "result" => "missing").increment(missing as u64);
+        metrics::counter!(m::GET_CHUNKS, "result" => "damaged").increment(damaged as u64);
+        if damaged > 0 {
+            publish_store_gauges(&ctx.store);
+        }
+        for (id, read) in chunks {
+            let c = reply_chunk(id, read);
             pending_bytes += c.data.len();
             metrics::counter!(m::GET_BYTES).increment(c.data.len() as u64);
-            pending.chunks.push(pb::Chunk {
-                id: id.as_bytes().to_vec(),
-                plain_len: c.plain_len,
-                codec: c.codec,
-                data: c.data.into(),
-                ..Default::default()
-            });
+            pending.chunks.push(c);
             if pending_bytes >= TARGET_BATCH_BYTES {
-                metrics::counter!(m::GET_CHUNKS).increment(pending.chunks.len() as u64);
                 if tx.send(Ok(std::mem::take(&mut pending))).await.is_err() {
                     return;
                 }
@@ -154,7 +186,6 @@ async fn stream_chunks(
         }
     }
     if !pending.chunks.is_empty() {
-        metrics::counter!(m::GET_CHUNKS).increment(pending.chunks.len() as u64);
         let _ = tx.send(Ok(pending)).await;
     }
 }

@@ -1,0 +1,313 @@
+//! Presence means a verified copy: a chunk damaged on the node's disk is found on the next
+//! read, reported as damaged (not served), leaves the index, and the next backup of the same
+//! data sends it again, so the copy heals. A node stores only what an honest encoder makes.
+
+use std::path::Path;
+
+use hashgrid::backup::{backup, BackupOptions, ParentChoice};
+use hashgrid::chunker::Chunker;
+use hashgrid::objects::ObjectReader;
+use hashgrid::restore::{restore, RestoreOptions};
+use hashgrid::{ClientError, Connection};
+use hashgrid_cluster_tests::{
+    assert_same_tree, backup_opts, cluster_stats, data, put_chunks, restore_all, restored, runtime,
+    Node,
+};
+use hashgrid_proto::codec::encode_chunk;
+use hashgrid_proto::id::pack_ids;
+use hashgrid_proto::pb::{self, ChunkFault, GetRequest, HasRequest};
+use hashgrid_proto::ChunkId;
+use tonic::Code;
+
+/// Pack record layout (docs/file-formats.md): magic, id, plaintext length, codec, length.
+const MAGIC: &[u8; 4] = b"HGP1";
+const HEADER_LEN: usize = 4 + 32 + 4 + 1 + 4;
+
+/// One record found in a pack file.
+struct PackRecord {
+    id: ChunkId,
+    /// Offset of the encoded bytes in the file.
+    data_offset: usize,
+    len: usize,
+}
+
+/// Reads every record of a pack file by its headers, skipping the zero padding between
+/// write groups to the next 4 KiB boundary.
+fn scan_pack(pack: &[u8]) -> Vec<PackRecord> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos + HEADER_LEN <= pack.len() {
+        if &pack[pos..pos + 4] != MAGIC {
+            pos = (pos / 4096 + 1) * 4096;
+            continue;
+        }
+        let len = u32::from_le_bytes(pack[pos + 41..pos + 45].try_into().unwrap()) as usize;
+        out.push(PackRecord {
+            id: ChunkId::from_slice(&pack[pos + 4..pos + 36]).unwrap(),
+            data_offset: pos + HEADER_LEN,
+            len,
+        });
+        pos += HEADER_LEN + len;
+    }
+    out
+}
+
+/// Flips one byte in the middle of the stored bytes of one of `wanted`; returns its id and
+/// encoded length.
+fn damage_one_of(packs: &Path, wanted: &[ChunkId]) -> (ChunkId, usize) {
+    for entry in std::fs::read_dir(packs).unwrap() {
+        let path = entry.unwrap().path();
+        let mut pack = std::fs::read(&path).unwrap();
+        if let Some(r) = scan_pack(&pack)
+            .into_iter()
+            .find(|r| wanted.contains(&r.id))
+        {
+            pack[r.data_offset + r.len / 2] ^= 0xff;
+            std::fs::write(&path, pack).unwrap();
+            return (r.id, r.len);
+        }
+    }
+    panic!("no record of the file's chunks in {}", packs.display());
+}
+
+/// The ids the agent cuts `content` into.
+fn chunk_ids(conn: &Connection, content: &[u8]) -> Vec<ChunkId> {
+    let mut cuts = Vec::new();
+    Chunker::new(conn.chunker).cut_all(content, true, &mut cuts);
+    cuts.iter()
+        .map(|&(at, len)| ChunkId::of(&content[at..at + len]))
+        .collect()
+}
+
+async fn has(conn: &Connection, id: ChunkId) -> bool {
+    let present = conn
+        .chunks
+        .clone()
+        .has(HasRequest {
+            epoch: conn.epoch(),
+            ids: pack_ids(&[id]),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .present;
+    present[0] & 1 == 1
+}
+
+/// Every reply of one `Get` of `ids`.
+async fn get_all(conn: &Connection, ids: &[ChunkId]) -> Vec<pb::Chunk> {
+    let mut stream = conn
+        .chunks
+        .clone()
+        .get(GetRequest {
+            epoch: conn.epoch(),
+            ids: pack_ids(ids),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(msg) = stream.message().await.unwrap() {
+        out.extend(msg.chunks);
+    }
+    out
+}
+
+fn opts(src: &Path, parent: ParentChoice) -> BackupOptions {
+    BackupOptions {
+        parent,
+        ..backup_opts(&[src], false, "db01", "files")
+    }
+}
+
+/// A node holding one backup of a file tree, one of whose data chunks was then damaged on
+/// disk while the node was down.
+struct Damaged {
+    tmp: tempfile::TempDir,
+    node: Node,
+    src: std::path::PathBuf,
+    first: hashgrid::backup::BackupSummary,
+    /// The damaged chunk, its encoded length, and another chunk of the same file.
+    victim: ChunkId,
+    victim_len: usize,
+    good: ChunkId,
+}
+
+fn backup_then_damage_a_chunk(rt: &tokio::runtime::Runtime) -> Damaged {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut node = Node::start(&tmp.path().join("node"));
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let content = data::random_bytes(7, 1 << 20);
+    std::fs::write(src.join("data.bin"), &content).unwrap();
+    std::fs::write(src.join("notes.txt"), data::text_bytes(8, 20_000)).unwrap();
+    let (first, ids) = rt.block_on(async {
+        let conn = node.connect().await;
+        let first = backup(&conn, &opts(&src, ParentChoice::Latest))
+            .await
+            .unwrap();
+        (first, chunk_ids(&conn, &content))
+    });
+    assert!(ids.len() > 4, "{} chunks", ids.len());
+    node.stop();
+    let (victim, victim_len) = damage_one_of(&node.dir.join("data/chunks/packs"), &ids);
+    node.restart();
+    let good = *ids.iter().find(|id| **id != victim).unwrap();
+    Damaged {
+        tmp,
+        node,
+        src,
+        first,
+        victim,
+        victim_len,
+        good,
+    }
+}
+
+#[test]
+fn a_flipped_byte_is_reported_dropped_and_healed_by_the_next_backup() {
+    let rt = runtime();
+    let d = backup_then_damage_a_chunk(&rt);
+    let (victim, good, src) = (d.victim, d.good, &d.src);
+    let absent = ChunkId::of(b"never stored");
+    rt.block_on(async {
+        let conn = d.node.connect().await;
+        let chunks_before = cluster_stats(&conn).await.chunks;
+        // `Has` reads metadata only.
+        assert!(has(&conn, victim).await);
+
+        // One reply per id, in order; the damaged and the absent one carry a fault and no
+        // data, and the stream goes on past them.
+        let replies = get_all(&conn, &[victim, good, absent, good]).await;
+        let summary: Vec<(ChunkId, ChunkFault, bool)> = replies
+            .iter()
+            .map(|c| {
+                (
+                    ChunkId::from_slice(&c.id).unwrap(),
+                    ChunkFault::try_from(c.fault).unwrap(),
+                    c.data.is_empty(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (victim, ChunkFault::Damaged, true),
+                (good, ChunkFault::None, false),
+                (absent, ChunkFault::Missing, true),
+                (good, ChunkFault::None, false),
+            ]
+        );
+        assert!(!has(&conn, victim).await, "a damaged copy still counts");
+        assert_eq!(cluster_stats(&conn).await.chunks, chunks_before - 1);
+        // Asked again: now simply not stored.
+        let again = get_all(&conn, &[victim]).await;
+        assert_eq!(again[0].fault, ChunkFault::Missing as i32);
+
+        // A backup that reads the file again sends that chunk again and no other data chunk
+        // (tree objects of ancestors whose mtime moved may be new; they are small).
+        let healed = backup(&conn, &opts(src, ParentChoice::None)).await.unwrap();
+        let sent = healed.upload.sent_bytes as usize;
+        assert!(
+            (d.victim_len..d.victim_len + 16 * 1024).contains(&sent),
+            "sent {sent} bytes for a {}-byte chunk: {:?}",
+            d.victim_len,
+            healed.upload
+        );
+        assert!(has(&conn, victim).await);
+        let target = d.tmp.path().join("restore-healed");
+        restore_all(&conn, healed.snapshot, &target).await;
+        assert_same_tree(src, &restored(&target, src));
+        // The first snapshot is whole again too.
+        let target = d.tmp.path().join("restore-first");
+        restore_all(&conn, d.first.snapshot, &target).await;
+        assert_same_tree(src, &restored(&target, src));
+    });
+    let log = d.node.log();
+    assert!(
+        log.contains("stored chunk failed verification") && log.contains(&victim.to_string()),
+        "no warning naming the chunk:\n{log}"
+    );
+}
+
+#[test]
+fn the_agent_names_a_chunk_it_cannot_get() {
+    let rt = runtime();
+    let d = backup_then_damage_a_chunk(&rt);
+    rt.block_on(async {
+        let conn = d.node.connect().await;
+        let snap = hashgrid::catalog::get(&conn, d.first.snapshot).await.unwrap();
+        let err = restore(
+            &conn,
+            &snap,
+            &RestoreOptions {
+                target: d.tmp.path().join("restore"),
+                paths: vec![],
+                progress: false,
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, ClientError::ChunkFault { id, fault: ChunkFault::Damaged } if id == d.victim),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("every stored copy failed verification"),
+            "{err}"
+        );
+        // Dropped by that read: now it is not stored at all.
+        match ObjectReader::new(conn.clone()).fetch(&[d.good, d.victim]).await {
+            Err(ClientError::ChunkFault { id, fault }) => {
+                assert_eq!((id, fault), (d.victim, ChunkFault::Missing))
+            }
+            other => panic!("fetch of a lost chunk: {:?}", other.map(|v| v.len())),
+        }
+    });
+}
+
+fn encoded(plain: &[u8], level: i32) -> pb::Chunk {
+    encode_chunk(ChunkId::of(plain), &plain.to_vec().into(), level)
+}
+
+#[test]
+fn chunks_carrying_extra_bytes_are_refused_and_nothing_is_stored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = Node::start(&tmp.path().join("node"));
+    runtime().block_on(async {
+        let conn = node.connect().await;
+        let text = data::text_bytes(1, 50_000);
+        let honest = encoded(&text, 3);
+        assert_eq!(honest.codec, pb::Codec::Zstd as i32);
+        // A skippable frame (magic 0x184D2A5?, length, payload) after the real one.
+        let mut skippable = 0x184D_2A50u32.to_le_bytes().to_vec();
+        skippable.extend_from_slice(&16u32.to_le_bytes());
+        skippable.extend_from_slice(b"sixteen bytes...");
+
+        let mut padded = honest.clone();
+        padded.data = [&honest.data[..], &skippable].concat().into();
+        let mut trailing = honest.clone();
+        trailing.data = [&honest.data[..], b"trailing"].concat().into();
+        let random = data::random_bytes(2, 20_000);
+        let mut long_raw = encoded(&random, 0);
+        long_raw.data = [&random[..], b"more"].concat().into();
+
+        let good = encoded(b"a good chunk in a bad batch", 0);
+        for bad in [padded, trailing, long_raw] {
+            let e = put_chunks(&conn, vec![good.clone(), bad])
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+            assert!(e.message().contains("honest encoder"), "{e}");
+        }
+        assert_eq!(
+            cluster_stats(&conn).await.chunks,
+            0,
+            "refused input left traces"
+        );
+        assert!(!has(&conn, ChunkId::of(&text)).await);
+        assert!(!has(&conn, ChunkId::from_slice(&good.id).unwrap()).await);
+        // The honest encoding of the same chunk is taken.
+        assert_eq!(put_chunks(&conn, vec![honest]).await.unwrap().stored, 1);
+    });
+}

@@ -1,0 +1,238 @@
+//! The chunk store's one writer thread. Inserts and drops of damaged copies all go through
+//! it: it merges whatever insert batches are waiting into one synced write (group commit:
+//! one fsync for several streams' batches) and does the check-then-insert for all of them,
+//! so a chunk arriving twice at once is stored and counted once, and the counters have a
+//! single writer.
+
+use std::collections::HashSet;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use hashgrid_proto::ChunkId;
+use rocksdb::{WriteBatch, WriteOptions, DB};
+
+use super::{
+    cf, metas, now_secs, pack_err, rocks, ChunkMeta, PutOutcome, StoreCounters, StoreError,
+    VerifiedChunk, CF_META, CF_STORE, KEY_COUNTERS, TOUCH_INTERVAL_SECS,
+};
+use crate::metrics as m;
+use crate::pack::{PackFiles, Record};
+
+/// Upper bound on the bytes one group commit gathers before its synced write.
+const GROUP_BYTES: usize = 32 << 20;
+
+pub(super) enum Request {
+    Put(PutRequest),
+    Drop(DropRequest),
+}
+
+pub(super) struct PutRequest {
+    pub(super) chunks: Vec<VerifiedChunk>,
+    pub(super) reply: SyncSender<Result<PutOutcome, StoreError>>,
+}
+
+/// Damaged copies to drop, each with the metadata that pointed at it: an entry that changed
+/// since (another read dropped it and a new copy came) is left alone.
+pub(super) struct DropRequest {
+    pub(super) copies: Vec<(ChunkId, ChunkMeta)>,
+    pub(super) reply: SyncSender<Result<u64, StoreError>>,
+}
+
+/// The writer thread's handles.
+pub(super) struct Writer {
+    pub(super) db: Arc<DB>,
+    pub(super) packs: Arc<PackFiles>,
+    pub(super) counters: Arc<Mutex<StoreCounters>>,
+    pub(super) fence: Arc<RwLock<()>>,
+}
+
+impl Writer {
+    /// Starts the writer thread; it runs until every sender of the returned channel is gone.
+    pub(super) fn spawn(self) -> Result<(SyncSender<Request>, JoinHandle<()>), StoreError> {
+        let (requests, inbox) = sync_channel(64);
+        let thread = std::thread::Builder::new()
+            .name("chunk-writer".into())
+            .spawn(move || self.run(&inbox))
+            .map_err(|e| StoreError::Thread(e.to_string()))?;
+        Ok((requests, thread))
+    }
+
+    /// Takes the next request; for an insert, also whatever other inserts are already
+    /// waiting, and commits them together.
+    fn run(&self, requests: &Receiver<Request>) {
+        let mut held = None;
+        loop {
+            let Some(first) = held.take().or_else(|| requests.recv().ok()) else {
+                return;
+            };
+            let first = match first {
+                Request::Drop(d) => {
+                    let _ = d.reply.send(self.drop_copies(&d.copies));
+                    continue;
+                }
+                Request::Put(p) => p,
+            };
+            let mut bytes: usize = first.chunks.iter().map(|c| c.data.len()).sum();
+            let mut group = vec![first];
+            while bytes < GROUP_BYTES {
+                match requests.try_recv() {
+                    Ok(Request::Put(r)) => {
+                        bytes += r.chunks.iter().map(|c| c.data.len()).sum::<usize>();
+                        group.push(r);
+                    }
+                    Ok(other) => {
+                        held = Some(other);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            match self.write_group(&group) {
+                Ok(outcomes) => {
+                    for (req, outcome) in group.into_iter().zip(outcomes) {
+                        let _ = req.reply.send(Ok(outcome));
+                    }
+                }
+                Err(e) => {
+                    for req in group {
+                        let _ = req.reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    fn counters(&self) -> StoreCounters {
+        *self.counters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes `batch` with the counters `next` in it, synced, then publishes `next`.
+    fn commit(
+        &self,
+        mut batch: WriteBatch,
+        next: StoreCounters,
+        op: &'static str,
+    ) -> Result<(), StoreError> {
+        batch.put_cf(cf(&self.db, CF_STORE), KEY_COUNTERS, next.encode());
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        self.db.write_opt(batch, &sync).map_err(rocks(op))?;
+        *self.counters.lock().unwrap_or_else(|p| p.into_inner()) = next;
+        Ok(())
+    }
+
+    /// Commits several requests together: new chunks' bytes go to a pack file (synced), then
+    /// all metadata and the counters in one synced write batch. Returns each request's
+    /// outcome.
+    fn write_group(&self, group: &[PutRequest]) -> Result<Vec<PutOutcome>, StoreError> {
+        let db = &*self.db;
+        let ids: Vec<ChunkId> = group
+            .iter()
+            .flat_map(|r| r.chunks.iter().map(|c| c.id))
+            .collect();
+        let found = metas(db, &ids)?;
+        let now = now_secs();
+        let mut batch = WriteBatch::default();
+        let mut seen = HashSet::with_capacity(ids.len());
+        let mut new_chunks: Vec<&VerifiedChunk> = Vec::new();
+        let mut outcomes = Vec::with_capacity(group.len());
+        let mut found = found.into_iter();
+        for req in group {
+            let mut outcome = PutOutcome::default();
+            for chunk in &req.chunks {
+                let meta = found.next().flatten();
+                if !seen.insert(chunk.id) {
+                    outcome.existing += 1;
+                    continue;
+                }
+                match meta {
+                    Some(m) => {
+                        outcome.existing += 1;
+                        if m.last_seen + TOUCH_INTERVAL_SECS < now {
+                            let m = ChunkMeta {
+                                last_seen: now,
+                                ..m
+                            };
+                            batch.put_cf(cf(db, CF_META), chunk.id.as_bytes(), m.encode());
+                        }
+                    }
+                    None => {
+                        outcome.stored += 1;
+                        outcome.stored_bytes += chunk.data.len() as u64;
+                        new_chunks.push(chunk);
+                    }
+                }
+            }
+            outcomes.push(outcome);
+        }
+        if !new_chunks.is_empty() {
+            let records: Vec<Record<'_>> = new_chunks
+                .iter()
+                .map(|c| Record {
+                    id: &c.id,
+                    plain_len: c.plain_len,
+                    codec: c.codec,
+                    data: &c.data,
+                })
+                .collect();
+            let locations = self
+                .packs
+                .append(&records)
+                .map_err(|e| pack_err("appending chunks", e))
+                .inspect_err(|e| {
+                    if matches!(e, StoreError::NoSpace(_)) {
+                        tracing::warn!(error = %e, "chunk upload refused");
+                    }
+                })?;
+            let mut next = self.counters();
+            for (chunk, location) in new_chunks.iter().zip(locations) {
+                let meta = ChunkMeta {
+                    location,
+                    plain_len: chunk.plain_len,
+                    codec: chunk.codec,
+                    last_seen: now,
+                };
+                batch.put_cf(cf(db, CF_META), chunk.id.as_bytes(), meta.encode());
+                next.chunks += 1;
+                next.stored_bytes += chunk.data.len() as u64;
+                next.plain_bytes += u64::from(chunk.plain_len);
+            }
+            self.commit(batch, next, "write chunk metadata")?;
+        } else if !batch.is_empty() {
+            db.write(batch).map_err(rocks("touch last_seen"))?;
+        }
+        Ok(outcomes)
+    }
+
+    /// Drops damaged copies from the index and counts them, in one synced batch. Returns how
+    /// many were dropped (a copy another read dropped first is not counted twice).
+    fn drop_copies(&self, copies: &[(ChunkId, ChunkMeta)]) -> Result<u64, StoreError> {
+        let _fence = self.fence.write().unwrap_or_else(|p| p.into_inner());
+        let db = &*self.db;
+        let ids: Vec<ChunkId> = copies.iter().map(|(id, _)| *id).collect();
+        let current = metas(db, &ids)?;
+        let mut next = self.counters();
+        let mut batch = WriteBatch::default();
+        let mut dropped = 0u64;
+        let mut seen = HashSet::with_capacity(copies.len());
+        for ((id, bad), indexed) in copies.iter().zip(current) {
+            if indexed.map(|m| m.location) != Some(bad.location) || !seen.insert(*id) {
+                continue;
+            }
+            batch.delete_cf(cf(db, CF_META), id.as_bytes());
+            next.chunks = next.chunks.saturating_sub(1);
+            next.stored_bytes = next
+                .stored_bytes
+                .saturating_sub(u64::from(bad.location.len));
+            next.plain_bytes = next.plain_bytes.saturating_sub(u64::from(bad.plain_len));
+            next.damaged += 1;
+            dropped += 1;
+        }
+        if dropped > 0 {
+            self.commit(batch, next, "drop damaged chunks")?;
+            metrics::counter!(m::STORE_DAMAGED).increment(dropped);
+        }
+        Ok(dropped)
+    }
+}
