@@ -8,7 +8,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .bytes(".hashgrid.v1.Chunk.data")
         .compile_protos(
-            &["proto/hashgrid.proto", "proto/manifest.proto"],
+            &[
+                "proto/hashgrid.proto",
+                "proto/manifest.proto",
+                "proto/peer.proto",
+            ],
             &["proto"],
         )?;
     println!("cargo:rerun-if-changed=proto");

@@ -11,6 +11,7 @@ pub mod chunker;
 pub mod commands;
 pub mod connection;
 pub mod error;
+pub mod local_node;
 pub mod objects;
 pub mod progress;
 pub mod restore;

@@ -5,13 +5,16 @@
 //! runs from (`cargo test --workspace` builds them). Each node keeps its log in its directory;
 //! a failing test prints it.
 
+pub mod cluster;
 pub mod data;
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use hashgrid::backup::{BackupOptions, ParentChoice};
+use hashgrid::local_node::LocalNode;
 use hashgrid::restore::{restore, RestoreOptions, RestoreSummary};
 use hashgrid::treediff::{diff_trees, Compare};
 use hashgrid::{ConnectOptions, Connection};
@@ -40,92 +43,110 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
-/// A `hashgrid-node` process with its own data directory.
+/// How to start a node. `Default` is a node that creates its own one-node cluster.
+#[derive(Clone, Debug, Default)]
+pub struct NodeOpts {
+    /// Members to join through (their `host:port`); empty creates a new cluster.
+    pub join: Vec<String>,
+    /// The cluster secret file joiners need (a member's `data/cluster.secret`).
+    pub secret_file: Option<PathBuf>,
+    pub replicas: Option<u8>,
+    pub write_quorum: Option<u8>,
+    pub zone: Option<String>,
+    /// Anything else, e.g. `["--cache-mib", "32"]`.
+    pub extra: Vec<String>,
+    /// The umask the node process (and its restarts) starts with, when not the harness's.
+    pub umask: Option<u32>,
+}
+
+impl NodeOpts {
+    fn args(&self, listen: &str) -> Vec<OsString> {
+        let mut a: Vec<String> = vec![
+            "--listen".into(),
+            listen.into(),
+            "--metrics-listen".into(),
+            "off".into(),
+        ];
+        for seed in &self.join {
+            a.extend(["--join".into(), seed.clone()]);
+        }
+        if let Some(f) = &self.secret_file {
+            a.extend(["--cluster-secret-file".into(), f.display().to_string()]);
+        }
+        if let Some(r) = self.replicas {
+            a.extend(["--replicas".into(), r.to_string()]);
+        }
+        if let Some(w) = self.write_quorum {
+            a.extend(["--write-quorum".into(), w.to_string()]);
+        }
+        if let Some(z) = &self.zone {
+            a.extend(["--zone".into(), z.clone()]);
+        }
+        a.extend(self.extra.iter().cloned());
+        a.into_iter().map(OsString::from).collect()
+    }
+}
+
+/// A `hashgrid-node` process with its own data directory (`<dir>/data`) and log
+/// (`<dir>/node.log`), started through the one harness every test, the demo and the
+/// benchmarks use ([`hashgrid::local_node`]).
 pub struct Node {
     pub dir: PathBuf,
-    /// Address to listen on at the next start (port fixed after the first start, so
-    /// clients keep working across restarts).
-    listen: String,
     pub addr: String,
-    child: Option<Child>,
-    /// The umask the node process starts with, when not the harness's own.
-    umask: Option<u32>,
+    opts: NodeOpts,
+    process: LocalNode,
 }
+
+/// How long a node may take to become ready (join included) before a test fails.
+const READY: Duration = Duration::from_secs(90);
 
 impl Node {
     /// Starts a node in `dir` on a free port and waits until it is ready.
     pub fn start(dir: &Path) -> Node {
-        Self::launch(dir, None)
+        Node::start_with(dir, NodeOpts::default())
     }
 
     /// [`Node::start`] with the node process (and its restarts) under `umask`.
     pub fn start_with_umask(dir: &Path, umask: u32) -> Node {
-        Self::launch(dir, Some(umask))
+        Node::start_with(
+            dir,
+            NodeOpts {
+                umask: Some(umask),
+                ..Default::default()
+            },
+        )
     }
 
-    fn launch(dir: &Path, umask: Option<u32>) -> Node {
-        let mut node = Node {
-            dir: dir.to_path_buf(),
-            listen: "127.0.0.1:0".into(),
-            addr: String::new(),
-            child: None,
-            umask,
-        };
-        node.spawn();
-        node.listen = node.addr.clone();
+    /// Starts a node with `opts` and waits until it is ready.
+    pub fn start_with(dir: &Path, opts: NodeOpts) -> Node {
+        let mut node = Node::spawn_with(dir, opts);
+        node.wait_ready();
         node
     }
 
-    fn spawn(&mut self) {
-        let data = self.dir.join("data");
-        std::fs::create_dir_all(&self.dir).expect("node dir");
-        let _ = std::fs::remove_file(data.join("node.addr"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("node.log"))
-            .expect("node log");
-        let bin = bin_dir().join("hashgrid-node");
-        let mut cmd = match self.umask {
-            None => Command::new(bin),
-            // The shell sets the umask and `exec`s, so the node keeps the shell's pid.
-            Some(mask) => {
-                let mut sh = Command::new("sh");
-                sh.arg("-c")
-                    .arg(format!("umask {mask:03o} && exec \"$0\" \"$@\""))
-                    .arg(bin);
-                sh
-            }
-        };
-        let child = cmd
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["--listen", &self.listen, "--metrics-listen", "off"])
-            .env("RUST_LOG", "info,openraft=warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn hashgrid-node");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(a) = std::fs::read_to_string(data.join("node.addr")) {
-                self.addr = a.trim().to_string();
-                return;
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("hashgrid-node exited with {status}:\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node not ready in 60s:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+    /// Starts a node without waiting (several joiners at once); call [`Node::wait_ready`].
+    pub fn spawn_with(dir: &Path, opts: NodeOpts) -> Node {
+        std::fs::create_dir_all(dir).expect("node dir");
+        let process = LocalNode::spawn(
+            &bin_dir().join("hashgrid-node"),
+            &dir.join("data"),
+            &dir.join("node.log"),
+            opts.args("127.0.0.1:0"),
+            opts.umask,
+        )
+        .expect("spawn hashgrid-node");
+        Node {
+            dir: dir.to_path_buf(),
+            addr: String::new(),
+            opts,
+            process,
+        }
+    }
+
+    pub fn wait_ready(&mut self) {
+        match self.process.wait_ready(READY) {
+            Ok(addr) => self.addr = addr.to_string(),
+            Err(e) => panic!("{e}"),
         }
     }
 
@@ -148,39 +169,61 @@ impl Node {
         format!("http://{}", self.addr)
     }
 
-    pub fn pid(&self) -> i32 {
-        self.child.as_ref().expect("running").id() as i32
+    pub fn secret_file(&self) -> PathBuf {
+        self.process.cluster_secret_file()
     }
 
-    fn signal(&self, sig: rustix::process::Signal) {
-        let pid = rustix::process::Pid::from_raw(self.pid()).expect("pid");
-        rustix::process::kill_process(pid, sig).expect("signal node");
+    pub fn pid(&self) -> i32 {
+        self.process.pid().expect("running")
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.process.is_running()
     }
 
     /// kill -9, then wait for the process to be gone.
     pub fn kill9(&mut self) {
-        self.signal(rustix::process::Signal::KILL);
-        self.child.take().expect("running").wait().expect("wait");
+        self.process.kill().expect("kill node");
+    }
+
+    /// SIGSTOP: the process hangs (holds its sockets, answers nothing).
+    pub fn pause(&self) {
+        self.process
+            .signal(rustix::process::Signal::STOP)
+            .expect("SIGSTOP");
+    }
+
+    pub fn resume(&self) {
+        self.process
+            .signal(rustix::process::Signal::CONT)
+            .expect("SIGCONT");
     }
 
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) {
-        self.signal(rustix::process::Signal::TERM);
-        let status = self.child.take().expect("running").wait().expect("wait");
+        let status = self.process.stop().expect("stop node");
         assert!(
-            status.success(),
-            "node exited with {status}:\n{}",
+            status.is_none_or(|s| s.success()),
+            "node exited with {status:?}:\n{}",
             self.log()
         );
     }
 
+    /// Starts the node again on the same address with the same data; waits until ready.
     pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "stop or kill the node first");
-        self.spawn();
+        assert!(!self.process.is_running(), "stop or kill the node first");
+        let args = self.opts.args(&self.addr);
+        self.process.restart(Some(args)).expect("restart node");
+        self.wait_ready();
     }
 
     pub fn connect_options(&self) -> ConnectOptions {
         ConnectOptions::new(self.server(), self.token())
+    }
+
+    /// Options for this node with a token from elsewhere (joiners keep no admin token).
+    pub fn connect_options_with(&self, token: String) -> ConnectOptions {
+        ConnectOptions::new(self.server(), token)
     }
 
     pub async fn connect(&self) -> Connection {
@@ -219,15 +262,6 @@ impl Node {
         );
         let stdout = String::from_utf8(out.stdout).expect("utf-8 output");
         serde_json::from_str(stdout.lines().last().expect("some output")).expect("json output")
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 

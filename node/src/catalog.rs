@@ -11,10 +11,13 @@ use hashgrid_proto::auth::TokenHash;
 use hashgrid_proto::chunker::ChunkerParams;
 use hashgrid_proto::placement::ClusterMap;
 use hashgrid_proto::snapshot::SnapshotRecord;
+use hashgrid_proto::NodeId;
 use hashgrid_proto::SnapshotId;
 use serde::{Deserialize, Serialize};
 
-/// Cluster-wide settings fixed at init.
+use crate::cluster_map::{apply_change, MapChange, MapHistory};
+
+/// Cluster-wide settings set at init; the map changes through `Command::ChangeMap`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterConfig {
     pub map: ClusterMap,
@@ -30,6 +33,10 @@ pub enum Command {
     Init(ClusterConfig),
     /// Records a snapshot; its id becomes the log index of this command.
     CommitSnapshot(SnapshotRecord),
+    /// Changes the cluster map (membership, states, replication): a new epoch.
+    ChangeMap(MapChange),
+    /// `node` holds every chunk of the partitions it owns under the map of `epoch`.
+    Synced { node: NodeId, epoch: u64 },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +47,8 @@ pub enum CommandResult {
     Initialized,
     Committed(SnapshotId),
     Rejected(String),
+    /// The map now has this epoch.
+    MapEpoch(u64),
 }
 
 /// What an applied command changed, for the state machine to persist.
@@ -47,6 +56,8 @@ pub enum CommandResult {
 pub enum Change {
     Config,
     Snapshot(SnapshotId),
+    /// The map history (older maps, sync reports) changed.
+    History,
 }
 
 /// Who is calling, as established by the auth layer.
@@ -59,6 +70,7 @@ pub enum Principal {
 pub struct Catalog {
     pub config: Option<ClusterConfig>,
     pub snapshots: BTreeMap<SnapshotId, SnapshotRecord>,
+    pub history: MapHistory,
 }
 
 impl Catalog {
@@ -86,6 +98,38 @@ impl Catalog {
                 record.id = id;
                 self.snapshots.insert(id, record);
                 (CommandResult::Committed(id), Some(Change::Snapshot(id)))
+            }
+            Command::ChangeMap(change) => {
+                let Some(config) = self.config.as_mut() else {
+                    return (
+                        CommandResult::Rejected("cluster not initialized".into()),
+                        None,
+                    );
+                };
+                match apply_change(&config.map, &change) {
+                    Ok(next) => {
+                        let previous = std::mem::replace(&mut config.map, next);
+                        self.history.changed(&previous, &config.map);
+                        (
+                            CommandResult::MapEpoch(config.map.epoch),
+                            Some(Change::Config),
+                        )
+                    }
+                    Err(e) => (CommandResult::Rejected(e.to_string()), None),
+                }
+            }
+            Command::Synced { node, epoch } => {
+                let Some(config) = self.config.as_ref() else {
+                    return (
+                        CommandResult::Rejected("cluster not initialized".into()),
+                        None,
+                    );
+                };
+                self.history.report_synced(node, epoch, &config.map);
+                (
+                    CommandResult::MapEpoch(config.map.epoch),
+                    Some(Change::History),
+                )
             }
         }
     }

@@ -1,40 +1,69 @@
-//! What every service needs: the chunk store, the Raft handle, the shared catalog, and the
-//! placement of the current cluster-map epoch.
+//! What every service needs: the chunk store, the Raft handle, the shared catalog, the
+//! placement of the current map epoch (with the older maps still in transition), the peers,
+//! and the one way to change the catalog ([`NodeContext::write`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hashgrid_proto::chunker::ChunkerParams;
-use hashgrid_proto::placement::{ClusterMap, Placement};
+use hashgrid_proto::pb::peer::RaftMessage;
+use hashgrid_proto::placement::{ClusterMap, Placement, PlacementHistory};
 use hashgrid_proto::NodeId;
+use openraft::error::{ClientWriteError, RaftError};
+use serde::{Deserialize, Serialize};
 
-use crate::catalog::ClusterConfig;
+use crate::catalog::{ClusterConfig, Command, CommandResult};
 use crate::chunk_store::ChunkStore;
 use crate::error::NodeError;
+use crate::peer::{ClusterSecret, PeerPool};
+use crate::raft::codec::{decode, encode};
 use crate::raft::state_machine::SharedCatalog;
 use crate::raft::Raft;
 
+/// How a forwarded catalog write failed, as the leader tells the forwarding node.
+#[derive(Clone, Debug, Serialize, Deserialize, thiserror::Error)]
+pub enum ForwardError {
+    /// The receiver is not the leader (any more); it names the leader it knows.
+    #[error("not the catalog leader")]
+    NotLeader { leader: Option<(NodeId, String)> },
+    /// The write could not be made (Raft stopped, storage failed); display only.
+    #[error("catalog write failed on the leader: {0}")]
+    Failed(String),
+}
+
 pub struct NodeContext {
     pub node_id: NodeId,
+    /// The address peers and agents reach this node at.
+    pub advertise: String,
     pub store: Arc<ChunkStore>,
     pub raft: Raft,
     pub catalog: SharedCatalog,
+    pub secret: ClusterSecret,
+    pub peers: Arc<PeerPool>,
     ready: AtomicBool,
-    placement: Mutex<Option<Arc<Placement>>>,
+    placement: Mutex<Option<Arc<PlacementHistory>>>,
 }
 
 impl NodeContext {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         node_id: NodeId,
+        advertise: String,
         store: Arc<ChunkStore>,
         raft: Raft,
         catalog: SharedCatalog,
+        secret: ClusterSecret,
+        peers: Arc<PeerPool>,
     ) -> Self {
         NodeContext {
             node_id,
+            advertise,
             store,
             raft,
             catalog,
+            secret,
+            peers,
             ready: AtomicBool::new(false),
             placement: Mutex::new(None),
         }
@@ -48,11 +77,10 @@ impl NodeContext {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// The cluster config, or `NotReady` before the catalog has been initialized.
+    /// The cluster config, or `NotReady` before this node's catalog has it. (Agents are
+    /// kept out until the node is ready by the auth hook; the node's own startup reads the
+    /// catalog before that.)
     pub fn config(&self) -> Result<ClusterConfig, NodeError> {
-        if !self.is_ready() {
-            return Err(NodeError::NotReady);
-        }
         self.catalog
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -69,16 +97,26 @@ impl NodeContext {
         Ok(self.config()?.map)
     }
 
-    /// Placement for the current epoch, rebuilt only when the epoch changes.
-    pub fn placement(&self) -> Result<Arc<Placement>, NodeError> {
-        let map = self.map()?;
+    /// Placement for the current epoch and the older ones still in transition, rebuilt only
+    /// when the map or its history changes.
+    pub fn placement(&self) -> Result<Arc<PlacementHistory>, NodeError> {
+        let catalog = self.catalog.read().unwrap_or_else(|p| p.into_inner());
+        let config = catalog.config.as_ref().ok_or(NodeError::NotReady)?;
+        let older = &catalog.history.older;
         let mut cached = self.placement.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(p) = cached.as_ref().filter(|p| p.epoch() == map.epoch) {
+        let current = cached.as_ref().filter(|p| {
+            p.epoch() == config.map.epoch
+                && p.older()
+                    .iter()
+                    .map(|o| o.epoch())
+                    .eq(older.iter().map(|m| m.epoch))
+        });
+        if let Some(p) = current {
             return Ok(p.clone());
         }
-        let p = Arc::new(Placement::new(&map)?);
-        *cached = Some(p.clone());
-        Ok(p)
+        let built = build_history(&config.map, older)?;
+        *cached = Some(built.clone());
+        Ok(built)
     }
 
     /// Refuses requests routed by an older map (agents refresh and retry). Epoch 0 means the
@@ -90,4 +128,116 @@ impl NodeContext {
         }
         Ok(())
     }
+
+    /// Proposes a catalog change and waits for its result, wherever the leader is: on this
+    /// node through Raft, elsewhere forwarded to the leader over the peer service. Retries
+    /// while a leader is being elected, for at most the peer deadline; then `Unavailable`
+    /// (on the minority side of a partition, say). The outcome of a write that timed out is
+    /// unknown: commands that must not apply twice carry their own idempotency key.
+    pub async fn write(&self, command: Command) -> Result<CommandResult, NodeError> {
+        let deadline = tokio::time::Instant::now() + self.peers.timeout();
+        let unavailable = |why: String| {
+            NodeError::Unavailable(format!(
+                "the catalog cannot take writes now ({why}); retry when a majority of its \
+                 voters is reachable"
+            ))
+        };
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let attempt = tokio::time::timeout_at(deadline, self.write_once(command.clone()));
+            let leader = match attempt.await {
+                Err(_) => return Err(unavailable("no answer within the deadline".into())),
+                Ok(Ok(result)) => return Ok(result),
+                Ok(Err(WriteAttempt::Failed(e))) => return Err(e),
+                Ok(Err(WriteAttempt::NotLeader(leader))) => leader,
+            };
+            let forwarded = match leader {
+                Some((id, addr)) if id != self.node_id => {
+                    tokio::time::timeout_at(deadline, self.forward(&addr, &command)).await
+                }
+                _ => Ok(Err(WriteAttempt::NotLeader(None))),
+            };
+            match forwarded {
+                Err(_) => return Err(unavailable("the leader did not answer in time".into())),
+                Ok(Ok(result)) => return Ok(result),
+                Ok(Err(WriteAttempt::Failed(e))) => return Err(e),
+                Ok(Err(WriteAttempt::NotLeader(_))) => {}
+            }
+            if tokio::time::Instant::now() + pause >= deadline {
+                return Err(unavailable("no leader elected".into()));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// One attempt on the local Raft.
+    pub(crate) async fn write_once(&self, command: Command) -> Result<CommandResult, WriteAttempt> {
+        match self.raft.client_write(command).await {
+            Ok(resp) => Ok(resp.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(
+                WriteAttempt::NotLeader(f.leader_id.zip(f.leader_node.map(|n| n.addr))),
+            ),
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => Err(
+                WriteAttempt::Failed(NodeError::Internal(format!("membership change: {e}"))),
+            ),
+            Err(RaftError::Fatal(e)) => Err(WriteAttempt::Failed(NodeError::Unavailable(format!(
+                "this node's catalog replica stopped: {e}"
+            )))),
+        }
+    }
+
+    async fn forward(&self, addr: &str, command: &Command) -> Result<CommandResult, WriteAttempt> {
+        let data = encode(command)
+            .map_err(|e| WriteAttempt::Failed(NodeError::Internal(format!("encoding: {e}"))))?;
+        let reply = self
+            .peers
+            .call(addr, None, |mut c| async move {
+                c.forward_write(RaftMessage { data }).await
+            })
+            .await;
+        let reply = match reply {
+            Ok(r) => r,
+            // The leader we were told about is unreachable: ask again (it may have changed).
+            Err(e) => {
+                tracing::debug!(error = %e, "forwarding a catalog write failed");
+                return Err(WriteAttempt::NotLeader(None));
+            }
+        };
+        let answer: Result<CommandResult, ForwardError> = decode(&reply.data).map_err(|e| {
+            WriteAttempt::Failed(NodeError::Internal(format!(
+                "decoding the leader's answer: {e}"
+            )))
+        })?;
+        match answer {
+            Ok(r) => Ok(r),
+            Err(ForwardError::NotLeader { leader }) => Err(WriteAttempt::NotLeader(leader)),
+            Err(ForwardError::Failed(msg)) => {
+                Err(WriteAttempt::Failed(NodeError::Unavailable(msg)))
+            }
+        }
+    }
+
+    /// The current catalog leader as this node knows it.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+}
+
+/// How one write attempt ended when it did not produce a result.
+pub(crate) enum WriteAttempt {
+    NotLeader(Option<(NodeId, String)>),
+    Failed(NodeError),
+}
+
+fn build_history(
+    map: &ClusterMap,
+    older: &[ClusterMap],
+) -> Result<Arc<PlacementHistory>, NodeError> {
+    let current = Arc::new(Placement::new(map)?);
+    let older = older
+        .iter()
+        .map(|m| Placement::new(m).map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Arc::new(PlacementHistory::new(current, older)?))
 }

@@ -1,5 +1,9 @@
-//! Node errors and their one mapping to gRPC status codes. Retryable conditions map to
-//! `UNAVAILABLE` so agents back off and try again; everything else names what was wrong.
+//! Node errors and their one mapping to gRPC status codes. Each variant is a kind the code
+//! matches on (never the text): retryable conditions (`NotReady`, `Unavailable`) map to
+//! `UNAVAILABLE` so agents back off and try again elsewhere, a stale map epoch to
+//! `FAILED_PRECONDITION` with the `x-hashgrid-refresh` metadata so agents know to refresh
+//! the map (and not to give up as they would on a missing chunk), and everything else names
+//! what was wrong.
 
 use hashgrid_proto::codec::ChunkError;
 use hashgrid_proto::DecodeError;
@@ -7,6 +11,10 @@ use thiserror::Error;
 use tonic::Status;
 
 use crate::chunk_store::StoreError;
+
+/// Metadata on a `FAILED_PRECONDITION` caused by a stale epoch: the current epoch. Agents
+/// refresh their map and retry when they see it.
+pub const REFRESH_METADATA: &str = "x-hashgrid-refresh";
 
 #[derive(Debug, Error)]
 pub enum NodeError {
@@ -32,8 +40,13 @@ pub enum NodeError {
     PermissionDenied(String),
     #[error("{0}")]
     Precondition(String),
-    #[error("catalog replication: {0}")]
-    Raft(String),
+    /// The cluster cannot serve this now (no catalog leader or quorum within the deadline,
+    /// fewer reachable owners than the write quorum); retrying later or elsewhere may work.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The catalog's rules refused the change (deterministic: retrying will not help).
+    #[error("{0}")]
+    Rejected(String),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -41,7 +54,7 @@ pub enum NodeError {
 impl NodeError {
     /// Whether the same request may succeed later without change.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, NodeError::NotReady | NodeError::Raft(_))
+        matches!(self, NodeError::NotReady | NodeError::Unavailable(_))
     }
 }
 
@@ -52,10 +65,15 @@ impl From<NodeError> for Status {
             return Status::unavailable(msg);
         }
         match &e {
-            NodeError::NotReady | NodeError::Raft(_) => Status::unavailable(msg),
-            NodeError::StaleEpoch { .. } | NodeError::Precondition(_) => {
-                Status::failed_precondition(msg)
+            NodeError::NotReady | NodeError::Unavailable(_) => Status::unavailable(msg),
+            NodeError::StaleEpoch { current, .. } => {
+                let mut s = Status::failed_precondition(msg);
+                if let Ok(v) = current.to_string().parse() {
+                    s.metadata_mut().insert(REFRESH_METADATA, v);
+                }
+                s
             }
+            NodeError::Precondition(_) | NodeError::Rejected(_) => Status::failed_precondition(msg),
             NodeError::Chunk(_) | NodeError::Decode(_) | NodeError::TooMany { .. } => {
                 Status::invalid_argument(msg)
             }
@@ -73,7 +91,7 @@ mod tests {
 
     #[test]
     fn retryable_errors_are_unavailable() {
-        for e in [NodeError::NotReady, NodeError::Raft("x".into())] {
+        for e in [NodeError::NotReady, NodeError::Unavailable("x".into())] {
             assert!(e.is_retryable());
             assert_eq!(Status::from(e).code(), tonic::Code::Unavailable);
         }
@@ -82,6 +100,10 @@ mod tests {
             current: 2,
         };
         assert!(!e.is_retryable());
-        assert_eq!(Status::from(e).code(), tonic::Code::FailedPrecondition);
+        let s = Status::from(e);
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(s.metadata().get(REFRESH_METADATA).unwrap(), "2");
+        let s = Status::from(NodeError::Precondition("missing".into()));
+        assert!(s.metadata().get(REFRESH_METADATA).is_none());
     }
 }

@@ -7,12 +7,15 @@
 
 pub mod catalog;
 pub mod chunk_store;
+pub mod cluster_map;
 pub mod config;
 pub mod context;
 pub mod durable;
 pub mod error;
+pub mod membership;
 pub mod metrics;
 pub mod pack;
+pub mod peer;
 pub mod raft;
 pub mod server;
 pub mod service;

@@ -1,6 +1,5 @@
 //! `hashgrid-node` binary: parse the config, set up logging, run until SIGINT or SIGTERM.
 
-use clap::Parser;
 use hashgrid_node::NodeConfig;
 use tracing_subscriber::EnvFilter;
 
@@ -13,7 +12,14 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let config = NodeConfig::parse();
+    let config = match NodeConfig::load() {
+        Ok(c) => c,
+        Err(hashgrid_node::config::ConfigError::Args(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
     hashgrid_node::run(config, shutdown_signal()).await
 }
 

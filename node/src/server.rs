@@ -1,5 +1,6 @@
-//! Starting and stopping a node: open the stores, start Raft, initialize a new cluster on
-//! first start, serve gRPC until `shutdown` resolves, then stop cleanly.
+//! Starting and stopping a node: open the stores, start Raft, then on first start either
+//! create a new cluster (no `--join`) or join one, serve gRPC until `shutdown` resolves,
+//! then stop cleanly. A member that restarts finds its cluster in its data directory.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -15,6 +16,7 @@ use hashgrid_proto::chunker::ChunkerParams;
 use hashgrid_proto::limits::{
     CONNECTION_WINDOW_BYTES, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, STREAM_WINDOW_BYTES,
 };
+use hashgrid_proto::pb::peer::peer_server::PeerServer;
 use hashgrid_proto::pb::{
     admin_server::AdminServer, catalog_server::CatalogServer, chunks_server::ChunksServer,
 };
@@ -29,12 +31,15 @@ use crate::chunk_store::ChunkStore;
 use crate::config::NodeConfig;
 use crate::context::NodeContext;
 use crate::durable;
-use crate::raft::network::NoPeers;
+use crate::membership;
+use crate::peer::{ClusterSecret, PeerPool};
+use crate::raft::network::Network;
 use crate::raft::{self, LogStore, Raft, StateMachine};
 use crate::service::admin::AdminService;
 use crate::service::auth::interceptor;
 use crate::service::catalog::CatalogService;
 use crate::service::chunks::ChunksService;
+use crate::service::peer::{self as peer_service, PeerService};
 
 /// File in the data dir holding the admin token made at cluster init (mode 0600).
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -81,10 +86,22 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         crate::metrics::install(addr)?;
     }
 
+    let has_cluster = catalog
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .config
+        .is_some();
+    let creating = !has_cluster && config.join.is_empty();
+    let secret = ClusterSecret::load_or_create(
+        &data_dir,
+        config.cluster_secret_file.as_deref(),
+        creating || has_cluster,
+    )?;
+    let peers = Arc::new(PeerPool::new(&secret, config.peer_timeout()));
     let raft = Raft::new(
         node_id,
-        Arc::new(raft::config().validate()?),
-        NoPeers,
+        Arc::new(raft::config(&config).validate()?),
+        Network::new(peers.clone()),
         LogStore::new(raft_db.clone()),
         state_machine,
     )
@@ -93,23 +110,35 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
 
     let ctx = Arc::new(NodeContext::new(
         node_id,
+        advertise.clone(),
         store.clone(),
         raft.clone(),
         catalog,
+        secret,
+        peers,
     ));
-    // A failed startup stops the server too, so the process exits with the error.
-    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<()>();
-    let stop = async {
-        tokio::select! {
-            _ = shutdown => {}
-            Ok(()) = failed_rx => {}
-        }
+    // A failed startup stops the server too, so the process exits with the error; a
+    // shutdown stops a startup still under way (a join still waiting for its cluster).
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
     };
-    let server = serve(ctx.clone(), listener, stop);
+    let server = serve(ctx.clone(), listener, stopped(stop_rx.clone()));
+    let signal = async {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
     let startup = async {
         let result = async {
-            bootstrap(&ctx, &data_dir, &advertise, &config.zone).await?;
+            if has_cluster {
+                rejoin(&ctx, &config).await?;
+            } else if creating {
+                bootstrap(&ctx, &data_dir, &config).await?;
+            } else {
+                join(&ctx, &config).await?;
+            }
             ctx.set_ready();
+            tokio::spawn(membership::maintain(ctx.clone()));
             write_atomically(&data_dir.join(ADDR_FILE), advertise.as_bytes())?;
             tracing::info!(node = node_id, addr = %advertise, "hashgrid-node ready");
             println!("hashgrid-node {node_id} ready on {advertise}");
@@ -117,11 +146,22 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         }
         .await;
         if result.is_err() {
-            let _ = failed_tx.send(());
+            let _ = stop_tx.send(true);
         }
         result
     };
-    let (served, started) = tokio::join!(server, startup);
+    let startup = async {
+        tokio::select! {
+            r = startup => r,
+            () = stopped(stop_rx.clone()) => Ok(()),
+        }
+    };
+    let (served, started, ()) = tokio::join!(server, startup, async {
+        tokio::select! {
+            () = signal => {}
+            () = stopped(stop_rx.clone()) => {}
+        }
+    });
     let result = started.and(served);
 
     raft.shutdown().await.ok();
@@ -137,6 +177,12 @@ async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let auth = interceptor(ctx.clone());
+    let peer = InterceptedService::new(
+        PeerServer::new(PeerService::new(ctx.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        peer_service::interceptor(ctx.clone()),
+    );
     let chunks = ChunksServer::new(ChunksService::new(ctx.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -152,6 +198,7 @@ async fn serve(
         .add_service(InterceptedService::new(chunks, auth.clone()))
         .add_service(InterceptedService::new(catalog, auth.clone()))
         .add_service(InterceptedService::new(admin, auth))
+        .add_service(peer)
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
@@ -160,54 +207,43 @@ async fn serve(
         .context("gRPC server")
 }
 
-/// Makes this node the leader of its one-voter group and, on a brand-new cluster, writes
-/// the cluster config and the admin token.
-async fn bootstrap(
-    ctx: &NodeContext,
-    data_dir: &Path,
-    advertise: &str,
-    zone: &str,
-) -> anyhow::Result<()> {
+/// Creates a new cluster: this node becomes the only voter of the catalog group and writes
+/// the cluster config (a one-member map with the configured R and W) and the admin token.
+/// The token file is durable before the config that holds its hash is committed, so a crash
+/// in between leaves a cluster that is not yet initialized (and is created afresh on the
+/// next start), never one whose admin token is lost.
+async fn bootstrap(ctx: &NodeContext, data_dir: &Path, config: &NodeConfig) -> anyhow::Result<()> {
     let raft = &ctx.raft;
     if !raft.is_initialized().await? {
-        let members = BTreeMap::from([(ctx.node_id, BasicNode::new(advertise))]);
+        let members = BTreeMap::from([(ctx.node_id, BasicNode::new(&ctx.advertise))]);
         raft.initialize(members)
             .await
             .context("initializing Raft")?;
     }
-    raft.wait(Some(Duration::from_secs(30)))
-        .metrics(
-            |m| m.current_leader == Some(ctx.node_id),
-            "this node leads its catalog group",
-        )
-        .await
-        .context("waiting for Raft leadership")?;
-    // Everything committed before the restart is applied before we serve.
-    raft.ensure_linearizable()
-        .await
-        .map_err(|e| anyhow::anyhow!("catalog read barrier: {e}"))?;
-
-    let initialized = ctx
+    wait_for_leader(ctx, Some(ctx.node_id)).await?;
+    // An Init committed before a crash but not yet applied then was applied by the barrier
+    // in `wait_for_leader`: this is a restart, and the token file from then is the one.
+    if ctx
         .catalog
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .config
-        .clone();
-    let token_path = data_dir.join(ADMIN_TOKEN_FILE);
-    if let Some(config) = initialized {
-        if !token_path.exists() {
-            recover_token(&token_path, &config.admin_token)?;
-        }
-        return Ok(());
+        .is_some()
+    {
+        return settle_token(ctx, data_dir);
     }
     let token = hex::encode(rand::random::<[u8; 32]>());
+    let token_path = data_dir.join(ADMIN_TOKEN_FILE);
     // Durable before the Init that commits its hash: a cluster whose token file was lost
     // would have no usable admin token.
     durable::write_private(&token_path, format!("{token}\n").as_bytes())
         .with_context(|| format!("writing {}", token_path.display()))?;
-    let mut map = ClusterMap::single(ctx.node_id, advertise.to_string());
-    map.members[0].zone = zone.to_string();
-    let config = ClusterConfig {
+    let mut map = ClusterMap::single(ctx.node_id, ctx.advertise.clone());
+    map.members[0].zone = config.zone.clone();
+    map.members[0].weight = config.weight;
+    map.replication = config.replicas;
+    map.write_quorum = config.write_quorum;
+    let init = ClusterConfig {
         map,
         chunker: ChunkerParams::DEFAULT,
         admin_token: TokenHash::of(&token),
@@ -215,14 +251,103 @@ async fn bootstrap(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64),
     };
-    let resp = raft
-        .client_write(Command::Init(config))
-        .await
-        .context("writing the cluster config")?;
-    if resp.data != CommandResult::Initialized {
-        bail!("cluster init refused: {:?}", resp.data);
+    let result = ctx.write(Command::Init(init)).await?;
+    if result != CommandResult::Initialized {
+        bail!("cluster init refused: {result:?}");
     }
-    tracing::info!(token_file = %token_path.display(), "new cluster initialized; admin token written");
+    tracing::info!(
+        token_file = %token_path.display(),
+        secret_file = %data_dir.join(crate::peer::secret::FILE).display(),
+        "new cluster initialized; admin token and cluster secret written"
+    );
+    Ok(())
+}
+
+/// First start with `--join`: asks the members to admit this node, then waits until this
+/// node's copy of the catalog lists it.
+async fn join(ctx: &NodeContext, config: &NodeConfig) -> anyhow::Result<()> {
+    tracing::info!(seeds = ?config.join, "joining the cluster");
+    let resp = membership::join_through(ctx, &config.join, &config.zone, config.weight).await?;
+    ctx.raft
+        .wait(Some(JOIN_APPLY))
+        .metrics(
+            |_| {
+                ctx.catalog
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .config
+                    .as_ref()
+                    .is_some_and(|c| c.map.member(ctx.node_id).is_some())
+            },
+            "the catalog lists this node",
+        )
+        .await
+        .context("waiting for the catalog to reach this node")?;
+    tracing::info!(leader = resp.leader_id, "joined the cluster");
+    Ok(())
+}
+
+/// A restart of a member: wait (a while) for a leader so that what was committed before is
+/// applied, and make sure the map has this node's current address.
+async fn rejoin(ctx: &NodeContext, config: &NodeConfig) -> anyhow::Result<()> {
+    settle_token(ctx, &config.data_dir)?;
+    if let Err(e) = wait_for_leader(ctx, None).await {
+        // A member whose peers are all down still serves what it holds (restores).
+        tracing::warn!(error = %e, "no catalog leader yet; serving with the catalog as stored");
+        return Ok(());
+    }
+    let stale = ctx
+        .catalog
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .config
+        .as_ref()
+        .and_then(|c| c.map.member(ctx.node_id).cloned())
+        .is_some_and(|m| m.addr != ctx.advertise);
+    if stale {
+        tracing::info!(addr = %ctx.advertise, "this node's address changed; updating the map");
+        membership::join_through(
+            ctx,
+            std::slice::from_ref(&ctx.advertise),
+            &config.zone,
+            config.weight,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// How long a joiner waits for the catalog to list it after being admitted.
+const JOIN_APPLY: Duration = Duration::from_secs(60);
+
+/// Waits until the catalog group has a leader (`want`: a particular one) and everything
+/// committed is applied here.
+async fn wait_for_leader(ctx: &NodeContext, want: Option<u64>) -> anyhow::Result<()> {
+    // A one-voter group would otherwise wait a whole election timeout after a restart.
+    let single = {
+        let m = ctx.raft.metrics().borrow().membership_config.clone();
+        m.membership().voter_ids().eq([ctx.node_id])
+    };
+    if single {
+        let _ = ctx.raft.trigger().elect().await;
+    }
+    ctx.raft
+        .wait(Some(Duration::from_secs(30)))
+        .metrics(
+            |m| match want {
+                Some(id) => m.current_leader == Some(id),
+                None => m.current_leader.is_some(),
+            },
+            "a catalog leader",
+        )
+        .await
+        .context("waiting for a catalog leader")?;
+    if ctx.leader() == Some(ctx.node_id) {
+        ctx.raft
+            .ensure_linearizable()
+            .await
+            .map_err(|e| anyhow::anyhow!("catalog read barrier: {e}"))?;
+    }
     Ok(())
 }
 
@@ -251,15 +376,24 @@ fn make_private(dir: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// An initialized cluster whose token file is missing. Builds before the token's rename was
-/// made durable could lose it to a power cut, leaving the complete, synced `.tmp` copy: if
-/// that copy holds the token the catalog has the hash of, it is put in place.
-fn recover_token(token_path: &Path, hash: &TokenHash) -> anyhow::Result<()> {
-    let tmp = durable::tmp_path(token_path);
+/// On an initialized cluster: a token file left half-way by a power cut (an older build,
+/// or a crash between the staged write and the rename) is completed. Builds before the
+/// token's rename was made durable could lose it, leaving the complete, synced `.tmp` copy;
+/// if that copy holds the token the catalog has the hash of, it is put in place. Members
+/// that joined never had a token file and have nothing to do.
+fn settle_token(ctx: &NodeContext, data_dir: &Path) -> anyhow::Result<()> {
+    let token_path = data_dir.join(ADMIN_TOKEN_FILE);
+    let tmp = durable::tmp_path(&token_path);
+    if token_path.exists() || !tmp.exists() {
+        return Ok(());
+    }
+    let Ok(hash) = ctx.config().map(|c| c.admin_token) else {
+        return Ok(());
+    };
     let staged = std::fs::read_to_string(&tmp).ok();
     match staged {
-        Some(token) if TokenHash::of(token.trim()) == *hash => {
-            durable::rename(&tmp, token_path)
+        Some(token) if TokenHash::of(token.trim()) == hash => {
+            durable::rename(&tmp, &token_path)
                 .with_context(|| format!("restoring {}", token_path.display()))?;
             tracing::warn!(
                 token_file = %token_path.display(),
@@ -267,8 +401,10 @@ fn recover_token(token_path: &Path, hash: &TokenHash) -> anyhow::Result<()> {
             );
         }
         _ => tracing::warn!(
-            "{} is missing; the admin token cannot be recovered from its hash",
-            ADMIN_TOKEN_FILE
+            "{} is missing and {} does not hold the cluster's token; the admin token cannot \
+             be recovered from its hash",
+            ADMIN_TOKEN_FILE,
+            tmp.display()
         ),
     }
     Ok(())

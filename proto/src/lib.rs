@@ -19,13 +19,38 @@ pub mod snapshot;
 pub use error::DecodeError;
 pub use id::{ChunkId, NodeId, SnapshotId};
 
+/// Generated code, nested as the protobuf packages are so that references between packages
+/// (`hashgrid.peer.v1` uses `hashgrid.v1` messages) resolve.
+mod generated {
+    pub mod hashgrid {
+        pub mod v1 {
+            tonic::include_proto!("hashgrid.v1");
+        }
+        pub mod manifest {
+            pub mod v1 {
+                tonic::include_proto!("hashgrid.manifest.v1");
+            }
+        }
+        pub mod peer {
+            pub mod v1 {
+                tonic::include_proto!("hashgrid.peer.v1");
+            }
+        }
+    }
+}
+
 /// Generated protobuf and gRPC types. Convert to domain types at the edge with the `TryFrom`
 /// impls in the modules above; nothing past the service layer should handle these directly.
 pub mod pb {
-    tonic::include_proto!("hashgrid.v1");
+    pub use crate::generated::hashgrid::v1::*;
 
     /// Manifest object messages (the on-chunk format, not a service).
     pub mod manifest {
-        tonic::include_proto!("hashgrid.manifest.v1");
+        pub use crate::generated::hashgrid::manifest::v1::*;
+    }
+
+    /// The internal node-to-node service (see `proto/peer.proto` for its trust boundary).
+    pub mod peer {
+        pub use crate::generated::hashgrid::peer::v1::*;
     }
 }

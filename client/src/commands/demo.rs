@@ -4,10 +4,10 @@
 //! restores, verifies the restore against the source, and prints what deduplication saved.
 
 use super::outln;
+use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -17,6 +17,7 @@ use indicatif::HumanBytes;
 use crate::backup::{backup, BackupOptions, BackupSummary, ParentChoice};
 use crate::catalog::latest;
 use crate::connection::{ConnectOptions, Connection};
+use crate::local_node::{node_binary, LocalNode};
 use crate::restore::{restore, RestoreOptions};
 use crate::treediff::{diff_trees, Compare};
 
@@ -33,73 +34,18 @@ pub struct Args {
     pub size_mib: u64,
 }
 
-/// A child process stopped with SIGTERM when dropped.
-struct NodeProcess(Child);
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        if let Some(pid) = rustix::process::Pid::from_raw(self.0.id() as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        let _ = self.0.wait();
-    }
-}
-
-/// `hashgrid-node` from next to this executable, else from PATH.
-pub fn node_binary() -> anyhow::Result<PathBuf> {
-    let me = std::env::current_exe().context("locating this executable")?;
-    let beside = me.with_file_name("hashgrid-node");
-    if beside.is_file() {
-        return Ok(beside);
-    }
-    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
-        let p = dir.join("hashgrid-node");
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    bail!(
-        "hashgrid-node not found next to {} or on PATH; build both with `cargo build --release`",
-        me.display()
-    )
-}
-
-fn start_node(work: &Path) -> anyhow::Result<(NodeProcess, String)> {
-    let data = work.join("node");
-    let log = File::create(work.join("node.log"))?;
-    let child = Command::new(node_binary()?)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "off",
-            "--data-dir",
-        ])
-        .arg(&data)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .context("starting hashgrid-node")?;
-    let mut node = NodeProcess(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(addr) = std::fs::read_to_string(data.join("node.addr")) {
-            return Ok((node, addr.trim().to_string()));
-        }
-        if let Some(status) = node.0.try_wait()? {
-            bail!(
-                "hashgrid-node exited ({status}); see {}",
-                work.join("node.log").display()
-            );
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "hashgrid-node not ready after 30s; see {}",
-                work.join("node.log").display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn start_node(work: &Path) -> anyhow::Result<(LocalNode, String)> {
+    let mut node = LocalNode::spawn(
+        &node_binary()?,
+        &work.join("node"),
+        &work.join("node.log"),
+        ["--listen", "127.0.0.1:0", "--metrics-listen", "off"]
+            .map(OsString::from)
+            .to_vec(),
+        None,
+    )?;
+    let addr = node.wait_ready(Duration::from_secs(30))?.to_string();
+    Ok((node, addr))
 }
 
 /// Deterministic sample bytes: random, or text-like (compressible) when `text`.

@@ -4,13 +4,14 @@
 //! machine (`sm_meta`, `sm_snapshots`). Log appends and state-machine applies are synced
 //! writes, and `last_applied` is written in the same batch as the state it covers, so a
 //! kill -9 at any point restarts into a consistent catalog. Our stores pass openraft's own
-//! storage test suite (`store_tests`).
+//! storage test suite (`store_tests`). Peers talk over the internal gRPC service
+//! ([`network`], served by `service::peer`).
 
 // The storage traits return openraft's `StorageError`, which is large; boxing it is not ours
 // to choose.
 #![allow(clippy::result_large_err)]
 
-mod codec;
+pub(crate) mod codec;
 pub mod log_store;
 pub mod network;
 pub mod state_machine;
@@ -25,6 +26,7 @@ use openraft::BasicNode;
 use rocksdb::{ColumnFamilyDescriptor, Options, DB};
 
 use crate::catalog::{Command, CommandResult};
+use crate::config::NodeConfig;
 pub use log_store::LogStore;
 pub use state_machine::StateMachine;
 
@@ -72,14 +74,17 @@ pub fn node_id(db: &DB) -> Result<NodeId, rocksdb::Error> {
     Ok(id)
 }
 
-/// Raft timing for a catalog that changes a few times per backup: quick elections so a
-/// restarted one-node cluster serves again within a second.
-pub fn config() -> openraft::Config {
+/// Raft settings from the node's configuration. Heartbeat and election timeout are settings
+/// because six nodes sharing two cores see heartbeats delayed by hundreds of milliseconds,
+/// and an election timeout below that means spurious elections; snapshot transfers share the
+/// peer deadline.
+pub fn config(node: &NodeConfig) -> openraft::Config {
     openraft::Config {
         cluster_name: "hashgrid".into(),
-        heartbeat_interval: 100,
-        election_timeout_min: 300,
-        election_timeout_max: 600,
+        heartbeat_interval: node.raft_heartbeat_ms,
+        election_timeout_min: node.raft_election_ms,
+        election_timeout_max: node.raft_election_ms * 2,
+        install_snapshot_timeout: node.peer_timeout_ms,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5000),
         max_in_snapshot_log_to_keep: 1000,
         ..Default::default()

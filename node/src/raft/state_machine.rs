@@ -23,6 +23,7 @@ type Membership = StoredMembership<NodeId, BasicNode>;
 const KEY_LAST_APPLIED: &[u8] = b"last_applied";
 const KEY_MEMBERSHIP: &[u8] = b"membership";
 const KEY_CONFIG: &[u8] = b"config";
+const KEY_HISTORY: &[u8] = b"map_history";
 const KEY_SNAPSHOT: &[u8] = b"raft_snapshot";
 
 /// The catalog shared between the state machine (writer) and the services (readers).
@@ -73,6 +74,9 @@ impl StateMachine {
         if let Some(b) = get(KEY_CONFIG)? {
             catalog.config = Some(decode(&b).map_err(|e| read_err(&e))?);
         }
+        if let Some(b) = get(KEY_HISTORY)? {
+            catalog.history = decode(&b).map_err(|e| read_err(&e))?;
+        }
         let snaps = db.cf_handle(CF_SM_SNAPSHOTS).expect("cf opened in open_db");
         for item in db.iterator_cf(snaps, rocksdb::IteratorMode::Start) {
             let (_, value) = item.map_err(|e| read_err(&e))?;
@@ -118,7 +122,8 @@ impl StateMachine {
         batch: &mut WriteBatch,
     ) -> Result<()> {
         match change {
-            Change::Config => {
+            // A map change can change the history too, so both are written.
+            Change::Config | Change::History => {
                 if let Some(config) = &catalog.config {
                     batch.put_cf(
                         self.cf(CF_SM_META),
@@ -126,6 +131,11 @@ impl StateMachine {
                         encode(config).map_err(|e| write_err(&e))?,
                     );
                 }
+                batch.put_cf(
+                    self.cf(CF_SM_META),
+                    KEY_HISTORY,
+                    encode(&catalog.history).map_err(|e| write_err(&e))?,
+                );
             }
             Change::Snapshot(id) => {
                 let key = id.0.to_be_bytes();
@@ -261,6 +271,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         batch.delete_range_cf(snaps, 0u64.to_be_bytes(), u64::MAX.to_be_bytes());
         batch.delete_cf(snaps, u64::MAX.to_be_bytes());
         batch.delete_cf(self.cf(CF_SM_META), KEY_CONFIG);
+        batch.delete_cf(self.cf(CF_SM_META), KEY_HISTORY);
         self.persist_change(&new, &Change::Config, &mut batch)?;
         for id in new.snapshots.keys() {
             self.persist_change(&new, &Change::Snapshot(SnapshotId(id.0)), &mut batch)?;

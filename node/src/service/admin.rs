@@ -5,12 +5,15 @@ use std::sync::Arc;
 
 use hashgrid_proto::pb::admin_server::Admin;
 use hashgrid_proto::pb::{
-    self, ClientStats, StatsRequest, StatsResponse, StatusRequest, StatusResponse,
+    self, ChangeMemberRequest, ChangeMemberResponse, ClientStats, SetReplicationRequest,
+    SetReplicationResponse, StatsRequest, StatsResponse, StatusRequest, StatusResponse,
 };
+use hashgrid_proto::placement::MemberState;
 use tonic::{Request, Response, Status};
 
 use super::auth::principal;
 use crate::context::NodeContext;
+use crate::membership;
 
 pub struct AdminService {
     ctx: Arc<NodeContext>,
@@ -40,6 +43,49 @@ impl Admin for AdminService {
             raft_leader: metrics.current_leader.unwrap_or(0),
             raft_term: metrics.current_term,
             raft_last_applied: metrics.last_applied.map_or(0, |l| l.index),
+            raft_voters: metrics.membership_config.membership().voter_ids().collect(),
+            raft_learners: metrics
+                .membership_config
+                .membership()
+                .learner_ids()
+                .collect(),
+        }))
+    }
+
+    async fn change_member(
+        &self,
+        req: Request<ChangeMemberRequest>,
+    ) -> Result<Response<ChangeMemberResponse>, Status> {
+        principal(&req)?;
+        let req = req.into_inner();
+        let state = match pb::MemberState::try_from(req.state) {
+            Ok(pb::MemberState::Active) => MemberState::Active,
+            Ok(pb::MemberState::Draining) => MemberState::Draining,
+            Ok(pb::MemberState::Removed) => MemberState::Removed,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "a member can be made active, draining or removed",
+                ))
+            }
+        };
+        let map = membership::change_state(&self.ctx, req.node_id, state).await?;
+        Ok(Response::new(ChangeMemberResponse {
+            map: Some(pb::ClusterMap::from(&map)),
+        }))
+    }
+
+    async fn set_replication(
+        &self,
+        req: Request<SetReplicationRequest>,
+    ) -> Result<Response<SetReplicationResponse>, Status> {
+        principal(&req)?;
+        let req = req.into_inner();
+        let small = |v: u32| u8::try_from(v).unwrap_or(u8::MAX);
+        let map =
+            membership::set_replication(&self.ctx, small(req.replication), small(req.write_quorum))
+                .await?;
+        Ok(Response::new(SetReplicationResponse {
+            map: Some(pb::ClusterMap::from(&map)),
         }))
     }
 

@@ -70,13 +70,7 @@ impl Catalog for CatalogService {
             ))
             .into());
         }
-        let resp = self
-            .ctx
-            .raft
-            .client_write(Command::CommitSnapshot(record))
-            .await
-            .map_err(|e| NodeError::Raft(e.to_string()))?;
-        match resp.data {
+        match self.ctx.write(Command::CommitSnapshot(record)).await? {
             CommandResult::Committed(id) => {
                 metrics::counter!(m::SNAPSHOTS_COMMITTED).increment(1);
                 tracing::info!(snapshot = %id, "snapshot committed");

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod auth;
 pub mod catalog;
 pub mod chunks;
+pub mod peer;
 
 use tokio::task::JoinError;
 

@@ -34,8 +34,16 @@ impl TreePart {
     pub fn describe(object: ObjectRef, tree: &Tree) -> TreePart {
         TreePart {
             object,
-            first_name: tree.entries.first().map(|e| e.name.clone()).unwrap_or_default(),
-            last_name: tree.entries.last().map(|e| e.name.clone()).unwrap_or_default(),
+            first_name: tree
+                .entries
+                .first()
+                .map(|e| e.name.clone())
+                .unwrap_or_default(),
+            last_name: tree
+                .entries
+                .last()
+                .map(|e| e.name.clone())
+                .unwrap_or_default(),
             entries: tree.entries.len() as u64,
         }
     }

@@ -1,0 +1,200 @@
+//! Several `hashgrid-node` processes forming one cluster, for the multi-node tests.
+//!
+//! Settings fit six nodes on two cores: small caches and Raft timeouts well above the
+//! scheduling delays a loaded machine shows, so no test sees a spurious election. Tests that
+//! start clusters hold [`Cluster::serial`]'s lock, so they run one at a time even when the
+//! test harness runs tests in parallel threads.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use hashgrid::Connection;
+use hashgrid_proto::pb::{self, StatusRequest, StatusResponse};
+use hashgrid_proto::NodeId;
+
+use crate::{Node, NodeOpts};
+
+/// Settings every cluster-test node gets.
+pub const TEST_NODE_ARGS: [&str; 8] = [
+    "--cache-mib",
+    "32",
+    "--raft-heartbeat-ms",
+    "200",
+    "--raft-election-ms",
+    "1500",
+    "--peer-timeout-ms",
+    "3000",
+];
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub struct Cluster {
+    pub root: PathBuf,
+    pub nodes: Vec<Node>,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Cluster {
+    /// Holds the one-cluster-at-a-time lock (a failed test poisons nothing for the others).
+    fn serial() -> MutexGuard<'static, ()> {
+        SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts `n` nodes under `root`: the first creates the cluster with R = `replicas`
+    /// and W = `write_quorum`, the others join through it at once; returns when every
+    /// node is ready.
+    pub fn start(root: &Path, n: usize, replicas: u8, write_quorum: u8) -> Cluster {
+        let serial = Self::serial();
+        let first = Node::start_with(
+            &root.join("n1"),
+            NodeOpts {
+                replicas: Some(replicas),
+                write_quorum: Some(write_quorum),
+                extra: TEST_NODE_ARGS.map(String::from).to_vec(),
+                ..Default::default()
+            },
+        );
+        let mut cluster = Cluster {
+            root: root.to_path_buf(),
+            nodes: vec![first],
+            _serial: serial,
+        };
+        let mut joiners: Vec<Node> = (2..=n).map(|i| cluster.spawn_joiner(i)).collect();
+        for j in &mut joiners {
+            j.wait_ready();
+        }
+        cluster.nodes.extend(joiners);
+        cluster
+    }
+
+    fn spawn_joiner(&self, i: usize) -> Node {
+        Node::spawn_with(
+            &self.root.join(format!("n{i}")),
+            NodeOpts {
+                join: vec![self.nodes[0].addr.clone()],
+                secret_file: Some(self.nodes[0].secret_file()),
+                extra: TEST_NODE_ARGS.map(String::from).to_vec(),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Starts one more node that joins through the first; returns its index.
+    pub fn add_node(&mut self) -> usize {
+        let mut node = self.spawn_joiner(self.nodes.len() + 1);
+        node.wait_ready();
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
+    pub async fn connect(&self, i: usize) -> Connection {
+        Connection::connect(&self.nodes[i].connect_options_with(self.token()))
+            .await
+            .expect("connect")
+    }
+
+    /// The admin token (made by the first node).
+    pub fn token(&self) -> String {
+        self.nodes[0].token()
+    }
+
+    /// Node `i`'s status, or `None` when it does not answer within 3 s.
+    pub async fn status(&self, i: usize) -> Option<StatusResponse> {
+        let conn = tokio::time::timeout(Duration::from_secs(3), self.connect_quick(i)).await;
+        let mut admin = conn.ok()??.admin;
+        tokio::time::timeout(Duration::from_secs(3), admin.status(StatusRequest {}))
+            .await
+            .ok()?
+            .ok()
+            .map(|r| r.into_inner())
+    }
+
+    async fn connect_quick(&self, i: usize) -> Option<Connection> {
+        Connection::connect(&self.nodes[i].connect_options_with(self.token()))
+            .await
+            .ok()
+    }
+
+    /// The node id of node `i` (from its status).
+    pub async fn node_id(&self, i: usize) -> NodeId {
+        self.status(i).await.expect("status").node_id
+    }
+
+    /// The index of the node that leads the catalog group, as the running nodes agree.
+    pub async fn leader(&self) -> Option<usize> {
+        let mut ids = Vec::new();
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].is_running() {
+                ids.push((i, self.status(i).await));
+            }
+        }
+        let leader = ids
+            .iter()
+            .find_map(|(_, s)| s.as_ref().map(|s| s.raft_leader))?;
+        for (i, s) in &ids {
+            if s.as_ref().is_some_and(|s| s.node_id == leader) {
+                return Some(*i);
+            }
+        }
+        None
+    }
+
+    /// Polls `cond` (with the status of every running node that answers) until it holds,
+    /// or panics after `timeout` with the node logs' tails.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut cond: impl FnMut(&[StatusResponse]) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut all = Vec::new();
+            for i in 0..self.nodes.len() {
+                if self.nodes[i].is_running() {
+                    if let Some(s) = self.status(i).await {
+                        all.push(s);
+                    }
+                }
+            }
+            if cond(&all) {
+                return;
+            }
+            if Instant::now() > deadline {
+                self.dump_logs();
+                panic!("{what}: not reached within {timeout:?}; last statuses: {all:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Prints the tail of every node's log (for a failing test).
+    pub fn dump_logs(&self) {
+        for (i, n) in self.nodes.iter().enumerate() {
+            let log = n.log();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "----- node {} ({}) -----\n{}",
+                i + 1,
+                n.addr,
+                lines[lines.len().saturating_sub(30)..].join("\n")
+            );
+        }
+    }
+}
+
+/// Members of a status's map in `state`.
+pub fn members_in(status: &StatusResponse, state: pb::MemberState) -> Vec<NodeId> {
+    status
+        .map
+        .as_ref()
+        .map(|m| {
+            m.members
+                .iter()
+                .filter(|x| x.state == state as i32)
+                .map(|x| x.id)
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,124 @@
+//! Joining: one node creates the cluster, four join through it; the catalog group keeps 3
+//! voters, then 5, the rest learners; a commit sent through a learner is forwarded to the
+//! leader and seen everywhere; when a voter is removed a learner takes its place.
+
+use std::time::Duration;
+
+use hashgrid_cluster_tests::cluster::{members_in, Cluster};
+use hashgrid_cluster_tests::{backup_opts, runtime};
+use hashgrid_proto::pb::{self, ChangeMemberRequest};
+
+const SETTLE: Duration = Duration::from_secs(60);
+
+fn voters_everywhere(n: usize) -> impl FnMut(&[pb::StatusResponse]) -> bool {
+    move |all| {
+        !all.is_empty()
+            && all
+                .iter()
+                .all(|s| s.raft_voters.len() == n && s.raft_leader != 0)
+    }
+}
+
+#[test]
+fn members_join_voters_stay_at_target_and_learners_forward_commits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(tmp.path(), 3, 1, 1);
+    runtime().block_on(async {
+        cluster
+            .wait_for("3 voters", SETTLE, voters_everywhere(3))
+            .await;
+        cluster
+            .wait_for("3 active members", SETTLE, |all| {
+                all.iter()
+                    .all(|s| members_in(s, pb::MemberState::Active).len() == 3)
+            })
+            .await;
+    });
+
+    // A fourth member is a learner; a backup committed through it lands in the catalog.
+    let learner = cluster.add_node();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("a.txt"), b"through a learner").unwrap();
+    runtime().block_on(async {
+        cluster
+            .wait_for("4 members, 3 voters, 1 learner", SETTLE, |all| {
+                all.len() == 4
+                    && all
+                        .iter()
+                        .all(|s| s.raft_voters.len() == 3 && s.raft_learners.len() == 1)
+            })
+            .await;
+        let learner_id = cluster.node_id(learner).await;
+        let status = cluster.status(learner).await.unwrap();
+        assert!(status.raft_learners.contains(&learner_id));
+        assert_ne!(status.raft_leader, learner_id);
+
+        let conn = cluster.connect(learner).await;
+        let summary = hashgrid::backup::backup(&conn, &backup_opts(&[&data], false, "c", "d"))
+            .await
+            .expect("backup through a learner");
+        for i in 0..4 {
+            let conn = cluster.connect(i).await;
+            let seen = async {
+                loop {
+                    if hashgrid::catalog::get(&conn, summary.snapshot)
+                        .await
+                        .is_ok()
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            };
+            tokio::time::timeout(SETTLE, seen)
+                .await
+                .unwrap_or_else(|_| panic!("node {} never saw the snapshot", i + 1));
+        }
+    });
+
+    // A fifth member makes 5 voters.
+    cluster.add_node();
+    runtime().block_on(async {
+        cluster
+            .wait_for("5 voters", SETTLE, voters_everywhere(5))
+            .await;
+    });
+
+    // A sixth is a learner; removing a voter (not the leader) promotes it.
+    let sixth = cluster.add_node();
+    runtime().block_on(async {
+        cluster
+            .wait_for("5 voters and a learner", SETTLE, |all| {
+                all.len() == 6 && all.iter().all(|s| s.raft_learners.len() == 1)
+            })
+            .await;
+        let leader = cluster.leader().await.expect("a leader");
+        let status = cluster.status(leader).await.unwrap();
+        let victim = *status
+            .raft_voters
+            .iter()
+            .find(|&&v| v != status.raft_leader)
+            .unwrap();
+        let sixth_id = cluster.node_id(sixth).await;
+        let conn = cluster.connect(sixth).await;
+        conn.admin
+            .clone()
+            .change_member(ChangeMemberRequest {
+                node_id: victim,
+                state: pb::MemberState::Removed as i32,
+            })
+            .await
+            .expect("remove a voter");
+        cluster
+            .wait_for("the learner promoted", SETTLE, |all| {
+                all.iter().filter(|s| s.node_id != victim).all(|s| {
+                    s.raft_voters.len() == 5
+                        && !s.raft_voters.contains(&victim)
+                        && s.raft_voters.contains(&sixth_id)
+                        && members_in(s, pb::MemberState::Removed) == vec![victim]
+                })
+            })
+            .await;
+    });
+}

@@ -1,0 +1,102 @@
+//! The internal `Peer` service: Raft traffic, catalog writes forwarded to the leader, and
+//! joins. Only callers holding the cluster secret get here ([`interceptor`]); unlike the
+//! client-facing services it answers before the node is ready, because a joining node
+//! becomes ready only through the Raft traffic it receives here.
+
+use std::sync::Arc;
+
+use hashgrid_proto::pb::peer::peer_server::Peer;
+use hashgrid_proto::pb::peer::{JoinRequest, JoinResponse, RaftMessage};
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::{Request, Response, Status};
+
+use crate::catalog::Command;
+use crate::context::{ForwardError, NodeContext, WriteAttempt};
+use crate::membership;
+use crate::peer::secret::METADATA_KEY;
+use crate::raft::codec::{decode, encode};
+use crate::raft::{NodeId, TypeConfig};
+
+/// Admits a call only with the cluster secret.
+pub fn interceptor(
+    ctx: Arc<NodeContext>,
+) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
+    move |req: Request<()>| {
+        let presented = req
+            .metadata()
+            .get(METADATA_KEY)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                Status::unauthenticated("node-to-node call without the cluster secret")
+            })?;
+        if !ctx.secret.matches(presented) {
+            return Err(Status::unauthenticated("wrong cluster secret"));
+        }
+        Ok(req)
+    }
+}
+
+pub struct PeerService {
+    ctx: Arc<NodeContext>,
+}
+
+impl PeerService {
+    pub fn new(ctx: Arc<NodeContext>) -> Self {
+        PeerService { ctx }
+    }
+}
+
+fn decode_msg<T: DeserializeOwned>(msg: &RaftMessage) -> Result<T, Status> {
+    decode(&msg.data).map_err(|e| Status::invalid_argument(format!("undecodable message: {e}")))
+}
+
+fn reply<T: Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
+    encode(value)
+        .map(|data| Response::new(RaftMessage { data }))
+        .map_err(|e| Status::internal(format!("encoding a reply: {e}")))
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn raft_append(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let rpc: AppendEntriesRequest<TypeConfig> = decode_msg(req.get_ref())?;
+        reply(&self.ctx.raft.append_entries(rpc).await)
+    }
+
+    async fn raft_vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let rpc: VoteRequest<NodeId> = decode_msg(req.get_ref())?;
+        reply(&self.ctx.raft.vote(rpc).await)
+    }
+
+    async fn raft_snapshot(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let rpc: InstallSnapshotRequest<TypeConfig> = decode_msg(req.get_ref())?;
+        reply(&self.ctx.raft.install_snapshot(rpc).await)
+    }
+
+    async fn forward_write(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let command: Command = decode_msg(req.get_ref())?;
+        let answer = match self.ctx.write_once(command).await {
+            Ok(result) => Ok(result),
+            Err(WriteAttempt::NotLeader(leader)) => Err(ForwardError::NotLeader { leader }),
+            Err(WriteAttempt::Failed(e)) => Err(ForwardError::Failed(e.to_string())),
+        };
+        reply(&answer)
+    }
+
+    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        Ok(Response::new(
+            membership::admit(&self.ctx, req.into_inner()).await?,
+        ))
+    }
+}
