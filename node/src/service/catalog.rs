@@ -1,6 +1,6 @@
 //! The `Catalog` service: commit, list and read snapshot records. Commits go through Raft; a
-//! commit is refused unless the snapshot's root object is stored, a last guard behind the
-//! agent's own rule of committing only after every upload was acknowledged.
+//! commit is refused unless the snapshot's root object is present (on W owners), a last
+//! guard behind the agent's own rule of committing only after every upload was acknowledged.
 
 use std::sync::Arc;
 
@@ -14,9 +14,9 @@ use hashgrid_proto::SnapshotId;
 use tonic::{Request, Response, Status};
 
 use super::auth::principal;
-use super::blocking;
 use crate::catalog::{Command, CommandResult, Principal};
 use crate::context::NodeContext;
+use crate::coordinator::{lookup, Route};
 use crate::error::NodeError;
 use crate::metrics as m;
 
@@ -57,13 +57,10 @@ impl Catalog for CatalogService {
             ))
             .into());
         }
-        let store = self.ctx.store.clone();
+        // Present as the coordinator counts it: on W owners, wherever they are.
         let root = record.root.0.clone();
-        let missing = blocking(move || {
-            let found = store.has(&root)?;
-            Ok(root.iter().zip(found).find(|(_, f)| !f).map(|(id, _)| *id))
-        })
-        .await?;
+        let found = lookup::lookup(&Route::new(&self.ctx)?, root.clone()).await?;
+        let missing = root.iter().zip(found).find(|(_, f)| !f).map(|(id, _)| *id);
         if let Some(id) = missing {
             return Err(NodeError::Precondition(format!(
                 "root object chunk {id} is not stored; upload every chunk before committing"
