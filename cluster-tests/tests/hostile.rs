@@ -78,6 +78,7 @@ async fn commit(conn: &Connection, root: ObjectRef) -> SnapshotRecord {
         .clone()
         .commit_snapshot(CommitSnapshotRequest {
             snapshot: Some(record),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -276,6 +277,7 @@ fn nodes_refuse_bad_requests_and_keep_nothing_of_them() {
                     manifest_version: 1,
                     ..Default::default()
                 }),
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -293,6 +295,7 @@ fn nodes_refuse_bad_requests_and_keep_nothing_of_them() {
                     manifest_version: 1,
                     ..Default::default()
                 }),
+                ..Default::default()
             })
             .await
             .unwrap_err();

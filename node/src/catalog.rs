@@ -37,7 +37,16 @@ pub enum Command {
     ChangeMap(MapChange),
     /// `node` holds every chunk of the partitions it owns under the map of `epoch`.
     Synced { node: NodeId, epoch: u64 },
+    /// Records a snapshot once per `key`: a retry of a commit whose outcome the agent did
+    /// not learn returns the snapshot the first attempt made instead of adding another.
+    CommitSnapshotOnce {
+        key: CommitKey,
+        record: SnapshotRecord,
+    },
 }
+
+/// The agent's idempotency key of one backup's commit.
+pub type CommitKey = [u8; 16];
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandResult {
@@ -58,6 +67,8 @@ pub enum Change {
     Snapshot(SnapshotId),
     /// The map history (older maps, sync reports) changed.
     History,
+    /// A snapshot was added under a commit key.
+    KeyedSnapshot(SnapshotId, CommitKey),
 }
 
 /// Who is calling, as established by the auth layer.
@@ -71,6 +82,8 @@ pub struct Catalog {
     pub config: Option<ClusterConfig>,
     pub snapshots: BTreeMap<SnapshotId, SnapshotRecord>,
     pub history: MapHistory,
+    /// Commit keys and the snapshots they made.
+    pub commit_keys: BTreeMap<CommitKey, SnapshotId>,
 }
 
 impl Catalog {
@@ -87,17 +100,24 @@ impl Catalog {
                 self.config = Some(config);
                 (CommandResult::Initialized, Some(Change::Config))
             }
-            Command::CommitSnapshot(mut record) => {
-                if self.config.is_none() {
-                    return (
-                        CommandResult::Rejected("cluster not initialized".into()),
-                        None,
-                    );
+            Command::CommitSnapshot(record) => match self.add_snapshot(index, record) {
+                Ok(id) => (CommandResult::Committed(id), Some(Change::Snapshot(id))),
+                Err(rejected) => (rejected, None),
+            },
+            Command::CommitSnapshotOnce { key, record } => {
+                if let Some(&id) = self.commit_keys.get(&key) {
+                    return (CommandResult::Committed(id), None);
                 }
-                let id = SnapshotId(index);
-                record.id = id;
-                self.snapshots.insert(id, record);
-                (CommandResult::Committed(id), Some(Change::Snapshot(id)))
+                match self.add_snapshot(index, record) {
+                    Ok(id) => {
+                        self.commit_keys.insert(key, id);
+                        (
+                            CommandResult::Committed(id),
+                            Some(Change::KeyedSnapshot(id, key)),
+                        )
+                    }
+                    Err(rejected) => (rejected, None),
+                }
             }
             Command::ChangeMap(change) => {
                 let Some(config) = self.config.as_mut() else {
@@ -132,6 +152,21 @@ impl Catalog {
                 )
             }
         }
+    }
+
+    /// Adds a snapshot record with the id `index` (its log index).
+    fn add_snapshot(
+        &mut self,
+        index: u64,
+        mut record: SnapshotRecord,
+    ) -> Result<SnapshotId, CommandResult> {
+        if self.config.is_none() {
+            return Err(CommandResult::Rejected("cluster not initialized".into()));
+        }
+        let id = SnapshotId(index);
+        record.id = id;
+        self.snapshots.insert(id, record);
+        Ok(id)
     }
 
     /// The principal holding `token`, if any.
@@ -195,6 +230,30 @@ mod tests {
         assert_eq!(res, CommandResult::Committed(SnapshotId(7)));
         assert_eq!(change, Some(Change::Snapshot(SnapshotId(7))));
         assert_eq!(c.snapshots[&SnapshotId(7)].id, SnapshotId(7));
+    }
+
+    #[test]
+    fn a_commit_retried_with_its_key_returns_the_first_snapshot() {
+        let mut c = Catalog::default();
+        c.apply(1, Command::Init(config()));
+        let key = [7u8; 16];
+        let once = |record| Command::CommitSnapshotOnce { key, record };
+        let (res, change) = c.apply(5, once(record()));
+        assert_eq!(res, CommandResult::Committed(SnapshotId(5)));
+        assert_eq!(change, Some(Change::KeyedSnapshot(SnapshotId(5), key)));
+        let (res, change) = c.apply(9, once(record()));
+        assert_eq!(res, CommandResult::Committed(SnapshotId(5)));
+        assert_eq!(change, None);
+        assert_eq!(c.snapshots.len(), 1);
+        let (res, _) = c.apply(
+            11,
+            Command::CommitSnapshotOnce {
+                key: [8u8; 16],
+                record: record(),
+            },
+        );
+        assert_eq!(res, CommandResult::Committed(SnapshotId(11)));
+        assert_eq!(c.snapshots.len(), 2);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::codec::{decode, encode};
 use super::{NodeId, TypeConfig, CF_SM_META, CF_SM_SNAPSHOTS};
-use crate::catalog::{Catalog, Change, CommandResult};
+use crate::catalog::{Catalog, Change, CommandResult, CommitKey};
 
 type Result<T> = std::result::Result<T, StorageError<NodeId>>;
 type Membership = StoredMembership<NodeId, BasicNode>;
@@ -25,6 +25,12 @@ const KEY_MEMBERSHIP: &[u8] = b"membership";
 const KEY_CONFIG: &[u8] = b"config";
 const KEY_HISTORY: &[u8] = b"map_history";
 const KEY_SNAPSHOT: &[u8] = b"raft_snapshot";
+/// `commit_key/<16-byte key>` -> the snapshot id (big-endian u64) that key committed.
+const COMMIT_KEY_PREFIX: &[u8] = b"commit_key/";
+
+fn commit_key_entry(key: &CommitKey) -> Vec<u8> {
+    [COMMIT_KEY_PREFIX, key.as_slice()].concat()
+}
 
 /// The catalog shared between the state machine (writer) and the services (readers).
 pub type SharedCatalog = Arc<RwLock<Catalog>>;
@@ -76,6 +82,18 @@ impl StateMachine {
         }
         if let Some(b) = get(KEY_HISTORY)? {
             catalog.history = decode(&b).map_err(|e| read_err(&e))?;
+        }
+        for item in db.prefix_iterator_cf(meta, COMMIT_KEY_PREFIX) {
+            let (k, v) = item.map_err(|e| read_err(&e))?;
+            let Some(rest) = k.strip_prefix(COMMIT_KEY_PREFIX) else {
+                break;
+            };
+            let bad = || read_err(&std::io::Error::other("malformed commit key entry"));
+            let key: CommitKey = rest.try_into().map_err(|_| bad())?;
+            let id: [u8; 8] = v.as_ref().try_into().map_err(|_| bad())?;
+            catalog
+                .commit_keys
+                .insert(key, SnapshotId(u64::from_be_bytes(id)));
         }
         let snaps = db.cf_handle(CF_SM_SNAPSHOTS).expect("cf opened in open_db");
         for item in db.iterator_cf(snaps, rocksdb::IteratorMode::Start) {
@@ -135,6 +153,14 @@ impl StateMachine {
                     self.cf(CF_SM_META),
                     KEY_HISTORY,
                     encode(&catalog.history).map_err(|e| write_err(&e))?,
+                );
+            }
+            Change::KeyedSnapshot(id, key) => {
+                self.persist_change(catalog, &Change::Snapshot(*id), batch)?;
+                batch.put_cf(
+                    self.cf(CF_SM_META),
+                    commit_key_entry(key),
+                    id.0.to_be_bytes(),
                 );
             }
             Change::Snapshot(id) => {
@@ -275,6 +301,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.persist_change(&new, &Change::Config, &mut batch)?;
         for id in new.snapshots.keys() {
             self.persist_change(&new, &Change::Snapshot(SnapshotId(id.0)), &mut batch)?;
+        }
+        batch.delete_range_cf(
+            self.cf(CF_SM_META),
+            commit_key_entry(&[0; 16]),
+            commit_key_entry(&[0xff; 16]),
+        );
+        batch.delete_cf(self.cf(CF_SM_META), commit_key_entry(&[0xff; 16]));
+        for (key, id) in &new.commit_keys {
+            batch.put_cf(
+                self.cf(CF_SM_META),
+                commit_key_entry(key),
+                id.0.to_be_bytes(),
+            );
         }
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();

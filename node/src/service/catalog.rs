@@ -14,7 +14,7 @@ use hashgrid_proto::SnapshotId;
 use tonic::{Request, Response, Status};
 
 use super::auth::principal;
-use crate::catalog::{Command, CommandResult, Principal};
+use crate::catalog::{Command, CommandResult, CommitKey, Principal};
 use crate::context::NodeContext;
 use crate::coordinator::{lookup, Route};
 use crate::error::NodeError;
@@ -45,8 +45,17 @@ impl Catalog for CatalogService {
         req: Request<CommitSnapshotRequest>,
     ) -> Result<Response<CommitSnapshotResponse>, Status> {
         let who = principal(&req)?;
+        let req = req.into_inner();
+        let key: Option<CommitKey> = match req.commit_key.len() {
+            0 => None,
+            _ => Some(
+                req.commit_key
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| Status::invalid_argument("a commit key has 16 bytes"))?,
+            ),
+        };
         let pb_snapshot = req
-            .into_inner()
             .snapshot
             .ok_or_else(|| Status::invalid_argument("commit without a snapshot"))?;
         let record = SnapshotRecord::try_from(pb_snapshot).map_err(NodeError::from)?;
@@ -67,7 +76,11 @@ impl Catalog for CatalogService {
             ))
             .into());
         }
-        match self.ctx.write(Command::CommitSnapshot(record)).await? {
+        let command = match key {
+            Some(key) => Command::CommitSnapshotOnce { key, record },
+            None => Command::CommitSnapshot(record),
+        };
+        match self.ctx.write(command).await? {
             CommandResult::Committed(id) => {
                 metrics::counter!(m::SNAPSHOTS_COMMITTED).increment(1);
                 tracing::info!(snapshot = %id, "snapshot committed");
