@@ -131,10 +131,12 @@ fn every_chunk_reaches_all_owners_and_backups_survive_one_lost_node_but_not_two(
         match &err {
             ClientError::Rpc { status, .. } => {
                 assert_eq!(status.code(), tonic::Code::Unavailable, "{err}");
+                // The message names the quorum that could not be reached (how many owners
+                // had answered when it became impossible depends on timing).
                 assert!(
                     status
                         .message()
-                        .contains("only 1 of 3 owner(s) answered, 2 needed"),
+                        .contains("of 3 owner(s) answered, 2 needed"),
                     "{err}"
                 );
             }

@@ -1,11 +1,12 @@
 //! Lookups (`Has`): a chunk is present only when W owners hold a verified copy of it.
 //!
-//! Every owner of the ids' partitions is asked (current owners, then owners under older maps
-//! still in transition), all at once, and the copies are counted. A chunk found on at least
+//! The owners of the ids' partitions are asked (this node first, then the current owners,
+//! then owners under older maps still in transition) in waves until each id is decided, and
+//! the copies are counted. A chunk found on at least
 //! one owner but on fewer than W is under-replicated: it is copied from a good copy to the
 //! current owners that answered "absent" before the lookup answers, so the agent does not
-//! send it again (its bytes would cross the WAN a second time). A lookup that cannot reach W
-//! owners of a partition fails `UNAVAILABLE`: no chunk of it could be called present.
+//! send it again (its bytes would cross the WAN a second time). A lookup for which so many
+//! owners of a partition failed that W copies could not be counted fails `UNAVAILABLE`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use crate::chunk_store::VerifiedChunk;
 use crate::error::NodeError;
 use crate::metrics as m;
 use crate::owner;
-use crate::quorum::{call_owners, Wait};
+use crate::quorum::{call_owners, QuorumError, Wait};
 use crate::service::blocking;
 
 /// Under-replicated chunks copied per round of a repair on lookup: bounds the bytes held,
@@ -48,7 +49,12 @@ pub async fn lookup(route: &Route, ids: Vec<ChunkId>) -> Result<Vec<bool>, NodeE
     Ok(present)
 }
 
-/// Looks up the ids at `idx` (which share the owner set `owners`).
+/// Looks up the ids at `idx` (which share the owner set `owners`, this node first).
+///
+/// Owners are asked in waves: first W of them (the fewest that can prove presence), then one
+/// more at a time, each time only for the ids still undecided: an id is decided once W
+/// owners hold it, or once the owners not yet asked could no longer bring it to W. In the
+/// common cases (a chunk on every owner, or on none) that costs W lookups per id, not R.
 async fn lookup_group(
     route: &Route,
     ids: &[ChunkId],
@@ -56,25 +62,57 @@ async fn lookup_group(
     idx: Vec<usize>,
     w: usize,
 ) -> Result<Vec<(usize, bool)>, NodeError> {
+    if owners.len() < w {
+        return Err(QuorumError::TooFewOwners {
+            what: "lookup",
+            owners: owners.len(),
+            needed: w,
+        }
+        .into());
+    }
     let group: Vec<ChunkId> = idx.iter().map(|&i| ids[i]).collect();
     let timeout = route.ctx().peers.timeout();
-    let answers = call_owners("lookup", &owners, w, Wait::All, timeout, |node| {
-        let route = route.clone();
-        let group = group.clone();
-        async move { route.owner_has(node, group).await }
-    })
-    .await?;
     let current = route.placement.current();
     let mut holders: Vec<Vec<NodeId>> = vec![Vec::new(); group.len()];
     let mut lacking: Vec<Vec<NodeId>> = vec![Vec::new(); group.len()];
-    for (node, found) in &answers.ok {
-        for (j, &f) in found.iter().enumerate() {
-            if f {
-                holders[j].push(*node);
-            } else if current.owners_of(&group[j]).contains(node) {
-                lacking[j].push(*node);
+    let mut undecided: Vec<usize> = (0..group.len()).collect();
+    let mut failed = Vec::new();
+    let mut asked = 0;
+    while !undecided.is_empty() && asked < owners.len() {
+        let wave_len = if asked == 0 { w } else { 1 };
+        let wave = &owners[asked..(asked + wave_len).min(owners.len())];
+        asked += wave.len();
+        let wanted: Vec<ChunkId> = undecided.iter().map(|&j| group[j]).collect();
+        // Quorum 0: every owner of the wave is waited for (under its deadline); what a
+        // failed owner could not say is decided by the owners after it.
+        let answers = call_owners("lookup", wave, 0, Wait::All, timeout, |node| {
+            let route = route.clone();
+            let wanted = wanted.clone();
+            async move { route.owner_has(node, wanted).await }
+        })
+        .await?;
+        failed.extend(answers.failed);
+        for (node, found) in &answers.ok {
+            for (&j, &f) in undecided.iter().zip(found) {
+                if f {
+                    holders[j].push(*node);
+                } else if current.owners_of(&group[j]).contains(node) {
+                    lacking[j].push(*node);
+                }
             }
         }
+        let unasked = owners.len() - asked;
+        undecided.retain(|&j| holders[j].len() < w && holders[j].len() + unasked >= w);
+    }
+    if failed.len() > owners.len() - w {
+        return Err(QuorumError::NotReached {
+            what: "lookup",
+            owners: owners.len(),
+            needed: w,
+            answered: asked - failed.len(),
+            failed,
+        }
+        .into());
     }
     let under: Vec<usize> = (0..group.len())
         .filter(|&j| !holders[j].is_empty() && holders[j].len() < w && !lacking[j].is_empty())
