@@ -1,7 +1,8 @@
 //! Replication through a coordinator: 3 nodes, R = 3, W = 2. A backup sent to one node
 //! lands on all three owners; a restore through another node is byte-identical; with one
 //! node killed (-9) backups and restores go on; with two killed, a backup fails UNAVAILABLE
-//! saying how many owners answered; a copy damaged on one owner is read from another.
+//! saying how many owners answered; a copy damaged on one owner is read from another; a
+//! lookup that finds fewer than W copies copies the chunk to the owners lacking it.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -190,4 +191,59 @@ fn a_copy_damaged_on_the_coordinator_is_read_from_another_owner_and_rewritten() 
         log.contains("rewrote damaged copies from a good replica"),
         "node 1 never rewrote its copy"
     );
+}
+
+#[test]
+fn a_lookup_copies_a_chunk_found_on_fewer_than_w_owners_to_the_owners_lacking_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(&tmp.path().join("cluster"), 3, 3, 2);
+    let rt = runtime();
+    let src = tmp.path().join("src");
+    make_source(&src, 5);
+    // Node `late` misses the backup (two copies, on nodes 1 and `other`) ...
+    let (late, other) = rt.block_on(async {
+        settled(&cluster).await;
+        let leader = cluster.leader().await.expect("a leader");
+        let late = (1..3).find(|&i| i != leader).unwrap();
+        (late, 3 - late)
+    });
+    cluster.nodes[late].kill9();
+    rt.block_on(async {
+        let conn = cluster.connect(0).await;
+        backup(&conn, &backup_opts(&[&src], false, "c", "d"))
+            .await
+            .expect("backup with one node down");
+    });
+    cluster.nodes[late].restart();
+    // ... and then `other` is lost: every chunk has one reachable copy, on node 1.
+    cluster.nodes[other].kill9();
+    let ids = stored_ids(&cluster.nodes[0].dir.join("data/chunks/packs"));
+    rt.block_on(async {
+        let before = chunks_per_node(&cluster, &[0, late]).await;
+        assert!(
+            before[1] < before[0],
+            "node {late} already held the chunks: {before:?}"
+        );
+        // Each lookup finds one copy of W = 2, copies it to `late`, and answers present.
+        let conn = cluster.connect(0).await;
+        for batch in ids.chunks(4096) {
+            let present = conn
+                .chunks
+                .clone()
+                .has(pb::HasRequest {
+                    epoch: conn.epoch(),
+                    ids: hashgrid_proto::id::pack_ids(batch),
+                })
+                .await
+                .expect("lookup with one owner down")
+                .into_inner()
+                .present;
+            let hits = (0..batch.len())
+                .filter(|i| present[i / 8] & (1 << (i % 8)) != 0)
+                .count();
+            assert_eq!(hits, batch.len(), "under-replicated chunks answered absent");
+        }
+        let after = chunks_per_node(&cluster, &[0, late]).await;
+        assert_eq!(after[1], after[0], "node {late} did not get the copies");
+    });
 }
