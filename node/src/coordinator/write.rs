@@ -18,12 +18,13 @@ use crate::service::blocking;
 /// Verifies and stores one `Put` batch; answers once every chunk is durable on W owners.
 pub async fn write(route: &Route, req: PutRequest) -> Result<PutResponse, NodeError> {
     owner::check_put_count(req.chunks.len())?;
-    let max_len = route.ctx().chunker()?.max_size;
-    let chunks = req.chunks;
-    let verified = blocking(move || owner::verify_batch(chunks, max_len)).await?;
     let outcome = if route.is_local_only() {
-        owner::store(route.ctx(), verified).await?
+        // One blocking call verifies and stores, as before there was a cluster.
+        owner::verify_and_store(route.ctx(), req.chunks).await?
     } else {
+        let max_len = route.ctx().chunker()?.max_size;
+        let chunks = req.chunks;
+        let verified = blocking(move || owner::verify_batch(chunks, max_len)).await?;
         replicate(route, verified).await?
     };
     Ok(PutResponse {
