@@ -15,6 +15,7 @@ pub mod local_node;
 pub mod objects;
 pub mod progress;
 pub mod restore;
+pub mod sample_data;
 pub mod treediff;
 pub mod upload;
 

@@ -1,44 +1,13 @@
 //! Deterministic test data: seeded bytes, file trees covering every kind of entry, sparse
 //! images, and random trees for property tests.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-/// `len` pseudo-random bytes from `seed` (incompressible).
-pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    blake3::Hasher::new_derive_key("hashgrid cluster-tests data")
-        .update(&seed.to_le_bytes())
-        .finalize_xof()
-        .fill(&mut v);
-    v
-}
-
-/// `len` compressible, text-like bytes from `seed`.
-pub fn text_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let r = random_bytes(seed, len.div_ceil(4) + 1);
-    let mut out = Vec::with_capacity(len);
-    let mut i = 0;
-    while out.len() < len {
-        let w: &[u8] = match r[i % r.len()] % 8 {
-            0 => b"lorem ",
-            1 => b"ipsum ",
-            2 => b"backup ",
-            3 => b"restore ",
-            4 => b"chunk\n",
-            5 => b"node ",
-            6 => b"42 ",
-            _ => b"zone ",
-        };
-        out.extend_from_slice(w);
-        i += 1;
-    }
-    out.truncate(len);
-    out
-}
+pub use hashgrid::sample_data::{random_bytes, text_bytes};
 
 pub fn set_mtime(path: &Path, sec: i64, nsec: i64) {
     let ts = rustix::fs::Timestamps {
@@ -145,37 +114,12 @@ pub fn edge_case_tree(root: &Path) {
     }
 }
 
-/// Writes a sparse image of `size` bytes with data islands `(offset, len, seed)`.
+/// A sparse image of `size` bytes with data islands `(offset, len, seed)`.
 pub fn sparse_image(path: &Path, size: u64, islands: &[(u64, usize, u64)]) {
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    f.set_len(size).unwrap();
-    for &(off, len, seed) in islands {
-        f.seek(SeekFrom::Start(off)).unwrap();
-        let data = if seed % 2 == 0 {
-            random_bytes(seed, len)
-        } else {
-            text_bytes(seed, len)
-        };
-        f.write_all(&data).unwrap();
-    }
-    f.sync_all().unwrap();
+    hashgrid::sample_data::sparse_image(path, size, islands).expect("write sparse image");
 }
 
 /// Overwrites `count` scattered 4 KiB blocks in place (block churn).
 pub fn churn(path: &Path, seed: u64, count: usize) {
-    let mut f = OpenOptions::new().write(true).open(path).unwrap();
-    let blocks = f.metadata().unwrap().len() / 4096;
-    let picks = random_bytes(seed, count * 8);
-    for (i, p) in picks.chunks(8).enumerate() {
-        let b = u64::from_le_bytes(p.try_into().unwrap()) % blocks;
-        f.seek(SeekFrom::Start(b * 4096)).unwrap();
-        f.write_all(&random_bytes(seed * 100_000 + i as u64, 4096))
-            .unwrap();
-    }
-    f.sync_all().unwrap();
+    hashgrid::sample_data::churn(path, seed, count).expect("churn image");
 }

@@ -12,9 +12,8 @@ use tonic::Status;
 
 use crate::chunk_store::StoreError;
 
-/// Metadata on a `FAILED_PRECONDITION` caused by a stale epoch: the current epoch. Agents
-/// refresh their map and retry when they see it.
-pub const REFRESH_METADATA: &str = "x-hashgrid-refresh";
+pub use hashgrid_proto::status_meta::REFRESH as REFRESH_METADATA;
+use hashgrid_proto::status_meta::{RETRY, RETRY_STARTING, RETRY_UNAVAILABLE};
 
 #[derive(Debug, Error)]
 pub enum NodeError {
@@ -62,7 +61,14 @@ impl From<NodeError> for Status {
     fn from(e: NodeError) -> Status {
         let msg = e.to_string();
         if e.is_retryable() {
-            return Status::unavailable(msg);
+            let why = match e {
+                NodeError::NotReady => RETRY_STARTING,
+                _ => RETRY_UNAVAILABLE,
+            };
+            let mut s = Status::unavailable(msg);
+            s.metadata_mut()
+                .insert(RETRY, tonic::metadata::MetadataValue::from_static(why));
+            return s;
         }
         match &e {
             NodeError::NotReady | NodeError::Unavailable(_) => Status::unavailable(msg),
@@ -91,9 +97,14 @@ mod tests {
 
     #[test]
     fn retryable_errors_are_unavailable() {
-        for e in [NodeError::NotReady, NodeError::Unavailable("x".into())] {
+        for (e, why) in [
+            (NodeError::NotReady, RETRY_STARTING),
+            (NodeError::Unavailable("x".into()), RETRY_UNAVAILABLE),
+        ] {
             assert!(e.is_retryable());
-            assert_eq!(Status::from(e).code(), tonic::Code::Unavailable);
+            let s = Status::from(e);
+            assert_eq!(s.code(), tonic::Code::Unavailable);
+            assert_eq!(s.metadata().get(RETRY).unwrap(), why);
         }
         let e = NodeError::StaleEpoch {
             sent: 1,

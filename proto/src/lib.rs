@@ -15,6 +15,7 @@ pub mod limits;
 pub mod manifest;
 pub mod placement;
 pub mod snapshot;
+pub mod status_meta;
 
 pub use error::DecodeError;
 pub use id::{ChunkId, NodeId, SnapshotId};
