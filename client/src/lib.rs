@@ -17,6 +17,7 @@ pub mod progress;
 pub mod restore;
 pub mod treediff;
 pub mod upload;
+pub mod verify;
 
 pub use connection::{ConnectOptions, Connection};
 pub use error::{ClientError, Result};
