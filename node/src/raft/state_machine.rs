@@ -393,3 +393,56 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use hashgrid_proto::manifest::ObjectRef;
+    use hashgrid_proto::snapshot::{SnapshotKind, SnapshotRecord, SnapshotStats};
+    use hashgrid_proto::ChunkId;
+
+    use super::*;
+
+    fn catalog() -> Catalog {
+        let mut c = Catalog::default();
+        for i in [3u64, 5] {
+            c.snapshots.insert(
+                SnapshotId(i),
+                SnapshotRecord {
+                    id: SnapshotId(i),
+                    client: "c".into(),
+                    dataset: "d".into(),
+                    kind: SnapshotKind::Files,
+                    time_unix_ms: 1,
+                    root: ObjectRef(vec![ChunkId::of(b"r")]),
+                    stats: SnapshotStats::default(),
+                    tags: vec![],
+                    parent: None,
+                    hostname: "h".into(),
+                    paths: vec![],
+                    manifest_version: 1,
+                    damage: None,
+                },
+            );
+        }
+        c
+    }
+
+    #[test]
+    fn raft_snapshots_carry_damage_marks_and_old_payloads_still_install() {
+        let mut c = catalog();
+        let mark = SnapshotDamage {
+            missing_chunks: 4,
+            examples: vec![ChunkId::of(b"gone")],
+            found_unix_ms: 7,
+        };
+        c.snapshots.get_mut(&SnapshotId(5)).unwrap().damage = Some(mark.clone());
+        let back = CatalogImage::decode(&encode(&CatalogImage::of(&c)).unwrap()).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(back.snapshots[&SnapshotId(5)].damage, Some(mark));
+
+        // A payload from before damage marks: the bare catalog.
+        let old = catalog();
+        assert_eq!(CatalogImage::decode(&encode(&old).unwrap()).unwrap(), old);
+        assert!(CatalogImage::decode(b"\x01\xff\xff").is_err());
+    }
+}
