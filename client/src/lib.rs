@@ -18,6 +18,7 @@ pub mod restore;
 pub mod sample_data;
 pub mod treediff;
 pub mod upload;
+pub mod verify;
 
 pub use connection::{ConnectOptions, Connection};
 pub use error::{ClientError, Result};

@@ -123,3 +123,20 @@ pub fn sparse_image(path: &Path, size: u64, islands: &[(u64, usize, u64)]) {
 pub fn churn(path: &Path, seed: u64, count: usize) {
     hashgrid::sample_data::churn(path, seed, count).expect("churn image");
 }
+
+/// A wide tree: `dirs` directories of `files_per_dir` small files each (distinct content,
+/// one chunk per file), for tests whose cost grows with the number of files.
+pub fn many_files(root: &Path, dirs: usize, files_per_dir: usize, seed: u64) {
+    for d in 0..dirs {
+        let dir = root.join(format!("dir-{d:04}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..files_per_dir {
+            let n = (d * files_per_dir + f) as u64;
+            std::fs::write(
+                dir.join(format!("file-{f:05}")),
+                random_bytes(seed.wrapping_mul(1_000_003) + n, 200 + (n % 300) as usize),
+            )
+            .unwrap();
+        }
+    }
+}

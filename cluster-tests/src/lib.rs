@@ -7,6 +7,7 @@
 
 pub mod cluster;
 pub mod data;
+pub mod packs;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};

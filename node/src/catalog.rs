@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use hashgrid_proto::auth::TokenHash;
 use hashgrid_proto::chunker::ChunkerParams;
 use hashgrid_proto::placement::ClusterMap;
-use hashgrid_proto::snapshot::SnapshotRecord;
+use hashgrid_proto::snapshot::{SnapshotDamage, SnapshotKind, SnapshotRecord};
 use hashgrid_proto::NodeId;
 use hashgrid_proto::SnapshotId;
 use serde::{Deserialize, Serialize};
@@ -37,6 +37,12 @@ pub enum Command {
     ChangeMap(MapChange),
     /// `node` holds every chunk of the partitions it owns under the map of `epoch`.
     Synced { node: NodeId, epoch: u64 },
+    /// Verify's findings: marks snapshots damaged (`Some`) or whole again (`None`).
+    /// Snapshots that no longer exist are left out.
+    SetDamage(Vec<(SnapshotId, Option<SnapshotDamage>)>),
+    /// Records several snapshots in one entry (concurrent commits grouped by the node, so
+    /// they share one log append and one apply); they get consecutive ids in this order.
+    CommitSnapshots(Vec<SnapshotRecord>),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +55,10 @@ pub enum CommandResult {
     Rejected(String),
     /// The map now has this epoch.
     MapEpoch(u64),
+    /// This many snapshots had their damage mark set or cleared.
+    DamageMarked(u64),
+    /// The ids of a `CommitSnapshots`, in order.
+    CommittedMany(Vec<SnapshotId>),
 }
 
 /// What an applied command changed, for the state machine to persist.
@@ -58,6 +68,10 @@ pub enum Change {
     Snapshot(SnapshotId),
     /// The map history (older maps, sync reports) changed.
     History,
+    /// These snapshots' damage marks changed.
+    Damage(Vec<SnapshotId>),
+    /// These snapshots were added.
+    Snapshots(Vec<SnapshotId>),
 }
 
 /// Who is calling, as established by the auth layer.
@@ -73,7 +87,49 @@ pub struct Catalog {
     pub history: MapHistory,
 }
 
+/// Which snapshots a page of `ListSnapshots` holds, before the caller's visibility.
+#[derive(Clone, Debug, Default)]
+pub struct SnapshotQuery {
+    /// Empty: any.
+    pub client: String,
+    /// Empty: any.
+    pub dataset: String,
+    pub kind: Option<SnapshotKind>,
+    pub undamaged_only: bool,
+    pub newest_first: bool,
+    /// 0: from the start; else the last id of the previous page (exclusive).
+    pub cursor: u64,
+}
+
+impl SnapshotQuery {
+    fn matches(&self, s: &SnapshotRecord) -> bool {
+        (self.client.is_empty() || s.client == self.client)
+            && (self.dataset.is_empty() || s.dataset == self.dataset)
+            && self.kind.is_none_or(|k| s.kind == k)
+            && !(self.undamaged_only && s.damage.is_some())
+    }
+}
+
 impl Catalog {
+    /// The snapshots `q` selects, in its order, starting after its cursor: a range of the
+    /// ordered map read lazily, so a page costs what it returns (plus what the filters skip),
+    /// never a pass over the whole catalog.
+    pub fn query<'a>(
+        &'a self,
+        q: &'a SnapshotQuery,
+    ) -> Box<dyn Iterator<Item = &'a SnapshotRecord> + 'a> {
+        let records: Box<dyn Iterator<Item = &SnapshotRecord>> = match (q.newest_first, q.cursor) {
+            (false, c) => Box::new(
+                self.snapshots
+                    .range(SnapshotId(c.saturating_add(1))..)
+                    .map(|(_, s)| s),
+            ),
+            (true, 0) => Box::new(self.snapshots.values().rev()),
+            (true, c) => Box::new(self.snapshots.range(..SnapshotId(c)).rev().map(|(_, s)| s)),
+        };
+        Box::new(records.filter(move |s| q.matches(s)))
+    }
+
     /// Applies the command at log `index`. Deterministic: every replica gets the same result.
     pub fn apply(&mut self, index: u64, command: Command) -> (CommandResult, Option<Change>) {
         match command {
@@ -87,17 +143,31 @@ impl Catalog {
                 self.config = Some(config);
                 (CommandResult::Initialized, Some(Change::Config))
             }
-            Command::CommitSnapshot(mut record) => {
+            Command::CommitSnapshot(record) => {
                 if self.config.is_none() {
                     return (
                         CommandResult::Rejected("cluster not initialized".into()),
                         None,
                     );
                 }
-                let id = SnapshotId(index);
-                record.id = id;
-                self.snapshots.insert(id, record);
+                let id = self.add_snapshot(index, record);
                 (CommandResult::Committed(id), Some(Change::Snapshot(id)))
+            }
+            Command::CommitSnapshots(records) => {
+                if self.config.is_none() {
+                    return (
+                        CommandResult::Rejected("cluster not initialized".into()),
+                        None,
+                    );
+                }
+                let ids: Vec<SnapshotId> = records
+                    .into_iter()
+                    .map(|r| self.add_snapshot(index, r))
+                    .collect();
+                (
+                    CommandResult::CommittedMany(ids.clone()),
+                    Some(Change::Snapshots(ids)),
+                )
             }
             Command::ChangeMap(change) => {
                 let Some(config) = self.config.as_mut() else {
@@ -131,7 +201,36 @@ impl Catalog {
                     Some(Change::History),
                 )
             }
+            Command::SetDamage(marks) => {
+                let mut changed = Vec::new();
+                for (id, mark) in marks {
+                    if let Some(record) = self.snapshots.get_mut(&id) {
+                        record.damage = mark;
+                        changed.push(id);
+                    }
+                }
+                (
+                    CommandResult::DamageMarked(changed.len() as u64),
+                    Some(Change::Damage(changed)),
+                )
+            }
         }
+    }
+
+    /// Adds a committed record. Its id is the log index of the entry that committed it, or,
+    /// when that entry commits several, the next id after the highest so far: ids grow with
+    /// the log and are never shared. (A future `forget` must keep the high-water mark, so a
+    /// removed newest id is not handed out again.)
+    fn add_snapshot(&mut self, index: u64, mut record: SnapshotRecord) -> SnapshotId {
+        let next = self
+            .snapshots
+            .last_key_value()
+            .map_or(0, |(id, _)| id.0 + 1);
+        let id = SnapshotId(index.max(next));
+        record.id = id;
+        record.damage = None;
+        self.snapshots.insert(id, record);
+        id
     }
 
     /// The principal holding `token`, if any.
@@ -195,6 +294,82 @@ mod tests {
         assert_eq!(res, CommandResult::Committed(SnapshotId(7)));
         assert_eq!(change, Some(Change::Snapshot(SnapshotId(7))));
         assert_eq!(c.snapshots[&SnapshotId(7)].id, SnapshotId(7));
+    }
+
+    #[test]
+    fn grouped_commits_get_consecutive_ids_never_reused() {
+        let mut c = Catalog::default();
+        c.apply(1, Command::Init(config()));
+        let (res, change) = c.apply(
+            5,
+            Command::CommitSnapshots(vec![record(), record(), record()]),
+        );
+        let ids = vec![SnapshotId(5), SnapshotId(6), SnapshotId(7)];
+        assert_eq!(res, CommandResult::CommittedMany(ids.clone()));
+        assert_eq!(change, Some(Change::Snapshots(ids)));
+        // The next entry's index (6) is already taken: the next free id is used.
+        assert_eq!(
+            c.apply(6, Command::CommitSnapshot(record())).0,
+            CommandResult::Committed(SnapshotId(8))
+        );
+        assert_eq!(
+            c.apply(20, Command::CommitSnapshot(record())).0,
+            CommandResult::Committed(SnapshotId(20))
+        );
+    }
+
+    #[test]
+    fn damage_marks_are_set_and_cleared() {
+        let mut c = Catalog::default();
+        c.apply(1, Command::Init(config()));
+        c.apply(2, Command::CommitSnapshot(record()));
+        let mark = SnapshotDamage {
+            missing_chunks: 3,
+            examples: vec![ChunkId::of(b"x")],
+            found_unix_ms: 9,
+        };
+        let (res, change) = c.apply(
+            3,
+            Command::SetDamage(vec![
+                (SnapshotId(2), Some(mark.clone())),
+                (SnapshotId(77), Some(mark.clone())),
+            ]),
+        );
+        assert_eq!(res, CommandResult::DamageMarked(1));
+        assert_eq!(change, Some(Change::Damage(vec![SnapshotId(2)])));
+        assert_eq!(c.snapshots[&SnapshotId(2)].damage, Some(mark));
+        c.apply(4, Command::SetDamage(vec![(SnapshotId(2), None)]));
+        assert_eq!(c.snapshots[&SnapshotId(2)].damage, None);
+    }
+
+    #[test]
+    fn queries_page_in_either_order_with_filters() {
+        let mut c = Catalog::default();
+        c.apply(1, Command::Init(config()));
+        for i in 2..12 {
+            let mut r = record();
+            r.dataset = if i % 2 == 0 { "even" } else { "odd" }.into();
+            c.apply(i, Command::CommitSnapshot(r));
+        }
+        c.apply(
+            20,
+            Command::SetDamage(vec![(SnapshotId(10), Some(SnapshotDamage::default()))]),
+        );
+        let ids = |q: &SnapshotQuery| c.query(q).map(|s| s.id.0).collect::<Vec<_>>();
+        let mut q = SnapshotQuery {
+            dataset: "even".into(),
+            ..Default::default()
+        };
+        assert_eq!(ids(&q), vec![2, 4, 6, 8, 10]);
+        q.cursor = 4;
+        assert_eq!(ids(&q), vec![6, 8, 10]);
+        q.newest_first = true;
+        assert_eq!(ids(&q), vec![2]);
+        q.cursor = 0;
+        q.undamaged_only = true;
+        assert_eq!(ids(&q), vec![8, 6, 4, 2]);
+        q.kind = Some(SnapshotKind::Image);
+        assert_eq!(ids(&q), Vec::<u64>::new());
     }
 
     #[test]

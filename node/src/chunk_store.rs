@@ -470,6 +470,32 @@ impl ChunkStore {
         }))
     }
 
+    /// Up to `limit` stored ids after `after` (from the start when `None`), in id order: how
+    /// verify pages through the whole index without holding it.
+    pub fn ids_after(
+        &self,
+        after: Option<&ChunkId>,
+        limit: usize,
+    ) -> Result<Vec<ChunkId>, StoreError> {
+        let start = after.map_or([0u8; 32], |id| *id.as_bytes());
+        let mode = rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward);
+        let mut out = Vec::with_capacity(limit.min(4096));
+        for item in self.db.iterator_cf(self.cf(CF_META), mode) {
+            let (key, _) = item.map_err(rocks(&self.db, "iterate metadata"))?;
+            let Ok(id) = ChunkId::from_slice(&key) else {
+                continue;
+            };
+            if after == Some(&id) {
+                continue;
+            }
+            out.push(id);
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     pub fn counters(&self) -> StoreCounters {
         *self.counters.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -583,6 +609,27 @@ mod tests {
         assert_eq!((out.stored, out.existing), (0, 1));
         assert_eq!(found(&store.get(&[a.id], MAX).unwrap()[0]), b"alpha");
         assert_eq!(store.counters().chunks, 1);
+    }
+
+    #[test]
+    fn ids_page_through_the_index_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), 8 << 20).unwrap();
+        let chunks: Vec<VerifiedChunk> = (0..10u8).map(|i| chunk(&[i + 1; 3])).collect();
+        store.put(chunks.clone()).unwrap();
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store.ids_after(after.as_ref(), 3).unwrap();
+            if page.is_empty() {
+                break;
+            }
+            after = page.last().copied();
+            all.extend(page);
+        }
+        let mut expected: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
+        expected.sort();
+        assert_eq!(all, expected);
     }
 
     #[test]

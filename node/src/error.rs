@@ -6,11 +6,12 @@
 //! what was wrong.
 
 use hashgrid_proto::codec::ChunkError;
-use hashgrid_proto::DecodeError;
+use hashgrid_proto::{ChunkId, DecodeError};
 use thiserror::Error;
 use tonic::Status;
 
 use crate::chunk_store::StoreError;
+use crate::manifest_walk::ManifestError;
 
 pub use hashgrid_proto::status_meta::REFRESH as REFRESH_METADATA;
 use hashgrid_proto::status_meta::{RETRY, RETRY_STARTING, RETRY_UNAVAILABLE};
@@ -23,6 +24,15 @@ pub enum NodeError {
     Chunk(#[from] ChunkError),
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// A snapshot manifest is invalid (hostile or corrupt), whatever is stored.
+    #[error("invalid snapshot manifest: {0}")]
+    Manifest(#[from] ManifestError),
+    /// A commit references chunks that are not stored.
+    #[error(
+        "{count} chunk(s) the snapshot references are not stored (one is {example}); \
+         upload every chunk before committing"
+    )]
+    MissingChunks { example: ChunkId, count: u64 },
     #[error("node is starting (catalog not ready yet); retry shortly")]
     NotReady,
     #[error("request routed with cluster-map epoch {sent}, current is {current}: refresh the map")]
@@ -79,10 +89,13 @@ impl From<NodeError> for Status {
                 }
                 s
             }
-            NodeError::Precondition(_) | NodeError::Rejected(_) => Status::failed_precondition(msg),
-            NodeError::Chunk(_) | NodeError::Decode(_) | NodeError::TooMany { .. } => {
-                Status::invalid_argument(msg)
-            }
+            NodeError::Precondition(_)
+            | NodeError::Rejected(_)
+            | NodeError::MissingChunks { .. } => Status::failed_precondition(msg),
+            NodeError::Chunk(_)
+            | NodeError::Decode(_)
+            | NodeError::Manifest(_)
+            | NodeError::TooMany { .. } => Status::invalid_argument(msg),
             NodeError::NotFound(_) => Status::not_found(msg),
             NodeError::PermissionDenied(_) => Status::permission_denied(msg),
             NodeError::Store(StoreError::NoSpace(_)) => Status::resource_exhausted(msg),

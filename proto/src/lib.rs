@@ -9,6 +9,8 @@
 pub mod auth;
 pub mod chunker;
 pub mod codec;
+#[cfg(test)]
+mod decode_props;
 pub mod error;
 pub mod id;
 pub mod limits;

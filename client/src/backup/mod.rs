@@ -31,7 +31,7 @@ use crate::upload::{UploadStats, Uploader};
 /// Which earlier snapshot to compare with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ParentChoice {
-    /// The latest snapshot of the same client, dataset and kind.
+    /// The latest snapshot of the same client, dataset and kind that is not marked damaged.
     Latest,
     /// Read every file (still deduplicated against the cluster).
     None,
@@ -97,7 +97,7 @@ pub async fn backup(conn: &Connection, opts: &BackupOptions) -> Result<BackupSum
         ParentChoice::None => None,
         ParentChoice::Id(id) => Some(catalog::get(conn, *id).await?),
         ParentChoice::Latest => {
-            catalog::latest(conn, &opts.client, &opts.dataset, Some(kind)).await?
+            catalog::backup_parent(conn, &opts.client, &opts.dataset, kind).await?
         }
     };
     tracing::debug!(elapsed = ?started.elapsed(), parent = ?parent.as_ref().map(|p| p.id), "parent chosen");
