@@ -239,3 +239,19 @@ pub fn remove_deep_tree(root: &Path) {
     }
     std::fs::remove_dir_all(root).unwrap();
 }
+
+/// The name of file `i` of a [`wide_dir`].
+pub fn wide_dir_name(i: usize) -> String {
+    format!("file-{i:08}")
+}
+
+/// One directory holding `entries` small files ([`wide_dir_name`], a few dozen bytes of
+/// text each): a directory whose tree is larger than one object at a lowered part size,
+/// or at the real one with a million entries.
+pub fn wide_dir(root: &Path, entries: usize) {
+    std::fs::create_dir_all(root).unwrap();
+    for i in 0..entries {
+        let name = wide_dir_name(i);
+        std::fs::write(root.join(&name), format!("{name}: {}\n", i * 7919)).unwrap();
+    }
+}

@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use hashgrid_proto::limits::MAX_TREE_BYTES;
 use hashgrid_proto::manifest::{Entry, EntryKind, ObjectRef, Tree, FORMAT_VERSION};
 use hashgrid_proto::pb::{CommitSnapshotRequest, Snapshot};
 use hashgrid_proto::snapshot::{validate_label, SnapshotKind, SnapshotRecord, SnapshotStats};
@@ -53,6 +54,10 @@ pub struct BackupOptions {
     /// zstd level; 0 stores chunks uncompressed.
     pub zstd_level: i32,
     pub progress: bool,
+    /// Largest tree object written; a directory whose encoding exceeds it is split over
+    /// parts under a tree index. [`hashgrid_proto::limits::TREE_PART_BYTES`] unless a
+    /// test lowers it.
+    pub tree_part_bytes: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -81,6 +86,14 @@ pub async fn backup(conn: &Connection, opts: &BackupOptions) -> Result<BackupSum
         return Err(ClientError::Config(
             "--image takes exactly one file or device".into(),
         ));
+    }
+    // Parts must hold at least one entry and stay readable (one part's header included).
+    if opts.tree_part_bytes == 0 || opts.tree_part_bytes as u64 > MAX_TREE_BYTES - 64 {
+        return Err(ClientError::Config(format!(
+            "tree part size {} is outside 1..{}",
+            opts.tree_part_bytes,
+            MAX_TREE_BYTES - 64
+        )));
     }
     let paths = opts
         .paths
@@ -121,6 +134,7 @@ pub async fn backup(conn: &Connection, opts: &BackupOptions) -> Result<BackupSum
         Uploader::start(conn, opts.zstd_level),
         reader,
         progress,
+        opts.tree_part_bytes,
     ));
     let root = if opts.image {
         backup_image(&walker, &paths[0], parent_root.map(|(tree, _)| tree)).await

@@ -18,7 +18,10 @@ use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
-use hashgrid_proto::manifest::{Content, Entry, EntryKind, Metadata, ObjectRef, Tree, Xattr};
+use hashgrid_proto::limits::MAX_TREE_BYTES;
+use hashgrid_proto::manifest::{
+    Content, Entry, EntryKind, Metadata, ObjectRef, Tree, TreeIndex, TreePart, Xattr,
+};
 use rustix::fs::FileType;
 use tokio::sync::Semaphore;
 
@@ -113,6 +116,8 @@ pub struct Walker {
     files: Semaphore,
     /// Directories being listed at once (each holds its descriptor meanwhile).
     listings: Semaphore,
+    /// Largest encoded tree object; a directory beyond it is split (see [`Walker::write_tree`]).
+    tree_part_bytes: usize,
 }
 
 impl Walker {
@@ -121,6 +126,7 @@ impl Walker {
         uploader: Uploader,
         reader: ObjectReader,
         progress: Progress,
+        tree_part_bytes: usize,
     ) -> Self {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Walker {
@@ -133,6 +139,7 @@ impl Walker {
             descriptors: Descriptors::new(DIR_DESCRIPTORS),
             files: Semaphore::new(cores * 4),
             listings: Semaphore::new(cores * 2),
+            tree_part_bytes,
         }
     }
 
@@ -281,10 +288,7 @@ impl Walker {
                 entries: slots.into_iter().flatten().collect(),
             };
             let walker = self.clone();
-            let subtree = tokio::task::spawn_blocking(move || {
-                ObjectWriter::write_all(&walker.chunker, &walker.uploader, &tree.encode())
-            })
-            .await??;
+            let subtree = tokio::task::spawn_blocking(move || walker.write_tree(tree)).await??;
             Ok(Some(DirDone {
                 subtree,
                 same: false,
@@ -292,6 +296,40 @@ impl Walker {
             }))
         }
         .boxed()
+    }
+
+    /// Writes a directory's tree: one object, or, when its encoding exceeds the part size,
+    /// parts of at most that size in name order under a tree index, so no reader ever has to
+    /// hold more than one part (design: a directory of any size restores and serves as a
+    /// parent).
+    fn write_tree(&self, tree: Tree) -> Result<ObjectRef> {
+        let write = |bytes: &[u8]| ObjectWriter::write_all(&self.chunker, &self.uploader, bytes);
+        // Most directories are small: encode once and be done.
+        if tree.entries.len() <= 1024 {
+            let bytes = tree.encode();
+            if bytes.len() <= self.tree_part_bytes {
+                return write(&bytes);
+            }
+        }
+        let parts = tree.split(self.tree_part_bytes);
+        if let [whole] = parts.as_slice() {
+            return write(&whole.encode());
+        }
+        let mut index = TreeIndex::default();
+        for part in &parts {
+            index
+                .parts
+                .push(TreePart::describe(write(&part.encode())?, part));
+        }
+        let bytes = index.encode();
+        if bytes.len() as u64 > MAX_TREE_BYTES {
+            return Err(ClientError::Config(format!(
+                "a directory of {} entries needs a tree index of {} bytes, over the {MAX_TREE_BYTES}-byte bound: raise the tree part size",
+                index.entries(),
+                bytes.len()
+            )));
+        }
+        write(&bytes)
     }
 
     /// One entry of directory `dir` (`None` when it could not be read; a warning says why),
