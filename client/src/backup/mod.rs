@@ -9,6 +9,7 @@ pub mod content;
 pub mod dir_handle;
 pub mod source;
 pub mod walk;
+pub mod xattrs;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;

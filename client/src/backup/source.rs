@@ -18,6 +18,8 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 use rustix::io::Errno;
 use thiserror::Error;
 
+use super::xattrs;
+
 /// Why an entry of the source tree could not be backed up. Both are reported as a warning
 /// and the entry is left out; neither stops the backup.
 #[derive(Debug, Error)]
@@ -256,7 +258,10 @@ pub fn list_dir(
         Some(n) => n,
         None => read_names(fd).map_err(|e| e.at(path.to_path_buf()))?,
     };
-    let mut skipped = Vec::new();
+    let (xattrs, mut skipped) = match xattrs::of_fd(fd) {
+        Ok(x) => (x, Vec::new()),
+        Err(e) => (Vec::new(), vec![Fault::Io(e).at(path.to_path_buf())]),
+    };
     let mut entries = Vec::with_capacity(names.len());
     for name in names {
         match list_one(fd, &name) {
@@ -269,7 +274,7 @@ pub fn list_dir(
     Ok(Listing {
         entries,
         skipped,
-        xattrs: Vec::new(),
+        xattrs,
     })
 }
 
@@ -290,10 +295,15 @@ fn list_one(dir: &OwnedFd, name: &[u8]) -> Result<Listed, Fault> {
         FileType::Symlink => rustix::fs::readlinkat(dir, name, Vec::new())?.into_bytes(),
         _ => Vec::new(),
     };
+    // Files and directories are read through their own descriptor once opened and checked.
+    let xattrs = match st.kind() {
+        FileType::RegularFile | FileType::Directory => Vec::new(),
+        _ => xattrs::of_entry(dir, name)?,
+    };
     Ok(Listed {
         name: name.to_vec(),
         st,
-        xattrs: Vec::new(),
+        xattrs,
         target,
     })
 }

@@ -28,6 +28,7 @@ use tokio::sync::Semaphore;
 use super::content::read_content;
 use super::dir_handle::{Descriptors, DirHandle, DIR_DESCRIPTORS};
 use super::source::{list_dir, open_file_at, Listed, Listing, SourceError, SourceStat};
+use super::xattrs;
 use crate::chunker::Chunker;
 use crate::error::{ClientError, Result};
 use crate::objects::{ObjectReader, ObjectWriter};
@@ -467,6 +468,15 @@ impl Walker {
                             return Ok((f.index, None, false));
                         }
                     };
+                    let mut meta = f.st.metadata();
+                    meta.xattrs = match xattrs::of_fd(&file) {
+                        Ok(x) => x,
+                        Err(e) => {
+                            let e = ClientError::io(&path, e.into());
+                            walker.warn(format!("skipped {e} (reading extended attributes)"));
+                            return Ok((f.index, None, false));
+                        }
+                    };
                     let read = read_content(
                         &file,
                         &path,
@@ -475,7 +485,6 @@ impl Walker {
                         &walker.progress,
                     )
                     .map(|c| (c.content, c.size, c.chunks));
-                    let meta = f.st.metadata();
                     Ok((
                         f.index,
                         walker.file_entry(f.name, &f.st, meta, read)?,
