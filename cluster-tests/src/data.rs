@@ -140,3 +140,79 @@ pub fn many_files(root: &Path, dirs: usize, files_per_dir: usize, seed: u64) {
         }
     }
 }
+
+/// Levels of a [`deep_tree`] that hold a file: the top, every 1000th level, the bottom.
+pub fn deep_tree_file_levels(depth: usize) -> Vec<usize> {
+    let mut levels: Vec<usize> = (0..=depth).step_by(1000).collect();
+    if levels.last() != Some(&depth) {
+        levels.push(depth);
+    }
+    levels
+}
+
+/// The content of the file `file` at `level` of a [`deep_tree`].
+pub fn deep_tree_file(level: usize) -> Vec<u8> {
+    format!("level {level}\n").into_bytes()
+}
+
+/// A chain of `depth` nested directories `root/d/d/.../d`, with a file `file` at the levels
+/// [`deep_tree_file_levels`] names (level 0 is `root` itself). Built relative to directory
+/// descriptors, so it may be far deeper than PATH_MAX allows a path to reach; remove it with
+/// [`remove_deep_tree`].
+pub fn deep_tree(root: &Path, depth: usize) {
+    use rustix::fs::{Mode, OFlags};
+    std::fs::create_dir_all(root).unwrap();
+    let files = deep_tree_file_levels(depth);
+    let mut dir = rustix::fs::open(root, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())
+        .expect("open deep tree root");
+    for level in 0..=depth {
+        if files.contains(&level) {
+            let f = rustix::fs::openat(
+                &dir,
+                "file",
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+                Mode::from_raw_mode(0o644),
+            )
+            .expect("create deep tree file");
+            File::from(f).write_all(&deep_tree_file(level)).unwrap();
+        }
+        if level < depth {
+            rustix::fs::mkdirat(&dir, "d", Mode::from_raw_mode(0o755)).expect("mkdir d");
+            dir = rustix::fs::openat(&dir, "d", OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())
+                .expect("open d");
+        }
+    }
+}
+
+/// Removes a [`deep_tree`] (or any tree whose only deep branch is its chain of `d`s) one
+/// level at a time from the top, never holding more than a few descriptors or a long path.
+pub fn remove_deep_tree(root: &Path) {
+    let top = root.join("d");
+    let next = root.join(".deep-tree-next");
+    while top.exists() {
+        if top.join("d").exists() {
+            std::fs::rename(top.join("d"), &next).unwrap();
+        }
+        std::fs::remove_dir_all(&top).unwrap();
+        if next.exists() {
+            std::fs::rename(&next, &top).unwrap();
+        }
+    }
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+/// The name of file `i` of a [`wide_dir`].
+pub fn wide_dir_name(i: usize) -> String {
+    format!("file-{i:08}")
+}
+
+/// One directory holding `entries` small files ([`wide_dir_name`], a few dozen bytes of
+/// text each): a directory whose tree is larger than one object at a lowered part size,
+/// or at the real one with a million entries.
+pub fn wide_dir(root: &Path, entries: usize) {
+    std::fs::create_dir_all(root).unwrap();
+    for i in 0..entries {
+        let name = wide_dir_name(i);
+        std::fs::write(root.join(&name), format!("{name}: {}\n", i * 7919)).unwrap();
+    }
+}

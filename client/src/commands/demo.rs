@@ -117,6 +117,7 @@ async fn step(
         hostname: super::default_client(),
         zstd_level: hashgrid_proto::codec::DEFAULT_ZSTD_LEVEL,
         progress: false,
+        tree_part_bytes: hashgrid_proto::limits::TREE_PART_BYTES,
     };
     let summary = backup(conn, &opts).await?;
     let s = &summary.stats;
