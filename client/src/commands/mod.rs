@@ -112,7 +112,7 @@ pub fn default_client() -> String {
 }
 
 /// Runs the CLI; the exit code is 0 on success, 3 for a backup that skipped unreadable
-/// files, 1 for any error.
+/// files or a restore that found damaged ones, 1 for any error.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.global.verbose {
@@ -139,9 +139,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match &cli.command {
             Command::Backup(a) => backup::run(&cli.global, a).await,
-            Command::Restore(a) => restore::run(&cli.global, a)
-                .await
-                .map(|()| ExitCode::SUCCESS),
+            Command::Restore(a) => restore::run(&cli.global, a).await,
             Command::Snapshots(a) => snapshots::run(&cli.global, a)
                 .await
                 .map(|()| ExitCode::SUCCESS),
