@@ -365,3 +365,56 @@ fn chunks_carrying_extra_bytes_are_refused_and_nothing_is_stored() {
         assert_eq!(put_chunks(&conn, vec![honest]).await.unwrap().stored, 1);
     });
 }
+
+#[test]
+fn a_lost_directory_listing_costs_that_directory_only() {
+    use hashgrid_cluster_tests::manifests::{commit, dir, file, meta, upload_chunk, upload_tree};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut node = Node::start(&tmp.path().join("node"));
+    let rt = runtime();
+    let (snap, listing) = rt.block_on(async {
+        let conn = node.connect().await;
+        let text = data::text_bytes(3, 5_000);
+        let id = upload_chunk(&conn, text.clone()).await;
+        let len = text.len() as u32;
+        let lost = upload_tree(&conn, vec![file(b"inside", meta(0o644), id, len)]).await;
+        let kept = upload_tree(&conn, vec![file(b"inside", meta(0o600), id, len)]).await;
+        let root = upload_tree(
+            &conn,
+            vec![
+                dir(b"kept", kept),
+                dir(b"lost", lost.clone()),
+                file(b"top", meta(0o644), id, len),
+            ],
+        )
+        .await;
+        (commit(&conn, &root).await, lost.0[0])
+    });
+    node.stop();
+    damage_one_of(&node.dir.join("data/chunks/packs"), &[listing]);
+    node.restart();
+    let target = tmp.path().join("restore");
+    rt.block_on(async {
+        let conn = node.connect().await;
+        let err = restore(
+            &conn,
+            &snap,
+            &RestoreOptions {
+                target: target.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+        let ClientError::RestoreIncomplete { damaged, .. } = &err else {
+            panic!("not an incomplete restore: {err}");
+        };
+        assert_eq!(damaged.len(), 1, "{damaged:?}");
+        assert_eq!(damaged[0].path, target.join("lost"));
+        assert_eq!(damaged[0].chunks[0].id, listing);
+    });
+    assert!(target.join("lost").is_dir());
+    assert_eq!(std::fs::read_dir(target.join("lost")).unwrap().count(), 0);
+    assert!(target.join("kept/inside").is_file());
+    assert!(target.join("top").is_file());
+}
