@@ -9,7 +9,8 @@ use hashgrid_cluster_tests::manifests::{
 use hashgrid_cluster_tests::{data, runtime, Node, Watched};
 use hashgrid_proto::manifest::{ChunkListEncoder, Content, Entry, EntryKind, Extent, ObjectRef};
 
-const RSS_BOUND: u64 = 600 << 20;
+/// 600 MB (decimal), as the issue states it.
+const RSS_BOUND: u64 = 600_000_000;
 
 /// Restores snapshot `id` with the CLI and checks the agent's peak memory.
 fn restore_watched(
