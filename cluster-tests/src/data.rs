@@ -216,3 +216,16 @@ pub fn wide_dir(root: &Path, entries: usize) {
         std::fs::write(root.join(&name), format!("{name}: {}\n", i * 7919)).unwrap();
     }
 }
+
+/// `dirs` directories `d0000`, `d0001`, ... each holding a small file `f`, and a directory
+/// `links` holding a second name (hard link) of every one of them: a restore meets the first
+/// name of each link group in a different directory, and links to them from one place.
+pub fn hard_linked_dirs(root: &Path, dirs: usize) {
+    std::fs::create_dir_all(root.join("links")).unwrap();
+    for i in 0..dirs {
+        let d = root.join(format!("d{i:04}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("f"), format!("file {i}\n")).unwrap();
+        std::fs::hard_link(d.join("f"), root.join(format!("links/l{i:04}"))).unwrap();
+    }
+}

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use hashgrid::restore::{restore, RestoreOptions};
-use hashgrid::upload::Uploader;
 use hashgrid::Connection;
+use hashgrid_cluster_tests::manifests::upload_chunk;
 use hashgrid_cluster_tests::{put_chunks, restore_all, runtime, Node};
 use hashgrid_proto::id::pack_ids;
 use hashgrid_proto::manifest::ObjectRef;
@@ -18,16 +18,7 @@ use tonic::Code;
 
 /// Uploads raw object bytes as one chunk and returns its reference.
 async fn upload_object(conn: &Connection, bytes: Vec<u8>) -> ObjectRef {
-    let uploader = Uploader::start(conn, 3);
-    let id = ChunkId::of(&bytes);
-    let uploader = tokio::task::spawn_blocking(move || {
-        uploader.submit_blocking(id, bytes.into()).unwrap();
-        uploader
-    })
-    .await
-    .unwrap();
-    uploader.finish().await.unwrap();
-    ObjectRef(vec![id])
+    ObjectRef(vec![upload_chunk(conn, bytes).await])
 }
 
 fn tree_bytes(entries: Vec<mpb::Entry>) -> Vec<u8> {
@@ -108,6 +99,7 @@ async fn try_restore(conn: &Connection, snap: &SnapshotRecord, target: &Path) ->
             target: target.to_path_buf(),
             paths: vec![],
             progress: false,
+            ..Default::default()
         },
     )
     .await

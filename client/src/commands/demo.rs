@@ -255,6 +255,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
                 target: target.clone(),
                 paths: vec![],
                 progress: false,
+                ..Default::default()
             },
         )
         .await?;

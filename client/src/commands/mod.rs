@@ -116,7 +116,8 @@ pub fn default_client() -> String {
 }
 
 /// Runs the CLI; the exit code is 0 on success, 3 for a backup that skipped unreadable
-/// files, 4 for a verify that found damage, 1 for any error.
+/// files or a restore that found damaged ones, 4 for a verify that found damage, 1 for
+/// any error.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.global.verbose {
@@ -143,9 +144,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match &cli.command {
             Command::Backup(a) => backup::run(&cli.global, a).await,
-            Command::Restore(a) => restore::run(&cli.global, a)
-                .await
-                .map(|()| ExitCode::SUCCESS),
+            Command::Restore(a) => restore::run(&cli.global, a).await,
             Command::Snapshots(a) => snapshots::run(&cli.global, a)
                 .await
                 .map(|()| ExitCode::SUCCESS),
