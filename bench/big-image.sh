@@ -14,45 +14,35 @@ BIG_GIB=${BIG_GIB:-50}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/hashgrid-target}
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-command -v openssl >/dev/null || { log "openssl is required (data generator)"; exit 1; }
 [[ -x /usr/bin/time ]] || { log "/usr/bin/time is required (apt-get install time)"; exit 1; }
 
 log "building release binaries"
-(cd "$REPO_ROOT" && cargo build --release -q --bin hashgrid --bin hashgrid-node)
+(cd "$REPO_ROOT" && cargo build --release -q --bin hashgrid --bin hashgrid-node --bin hashgrid-testbed)
 BIN=$CARGO_TARGET_DIR/release
 
 rm -rf "$BIG_DIR"
 mkdir -p "$BIG_DIR"
 IMG=$BIG_DIR/image.raw
 NODE_DIR=$BIG_DIR/node
-NODE_PID=""
+HARNESS_PID=""
 cleanup() {
-  [[ -z $NODE_PID ]] || kill "$NODE_PID" 2>/dev/null || true
+  [[ -z $HARNESS_PID ]] || kill "$HARNESS_PID" 2>/dev/null || true
   wait 2>/dev/null || true
   rm -rf "$BIG_DIR"
 }
 trap cleanup EXIT
 
-log "writing a ${BIG_GIB} GiB image: 1 GiB of AES-CTR output every 3 GiB"
-islands=$(((BIG_GIB + 2) / 3))
-for ((i = 0; i < islands; i++)); do
-  # openssl dies of SIGPIPE when dd has its 1 GiB; that is the expected end
-  { openssl enc -aes-128-ctr -K "$(printf '%032x' "$i")" -iv 0 -in /dev/zero 2>/dev/null || true; } |
-    dd of="$IMG" bs=1M seek=$((i * 3072)) count=1024 conv=notrunc iflag=fullblock status=none
-done
-truncate -s "${BIG_GIB}G" "$IMG"
+log "writing a ${BIG_GIB} GiB image: 1 GiB of random data every 3 GiB"
+"$BIN/hashgrid-testbed" islands "$IMG" --bytes $((BIG_GIB << 30)) --island $((1 << 30)) --every $((3 << 30))
 sync
 
-mkdir -p "$NODE_DIR"
-"$BIN/hashgrid-node" --data-dir "$NODE_DIR" --listen 127.0.0.1:0 --metrics-listen off \
-  >"$BIG_DIR/node.log" 2>&1 &
-NODE_PID=$!
-for ((i = 0; i < 300; i++)); do
-  [[ -s $NODE_DIR/node.addr && -s $NODE_DIR/admin.token ]] && break
-  sleep 0.1
-done
-sleep 0.1
-ADDR=$(tr -d '[:space:]' <"$NODE_DIR/node.addr")
+# The node runs under the harness the tests use: it prints "ADDR PID" once the node serves.
+mkfifo "$BIG_DIR/ready"
+"$BIN/hashgrid-testbed" node "$NODE_DIR" --log "$BIG_DIR/node.log" -- \
+  --listen 127.0.0.1:0 --metrics-listen off >"$BIG_DIR/ready" &
+HARNESS_PID=$!
+read -r ADDR NODE_PID <"$BIG_DIR/ready" || true
+[[ -n ${ADDR:-} ]] || { tail -n 30 "$BIG_DIR/node.log" >&2; log "hashgrid-node did not start"; exit 1; }
 HG=("$BIN/hashgrid" --server "http://$ADDR" --token-file "$NODE_DIR/admin.token")
 
 timed() {

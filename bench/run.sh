@@ -137,244 +137,7 @@ trap 'log "interrupted"; exit 130' INT TERM
 # ---------------------------------------------------------------------------
 write_helper() {
   cat >"$HELPER" <<'PYEOF'
-import json, math, os, random, sys
-
-TEXT_EXT = ("txt", "md", "log", "csv", "json", "c", "py", "html", "log")
-BIN_EXT = ("bin", "jpg", "png", "gz", "zip", "so", "pdf", "o")
-TOP = ("home", "projects", "srv", "var", "photos", "docs", "build", "opt", "music", "mail")
-MID = ("alice", "bob", "src", "lib", "cache", "assets", "2023", "2024", "archive", "work", "tmp", "data")
-LEAF = ("a", "b", "core", "util", "img", "raw", "old", "new", "test", "net", "db", "ui", "x")
-STEMS = ("report", "notes", "main", "index", "data", "img", "backup", "config", "log", "module",
-         "readme", "part", "chunk", "blob", "photo", "draft", "mail", "track")
-
-
-class Gen:
-    """Fast deterministic content: random bytes or text-like (word/log tokens)."""
-
-    def __init__(self, seed):
-        self.rng = random.Random(seed)
-        r = random.Random(seed * 7919 + 1)
-        letters = "etaoinshrdlucmfwypvbgkjqxzETAOIN"
-        prose = []
-        for i in range(256):
-            n = r.choice((1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 7, 8, 9, 10, 12))
-            w = "".join(r.choice(letters) for _ in range(n))
-            if i % 23 == 0:
-                prose.append((w + ".\n").encode())
-            elif i % 7 == 0:
-                prose.append((w + ", ").encode())
-            else:
-                prose.append((w + " ").encode())
-        fixed = ["\n2024-05-%02dT%02d:" % (r.randint(1, 28), r.randint(0, 23)) for _ in range(20)]
-        fixed += [" INFO ", " WARN ", " ERROR ", " DEBUG ", "GET ", "POST ", "/api/v1/users/",
-                  "/api/v1/items/", " status=200", " status=404", " status=500", " latency_ms=",
-                  " user_id=", " req=", " host=node-", " bytes=", "\n"]
-        logv = [t.encode() for t in fixed]
-        while len(logv) < 256:
-            k = r.random()
-            if k < 0.5:
-                logv.append(str(r.randint(0, 99999)).encode() + r.choice((b" ", b"", b",")))
-            elif k < 0.8:
-                logv.append(("%x " % r.getrandbits(r.choice((16, 24, 32)))).encode())
-            else:
-                logv.append(r.choice(prose))
-        self.vocab = {"prose": prose, "log": logv}
-
-    def rand(self, n):
-        return self.rng.randbytes(n)
-
-    def text(self, n, style="prose"):
-        if n <= 0:
-            return b""
-        vocab = self.vocab[style]
-        get = vocab.__getitem__
-        parts, have = [], 0
-        while have < n:
-            k = (n - have) // 4 + 16
-            b = b"".join(map(get, self.rng.randbytes(k)))
-            parts.append(b)
-            have += len(b)
-        return b"".join(parts)[:n]
-
-    def content(self, n, ext):
-        if ext in TEXT_EXT:
-            return self.text(n, "log" if ext in ("log", "csv") else "prose")
-        return self.rand(n)
-
-
-def write_file(path, data):
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def gen_tree(out, seed, nfiles, total, maxsize):
-    rng = random.Random(seed)
-    g = Gen(seed + 1)
-    # directory skeleton, 3-4 levels
-    dirs = []
-    n1 = max(2, round(8 * nfiles / 30000))
-    for i in range(n1):
-        d1 = "%s%02d" % (rng.choice(TOP), i)
-        dirs.append(d1)
-        for j in range(rng.randint(5, 10)):
-            d2 = "%s/%s%d" % (d1, rng.choice(MID), j)
-            dirs.append(d2)
-            for k in range(rng.randint(3, 10)):
-                d3 = "%s/%s%d" % (d2, rng.choice(LEAF), k)
-                dirs.append(d3)
-                if rng.random() < 0.3:
-                    for l in range(rng.randint(1, 4)):
-                        dirs.append("%s/%s%d" % (d3, rng.choice(LEAF), l))
-    # sizes: log-normal, capped, scaled so the total matches; ~1.5% empty files
-    raw = [rng.lognormvariate(0, 2.2) for _ in range(nfiles)]
-    empty = set(rng.sample(range(nfiles), nfiles // 70))
-
-    def sizes_for(s):
-        return [0 if i in empty else min(maxsize, max(1, int(s * x))) for i, x in enumerate(raw)]
-
-    lo, hi = 1e-3, 1e9
-    for _ in range(80):
-        mid = math.sqrt(lo * hi)
-        if sum(sizes_for(mid)) < total:
-            lo = mid
-        else:
-            hi = mid
-    sizes = sizes_for(lo)
-    # ~0.5% duplicates of earlier files
-    ndup = max(3, nfiles // 200)
-    dup_of = {}
-    for i in sorted(rng.sample(range(nfiles // 2, nfiles), min(ndup, nfiles // 2))):
-        dup_of[i] = rng.randrange(0, nfiles // 2)
-    os.makedirs(out, exist_ok=True)
-    for d in dirs:
-        os.makedirs(os.path.join(out, d), exist_ok=True)
-    paths = []
-    total_written = 0
-    ntext = 0
-    for i in range(nfiles):
-        is_text = rng.random() < 0.5
-        if i in dup_of:
-            src = paths[dup_of[i]]
-            ext = src.rsplit(".", 1)[1]
-        else:
-            ext = rng.choice(TEXT_EXT if is_text else BIN_EXT)
-        name = "%s_%05d.%s" % (rng.choice(STEMS), i, ext)
-        p = os.path.join(out, rng.choice(dirs), name)
-        if i in dup_of:
-            with open(paths[dup_of[i]], "rb") as f:
-                data = f.read()
-        else:
-            data = g.content(sizes[i], ext)
-        write_file(p, data)
-        paths.append(p)
-        total_written += len(data)
-        ntext += ext in TEXT_EXT
-    print(json.dumps({"files": nfiles, "dirs": len(dirs), "bytes": total_written,
-                      "text_files": ntext, "duplicates": len(dup_of)}))
-
-
-def gen_image(path, seed, size, data_frac):
-    rng = random.Random(seed + 100)
-    g = Gen(seed + 101)
-    BS = 4096
-    size = size // BS * BS
-    with open(path, "wb") as f:
-        f.truncate(size)
-    fd = os.open(path, os.O_WRONLY)
-    minreg, maxreg = 64 << 10, max(1 << 20, size // 48)
-    kinds = ("hole", "zero", "text", "rand", "dup")
-    weights = ((1 - data_frac) * 0.75, (1 - data_frac) * 0.25, data_frac * 0.48,
-               data_frac * 0.47, data_frac * 0.05)
-    written = []
-    stats = dict.fromkeys(kinds, 0)
-    pos = 0
-    CH = 4 << 20
-    while pos < size:
-        L = int(math.exp(rng.uniform(math.log(minreg), math.log(maxreg)))) // BS * BS
-        L = max(BS, min(L, size - pos))
-        kind = rng.choices(kinds, weights)[0]
-        if kind == "dup" and not written:
-            kind = "rand"
-        if kind == "zero":
-            z = bytes(CH)
-            for o in range(0, L, CH):
-                os.pwrite(fd, z[:min(CH, L - o)], pos + o)
-        elif kind in ("text", "rand"):
-            for o in range(0, L, CH):
-                n = min(CH, L - o)
-                os.pwrite(fd, g.text(n, rng.choice(("prose", "log"))) if kind == "text" else g.rand(n), pos + o)
-            written.append((pos, L))
-        elif kind == "dup":
-            so, sl = rng.choice(written)
-            L = min(L, sl)
-            rfd = os.open(path, os.O_RDONLY)
-            for o in range(0, L, CH):
-                os.pwrite(fd, os.pread(rfd, min(CH, L - o), so + o), pos + o)
-            os.close(rfd)
-        stats[kind] += L
-        pos += L
-    os.close(fd)
-    st = os.stat(path)
-    print(json.dumps({"apparent_bytes": st.st_size, "allocated_bytes": st.st_blocks * 512,
-                      "regions": {k + "_bytes": v for k, v in stats.items()}}))
-
-
-def change(tree, image, seed, pct, churn_pct, nominal_files):
-    rng = random.Random(seed + 200)
-    g = Gen(seed + 201)
-    files = []
-    for root, dnames, fnames in os.walk(tree):
-        dnames.sort()
-        for fn in sorted(fnames):
-            files.append(os.path.join(root, fn))
-    n = len(files)
-    k = max(2, round(n * pct / 100))
-    chosen = rng.sample(files, k)
-    rewritten = appended = 0
-    for idx, p in enumerate(chosen):
-        ext = p.rsplit(".", 1)[1]
-        old = os.path.getsize(p)
-        if idx % 2 == 0:
-            new = int(old * rng.uniform(0.8, 1.2)) if old else rng.randint(100, 5000)
-            write_file(p, g.content(new, ext))
-            rewritten += 1
-        else:
-            add = min(256 << 10, max(1024, old // 10))
-            with open(p, "ab") as f:
-                f.write(g.content(add, ext))
-            appended += 1
-    chosen_set = set(chosen)
-    nnew = max(5, round(200 * n / 30000))
-    ndel = max(3, round(100 * n / 30000))
-    dirs = sorted({os.path.dirname(p) for p in files})
-    sizes = [os.path.getsize(p) for p in files]
-    new_bytes = 0
-    for i in range(nnew):
-        ext = rng.choice(TEXT_EXT + BIN_EXT)
-        p = os.path.join(rng.choice(dirs), "new_%05d.%s" % (i, ext))
-        data = g.content(rng.choice(sizes), ext)
-        write_file(p, data)
-        new_bytes += len(data)
-    victims = rng.sample([p for p in files if p not in chosen_set], ndel)
-    for p in victims:
-        os.unlink(p)
-    # image churn: scattered 4 KiB blocks + a few 1 MiB regions, in place
-    size = os.path.getsize(image)
-    BS = 4096
-    nbig = max(2, round(size / (1 << 30) * 1.7))
-    nblocks = max(1, round(size * churn_pct / 100 / BS) - nbig * 256)
-    fd = os.open(image, os.O_WRONLY)
-    for _ in range(nblocks):
-        os.pwrite(fd, g.rand(BS), rng.randrange(size // BS) * BS)
-    for i in range(nbig):
-        off = rng.randrange((size - (1 << 20)) // BS) * BS
-        os.pwrite(fd, g.text(1 << 20) if i % 2 else g.rand(1 << 20), off)
-    os.close(fd)
-    assert os.path.getsize(image) == size
-    print(json.dumps({"tree_files_before": n, "rewritten": rewritten, "appended": appended,
-                      "added": nnew, "added_bytes": new_bytes, "deleted": ndel,
-                      "image_blocks_4k": nblocks, "image_regions_1m": nbig,
-                      "image_bytes_written": nblocks * BS + nbig * (1 << 20)}))
+import json, os, sys
 
 
 # ------------------------------------------------------------------ report
@@ -608,13 +371,7 @@ def find_key(v, key):
 def main():
     cmd = sys.argv[1]
     a = sys.argv[2:]
-    if cmd == "gen-tree":
-        gen_tree(a[0], int(a[1]), int(a[2]), int(a[3]), int(a[4]))
-    elif cmd == "gen-image":
-        gen_image(a[0], int(a[1]), int(a[2]), float(a[3]))
-    elif cmd == "change":
-        change(a[0], a[1], int(a[2]), float(a[3]), float(a[4]), int(a[5]))
-    elif cmd == "report":
+    if cmd == "report":
         sys.exit(report(a[0], a[1]))
     elif cmd == "json-get":  # json-get FILE KEY[.KEY...]; a missing single key is searched for recursively
         v = json.load(open(a[0]))
@@ -648,10 +405,10 @@ meta() { helper meta "$RUN_DIR" "$1" "$2"; }
 # ---------------------------------------------------------------------------
 prepare_data() {
   local params stamp=$DATA_DIR/.params
-  params="v1 seed=$BENCH_SEED files=$BENCH_FILES tree_mib=$BENCH_TREE_MIB max_file_mib=$BENCH_MAX_FILE_MIB"
+  params="v2 seed=$BENCH_SEED files=$BENCH_FILES tree_mib=$BENCH_TREE_MIB max_file_mib=$BENCH_MAX_FILE_MIB"
   params+=" image_mib=$BENCH_IMAGE_MIB image_data_frac=$BENCH_IMAGE_DATA_FRAC"
-  # fingerprint of the generator code (everything above the report section)
-  params+=" gen=$(sed '/^# -* report/q' "$HELPER" | sha256sum | cut -c1-16)"
+  # fingerprint of the generators (the testbed binary that holds them)
+  params+=" gen=$(sha256sum <"$TESTBED" | cut -c1-16)"
   if [[ -f $stamp && $(head -n1 "$stamp") == "$params" && -d $DATA_DIR/tree && -f $DATA_DIR/image.raw ]]; then
     log "reusing data set in $DATA_DIR ($params)"
   else
@@ -660,11 +417,13 @@ prepare_data() {
     mkdir -p "$DATA_DIR"
     local t0=$SECONDS
     # tree and image in parallel (2 cores)
-    helper gen-tree "$DATA_DIR/tree" "$BENCH_SEED" "$BENCH_FILES" \
-      $((BENCH_TREE_MIB * 1048576)) $((BENCH_MAX_FILE_MIB * 1048576)) >"$DATA_DIR/tree.json" &
+    "$TESTBED" tree "$DATA_DIR/tree" --seed "$BENCH_SEED" --files "$BENCH_FILES" \
+      --bytes $((BENCH_TREE_MIB * 1048576)) --max-file $((BENCH_MAX_FILE_MIB * 1048576)) \
+      >"$DATA_DIR/tree.json" &
     local tree_pid=$!
-    helper gen-image "$DATA_DIR/image.raw" "$BENCH_SEED" $((BENCH_IMAGE_MIB * 1048576)) \
-      "$BENCH_IMAGE_DATA_FRAC" >"$DATA_DIR/image.json" ||
+    "$TESTBED" image "$DATA_DIR/image.raw" --seed "$BENCH_SEED" \
+      --bytes $((BENCH_IMAGE_MIB * 1048576)) --data-fraction "$BENCH_IMAGE_DATA_FRAC" \
+      >"$DATA_DIR/image.json" ||
       { kill "$tree_pid" 2>/dev/null || true; die "image generation failed"; }
     wait "$tree_pid" || die "tree generation failed"
     printf '%s\n' "$params" >"$stamp"
@@ -691,8 +450,9 @@ warm_cache() {
 apply_change() {
   log "applying change to $SRC_DIR"
   local out
-  out=$(helper change "$SRC_TREE" "$SRC_IMAGE" "$BENCH_SEED" "$BENCH_CHANGE_PCT" \
-    "$BENCH_IMAGE_CHURN_PCT" "$BENCH_FILES") || die "change step failed"
+  out=$("$TESTBED" change --tree "$SRC_TREE" --image "$SRC_IMAGE" --seed "$BENCH_SEED" \
+    --files-percent "$BENCH_CHANGE_PCT" --image-percent "$BENCH_IMAGE_CHURN_PCT") ||
+    die "change step failed"
   log "  $out"
   meta change "$out"
   sync
@@ -704,12 +464,15 @@ apply_change() {
 # ---------------------------------------------------------------------------
 
 # ---- hashgrid ---------------------------------------------------------------
-hashgrid_detect() {
-  local bindir
+# The directory holding hashgrid, hashgrid-node and hashgrid-testbed: $HASHGRID_BIN, else
+# built once with cargo.
+BINDIR=""
+find_bindir() {
+  [[ -z $BINDIR ]] || return 0
   if [[ -n ${HASHGRID_BIN:-} ]]; then
-    bindir=$HASHGRID_BIN
+    BINDIR=$HASHGRID_BIN
   else
-    bindir=$CARGO_TARGET_DIR/release
+    BINDIR=$CARGO_TARGET_DIR/release
     log "building hashgrid: cargo build --release (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
     if ! (cd "$REPO_ROOT" && CARGO_TARGET_DIR=$CARGO_TARGET_DIR cargo build --release) \
       >"$LOG_DIR/hashgrid-build.log" 2>&1; then
@@ -717,54 +480,47 @@ hashgrid_detect() {
       die "cargo build --release failed (full log: $LOG_DIR/hashgrid-build.log)"
     fi
   fi
-  [[ -x $bindir/hashgrid && -x $bindir/hashgrid-node ]] ||
-    die "hashgrid binaries not found in $bindir (expected hashgrid and hashgrid-node)"
-  TOOL_BIN[hashgrid]=$bindir/hashgrid
-  TOOL_BIN[hashgrid-node]=$bindir/hashgrid-node
+  [[ -x $BINDIR/hashgrid-testbed ]] || die "hashgrid-testbed not found in $BINDIR"
+  TESTBED=$BINDIR/hashgrid-testbed
+}
+
+hashgrid_detect() {
+  find_bindir
+  [[ -x $BINDIR/hashgrid && -x $BINDIR/hashgrid-node ]] ||
+    die "hashgrid binaries not found in $BINDIR (expected hashgrid and hashgrid-node)"
+  TOOL_BIN[hashgrid]=$BINDIR/hashgrid
 }
 hashgrid_version() { "${TOOL_BIN[hashgrid]}" --version 2>/dev/null | head -n1 || echo unknown; }
 hashgrid_repo() { printf '%s' "$HASHGRID_DATA"; }
 
+# The node runs under `hashgrid-testbed node`, the harness the tests and the demo use: it
+# prints the address once the node serves and stops the node cleanly on SIGTERM.
 hashgrid_start_node() {
   mkdir -p "$HASHGRID_DATA"
-  "${TOOL_BIN[hashgrid-node]}" --data-dir "$HASHGRID_DATA" --listen 127.0.0.1:0 \
-    --metrics-listen off >"$LOG_DIR/hashgrid-node.log" 2>&1 &
+  local ready=$RUN_DIR/hashgrid-node.ready
+  rm -f "$ready"
+  mkfifo "$ready"
+  "$TESTBED" node "$HASHGRID_DATA" --log "$LOG_DIR/hashgrid-node.log" \
+    --timeout-secs "$HASHGRID_NODE_TIMEOUT" -- --listen 127.0.0.1:0 --metrics-listen off \
+    >"$ready" 2>>"$LOG_DIR/hashgrid-node.log" &
   HASHGRID_NODE_PID=$!
-  local deadline=$((SECONDS + HASHGRID_NODE_TIMEOUT))
-  while [[ ! -s $HASHGRID_DATA/node.addr ]]; do
-    if ! kill -0 "$HASHGRID_NODE_PID" 2>/dev/null; then
-      HASHGRID_NODE_PID=""
-      tail -n 30 "$LOG_DIR/hashgrid-node.log" >&2 || true
-      die "hashgrid-node exited before writing $HASHGRID_DATA/node.addr (log: $LOG_DIR/hashgrid-node.log)"
-    fi
-    if ((SECONDS > deadline)); then
-      tail -n 30 "$LOG_DIR/hashgrid-node.log" >&2 || true
-      die "hashgrid-node did not write $HASHGRID_DATA/node.addr within ${HASHGRID_NODE_TIMEOUT}s"
-    fi
-    sleep 0.1
-  done
-  sleep 0.1 # let the writer finish the line
-  HASHGRID_ADDR=$(tr -d '[:space:]' <"$HASHGRID_DATA/node.addr")
-  local i
-  for ((i = 0; i < 50; i++)); do [[ -s $HASHGRID_DATA/admin.token ]] && break; sleep 0.1; done
-  [[ -s $HASHGRID_DATA/admin.token ]] || die "hashgrid-node wrote no $HASHGRID_DATA/admin.token"
-  log "hashgrid-node pid $HASHGRID_NODE_PID listening on $HASHGRID_ADDR"
+  HASHGRID_ADDR=""
+  read -r HASHGRID_ADDR _ <"$ready" || true
+  rm -f "$ready"
+  if [[ -z $HASHGRID_ADDR ]]; then
+    HASHGRID_NODE_PID=""
+    tail -n 30 "$LOG_DIR/hashgrid-node.log" >&2 || true
+    die "hashgrid-node did not start (log: $LOG_DIR/hashgrid-node.log)"
+  fi
+  log "hashgrid-node (harness pid $HASHGRID_NODE_PID) listening on $HASHGRID_ADDR"
 }
 
 hashgrid_stop_node() {
   [[ -n $HASHGRID_NODE_PID ]] || return 0
-  local pid=$HASHGRID_NODE_PID i
+  local pid=$HASHGRID_NODE_PID
   HASHGRID_NODE_PID=""
   kill -TERM "$pid" 2>/dev/null || return 0
-  for ((i = 0; i < 300; i++)); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  if kill -0 "$pid" 2>/dev/null; then
-    log "hashgrid-node $pid did not exit 30s after SIGTERM; sending SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  wait "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || log "hashgrid-node did not stop cleanly (log: $LOG_DIR/hashgrid-node.log)"
 }
 
 hg() { "${TOOL_BIN[hashgrid]}" --server "http://$HASHGRID_ADDR" --token-file "$HASHGRID_DATA/admin.token" "$@"; }
@@ -1068,6 +824,7 @@ main() {
     "$BENCH_QUICK" "$(nproc)")"
 
   # ---- data
+  find_bindir
   prepare_data
 
   # ---- repositories

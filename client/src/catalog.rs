@@ -1,7 +1,7 @@
 //! Catalog queries shared by the commands: find a snapshot by id or as the latest of a
-//! client and dataset.
+//! client and dataset, list snapshots page by page.
 
-use hashgrid_proto::pb::{GetSnapshotRequest, ListSnapshotsRequest};
+use hashgrid_proto::pb::{self, GetSnapshotRequest, ListSnapshotsRequest};
 use hashgrid_proto::snapshot::{SnapshotKind, SnapshotRecord};
 use hashgrid_proto::SnapshotId;
 
@@ -21,22 +21,95 @@ pub async fn get(conn: &Connection, id: SnapshotId) -> Result<SnapshotRecord> {
     Ok(SnapshotRecord::try_from(s)?)
 }
 
-/// Snapshots visible to us, optionally of one client and dataset, oldest first.
-pub async fn list(conn: &Connection, client: &str, dataset: &str) -> Result<Vec<SnapshotRecord>> {
+/// Which snapshots to list, and in which order.
+#[derive(Clone, Debug, Default)]
+pub struct ListQuery {
+    /// Empty: any.
+    pub client: String,
+    /// Empty: any.
+    pub dataset: String,
+    pub kind: Option<SnapshotKind>,
+    /// Leave out snapshots verify marked damaged.
+    pub undamaged_only: bool,
+    pub newest_first: bool,
+}
+
+/// One page of snapshots after `cursor` (0: the first page) and the cursor of the next page
+/// (0 when this was the last). `limit` 0 takes the node's default page size.
+pub async fn page(
+    conn: &Connection,
+    q: &ListQuery,
+    cursor: u64,
+    limit: u32,
+) -> Result<(Vec<SnapshotRecord>, u64)> {
     let mut c = conn.catalog.clone();
     let resp = c
         .list_snapshots(ListSnapshotsRequest {
-            client: client.to_string(),
-            dataset: dataset.to_string(),
-            ..Default::default()
+            client: q.client.clone(),
+            dataset: q.dataset.clone(),
+            limit,
+            cursor,
+            newest_first: q.newest_first,
+            kind: q.kind.map(|k| {
+                let kind = match k {
+                    SnapshotKind::Files => pb::SnapshotKind::Files,
+                    SnapshotKind::Image => pb::SnapshotKind::Image,
+                };
+                kind as i32
+            }),
+            undamaged_only: q.undamaged_only,
         })
         .await
         .map_err(|s| ClientError::rpc("listing snapshots", s))?
         .into_inner();
-    resp.snapshots
+    let records = resp
+        .snapshots
         .into_iter()
         .map(|s| SnapshotRecord::try_from(s).map_err(ClientError::from))
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((records, resp.next_cursor))
+}
+
+/// Calls `each` with every page of snapshots `q` selects.
+pub async fn for_each_page(
+    conn: &Connection,
+    q: &ListQuery,
+    mut each: impl FnMut(Vec<SnapshotRecord>) -> Result<()>,
+) -> Result<()> {
+    let mut cursor = 0;
+    loop {
+        let (records, next) = page(conn, q, cursor, 0).await?;
+        each(records)?;
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
+/// Snapshots visible to us, optionally of one client and dataset, oldest first (every page).
+pub async fn list(conn: &Connection, client: &str, dataset: &str) -> Result<Vec<SnapshotRecord>> {
+    let q = ListQuery {
+        client: client.to_string(),
+        dataset: dataset.to_string(),
+        ..Default::default()
+    };
+    let mut all = Vec::new();
+    for_each_page(conn, &q, |records| {
+        all.extend(records);
+        Ok(())
+    })
+    .await?;
+    Ok(all)
+}
+
+/// The newest snapshot `q` selects: one page of one, newest first.
+pub async fn newest(conn: &Connection, q: &ListQuery) -> Result<Option<SnapshotRecord>> {
+    let q = ListQuery {
+        newest_first: true,
+        ..q.clone()
+    };
+    Ok(page(conn, &q, 0, 1).await?.0.into_iter().next())
 }
 
 pub async fn latest(
@@ -45,11 +118,38 @@ pub async fn latest(
     dataset: &str,
     kind: Option<SnapshotKind>,
 ) -> Result<Option<SnapshotRecord>> {
-    Ok(list(conn, client, dataset)
-        .await?
-        .into_iter()
-        .filter(|s| kind.is_none_or(|k| s.kind == k))
-        .max_by_key(|s| s.id))
+    newest(
+        conn,
+        &ListQuery {
+            client: client.to_string(),
+            dataset: dataset.to_string(),
+            kind,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// The parent a backup compares with: the latest snapshot of the same client, dataset and
+/// kind that verify has not found damaged (a damaged parent's unchanged files would be
+/// reused, and with them its missing chunks; without it they are read and sent again).
+pub async fn backup_parent(
+    conn: &Connection,
+    client: &str,
+    dataset: &str,
+    kind: SnapshotKind,
+) -> Result<Option<SnapshotRecord>> {
+    newest(
+        conn,
+        &ListQuery {
+            client: client.to_string(),
+            dataset: dataset.to_string(),
+            kind: Some(kind),
+            undamaged_only: true,
+            newest_first: true,
+        },
+    )
+    .await
 }
 
 /// Resolves a snapshot argument: a numeric id, or `latest` (of `client`/`dataset`, either

@@ -15,6 +15,7 @@ use hashgrid_proto::pb::catalog_client::CatalogClient;
 use hashgrid_proto::pb::chunks_client::ChunksClient;
 use hashgrid_proto::pb::{StatusRequest, StatusResponse};
 use hashgrid_proto::placement::ClusterMap;
+use hashgrid_proto::status_meta;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -132,11 +133,11 @@ impl Connection {
         let status = loop {
             match admin.status(StatusRequest {}).await {
                 Ok(resp) => break resp.into_inner(),
-                // A node that is up but still starting says so; anything else (nothing
-                // listening, wrong address) is reported at once.
+                // A node that is up but still starting says so (the retry key); anything
+                // else (nothing listening, wrong address) is reported at once.
                 Err(s)
                     if s.code() == tonic::Code::Unavailable
-                        && s.message().contains("starting")
+                        && s.metadata().get(status_meta::RETRY).is_some()
                         && tokio::time::Instant::now() < deadline =>
                 {
                     tracing::debug!(status = %s, "node not ready, retrying");

@@ -37,6 +37,18 @@ pub enum ClientError {
     ChunkFault { id: ChunkId, fault: ChunkFault },
     #[error("{0}")]
     Manifest(String),
+    /// A restore that finished everything it could, but chunks some paths need are lost:
+    /// those paths are listed (with their chunks), the rest of the snapshot is restored.
+    #[error("restore incomplete: {} path(s) could not be restored whole because chunks they need are lost{}", .damaged.len() as u64 + .unnamed, match .damaged.first() {
+        Some(first) => format!(" (first: {first})"),
+        None => String::new(),
+    })]
+    RestoreIncomplete {
+        damaged: Vec<crate::restore::DamagedPath>,
+        /// Damaged paths past the named ones, only counted.
+        unnamed: u64,
+        summary: Box<crate::restore::RestoreSummary>,
+    },
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]

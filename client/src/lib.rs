@@ -15,8 +15,10 @@ pub mod local_node;
 pub mod objects;
 pub mod progress;
 pub mod restore;
+pub mod sample_data;
 pub mod treediff;
 pub mod upload;
+pub mod verify;
 
 pub use connection::{ConnectOptions, Connection};
 pub use error::{ClientError, Result};

@@ -9,14 +9,20 @@ use bytes::{Bytes, BytesMut};
 use hashgrid_proto::codec::decode_verified;
 use hashgrid_proto::id::pack_ids;
 use hashgrid_proto::limits::{MAX_IDS_PER_REQUEST, MAX_TREE_BYTES};
-use hashgrid_proto::manifest::{decode_dir, ChunkListDecoder, DirObject, Extent, ObjectRef, Tree};
+use hashgrid_proto::manifest::{
+    decode_dir, ChunkListDecoder, ChunkListEncoder, DirObject, Extent, ObjectRef, Tree,
+};
 use hashgrid_proto::pb::{self, ChunkFault, GetRequest};
-use hashgrid_proto::ChunkId;
+use hashgrid_proto::{ChunkId, DecodeError};
 
 use crate::chunker::Chunker;
 use crate::connection::Connection;
 use crate::error::{ClientError, Result};
 use crate::upload::Uploader;
+
+/// The most bytes one extent record takes in a chunk-list object (key, length, and a body
+/// the decoder bounds at 64 bytes).
+const MAX_EXTENT_RECORD: u64 = 1 + 1 + 64;
 
 /// Streams one object's bytes into chunks. For use on blocking threads.
 pub struct ObjectWriter<'a> {
@@ -143,20 +149,62 @@ impl ObjectReader {
         Ok(out)
     }
 
-    /// A whole tree or tree-index object.
+    /// The fewest bytes an object cut into `pieces` chunks holds: the chunker cuts every
+    /// piece but the last at its minimum size or more.
+    fn least_bytes(&self, pieces: usize) -> u64 {
+        (pieces as u64).saturating_sub(1) * u64::from(self.conn.chunker.min_size)
+    }
+
+    /// A whole tree or tree-index object. A reference with more pieces than an object of
+    /// [`MAX_TREE_BYTES`] can have is refused before anything is fetched, and the pieces are
+    /// fetched a few at a time so a lying one costs at most the bound.
     pub async fn read_object(&self, r: &ObjectRef) -> Result<Vec<u8>> {
-        let pieces = self.fetch(&r.0).await?;
-        let total: u64 = pieces.iter().map(|p| p.len() as u64).sum();
-        if total > MAX_TREE_BYTES {
-            return Err(ClientError::Manifest(format!(
-                "manifest object of {total} bytes exceeds the {MAX_TREE_BYTES}-byte bound"
-            )));
+        let least = self.least_bytes(r.0.len());
+        if least > MAX_TREE_BYTES {
+            return Err(DecodeError::TooLarge {
+                what: "manifest object (by its piece count)",
+                size: least,
+                limit: MAX_TREE_BYTES,
+            }
+            .into());
         }
-        let mut out = Vec::with_capacity(total as usize);
-        for p in pieces {
-            out.extend_from_slice(&p);
+        let mut out = Vec::new();
+        for group in r.0.chunks(Self::PIECES_PER_READ) {
+            for p in self.fetch(group).await? {
+                let total = (out.len() + p.len()) as u64;
+                if total > MAX_TREE_BYTES {
+                    return Err(DecodeError::TooLarge {
+                        what: "manifest object",
+                        size: total,
+                        limit: MAX_TREE_BYTES,
+                    }
+                    .into());
+                }
+                out.extend_from_slice(&p);
+            }
         }
         Ok(out)
+    }
+
+    /// Pieces of a manifest object fetched at once.
+    const PIECES_PER_READ: usize = 32;
+
+    /// Checks a chunk-list reference against the extent count its entry declares, before
+    /// anything is fetched: a list of `extents` extents is at most [`MAX_EXTENT_RECORD`]
+    /// bytes each, so a reference with more pieces than that fills is a lie.
+    pub fn check_chunk_list(&self, list: &ObjectRef, extents: u64) -> Result<()> {
+        let most = (ChunkListEncoder::header().len() as u64)
+            .saturating_add(extents.saturating_mul(MAX_EXTENT_RECORD));
+        let least = self.least_bytes(list.0.len());
+        if least > most {
+            return Err(DecodeError::TooLarge {
+                what: "chunk list (by its piece count, for the extents its entry declares)",
+                size: least,
+                limit: most,
+            }
+            .into());
+        }
+        Ok(())
     }
 
     /// A directory's whole tree; a directory split over parts is loaded part by part and

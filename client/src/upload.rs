@@ -2,14 +2,16 @@
 //!
 //! submit -> batched `Has` lookups (thousands of ids per request, several in flight) -> zstd
 //! on the CPU pool for the chunks the cluster lacks -> `Put` on parallel streams, batched to
-//! a few MiB -> acknowledgements. A chunk seen once in this session is never looked up or sent
-//! again. Memory is bounded: a chunk's bytes hold a share of a fixed budget from submit until
+//! a few MiB -> acknowledgements. A chunk offered recently in this session is not looked up or
+//! sent again ([`seen`]: a bounded set, so a 2 TiB image cannot grow it). Memory is bounded: a chunk's bytes hold a share of a fixed budget from submit until
 //! the cluster says it has them (present, or stored and acknowledged).
 //!
 //! [`Uploader::finish`] returns only after every upload was acknowledged as durable, which is
 //! what lets the caller commit the snapshot (the commit invariant, design §3).
 
-use std::collections::{HashSet, VecDeque};
+mod seen;
+
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,6 +29,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::connection::Connection;
 use crate::error::{ClientError, Result};
+use seen::{SeenIds, SEEN_PER_GENERATION};
 
 /// Ids per `Has` request when producers are fast enough to fill it.
 const HAS_BATCH: usize = 4096;
@@ -46,7 +49,8 @@ const MEMORY_BUDGET: usize = 128 << 20;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct UploadStats {
-    /// Distinct chunks offered in this session (data and reference checks).
+    /// Chunks offered in this session (data and reference checks), each counted once while
+    /// the session remembers it (see [`seen`]).
     pub unique_chunks: u64,
     /// Of those, chunks the cluster already held.
     pub present_chunks: u64,
@@ -103,7 +107,7 @@ struct Encoded {
 
 pub struct Uploader {
     tx: mpsc::Sender<Item>,
-    seen: Mutex<HashSet<ChunkId>>,
+    seen: Mutex<SeenIds>,
     memory: Arc<Semaphore>,
     counters: Arc<Counters>,
     pipeline: JoinHandle<Result<()>>,
@@ -122,7 +126,7 @@ impl Uploader {
         let pipeline = tokio::spawn(run_pipeline(rx, conn.clone(), level, counters.clone()));
         Uploader {
             tx,
-            seen: Mutex::new(HashSet::new()),
+            seen: Mutex::new(SeenIds::new(SEEN_PER_GENERATION)),
             memory: Arc::new(Semaphore::new(MEMORY_BUDGET / 1024)),
             counters,
             pipeline,

@@ -1,44 +1,13 @@
 //! Deterministic test data: seeded bytes, file trees covering every kind of entry, sparse
 //! images, and random trees for property tests.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-/// `len` pseudo-random bytes from `seed` (incompressible).
-pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    blake3::Hasher::new_derive_key("hashgrid cluster-tests data")
-        .update(&seed.to_le_bytes())
-        .finalize_xof()
-        .fill(&mut v);
-    v
-}
-
-/// `len` compressible, text-like bytes from `seed`.
-pub fn text_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let r = random_bytes(seed, len.div_ceil(4) + 1);
-    let mut out = Vec::with_capacity(len);
-    let mut i = 0;
-    while out.len() < len {
-        let w: &[u8] = match r[i % r.len()] % 8 {
-            0 => b"lorem ",
-            1 => b"ipsum ",
-            2 => b"backup ",
-            3 => b"restore ",
-            4 => b"chunk\n",
-            5 => b"node ",
-            6 => b"42 ",
-            _ => b"zone ",
-        };
-        out.extend_from_slice(w);
-        i += 1;
-    }
-    out.truncate(len);
-    out
-}
+pub use hashgrid::sample_data::{random_bytes, text_bytes};
 
 pub fn set_mtime(path: &Path, sec: i64, nsec: i64) {
     let ts = rustix::fs::Timestamps {
@@ -145,37 +114,118 @@ pub fn edge_case_tree(root: &Path) {
     }
 }
 
-/// Writes a sparse image of `size` bytes with data islands `(offset, len, seed)`.
+/// A sparse image of `size` bytes with data islands `(offset, len, seed)`.
 pub fn sparse_image(path: &Path, size: u64, islands: &[(u64, usize, u64)]) {
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    f.set_len(size).unwrap();
-    for &(off, len, seed) in islands {
-        f.seek(SeekFrom::Start(off)).unwrap();
-        let data = if seed % 2 == 0 {
-            random_bytes(seed, len)
-        } else {
-            text_bytes(seed, len)
-        };
-        f.write_all(&data).unwrap();
-    }
-    f.sync_all().unwrap();
+    hashgrid::sample_data::sparse_image(path, size, islands).expect("write sparse image");
 }
 
 /// Overwrites `count` scattered 4 KiB blocks in place (block churn).
 pub fn churn(path: &Path, seed: u64, count: usize) {
-    let mut f = OpenOptions::new().write(true).open(path).unwrap();
-    let blocks = f.metadata().unwrap().len() / 4096;
-    let picks = random_bytes(seed, count * 8);
-    for (i, p) in picks.chunks(8).enumerate() {
-        let b = u64::from_le_bytes(p.try_into().unwrap()) % blocks;
-        f.seek(SeekFrom::Start(b * 4096)).unwrap();
-        f.write_all(&random_bytes(seed * 100_000 + i as u64, 4096))
+    hashgrid::sample_data::churn(path, seed, count).expect("churn image");
+}
+
+/// A wide tree: `dirs` directories of `files_per_dir` small files each (distinct content,
+/// one chunk per file), for tests whose cost grows with the number of files.
+pub fn many_files(root: &Path, dirs: usize, files_per_dir: usize, seed: u64) {
+    for d in 0..dirs {
+        let dir = root.join(format!("dir-{d:04}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..files_per_dir {
+            let n = (d * files_per_dir + f) as u64;
+            std::fs::write(
+                dir.join(format!("file-{f:05}")),
+                random_bytes(seed.wrapping_mul(1_000_003) + n, 200 + (n % 300) as usize),
+            )
             .unwrap();
+        }
     }
-    f.sync_all().unwrap();
+}
+
+/// Levels of a [`deep_tree`] that hold a file: the top, every 1000th level, the bottom.
+pub fn deep_tree_file_levels(depth: usize) -> Vec<usize> {
+    let mut levels: Vec<usize> = (0..=depth).step_by(1000).collect();
+    if levels.last() != Some(&depth) {
+        levels.push(depth);
+    }
+    levels
+}
+
+/// The content of the file `file` at `level` of a [`deep_tree`].
+pub fn deep_tree_file(level: usize) -> Vec<u8> {
+    format!("level {level}\n").into_bytes()
+}
+
+/// A chain of `depth` nested directories `root/d/d/.../d`, with a file `file` at the levels
+/// [`deep_tree_file_levels`] names (level 0 is `root` itself). Built relative to directory
+/// descriptors, so it may be far deeper than PATH_MAX allows a path to reach; remove it with
+/// [`remove_deep_tree`].
+pub fn deep_tree(root: &Path, depth: usize) {
+    use rustix::fs::{Mode, OFlags};
+    std::fs::create_dir_all(root).unwrap();
+    let files = deep_tree_file_levels(depth);
+    let mut dir = rustix::fs::open(root, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())
+        .expect("open deep tree root");
+    for level in 0..=depth {
+        if files.contains(&level) {
+            let f = rustix::fs::openat(
+                &dir,
+                "file",
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+                Mode::from_raw_mode(0o644),
+            )
+            .expect("create deep tree file");
+            File::from(f).write_all(&deep_tree_file(level)).unwrap();
+        }
+        if level < depth {
+            rustix::fs::mkdirat(&dir, "d", Mode::from_raw_mode(0o755)).expect("mkdir d");
+            dir = rustix::fs::openat(&dir, "d", OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())
+                .expect("open d");
+        }
+    }
+}
+
+/// Removes a [`deep_tree`] (or any tree whose only deep branch is its chain of `d`s) one
+/// level at a time from the top, never holding more than a few descriptors or a long path.
+pub fn remove_deep_tree(root: &Path) {
+    let top = root.join("d");
+    let next = root.join(".deep-tree-next");
+    while top.exists() {
+        if top.join("d").exists() {
+            std::fs::rename(top.join("d"), &next).unwrap();
+        }
+        std::fs::remove_dir_all(&top).unwrap();
+        if next.exists() {
+            std::fs::rename(&next, &top).unwrap();
+        }
+    }
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+/// The name of file `i` of a [`wide_dir`].
+pub fn wide_dir_name(i: usize) -> String {
+    format!("file-{i:08}")
+}
+
+/// One directory holding `entries` small files ([`wide_dir_name`], a few dozen bytes of
+/// text each): a directory whose tree is larger than one object at a lowered part size,
+/// or at the real one with a million entries.
+pub fn wide_dir(root: &Path, entries: usize) {
+    std::fs::create_dir_all(root).unwrap();
+    for i in 0..entries {
+        let name = wide_dir_name(i);
+        std::fs::write(root.join(&name), format!("{name}: {}\n", i * 7919)).unwrap();
+    }
+}
+
+/// `dirs` directories `d0000`, `d0001`, ... each holding a small file `f`, and a directory
+/// `links` holding a second name (hard link) of every one of them: a restore meets the first
+/// name of each link group in a different directory, and links to them from one place.
+pub fn hard_linked_dirs(root: &Path, dirs: usize) {
+    std::fs::create_dir_all(root.join("links")).unwrap();
+    for i in 0..dirs {
+        let d = root.join(format!("d{i:04}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("f"), format!("file {i}\n")).unwrap();
+        std::fs::hard_link(d.join("f"), root.join(format!("links/l{i:04}"))).unwrap();
+    }
 }

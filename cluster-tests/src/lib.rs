@@ -8,6 +8,8 @@
 pub mod cluster;
 pub mod damage;
 pub mod data;
+pub mod manifests;
+pub mod packs;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -292,6 +294,7 @@ pub fn backup_opts(paths: &[&Path], image: bool, client: &str, dataset: &str) ->
         hostname: "test-host".into(),
         zstd_level: hashgrid_proto::codec::DEFAULT_ZSTD_LEVEL,
         progress: false,
+        tree_part_bytes: hashgrid_proto::limits::TREE_PART_BYTES,
     }
 }
 
@@ -305,6 +308,7 @@ pub async fn restore_all(conn: &Connection, id: SnapshotId, target: &Path) -> Re
             target: target.to_path_buf(),
             paths: vec![],
             progress: false,
+            ..Default::default()
         },
     )
     .await
@@ -401,5 +405,83 @@ fn run_mount(args: &[&str], path: &Path) {
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// A finished process watched while it ran: its output and its peaks.
+pub struct Watched {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    /// Peak resident memory (VmHWM), in bytes.
+    pub peak_rss: u64,
+    /// Most descriptors open at once, as seen by polling `/proc/<pid>/fd`.
+    pub peak_fds: u64,
+}
+
+/// Peak resident memory (VmHWM) of a running process, in bytes.
+pub fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Descriptors a running process has open.
+pub fn open_fds(pid: u32) -> Option<u64> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
+}
+
+impl Node {
+    /// Runs the `hashgrid` CLI against this node through `wrapper` (a command that execs
+    /// the rest, such as `prlimit --nofile=256:256 --` or `setpriv --reuid=65534 ...`, so
+    /// the watched process is the agent itself), reading the admin token from `token_file`,
+    /// and polls its memory and descriptors until it exits. Output goes through files in
+    /// `dir`, so a chatty process never blocks on a full pipe.
+    pub fn cli_watched(
+        &self,
+        wrapper: &[&str],
+        token_file: &Path,
+        args: &[&str],
+        dir: &Path,
+    ) -> Watched {
+        std::fs::create_dir_all(dir).expect("output dir");
+        let out = dir.join("stdout");
+        let err = dir.join("stderr");
+        let (cmd, pre) = match wrapper.split_first() {
+            Some((c, rest)) => (PathBuf::from(c), rest.to_vec()),
+            None => (bin_dir().join("hashgrid"), vec![]),
+        };
+        let mut command = Command::new(cmd);
+        command.args(pre);
+        if !wrapper.is_empty() {
+            command.arg(bin_dir().join("hashgrid"));
+        }
+        let mut child = command
+            .args(["--server", &self.server()])
+            .arg("--token-file")
+            .arg(token_file)
+            .args(args)
+            .env_remove("HASHGRID_TOKEN")
+            .stdout(std::fs::File::create(&out).expect("stdout file"))
+            .stderr(std::fs::File::create(&err).expect("stderr file"))
+            .spawn()
+            .expect("run hashgrid");
+        let (mut peak_rss, mut peak_fds) = (0, 0);
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                break s;
+            }
+            peak_rss = peak_rss.max(self::peak_rss(child.id()).unwrap_or(0));
+            peak_fds = peak_fds.max(open_fds(child.id()).unwrap_or(0));
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        Watched {
+            status,
+            stdout: std::fs::read_to_string(out).unwrap_or_default(),
+            stderr: std::fs::read_to_string(err).unwrap_or_default(),
+            peak_rss,
+            peak_fds,
+        }
     }
 }

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use hashgrid::restore::{restore, RestoreOptions};
-use hashgrid::upload::Uploader;
 use hashgrid::Connection;
+use hashgrid_cluster_tests::manifests::upload_chunk;
 use hashgrid_cluster_tests::{put_chunks, restore_all, runtime, Node};
 use hashgrid_proto::id::pack_ids;
 use hashgrid_proto::manifest::ObjectRef;
@@ -18,16 +18,7 @@ use tonic::Code;
 
 /// Uploads raw object bytes as one chunk and returns its reference.
 async fn upload_object(conn: &Connection, bytes: Vec<u8>) -> ObjectRef {
-    let uploader = Uploader::start(conn, 3);
-    let id = ChunkId::of(&bytes);
-    let uploader = tokio::task::spawn_blocking(move || {
-        uploader.submit_blocking(id, bytes.into()).unwrap();
-        uploader
-    })
-    .await
-    .unwrap();
-    uploader.finish().await.unwrap();
-    ObjectRef(vec![id])
+    ObjectRef(vec![upload_chunk(conn, bytes).await])
 }
 
 fn tree_bytes(entries: Vec<mpb::Entry>) -> Vec<u8> {
@@ -65,7 +56,7 @@ fn dir_entry(name: &[u8], subtree: &ObjectRef) -> mpb::Entry {
     }
 }
 
-async fn commit(conn: &Connection, root: ObjectRef) -> SnapshotRecord {
+async fn try_commit(conn: &Connection, root: ObjectRef) -> Result<SnapshotRecord, tonic::Status> {
     let record = pb::Snapshot {
         client: "mallory".into(),
         dataset: "evil".into(),
@@ -80,13 +71,25 @@ async fn commit(conn: &Connection, root: ObjectRef) -> SnapshotRecord {
             snapshot: Some(record),
             ..Default::default()
         })
-        .await
-        .unwrap()
+        .await?
         .into_inner()
         .id;
-    hashgrid::catalog::get(conn, hashgrid_proto::SnapshotId(id))
+    Ok(hashgrid::catalog::get(conn, hashgrid_proto::SnapshotId(id))
         .await
-        .unwrap()
+        .unwrap())
+}
+
+async fn commit(conn: &Connection, root: ObjectRef) -> SnapshotRecord {
+    try_commit(conn, root).await.unwrap()
+}
+
+/// The node decodes what it is asked to commit: an invalid manifest never becomes a snapshot.
+async fn refused(conn: &Connection, root: ObjectRef, expect: &str) {
+    let e = try_commit(conn, root)
+        .await
+        .expect_err("an invalid manifest must not commit");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains(expect), "{expect}: {e}");
 }
 
 async fn try_restore(conn: &Connection, snap: &SnapshotRecord, target: &Path) -> String {
@@ -97,6 +100,7 @@ async fn try_restore(conn: &Connection, snap: &SnapshotRecord, target: &Path) ->
             target: target.to_path_buf(),
             paths: vec![],
             progress: false,
+            ..Default::default()
         },
     )
     .await
@@ -125,9 +129,7 @@ fn hostile_manifests_cannot_write_outside_the_target() {
             (b".", "invalid entry name"),
         ] {
             let root = upload_object(&conn, tree_bytes(vec![file_entry(name, data, 5)])).await;
-            let snap = commit(&conn, root).await;
-            let err = try_restore(&conn, &snap, &target).await;
-            assert!(err.contains(expect), "{name:?}: {err}");
+            refused(&conn, root, expect).await;
         }
 
         // Duplicate names: a symlink and a directory both called "evil", which would let the
@@ -140,9 +142,7 @@ fn hostile_manifests_cannot_write_outside_the_target() {
         };
         let inner = upload_object(&conn, tree_bytes(vec![file_entry(b"pwned", data, 5)])).await;
         let root = upload_object(&conn, tree_bytes(vec![dir_entry(b"evil", &inner), link])).await;
-        let snap = commit(&conn, root).await;
-        let err = try_restore(&conn, &snap, &target).await;
-        assert!(err.contains("not strictly sorted"), "{err}");
+        refused(&conn, root, "not strictly sorted").await;
 
         // A symlink already in the target where the snapshot has a directory: it is replaced,
         // never followed.
@@ -158,9 +158,7 @@ fn hostile_manifests_cannot_write_outside_the_target() {
         let mut lying = file_entry(b"liar", data, 5);
         lying.size = 1 << 30;
         let root = upload_object(&conn, tree_bytes(vec![lying])).await;
-        let snap = commit(&conn, root).await;
-        let err = try_restore(&conn, &snap, &target).await;
-        assert!(err.contains("add up"), "{err}");
+        refused(&conn, root, "add up").await;
 
         // An extent whose length disagrees with the chunk it names.
         let root = upload_object(&conn, tree_bytes(vec![file_entry(b"short", data, 4)])).await;

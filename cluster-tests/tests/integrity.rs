@@ -7,7 +7,7 @@ use std::path::Path;
 use hashgrid::backup::{backup, BackupOptions, ParentChoice};
 use hashgrid::chunker::Chunker;
 use hashgrid::objects::ObjectReader;
-use hashgrid::restore::{restore, RestoreOptions};
+use hashgrid::restore::{restore, DamagedChunk, DamagedPath, RestoreOptions};
 use hashgrid::{ClientError, Connection};
 use hashgrid_cluster_tests::damage::damage_one_of;
 use hashgrid_cluster_tests::{
@@ -181,39 +181,93 @@ fn a_flipped_byte_is_reported_dropped_and_healed_by_the_next_backup() {
 }
 
 #[test]
-fn the_agent_names_a_chunk_it_cannot_get() {
+fn a_damaged_chunk_costs_the_file_that_uses_it_not_the_restore() {
     let rt = runtime();
     let d = backup_then_damage_a_chunk(&rt);
+    let target = d.tmp.path().join("restore");
+    let data_path = restored(&target, &d.src).join("data.bin");
     rt.block_on(async {
         let conn = d.node.connect().await;
-        let snap = hashgrid::catalog::get(&conn, d.first.snapshot).await.unwrap();
+        let snap = hashgrid::catalog::get(&conn, d.first.snapshot)
+            .await
+            .unwrap();
         let err = restore(
             &conn,
             &snap,
             &RestoreOptions {
-                target: d.tmp.path().join("restore"),
-                paths: vec![],
-                progress: false,
+                target: target.clone(),
+                ..Default::default()
             },
         )
         .await
         .unwrap_err();
-        assert!(
-            matches!(err, ClientError::ChunkFault { id, fault: ChunkFault::Damaged } if id == d.victim),
-            "{err}"
+        let ClientError::RestoreIncomplete {
+            damaged,
+            unnamed,
+            summary,
+        } = &err
+        else {
+            panic!("not an incomplete restore: {err}");
+        };
+        assert_eq!(*unnamed, 0);
+        assert_eq!(
+            damaged,
+            &vec![DamagedPath {
+                path: data_path.clone(),
+                chunks: vec![DamagedChunk {
+                    id: d.victim,
+                    fault: ChunkFault::Damaged
+                }],
+            }]
         );
-        assert!(
-            err.to_string().contains("every stored copy failed verification"),
-            "{err}"
+        assert!(err.to_string().contains("data.bin"), "{err}");
+        // Everything else is restored, the damaged file too, with its lost range a hole.
+        assert_eq!(summary.files, 2);
+        let src = restored(&target, &d.src);
+        assert_eq!(
+            std::fs::read(src.join("notes.txt")).unwrap(),
+            std::fs::read(d.src.join("notes.txt")).unwrap()
         );
+        let original = std::fs::read(d.src.join("data.bin")).unwrap();
+        let got = std::fs::read(&data_path).unwrap();
+        assert_eq!(got.len(), original.len());
+        let differing = got.iter().zip(&original).filter(|(a, b)| a != b).count();
+        assert!(
+            differing > 0 && differing <= 256 * 1024,
+            "{differing} bytes differ"
+        );
+
         // Dropped by that read: now it is not stored at all.
-        match ObjectReader::new(conn.clone()).fetch(&[d.good, d.victim]).await {
+        match ObjectReader::new(conn.clone())
+            .fetch(&[d.good, d.victim])
+            .await
+        {
             Err(ClientError::ChunkFault { id, fault }) => {
                 assert_eq!((id, fault), (d.victim, ChunkFault::Missing))
             }
             other => panic!("fetch of a lost chunk: {:?}", other.map(|v| v.len())),
         }
     });
+    // The CLI names the file and the chunk, and exits with 3.
+    let target = d.tmp.path().join("restore-cli");
+    let out = d.node.cli(&[
+        "restore",
+        &d.first.snapshot.to_string(),
+        "--target",
+        target.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    let expected = format!(
+        "damaged: {}: chunk {} (missing)",
+        restored(&target, &d.src).join("data.bin").display(),
+        d.victim
+    );
+    assert!(stderr.contains(&expected), "{stderr}");
+    assert_eq!(
+        std::fs::read(restored(&target, &d.src).join("notes.txt")).unwrap(),
+        std::fs::read(d.src.join("notes.txt")).unwrap()
+    );
 }
 
 fn encoded(plain: &[u8], level: i32) -> pb::Chunk {
@@ -260,4 +314,57 @@ fn chunks_carrying_extra_bytes_are_refused_and_nothing_is_stored() {
         // The honest encoding of the same chunk is taken.
         assert_eq!(put_chunks(&conn, vec![honest]).await.unwrap().stored, 1);
     });
+}
+
+#[test]
+fn a_lost_directory_listing_costs_that_directory_only() {
+    use hashgrid_cluster_tests::manifests::{commit, dir, file, meta, upload_chunk, upload_tree};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut node = Node::start(&tmp.path().join("node"));
+    let rt = runtime();
+    let (snap, listing) = rt.block_on(async {
+        let conn = node.connect().await;
+        let text = data::text_bytes(3, 5_000);
+        let id = upload_chunk(&conn, text.clone()).await;
+        let len = text.len() as u32;
+        let lost = upload_tree(&conn, vec![file(b"inside", meta(0o644), id, len)]).await;
+        let kept = upload_tree(&conn, vec![file(b"inside", meta(0o600), id, len)]).await;
+        let root = upload_tree(
+            &conn,
+            vec![
+                dir(b"kept", kept),
+                dir(b"lost", lost.clone()),
+                file(b"top", meta(0o644), id, len),
+            ],
+        )
+        .await;
+        (commit(&conn, &root).await, lost.0[0])
+    });
+    node.stop();
+    damage_one_of(&node.dir.join("data/chunks/packs"), &[listing]);
+    node.restart();
+    let target = tmp.path().join("restore");
+    rt.block_on(async {
+        let conn = node.connect().await;
+        let err = restore(
+            &conn,
+            &snap,
+            &RestoreOptions {
+                target: target.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+        let ClientError::RestoreIncomplete { damaged, .. } = &err else {
+            panic!("not an incomplete restore: {err}");
+        };
+        assert_eq!(damaged.len(), 1, "{damaged:?}");
+        assert_eq!(damaged[0].path, target.join("lost"));
+        assert_eq!(damaged[0].chunks[0].id, listing);
+    });
+    assert!(target.join("lost").is_dir());
+    assert_eq!(std::fs::read_dir(target.join("lost")).unwrap().count(), 0);
+    assert!(target.join("kept/inside").is_file());
+    assert!(target.join("top").is_file());
 }

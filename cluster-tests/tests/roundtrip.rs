@@ -85,6 +85,7 @@ fn restore_of_chosen_paths_writes_only_those() {
                 target: target.clone(),
                 paths: vec![inside.clone(), src.join("small.txt")],
                 progress: false,
+                ..Default::default()
             },
         )
         .await
@@ -102,6 +103,7 @@ fn restore_of_chosen_paths_writes_only_those() {
                 target: tmp.path().join("restore2"),
                 paths: vec![src.join("no/such/path")],
                 progress: false,
+                ..Default::default()
             },
         )
         .await

@@ -66,14 +66,25 @@ pub enum StoreError {
     NoSpace(String),
 }
 
-fn rocks(op: &'static str) -> impl FnOnce(rocksdb::Error) -> StoreError {
+/// Maps a RocksDB error on the database `db`. RocksDB tells a full disk apart only in its
+/// message text, which is not a contract; so an I/O error is classified by asking the file
+/// system under the database how much room is left.
+fn rocks<'a>(db: &'a DB, op: &'static str) -> impl FnOnce(rocksdb::Error) -> StoreError + 'a {
     move |source| {
-        // RocksDB reports a full disk only in its message text.
-        if source.to_string().contains("No space left on device") {
+        if source.kind() == rocksdb::ErrorKind::IOError && nearly_full(db.path()) {
             return StoreError::NoSpace(format!("{op}: {source}"));
         }
         StoreError::Rocks { op, source }
     }
+}
+
+/// Below this much free space, a failed write is taken to be a full disk.
+const FULL_DISK_MARGIN: u64 = 64 << 20;
+
+fn nearly_full(path: &Path) -> bool {
+    rustix::fs::statvfs(path)
+        .map(|s| s.f_bavail.saturating_mul(s.f_frsize) < FULL_DISK_MARGIN)
+        .unwrap_or(false)
 }
 
 /// A pack file error, with a full disk (or quota) told apart so agents get
@@ -299,7 +310,7 @@ impl ChunkStore {
         );
         let counters = db
             .get_cf(db.cf_handle(CF_STORE).expect("cf opened"), KEY_COUNTERS)
-            .map_err(rocks("read counters"))?
+            .map_err(rocks(&db, "read counters"))?
             .and_then(|b| StoreCounters::decode(&b))
             .unwrap_or_default();
         let db = Arc::new(db);
@@ -345,7 +356,9 @@ impl ChunkStore {
             }
         }
         if !touch.is_empty() {
-            self.db.write(touch).map_err(rocks("touch last_seen"))?;
+            self.db
+                .write(touch)
+                .map_err(rocks(&self.db, "touch last_seen"))?;
         }
         Ok(metas.iter().map(Option::is_some).collect())
     }
@@ -457,6 +470,32 @@ impl ChunkStore {
         }))
     }
 
+    /// Up to `limit` stored ids after `after` (from the start when `None`), in id order: how
+    /// verify pages through the whole index without holding it.
+    pub fn ids_after(
+        &self,
+        after: Option<&ChunkId>,
+        limit: usize,
+    ) -> Result<Vec<ChunkId>, StoreError> {
+        let start = after.map_or([0u8; 32], |id| *id.as_bytes());
+        let mode = rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward);
+        let mut out = Vec::with_capacity(limit.min(4096));
+        for item in self.db.iterator_cf(self.cf(CF_META), mode) {
+            let (key, _) = item.map_err(rocks(&self.db, "iterate metadata"))?;
+            let Ok(id) = ChunkId::from_slice(&key) else {
+                continue;
+            };
+            if after == Some(&id) {
+                continue;
+            }
+            out.push(id);
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     pub fn counters(&self) -> StoreCounters {
         *self.counters.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -464,7 +503,9 @@ impl ChunkStore {
     /// Flushes memtables so the WAL can be dropped; called on clean shutdown.
     pub fn flush(&self) -> Result<(), StoreError> {
         for cf in [CF_META, CF_STORE] {
-            self.db.flush_cf(self.cf(cf)).map_err(rocks("flush"))?;
+            self.db
+                .flush_cf(self.cf(cf))
+                .map_err(rocks(&self.db, "flush"))?;
         }
         Ok(())
     }
@@ -479,7 +520,7 @@ fn metas(db: &DB, ids: &[ChunkId]) -> Result<Vec<Option<ChunkMeta>>, StoreError>
     db.batched_multi_get_cf(cf(db, CF_META), ids.iter().map(|id| id.as_bytes()), false)
         .into_iter()
         .zip(ids)
-        .map(|(r, id)| match r.map_err(rocks("read metadata"))? {
+        .map(|(r, id)| match r.map_err(rocks(db, "read metadata"))? {
             Some(v) => ChunkMeta::decode(id, &v).map(Some),
             None => Ok(None),
         })
@@ -568,6 +609,27 @@ mod tests {
         assert_eq!((out.stored, out.existing), (0, 1));
         assert_eq!(found(&store.get(&[a.id], MAX).unwrap()[0]), b"alpha");
         assert_eq!(store.counters().chunks, 1);
+    }
+
+    #[test]
+    fn ids_page_through_the_index_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), 8 << 20).unwrap();
+        let chunks: Vec<VerifiedChunk> = (0..10u8).map(|i| chunk(&[i + 1; 3])).collect();
+        store.put(chunks.clone()).unwrap();
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store.ids_after(after.as_ref(), 3).unwrap();
+            if page.is_empty() {
+                break;
+            }
+            after = page.last().copied();
+            all.extend(page);
+        }
+        let mut expected: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
+        expected.sort();
+        assert_eq!(all, expected);
     }
 
     #[test]

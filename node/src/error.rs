@@ -6,15 +6,15 @@
 //! what was wrong.
 
 use hashgrid_proto::codec::ChunkError;
-use hashgrid_proto::DecodeError;
+use hashgrid_proto::{ChunkId, DecodeError};
 use thiserror::Error;
 use tonic::Status;
 
 use crate::chunk_store::StoreError;
+use crate::manifest_walk::ManifestError;
 
-/// Metadata on a `FAILED_PRECONDITION` caused by a stale epoch: the current epoch. Agents
-/// refresh their map and retry when they see it.
-pub const REFRESH_METADATA: &str = "x-hashgrid-refresh";
+pub use hashgrid_proto::status_meta::REFRESH as REFRESH_METADATA;
+use hashgrid_proto::status_meta::{RETRY, RETRY_STARTING, RETRY_UNAVAILABLE};
 
 #[derive(Debug, Error)]
 pub enum NodeError {
@@ -24,6 +24,15 @@ pub enum NodeError {
     Chunk(#[from] ChunkError),
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// A snapshot manifest is invalid (hostile or corrupt), whatever is stored.
+    #[error("invalid snapshot manifest: {0}")]
+    Manifest(#[from] ManifestError),
+    /// A commit references chunks that are not stored.
+    #[error(
+        "{count} chunk(s) the snapshot references are not stored (one is {example}); \
+         upload every chunk before committing"
+    )]
+    MissingChunks { example: ChunkId, count: u64 },
     #[error("node is starting (catalog not ready yet); retry shortly")]
     NotReady,
     #[error("request routed with cluster-map epoch {sent}, current is {current}: refresh the map")]
@@ -62,7 +71,14 @@ impl From<NodeError> for Status {
     fn from(e: NodeError) -> Status {
         let msg = e.to_string();
         if e.is_retryable() {
-            return Status::unavailable(msg);
+            let why = match e {
+                NodeError::NotReady => RETRY_STARTING,
+                _ => RETRY_UNAVAILABLE,
+            };
+            let mut s = Status::unavailable(msg);
+            s.metadata_mut()
+                .insert(RETRY, tonic::metadata::MetadataValue::from_static(why));
+            return s;
         }
         match &e {
             NodeError::NotReady | NodeError::Unavailable(_) => Status::unavailable(msg),
@@ -73,10 +89,13 @@ impl From<NodeError> for Status {
                 }
                 s
             }
-            NodeError::Precondition(_) | NodeError::Rejected(_) => Status::failed_precondition(msg),
-            NodeError::Chunk(_) | NodeError::Decode(_) | NodeError::TooMany { .. } => {
-                Status::invalid_argument(msg)
-            }
+            NodeError::Precondition(_)
+            | NodeError::Rejected(_)
+            | NodeError::MissingChunks { .. } => Status::failed_precondition(msg),
+            NodeError::Chunk(_)
+            | NodeError::Decode(_)
+            | NodeError::Manifest(_)
+            | NodeError::TooMany { .. } => Status::invalid_argument(msg),
             NodeError::NotFound(_) => Status::not_found(msg),
             NodeError::PermissionDenied(_) => Status::permission_denied(msg),
             NodeError::Store(StoreError::NoSpace(_)) => Status::resource_exhausted(msg),
@@ -91,9 +110,14 @@ mod tests {
 
     #[test]
     fn retryable_errors_are_unavailable() {
-        for e in [NodeError::NotReady, NodeError::Unavailable("x".into())] {
+        for (e, why) in [
+            (NodeError::NotReady, RETRY_STARTING),
+            (NodeError::Unavailable("x".into()), RETRY_UNAVAILABLE),
+        ] {
             assert!(e.is_retryable());
-            assert_eq!(Status::from(e).code(), tonic::Code::Unavailable);
+            let s = Status::from(e);
+            assert_eq!(s.code(), tonic::Code::Unavailable);
+            assert_eq!(s.metadata().get(RETRY).unwrap(), why);
         }
         let e = NodeError::StaleEpoch {
             sent: 1,

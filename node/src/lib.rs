@@ -10,11 +10,14 @@
 pub mod catalog;
 pub mod chunk_store;
 pub mod cluster_map;
+pub mod commit_check;
+pub mod commit_queue;
 pub mod config;
 pub mod context;
 pub mod coordinator;
 pub mod durable;
 pub mod error;
+pub mod manifest_walk;
 pub mod membership;
 pub mod metrics;
 pub mod owner;
@@ -24,6 +27,7 @@ pub mod quorum;
 pub mod raft;
 pub mod server;
 pub mod service;
+pub mod verify;
 
 pub use config::NodeConfig;
 pub use server::run;

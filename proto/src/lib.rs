@@ -9,12 +9,15 @@
 pub mod auth;
 pub mod chunker;
 pub mod codec;
+#[cfg(test)]
+mod decode_props;
 pub mod error;
 pub mod id;
 pub mod limits;
 pub mod manifest;
 pub mod placement;
 pub mod snapshot;
+pub mod status_meta;
 
 pub use error::DecodeError;
 pub use id::{ChunkId, NodeId, SnapshotId};

@@ -122,8 +122,9 @@ impl<'a> ContentBuilder<'a> {
     }
 }
 
-/// Opens for reading without following a final symlink and, where permitted, without
-/// updating the access time.
+/// Opens an image (a file or block device named on the command line) for reading without
+/// following a final symlink and, where permitted, without updating the access time. Files
+/// met by the walk are opened relative to their directory instead ([`super::source`]).
 pub fn open_for_read(path: &Path) -> Result<File> {
     let open = |flags| {
         std::fs::OpenOptions::new()
@@ -138,16 +139,16 @@ pub fn open_for_read(path: &Path) -> Result<File> {
     .map_err(|e| ClientError::io(path, e))
 }
 
-/// Reads a whole file (or block device) into content.
+/// Reads a whole open file (or block device) into content; `path` names it in errors.
 pub fn read_content(
+    file: &File,
     path: &Path,
     chunker: &Chunker,
     uploader: &Uploader,
     progress: &Progress,
 ) -> Result<FileContent> {
-    let file = open_for_read(path)?;
     let io = |e: Errno| ClientError::io(path, e.into());
-    let size = rustix::fs::seek(&file, SeekFrom::End(0)).map_err(io)?;
+    let size = rustix::fs::seek(file, SeekFrom::End(0)).map_err(io)?;
     let mut builder = ContentBuilder::new(chunker, uploader);
     let mut pos = 0u64;
     // Filesystems without hole support report one data run; devices may refuse to seek by
@@ -156,7 +157,7 @@ pub fn read_content(
     let mut holes_supported = size > chunker.max_size() as u64;
     while pos < size {
         let data = if holes_supported {
-            match rustix::fs::seek(&file, SeekFrom::Data(pos)) {
+            match rustix::fs::seek(file, SeekFrom::Data(pos)) {
                 Ok(d) => d.min(size),
                 Err(Errno::NXIO) => size,
                 Err(_) => {
@@ -176,14 +177,14 @@ pub fn read_content(
             break;
         }
         let end = if holes_supported {
-            rustix::fs::seek(&file, SeekFrom::Hole(pos))
+            rustix::fs::seek(file, SeekFrom::Hole(pos))
                 .unwrap_or(size)
                 .min(size)
         } else {
             size
         };
         let read_to = read_run(
-            &file,
+            file,
             path,
             pos,
             end,

@@ -6,20 +6,25 @@
 //! durable.
 
 pub mod content;
+pub mod dir_handle;
+pub mod source;
 pub mod walk;
+pub mod xattrs;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use hashgrid_proto::limits::MAX_TREE_BYTES;
 use hashgrid_proto::manifest::{Entry, EntryKind, ObjectRef, Tree, FORMAT_VERSION};
 use hashgrid_proto::pb::{CommitSnapshotRequest, Snapshot};
 use hashgrid_proto::snapshot::{validate_label, SnapshotKind, SnapshotRecord, SnapshotStats};
 use hashgrid_proto::SnapshotId;
 use serde::Serialize;
 
-use self::walk::{metadata_of, reuse, Selection, Walker};
+use self::source::{SourceError, SourceStat};
+use self::walk::{reuse, Selection, Walker};
 use crate::catalog;
 use crate::chunker::Chunker;
 use crate::connection::Connection;
@@ -31,7 +36,7 @@ use crate::upload::{UploadStats, Uploader};
 /// Which earlier snapshot to compare with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ParentChoice {
-    /// The latest snapshot of the same client, dataset and kind.
+    /// The latest snapshot of the same client, dataset and kind that is not marked damaged.
     Latest,
     /// Read every file (still deduplicated against the cluster).
     None,
@@ -50,6 +55,10 @@ pub struct BackupOptions {
     /// zstd level; 0 stores chunks uncompressed.
     pub zstd_level: i32,
     pub progress: bool,
+    /// Largest tree object written; a directory whose encoding exceeds it is split over
+    /// parts under a tree index. [`hashgrid_proto::limits::TREE_PART_BYTES`] unless a
+    /// test lowers it.
+    pub tree_part_bytes: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -79,6 +88,14 @@ pub async fn backup(conn: &Connection, opts: &BackupOptions) -> Result<BackupSum
             "--image takes exactly one file or device".into(),
         ));
     }
+    // Parts must hold at least one entry and stay readable (one part's header included).
+    if opts.tree_part_bytes == 0 || opts.tree_part_bytes as u64 > MAX_TREE_BYTES - 64 {
+        return Err(ClientError::Config(format!(
+            "tree part size {} is outside 1..{}",
+            opts.tree_part_bytes,
+            MAX_TREE_BYTES - 64
+        )));
+    }
     let paths = opts
         .paths
         .iter()
@@ -97,7 +114,7 @@ pub async fn backup(conn: &Connection, opts: &BackupOptions) -> Result<BackupSum
         ParentChoice::None => None,
         ParentChoice::Id(id) => Some(catalog::get(conn, *id).await?),
         ParentChoice::Latest => {
-            catalog::latest(conn, &opts.client, &opts.dataset, Some(kind)).await?
+            catalog::backup_parent(conn, &opts.client, &opts.dataset, kind).await?
         }
     };
     tracing::debug!(elapsed = ?started.elapsed(), parent = ?parent.as_ref().map(|p| p.id), "parent chosen");
@@ -118,15 +135,12 @@ pub async fn backup(conn: &Connection, opts: &BackupOptions) -> Result<BackupSum
         Uploader::start(conn, opts.zstd_level),
         reader,
         progress,
+        opts.tree_part_bytes,
     ));
     let root = if opts.image {
         backup_image(&walker, &paths[0], parent_root.map(|(tree, _)| tree)).await
     } else {
-        walker
-            .clone()
-            .backup_dir(PathBuf::from("/"), parent_root, Selection::of_paths(&paths))
-            .await
-            .map(|(root, _)| root)
+        backup_tree(&walker, parent_root, Selection::of_paths(&paths)).await
     };
     walker.progress.finish();
     tracing::debug!(elapsed = ?started.elapsed(), "walk done");
@@ -208,6 +222,32 @@ async fn commit(conn: &Connection, record: &SnapshotRecord) -> Result<u64> {
             }
             Err(s) => return Err(ClientError::rpc("committing the snapshot", s)),
         }
+        }
+    }
+}
+
+/// A file-level snapshot's root is the tree of `/`, restricted to the selected paths.
+async fn backup_tree(
+    walker: &Arc<Walker>,
+    parent: Option<(Tree, ObjectRef)>,
+    selection: Selection,
+) -> Result<ObjectRef> {
+    let root = walker
+        .descriptors
+        .root(Path::new("/"))
+        .map_err(source_error)?;
+    walker
+        .clone()
+        .backup_dir(root, parent, selection)
+        .await?
+        .map(|done| done.subtree)
+        .ok_or_else(|| ClientError::Internal("the root directory was left out".into()))
+}
+
+fn source_error(e: SourceError) -> ClientError {
+    match e {
+        SourceError::Io { path, error } => ClientError::Io { path, error },
+        e @ SourceError::Replaced { .. } => ClientError::Config(e.to_string()),
     }
 }
 
@@ -217,8 +257,9 @@ async fn backup_image(
     path: &Path,
     parent: Option<Tree>,
 ) -> Result<ObjectRef> {
-    let st = std::fs::metadata(path).map_err(|e| ClientError::io(path, e))?;
-    if !(st.is_file() || std::os::unix::fs::FileTypeExt::is_block_device(&st.file_type())) {
+    let st =
+        SourceStat::from(&rustix::fs::stat(path).map_err(|e| ClientError::io(path, e.into()))?);
+    if !(st.is_file() || st.kind() == rustix::fs::FileType::BlockDevice) {
         return Err(ClientError::Config(format!(
             "{} is neither a regular file nor a block device",
             path.display()
@@ -229,7 +270,7 @@ async fn backup_image(
         .ok_or_else(|| ClientError::Config(format!("{} has no file name", path.display())))?
         .as_encoded_bytes()
         .to_vec();
-    let mut meta = metadata_of(&st);
+    let mut meta = st.metadata();
     let parent_entry = parent.and_then(|t| t.entries.into_iter().find(|e| e.name == name));
     // A device's mtime says nothing about its content: always read it.
     let reusable = if st.is_file() {
@@ -247,14 +288,15 @@ async fn backup_image(
                 .counters
                 .chunks
                 .fetch_add(content.chunk_count(), Ordering::Relaxed);
-            meta.size = st.len();
+            meta.size = st.size;
             content
         }
         None => {
             let w = walker.clone();
             let p = path.to_path_buf();
             let read = tokio::task::spawn_blocking(move || {
-                content::read_content(&p, &w.chunker, &w.uploader, &w.progress)
+                let file = content::open_for_read(&p)?;
+                content::read_content(&file, &p, &w.chunker, &w.uploader, &w.progress)
             })
             .await??;
             walker

@@ -2,23 +2,33 @@
 //! snapshot's entry of the same name, reads only what changed, and writes one tree object per
 //! directory once its children are done. Children are processed concurrently (bounded), so
 //! small files from many directories keep every core busy.
+//!
+//! Nothing is reached by path: directories through [`DirHandle`]s (opened relative to their
+//! parent, checked, within a fixed descriptor budget), files relative to their directory's
+//! descriptor and checked against the listing before they are read ([`super::source`]).
+//! Every subdirectory is a task of its own, so depth costs tasks, never stack frames.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
-use std::fs::Metadata as FsMetadata;
 use std::num::NonZeroU64;
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
-use hashgrid_proto::manifest::{Content, Entry, EntryKind, Metadata, ObjectRef, Timestamp, Tree};
+use hashgrid_proto::limits::MAX_TREE_BYTES;
+use hashgrid_proto::manifest::{
+    Content, Entry, EntryKind, Metadata, ObjectRef, Tree, TreeIndex, TreePart, Xattr,
+};
+use rustix::fs::FileType;
 use tokio::sync::Semaphore;
 
 use super::content::read_content;
+use super::dir_handle::{Descriptors, DirHandle, DIR_DESCRIPTORS};
+use super::source::{list_dir, open_file_at, Listed, Listing, SourceError, SourceStat};
+use super::xattrs;
 use crate::chunker::Chunker;
 use crate::error::{ClientError, Result};
 use crate::objects::{ObjectReader, ObjectWriter};
@@ -40,9 +50,16 @@ type Placed = Vec<(usize, Option<Entry>, bool)>;
 /// A changed file waiting to be read.
 struct ChangedFile {
     index: usize,
-    path: PathBuf,
     name: Vec<u8>,
-    st: FsMetadata,
+    st: SourceStat,
+}
+
+/// A directory once backed up: its tree object, whether that is exactly the parent
+/// snapshot's, and the directory's own extended attributes (for its entry in its parent).
+pub struct DirDone {
+    pub subtree: ObjectRef,
+    pub same: bool,
+    pub xattrs: Vec<Xattr>,
 }
 
 /// Which part of a directory to back up.
@@ -95,7 +112,13 @@ pub struct Walker {
     pub progress: Progress,
     pub counters: WalkCounters,
     pub warnings: Mutex<Vec<String>>,
+    pub descriptors: Descriptors,
+    /// Changed files being read at once.
     files: Semaphore,
+    /// Directories being listed at once (each holds its descriptor meanwhile).
+    listings: Semaphore,
+    /// Largest encoded tree object; a directory beyond it is split (see [`Walker::write_tree`]).
+    tree_part_bytes: usize,
 }
 
 impl Walker {
@@ -104,6 +127,7 @@ impl Walker {
         uploader: Uploader,
         reader: ObjectReader,
         progress: Progress,
+        tree_part_bytes: usize,
     ) -> Self {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Walker {
@@ -113,7 +137,10 @@ impl Walker {
             progress,
             counters: WalkCounters::default(),
             warnings: Mutex::new(Vec::new()),
+            descriptors: Descriptors::new(DIR_DESCRIPTORS),
             files: Semaphore::new(cores * 4),
+            listings: Semaphore::new(cores * 2),
+            tree_part_bytes,
         }
     }
 
@@ -125,77 +152,112 @@ impl Walker {
             .push(msg);
     }
 
-    /// Backs up directory `path` (restricted to `selection`) and returns its tree object,
+    /// Lists `dir` (restricted to `selection`) on a blocking thread.
+    async fn list(
+        self: &Arc<Self>,
+        dir: &Arc<DirHandle>,
+        selection: &Selection,
+    ) -> Result<Result<Listing, SourceError>> {
+        let _permit = self
+            .listings
+            .acquire()
+            .await
+            .map_err(|_| ClientError::Internal("listing limiter closed".into()))?;
+        let names = match selection {
+            Selection::All => None,
+            Selection::Only(m) => Some(m.keys().cloned().collect()),
+        };
+        let walker = self.clone();
+        let dir = dir.clone();
+        Ok(tokio::task::spawn_blocking(move || {
+            let fd = walker.descriptors.fd(&dir)?;
+            list_dir(&fd, names, &dir.path())
+        })
+        .await?)
+    }
+
+    /// Backs up directory `dir` (restricted to `selection`) and returns its tree object,
     /// and whether it is exactly the parent's (`parent`: the parent snapshot's tree for this
     /// directory and its reference). An unchanged directory reuses the parent's reference
-    /// without encoding or sending anything.
+    /// without encoding or sending anything. `None`: the directory was replaced since its
+    /// parent was listed and is left out (a warning says so).
     pub fn backup_dir(
         self: Arc<Self>,
-        path: PathBuf,
+        dir: Arc<DirHandle>,
         parent: Option<(Tree, ObjectRef)>,
         selection: Selection,
-    ) -> BoxFuture<'static, Result<(ObjectRef, bool)>> {
+    ) -> BoxFuture<'static, Result<Option<DirDone>>> {
         async move {
-            let listing = {
-                let path = path.clone();
-                let selection = selection.clone();
-                tokio::task::spawn_blocking(move || list_dir(&path, &selection)).await?
-            };
-            let listing = match listing {
+            let listing = match self.list(&dir, &selection).await? {
                 Ok(l) => l,
+                Err(e @ SourceError::Replaced { .. }) => {
+                    self.warn(format!("skipped {e}"));
+                    self.descriptors.release(&dir);
+                    return Ok(None);
+                }
+                Err(e) if e.is_not_found() => {
+                    self.descriptors.release(&dir);
+                    return Ok(None);
+                }
                 Err(e) => {
                     self.warn(format!("{e}; recorded as an empty directory"));
-                    Vec::new()
+                    Listing::default()
                 }
             };
+            for e in listing.skipped {
+                self.warn(format!("skipped {e}"));
+            }
             let (parent_tree, parent_ref) = match parent {
                 Some((t, r)) => (t, Some(r)),
                 None => (Tree::default(), None),
             };
             // Both lists are sorted by name: walk them together, moving each parent entry
             // to the child of the same name.
-            let mut same = parent_ref.is_some() && parent_tree.entries.len() == listing.len();
+            let mut same =
+                parent_ref.is_some() && parent_tree.entries.len() == listing.entries.len();
             let mut parent_entries = parent_tree.entries.into_iter().peekable();
-            let count = listing.len();
+            let count = listing.entries.len();
             // Changed small files are read in groups, one blocking task per group: for
             // trees of many small files the hand-off per task costs more than the reading.
             let mut tasks: Vec<BoxFuture<'static, Result<Placed>>> = Vec::new();
             let mut group: Vec<ChangedFile> = Vec::new();
             let mut group_bytes = 0u64;
-            for (index, (name, st)) in listing.into_iter().enumerate() {
-                while parent_entries.next_if(|p| p.name < name).is_some() {
+            for (index, listed) in listing.entries.into_iter().enumerate() {
+                let name = &listed.name;
+                while parent_entries.next_if(|p| &p.name < name).is_some() {
                     same = false;
                 }
-                let parent_entry = parent_entries.next_if(|p| p.name == name);
-                let child_path = path.join(OsStr::from_bytes(&name));
+                let parent_entry = parent_entries.next_if(|p| &p.name == name);
+                let st = listed.st;
                 let small_and_changed = st.is_file()
-                    && st.len() <= SMALL_FILE
+                    && st.size <= SMALL_FILE
                     && !parent_entry
                         .as_ref()
-                        .is_some_and(|p| looks_unchanged(p, &st, &metadata_of(&st)));
+                        .is_some_and(|p| looks_unchanged(p, &st));
                 if small_and_changed {
-                    group_bytes += st.len();
+                    group_bytes += st.size;
                     group.push(ChangedFile {
                         index,
-                        path: child_path,
-                        name,
+                        name: listed.name,
                         st,
                     });
                     if group.len() >= SMALL_GROUP_FILES || group_bytes >= SMALL_GROUP_BYTES {
-                        tasks.push(self.clone().read_files(std::mem::take(&mut group)).boxed());
+                        let files = std::mem::take(&mut group);
+                        tasks.push(self.clone().read_files(dir.clone(), files).boxed());
                         group_bytes = 0;
                     }
                     continue;
                 }
                 let child_sel = match &selection {
                     Selection::All => Selection::All,
-                    Selection::Only(m) => m.get(&name).cloned().unwrap_or(Selection::All),
+                    Selection::Only(m) => m.get(name).cloned().unwrap_or(Selection::All),
                 };
                 let walker = self.clone();
+                let dir = dir.clone();
                 tasks.push(
                     async move {
                         let (entry, same) = walker
-                            .backup_entry(child_path, name, st, parent_entry, child_sel)
+                            .backup_entry(dir, listed, parent_entry, child_sel)
                             .await?;
                         Ok(vec![(index, entry, same)])
                     }
@@ -203,7 +265,7 @@ impl Walker {
                 );
             }
             if !group.is_empty() {
-                tasks.push(self.clone().read_files(group).boxed());
+                tasks.push(self.clone().read_files(dir.clone(), group).boxed());
             }
             let mut slots: Vec<Option<Entry>> = vec![None; count];
             let mut done = futures::stream::iter(tasks).buffer_unordered(DIR_WIDTH);
@@ -213,125 +275,175 @@ impl Walker {
                     slots[index] = entry;
                 }
             }
+            self.descriptors.release(&dir);
             self.counters.dirs.fetch_add(1, Ordering::Relaxed);
-            if let (true, Some(r)) = (same, parent_ref) {
-                return Ok((r, true));
+            let xattrs = listing.xattrs;
+            if let (true, Some(subtree)) = (same, parent_ref) {
+                return Ok(Some(DirDone {
+                    subtree,
+                    same: true,
+                    xattrs,
+                }));
             }
             let tree = Tree {
                 entries: slots.into_iter().flatten().collect(),
             };
             let walker = self.clone();
-            let r = tokio::task::spawn_blocking(move || {
-                ObjectWriter::write_all(&walker.chunker, &walker.uploader, &tree.encode())
-            })
-            .await??;
-            Ok((r, false))
+            let subtree = tokio::task::spawn_blocking(move || walker.write_tree(tree)).await??;
+            Ok(Some(DirDone {
+                subtree,
+                same: false,
+                xattrs,
+            }))
         }
         .boxed()
     }
 
-    /// One entry (`None` when it could not be read; a warning says why), and whether it is
-    /// exactly the parent's entry of the same name.
+    /// Writes a directory's tree: one object, or, when its encoding exceeds the part size,
+    /// parts of at most that size in name order under a tree index, so no reader ever has to
+    /// hold more than one part (design: a directory of any size restores and serves as a
+    /// parent).
+    fn write_tree(&self, tree: Tree) -> Result<ObjectRef> {
+        let write = |bytes: &[u8]| ObjectWriter::write_all(&self.chunker, &self.uploader, bytes);
+        // Most directories are small: encode once and be done.
+        if tree.entries.len() <= 1024 {
+            let bytes = tree.encode();
+            if bytes.len() <= self.tree_part_bytes {
+                return write(&bytes);
+            }
+        }
+        let parts = tree.split(self.tree_part_bytes);
+        if let [whole] = parts.as_slice() {
+            return write(&whole.encode());
+        }
+        let mut index = TreeIndex::default();
+        for part in &parts {
+            index
+                .parts
+                .push(TreePart::describe(write(&part.encode())?, part));
+        }
+        let bytes = index.encode();
+        if bytes.len() as u64 > MAX_TREE_BYTES {
+            return Err(ClientError::Config(format!(
+                "a directory of {} entries needs a tree index of {} bytes, over the {MAX_TREE_BYTES}-byte bound: raise the tree part size",
+                index.entries(),
+                bytes.len()
+            )));
+        }
+        write(&bytes)
+    }
+
+    /// One entry of directory `dir` (`None` when it could not be read; a warning says why),
+    /// and whether it is exactly the parent's entry of the same name.
     async fn backup_entry(
         self: Arc<Self>,
-        path: PathBuf,
-        name: Vec<u8>,
-        st: FsMetadata,
+        dir: Arc<DirHandle>,
+        listed: Listed,
         parent: Option<Entry>,
         selection: Selection,
     ) -> Result<(Option<Entry>, bool)> {
-        let mut meta = metadata_of(&st);
-        let ft = st.file_type();
-        let kind = if ft.is_dir() {
-            let (parent_sub, parent_meta) = match parent {
-                Some(Entry {
-                    kind: EntryKind::Dir { subtree },
-                    meta,
-                    ..
-                }) => (
-                    Some((self.reader.load_tree(&subtree).await?, subtree)),
-                    Some(meta),
-                ),
-                _ => (None, None),
-            };
-            // A task of its own, so subtrees are walked on every worker thread.
-            let (subtree, sub_same) =
-                tokio::spawn(self.clone().backup_dir(path, parent_sub, selection)).await??;
-            let same = sub_same && parent_meta.as_ref() == Some(&meta);
-            return Ok((
-                Some(Entry {
-                    name,
-                    meta,
-                    kind: EntryKind::Dir { subtree },
-                }),
-                same,
-            ));
-        } else if ft.is_file() {
-            let link_key = file_link_key(&st);
-            if let Some(reused) = parent.and_then(|p| reuse(p, &st, &meta, link_key)) {
-                self.counters.files.fetch_add(1, Ordering::Relaxed);
-                self.counters.reused_files.fetch_add(1, Ordering::Relaxed);
-                self.counters
-                    .chunks
-                    .fetch_add(reused.content.chunk_count(), Ordering::Relaxed);
-                self.counters
-                    .logical_bytes
-                    .fetch_add(st.len(), Ordering::Relaxed);
-                self.progress.add_bytes(st.len());
-                meta.size = st.len();
-                let entry = Entry {
-                    name,
-                    meta,
-                    kind: EntryKind::File {
-                        content: reused.content,
-                        link_key,
-                    },
+        let Listed {
+            name,
+            st,
+            xattrs,
+            target,
+        } = listed;
+        let mut meta = st.metadata();
+        let kind = match st.kind() {
+            FileType::Directory => {
+                let (parent_sub, parent_meta) = match parent {
+                    Some(Entry {
+                        kind: EntryKind::Dir { subtree },
+                        meta,
+                        ..
+                    }) => (
+                        Some((self.reader.load_tree(&subtree).await?, subtree)),
+                        Some(meta),
+                    ),
+                    _ => (None, None),
                 };
-                return Ok((Some(entry), reused.same));
-            }
-            let file = ChangedFile {
-                index: 0,
-                path,
-                name,
-                st,
-            };
-            let entry = self
-                .read_files(vec![file])
-                .await?
-                .pop()
-                .and_then(|(_, e, _)| e);
-            return Ok((entry, false));
-        } else if ft.is_symlink() {
-            match std::fs::read_link(&path) {
-                Ok(target) => {
-                    let target = target.into_os_string().into_vec();
-                    meta.size = target.len() as u64;
-                    EntryKind::Symlink { target }
-                }
-                Err(e) => {
-                    self.warn(format!("skipped {}: {e}", path.display()));
+                let child = DirHandle::child(&dir, name.clone(), &st);
+                drop(dir);
+                // A task of its own, so subtrees are walked on every worker thread (and a
+                // deep tree nests tasks, not stack frames).
+                let Some(done) =
+                    tokio::spawn(self.clone().backup_dir(child, parent_sub, selection)).await??
+                else {
                     return Ok((None, false));
-                }
+                };
+                meta.xattrs = done.xattrs;
+                let same = done.same && parent_meta.as_ref() == Some(&meta);
+                return Ok((
+                    Some(Entry {
+                        name,
+                        meta,
+                        kind: EntryKind::Dir {
+                            subtree: done.subtree,
+                        },
+                    }),
+                    same,
+                ));
             }
-        } else if ft.is_fifo() {
-            EntryKind::Fifo
-        } else if ft.is_socket() {
-            EntryKind::Socket
-        } else if ft.is_char_device() {
-            EntryKind::CharDevice { rdev: st.rdev() }
-        } else if ft.is_block_device() {
-            EntryKind::BlockDevice { rdev: st.rdev() }
-        } else {
-            self.warn(format!("skipped {}: unknown file type", path.display()));
-            return Ok((None, false));
+            FileType::RegularFile => {
+                let link_key = file_link_key(&st);
+                if let Some(reused) = parent.and_then(|p| reuse(p, &st, &meta, link_key)) {
+                    self.counters.files.fetch_add(1, Ordering::Relaxed);
+                    self.counters.reused_files.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .chunks
+                        .fetch_add(reused.content.chunk_count(), Ordering::Relaxed);
+                    self.counters
+                        .logical_bytes
+                        .fetch_add(st.size, Ordering::Relaxed);
+                    self.progress.add_bytes(st.size);
+                    meta.size = st.size;
+                    meta.xattrs = reused.xattrs;
+                    let entry = Entry {
+                        name,
+                        meta,
+                        kind: EntryKind::File {
+                            content: reused.content,
+                            link_key,
+                        },
+                    };
+                    return Ok((Some(entry), reused.same));
+                }
+                let file = ChangedFile { index: 0, name, st };
+                let entry = self
+                    .read_files(dir, vec![file])
+                    .await?
+                    .pop()
+                    .and_then(|(_, e, _)| e);
+                return Ok((entry, false));
+            }
+            FileType::Symlink => {
+                meta.size = target.len() as u64;
+                EntryKind::Symlink { target }
+            }
+            FileType::Fifo => EntryKind::Fifo,
+            FileType::Socket => EntryKind::Socket,
+            FileType::CharacterDevice => EntryKind::CharDevice { rdev: st.rdev },
+            FileType::BlockDevice => EntryKind::BlockDevice { rdev: st.rdev },
+            FileType::Unknown => {
+                let path = dir.path().join(OsStr::from_bytes(&name));
+                self.warn(format!("skipped {}: unknown file type", path.display()));
+                return Ok((None, false));
+            }
         };
+        meta.xattrs = xattrs;
         let entry = Entry { name, meta, kind };
         let same = parent.as_ref() == Some(&entry);
         Ok((Some(entry), same))
     }
 
-    /// Reads changed files (one large one, or a group of small ones) on one blocking thread.
-    async fn read_files(self: Arc<Self>, files: Vec<ChangedFile>) -> Result<Placed> {
+    /// Reads changed files of `dir` (one large one, or a group of small ones) on one
+    /// blocking thread. Each is opened relative to the directory's descriptor and checked
+    /// against its listing before it is read.
+    async fn read_files(
+        self: Arc<Self>,
+        dir: Arc<DirHandle>,
+        files: Vec<ChangedFile>,
+    ) -> Result<Placed> {
         let _permit = self
             .files
             .acquire()
@@ -339,13 +451,40 @@ impl Walker {
             .map_err(|_| ClientError::Internal("file limiter closed".into()))?;
         let walker = self.clone();
         tokio::task::spawn_blocking(move || {
+            let dir_path = dir.path();
             files
                 .into_iter()
                 .map(|f| {
-                    let read =
-                        read_content(&f.path, &walker.chunker, &walker.uploader, &walker.progress)
-                            .map(|c| (c.content, c.size, c.chunks));
-                    let meta = metadata_of(&f.st);
+                    let path = dir_path.join(OsStr::from_bytes(&f.name));
+                    let opened = walker.descriptors.fd(&dir).and_then(|fd| {
+                        open_file_at(&*fd, &f.name, &f.st).map_err(|e| e.at(path.clone()))
+                    });
+                    let file = match opened {
+                        Ok(file) => file,
+                        Err(e) => {
+                            if !e.is_not_found() {
+                                walker.warn(format!("skipped {e}"));
+                            }
+                            return Ok((f.index, None, false));
+                        }
+                    };
+                    let mut meta = f.st.metadata();
+                    meta.xattrs = match xattrs::of_fd(&file) {
+                        Ok(x) => x,
+                        Err(e) => {
+                            let e = ClientError::io(&path, e.into());
+                            walker.warn(format!("skipped {e} (reading extended attributes)"));
+                            return Ok((f.index, None, false));
+                        }
+                    };
+                    let read = read_content(
+                        &file,
+                        &path,
+                        &walker.chunker,
+                        &walker.uploader,
+                        &walker.progress,
+                    )
+                    .map(|c| (c.content, c.size, c.chunks));
                     Ok((
                         f.index,
                         walker.file_entry(f.name, &f.st, meta, read)?,
@@ -362,7 +501,7 @@ impl Walker {
     fn file_entry(
         &self,
         name: Vec<u8>,
-        st: &FsMetadata,
+        st: &SourceStat,
         mut meta: Metadata,
         read: Result<(Content, u64, u64)>,
     ) -> Result<Option<Entry>> {
@@ -380,46 +519,50 @@ impl Walker {
             .fetch_add(size, Ordering::Relaxed);
         self.counters.chunks.fetch_add(chunks, Ordering::Relaxed);
         meta.size = size;
-        let link_key = (st.nlink() > 1)
-            .then(|| link_key(st.dev(), st.ino()))
-            .flatten();
         Ok(Some(Entry {
             name,
             meta,
-            kind: EntryKind::File { content, link_key },
+            kind: EntryKind::File {
+                content,
+                link_key: file_link_key(st),
+            },
         }))
     }
 }
 
 /// Does a regular file look unchanged since the parent snapshot: same size, mtime, ctime
-/// and inode? (Any chmod, chown or link count change moves ctime too.)
-pub fn looks_unchanged(parent: &Entry, st: &FsMetadata, meta: &Metadata) -> bool {
+/// and inode? (Any chmod, chown, xattr or link count change moves ctime too.)
+pub fn looks_unchanged(parent: &Entry, st: &SourceStat) -> bool {
     matches!(parent.kind, EntryKind::File { .. })
-        && parent.meta.size == st.len()
-        && parent.meta.mtime == meta.mtime
-        && parent.meta.ctime == meta.ctime
-        && parent.meta.inode == meta.inode
+        && parent.meta.size == st.size
+        && parent.meta.mtime == st.mtime
+        && parent.meta.ctime == st.ctime
+        && parent.meta.inode == st.ino
 }
 
 /// A parent file entry's content, taken over for an unchanged file.
 pub struct Reused {
     pub content: Content,
+    /// Unchanged ctime means unchanged extended attributes: the parent's stand.
+    pub xattrs: Vec<Xattr>,
     /// The new entry will be identical to the parent's.
     pub same: bool,
 }
 
-/// Takes the parent entry's content if the file looks unchanged.
+/// Takes the parent entry's content if the file looks unchanged (`meta`: the file's
+/// metadata from `st`).
 pub fn reuse(
     parent: Entry,
-    st: &FsMetadata,
+    st: &SourceStat,
     meta: &Metadata,
     link_key: Option<NonZeroU64>,
 ) -> Option<Reused> {
-    if !looks_unchanged(&parent, st, meta) {
+    if !looks_unchanged(&parent, st) {
         return None;
     }
     let mut new_meta = meta.clone();
-    new_meta.size = st.len();
+    new_meta.size = st.size;
+    new_meta.xattrs = parent.meta.xattrs.clone();
     match parent.kind {
         EntryKind::File {
             content,
@@ -427,63 +570,15 @@ pub fn reuse(
         } => Some(Reused {
             content,
             same: parent.meta == new_meta && parent_key == link_key,
+            xattrs: new_meta.xattrs,
         }),
         _ => None,
     }
 }
 
 /// The hard-link group key of a regular file with more than one name.
-fn file_link_key(st: &FsMetadata) -> Option<NonZeroU64> {
-    (st.nlink() > 1)
-        .then(|| link_key(st.dev(), st.ino()))
-        .flatten()
-}
-
-/// Lists a directory (or the selected names in it), sorted by name bytes, with `lstat` data.
-fn list_dir(path: &Path, selection: &Selection) -> Result<Vec<(Vec<u8>, FsMetadata)>> {
-    let mut out = Vec::new();
-    match selection {
-        Selection::All => {
-            let rd = std::fs::read_dir(path).map_err(|e| ClientError::io(path, e))?;
-            for item in rd {
-                let item = item.map_err(|e| ClientError::io(path, e))?;
-                match item.metadata() {
-                    Ok(st) => out.push((item.file_name().into_vec(), st)),
-                    // Vanished between listing and lstat: nothing to back up.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(ClientError::io(item.path(), e)),
-                }
-            }
-        }
-        Selection::Only(names) => {
-            for name in names.keys() {
-                let p = path.join(OsStr::from_bytes(name));
-                let st = std::fs::symlink_metadata(&p).map_err(|e| ClientError::io(&p, e))?;
-                out.push((name.clone(), st));
-            }
-        }
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(out)
-}
-
-pub fn metadata_of(st: &FsMetadata) -> Metadata {
-    Metadata {
-        mode: st.mode() & 0o7777,
-        uid: st.uid(),
-        gid: st.gid(),
-        mtime: Timestamp {
-            sec: st.mtime(),
-            nsec: st.mtime_nsec() as u32,
-        },
-        size: 0,
-        xattrs: Vec::new(),
-        ctime: Timestamp {
-            sec: st.ctime(),
-            nsec: st.ctime_nsec() as u32,
-        },
-        inode: st.ino(),
-    }
+fn file_link_key(st: &SourceStat) -> Option<NonZeroU64> {
+    (st.nlink > 1).then(|| link_key(st.dev, st.ino)).flatten()
 }
 
 /// A stable key for the hard-link group of (device, inode).

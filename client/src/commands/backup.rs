@@ -62,6 +62,7 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
         hostname: default_client(),
         zstd_level: args.zstd_level,
         progress: !global.json,
+        tree_part_bytes: hashgrid_proto::limits::TREE_PART_BYTES,
     };
     let summary = backup(&conn, &opts).await?;
     for w in &summary.warnings {

@@ -5,8 +5,6 @@
 
 use super::outln;
 use std::ffi::OsString;
-use std::fs::{File, OpenOptions};
-use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -19,6 +17,7 @@ use crate::catalog::latest;
 use crate::connection::{ConnectOptions, Connection};
 use crate::local_node::{node_binary, LocalNode};
 use crate::restore::{restore, RestoreOptions};
+use crate::sample_data::{self, ChangeSpec, ImageSpec, TreeSpec};
 use crate::treediff::{diff_trees, Compare};
 
 #[derive(Debug, clap::Args)]
@@ -48,101 +47,51 @@ fn start_node(work: &Path) -> anyhow::Result<(LocalNode, String)> {
     Ok((node, addr))
 }
 
-/// Deterministic sample bytes: random, or text-like (compressible) when `text`.
-fn sample_bytes(seed: u64, len: usize, text: bool) -> Vec<u8> {
-    let mut rnd = vec![0u8; len];
-    blake3::Hasher::new_derive_key("hashgrid demo sample")
-        .update(&seed.to_le_bytes())
-        .finalize_xof()
-        .fill(&mut rnd);
-    if !text {
-        return rnd;
-    }
-    const WORDS: [&str; 16] = [
-        "backup", "chunk", "restore", "node", "cluster", "snapshot", "image", "tree", "hash",
-        "dedup", "replica", "zone", "ring", "raft", "agent", "site",
-    ];
-    let mut out = Vec::with_capacity(len + 16);
-    let mut i = 0;
-    while out.len() < len {
-        let w = WORDS[(rnd[i % len] & 15) as usize];
-        out.extend_from_slice(w.as_bytes());
-        out.push(if rnd[(i + 1) % len].is_multiple_of(11) {
-            b'\n'
-        } else {
-            b' '
-        });
-        i += 2;
-    }
-    out.truncate(len);
-    out
-}
-
+/// The sample tree: a small file server's tree from the shared generators, plus the entry
+/// kinds a file server has that the generator does not make.
 fn make_tree(root: &Path, budget: u64) -> anyhow::Result<()> {
-    let mut used = 0u64;
-    let mut n = 0u64;
-    while used < budget {
-        let dir = root.join(format!("dir{:02}/sub{}", n % 24, n % 3));
-        std::fs::create_dir_all(&dir)?;
-        let size = match n % 10 {
-            0..=5 => 200 + (n * 997) % 8000,
-            6..=8 => 20_000 + (n * 7919) % 200_000,
-            _ => 1_000_000 + (n * 104_729) % 2_000_000,
-        };
-        std::fs::write(
-            dir.join(format!("file{n:05}.dat")),
-            sample_bytes(n, size as usize, n.is_multiple_of(2)),
-        )?;
-        used += size;
-        n += 1;
-    }
+    let files = (budget / (32 << 10)).clamp(100, 20_000) as usize;
+    sample_data::fleet_tree(
+        root,
+        &TreeSpec {
+            seed: 1,
+            files,
+            bytes: budget,
+            max_file: 4 << 20,
+        },
+    )?;
     std::fs::create_dir_all(root.join("empty-dir"))?;
     std::fs::write(root.join("empty-file"), b"")?;
-    std::os::unix::fs::symlink("dir00/sub0/file00000.dat", root.join("link-to-first"))?;
-    std::fs::hard_link(
-        root.join("dir00/sub0/file00000.dat"),
-        root.join("hardlink-to-first"),
-    )?;
+    std::fs::write(root.join("first.txt"), sample_data::text_bytes(7, 40_000))?;
+    std::os::unix::fs::symlink("first.txt", root.join("link-to-first"))?;
+    std::fs::hard_link(root.join("first.txt"), root.join("hardlink-to-first"))?;
     Ok(())
 }
 
+/// A day's changes to the tree: files rewritten, appended to, added and deleted.
 fn change_tree(root: &Path) -> anyhow::Result<()> {
-    for n in (0..400u64).step_by(37) {
-        let p = root.join(format!("dir{:02}/sub{}/file{n:05}.dat", n % 24, n % 3));
-        if p.exists() {
-            let mut f = OpenOptions::new().append(true).open(&p)?;
-            f.write_all(&sample_bytes(10_000 + n, 5000, true))?;
-        }
-    }
-    std::fs::write(
-        root.join("dir01/new-report.txt"),
-        sample_bytes(99_999, 300_000, true),
-    )?;
+    let spec = ChangeSpec {
+        seed: 1,
+        files_percent: 2.0,
+        image_percent: 0.0,
+    };
+    sample_data::fleet_change(Some(root), None, &spec)?;
     Ok(())
 }
 
+/// A thin-provisioned VM disk: data islands, written zeros and unwritten holes.
 fn make_image(path: &Path, size: u64) -> anyhow::Result<()> {
-    let mut f = File::create(path)?;
-    f.set_len(size)?;
-    // Data islands with unwritten holes between them, like a thin-provisioned VM disk.
-    let island = 4 << 20;
-    for (i, off) in (0..size).step_by((island * 3) as usize).enumerate() {
-        f.seek(SeekFrom::Start(off))?;
-        let len = island.min(size - off) as usize;
-        f.write_all(&sample_bytes(1_000_000 + i as u64, len, i % 3 != 0))?;
-    }
+    let spec = ImageSpec {
+        seed: 1,
+        bytes: size,
+        data_fraction: 0.35,
+    };
+    sample_data::fleet_image(path, &spec)?;
     Ok(())
 }
 
 fn churn_image(path: &Path, seed: u64, blocks: u64) -> anyhow::Result<()> {
-    let mut f = OpenOptions::new().write(true).open(path)?;
-    let size = f.metadata()?.len();
-    for b in 0..blocks {
-        let pick = sample_bytes(seed * 1000 + b, 8, false);
-        let off = (u64::from_le_bytes(pick.try_into().expect("8 bytes")) % (size / 4096)) * 4096;
-        f.seek(SeekFrom::Start(off))?;
-        f.write_all(&sample_bytes(seed * 7777 + b, 4096, false))?;
-    }
+    sample_data::churn(path, seed, blocks as usize)?;
     Ok(())
 }
 
@@ -168,6 +117,7 @@ async fn step(
         hostname: super::default_client(),
         zstd_level: hashgrid_proto::codec::DEFAULT_ZSTD_LEVEL,
         progress: false,
+        tree_part_bytes: hashgrid_proto::limits::TREE_PART_BYTES,
     };
     let summary = backup(conn, &opts).await?;
     let s = &summary.stats;
@@ -305,6 +255,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
                 target: target.clone(),
                 paths: vec![],
                 progress: false,
+                ..Default::default()
             },
         )
         .await?;

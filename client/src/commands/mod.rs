@@ -7,6 +7,7 @@ mod ls;
 mod restore;
 mod snapshots;
 mod stats;
+mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -98,6 +99,9 @@ pub enum Command {
     Stats(stats::Args),
     /// Start a local node, back up sample data twice, restore, verify, print dedup figures.
     Demo(demo::Args),
+    /// Re-read every stored chunk and mark the snapshots that reference bad or missing ones
+    /// damaged (exit code 4 when anything is bad).
+    Verify(verify::Args),
 }
 
 /// The client name used when --client is not given: this host's name.
@@ -112,7 +116,8 @@ pub fn default_client() -> String {
 }
 
 /// Runs the CLI; the exit code is 0 on success, 3 for a backup that skipped unreadable
-/// files, 1 for any error.
+/// files or a restore that found damaged ones, 4 for a verify that found damage, 1 for
+/// any error.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.global.verbose {
@@ -139,15 +144,14 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match &cli.command {
             Command::Backup(a) => backup::run(&cli.global, a).await,
-            Command::Restore(a) => restore::run(&cli.global, a)
-                .await
-                .map(|()| ExitCode::SUCCESS),
+            Command::Restore(a) => restore::run(&cli.global, a).await,
             Command::Snapshots(a) => snapshots::run(&cli.global, a)
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Ls(a) => ls::run(&cli.global, a).await.map(|()| ExitCode::SUCCESS),
             Command::Stats(a) => stats::run(&cli.global, a).await.map(|()| ExitCode::SUCCESS),
             Command::Demo(a) => demo::run(a).await.map(|()| ExitCode::SUCCESS),
+            Command::Verify(a) => verify::run(&cli.global, a).await,
         }
     });
     match result {

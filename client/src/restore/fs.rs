@@ -6,12 +6,14 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
 use hashgrid_proto::manifest::{Metadata, Timestamp};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, UTIME_OMIT};
 use rustix::io::Errno;
+
+use super::policy::RestorePolicy;
 
 pub type Dir = OwnedFd;
 
@@ -113,7 +115,61 @@ pub fn hard_link(from_dir: &Dir, from: &[u8], dir: &Dir, name: &[u8]) -> Result<
     }
 }
 
-pub fn make_node(dir: &Dir, name: &[u8], kind: FileType, rdev: u64) -> Result<(), Errno> {
+/// Which file a descriptor refers to, to check that a directory reopened by `..` is the one
+/// left earlier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Identity {
+    dev: u64,
+    ino: u64,
+}
+
+pub fn identity(fd: &impl AsFd) -> Result<Identity, Errno> {
+    let st = rustix::fs::fstat(fd)?;
+    Ok(Identity {
+        dev: st.st_dev,
+        ino: st.st_ino,
+    })
+}
+
+/// Reopens the parent of `child` through its `..` entry (never a symlink), and checks that it
+/// is still the directory `expected` (nothing renamed the tree under the restore).
+pub fn open_parent(child: &Dir, expected: Identity) -> Result<Dir, Errno> {
+    let parent = rustix::fs::openat(
+        child,
+        "..",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    if identity(&parent)? != expected {
+        return Err(Errno::STALE);
+    }
+    Ok(parent)
+}
+
+/// Opens the directory at `names` below `dir`, one name at a time, never following a
+/// symlink.
+pub fn open_beneath(dir: &Dir, names: &[Vec<u8>]) -> Result<Dir, Errno> {
+    let mut cur = rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    for name in names {
+        cur = rustix::fs::openat(
+            &cur,
+            name_of(name),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+    }
+    Ok(cur)
+}
+
+/// Creates a FIFO, socket or device node and returns an `O_PATH` descriptor of it, checked
+/// to be the node just made, so its metadata is set on it and never through a name that
+/// something could have swapped for a symlink meanwhile.
+pub fn make_node(dir: &Dir, name: &[u8], kind: FileType, rdev: u64) -> Result<OwnedFd, Errno> {
     let mk = || rustix::fs::mknodat(dir, name_of(name), kind, Mode::from_raw_mode(0o600), rdev);
     match mk() {
         Err(Errno::EXIST) => {
@@ -121,7 +177,24 @@ pub fn make_node(dir: &Dir, name: &[u8], kind: FileType, rdev: u64) -> Result<()
             mk()
         }
         other => other,
+    }?;
+    let fd = rustix::fs::openat(
+        dir,
+        name_of(name),
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    if FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) != kind {
+        return Err(Errno::STALE);
     }
+    Ok(fd)
+}
+
+/// The `/proc` name of a descriptor: the kernel resolves it to the descriptor's own file
+/// (not to a path), so calls without an fd variant that works on `O_PATH` descriptors
+/// (chmod, utimes, setxattr) reach exactly that file.
+pub fn proc_path(fd: &impl AsRawFd) -> String {
+    format!("/proc/self/fd/{}", fd.as_raw_fd())
 }
 
 fn timestamps(mtime: Timestamp) -> Timestamps {
@@ -137,49 +210,69 @@ fn timestamps(mtime: Timestamp) -> Timestamps {
     }
 }
 
-/// Applies owner (when `as_root`), mode and mtime to an open file or directory. Owner goes
-/// first because chown clears setuid/setgid bits.
-pub fn set_meta_fd(
-    fd: &impl std::os::fd::AsFd,
+fn owner(meta: &Metadata) -> (Option<rustix::fs::Uid>, Option<rustix::fs::Gid>) {
+    (
+        Some(rustix::fs::Uid::from_raw(meta.uid)),
+        Some(rustix::fs::Gid::from_raw(meta.gid)),
+    )
+}
+
+/// Applies owner (when the policy says so), then mode, to an open file or directory. Owner
+/// goes first because chown clears setuid/setgid bits. Xattrs and the mtime come after
+/// (see [`super::meta`]).
+pub fn set_owner_mode_fd(
+    fd: &impl AsFd,
     meta: &Metadata,
-    as_root: bool,
+    policy: &RestorePolicy,
 ) -> Result<(), Errno> {
-    if as_root {
-        rustix::fs::fchown(
-            fd,
-            Some(rustix::fs::Uid::from_raw(meta.uid)),
-            Some(rustix::fs::Gid::from_raw(meta.gid)),
-        )?;
+    if policy.apply_owners() {
+        let (u, g) = owner(meta);
+        rustix::fs::fchown(fd, u, g)?;
     }
-    rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode))?;
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(policy.mode(meta.mode)))
+}
+
+pub fn set_mtime_fd(fd: &impl AsFd, meta: &Metadata) -> Result<(), Errno> {
     rustix::fs::futimens(fd, &timestamps(meta.mtime))
 }
 
-/// Applies metadata to `name` in `dir` without following it if it is a symlink (symlinks
-/// have no mode of their own).
-pub fn set_meta_at(
+/// Owner and mode of a node held by an `O_PATH` descriptor ([`make_node`]).
+pub fn set_owner_mode_node(
+    fd: &OwnedFd,
+    meta: &Metadata,
+    policy: &RestorePolicy,
+) -> Result<(), Errno> {
+    if policy.apply_owners() {
+        let (u, g) = owner(meta);
+        rustix::fs::chownat(fd, "", u, g, AtFlags::EMPTY_PATH)?;
+    }
+    rustix::fs::chmodat(
+        rustix::fs::CWD,
+        proc_path(fd),
+        Mode::from_raw_mode(policy.mode(meta.mode)),
+        AtFlags::empty(),
+    )
+}
+
+pub fn set_mtime_node(fd: &OwnedFd, meta: &Metadata) -> Result<(), Errno> {
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        proc_path(fd),
+        &timestamps(meta.mtime),
+        AtFlags::empty(),
+    )
+}
+
+/// Owner and mtime of the symlink `name` in `dir` (symlinks have no mode of their own).
+pub fn set_meta_symlink(
     dir: &Dir,
     name: &[u8],
     meta: &Metadata,
-    as_root: bool,
-    is_symlink: bool,
+    policy: &RestorePolicy,
 ) -> Result<(), Errno> {
-    if as_root {
-        rustix::fs::chownat(
-            dir,
-            name_of(name),
-            Some(rustix::fs::Uid::from_raw(meta.uid)),
-            Some(rustix::fs::Gid::from_raw(meta.gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )?;
-    }
-    if !is_symlink {
-        rustix::fs::chmodat(
-            dir,
-            name_of(name),
-            Mode::from_raw_mode(meta.mode),
-            AtFlags::empty(),
-        )?;
+    if policy.apply_owners() {
+        let (u, g) = owner(meta);
+        rustix::fs::chownat(dir, name_of(name), u, g, AtFlags::SYMLINK_NOFOLLOW)?;
     }
     rustix::fs::utimensat(
         dir,

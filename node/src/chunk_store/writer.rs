@@ -117,7 +117,9 @@ impl Writer {
         batch.put_cf(cf(&self.db, CF_STORE), KEY_COUNTERS, next.encode());
         let mut sync = WriteOptions::default();
         sync.set_sync(true);
-        self.db.write_opt(batch, &sync).map_err(rocks(op))?;
+        self.db
+            .write_opt(batch, &sync)
+            .map_err(rocks(&self.db, op))?;
         *self.counters.lock().unwrap_or_else(|p| p.into_inner()) = next;
         Ok(())
     }
@@ -200,7 +202,7 @@ impl Writer {
             }
             self.commit(batch, next, "write chunk metadata")?;
         } else if !batch.is_empty() {
-            db.write(batch).map_err(rocks("touch last_seen"))?;
+            db.write(batch).map_err(rocks(db, "touch last_seen"))?;
         }
         Ok(outcomes)
     }

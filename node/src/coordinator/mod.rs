@@ -15,6 +15,7 @@
 
 pub mod lookup;
 pub mod read;
+pub mod source;
 pub mod write;
 
 use std::collections::HashMap;

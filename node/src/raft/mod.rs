@@ -1,7 +1,7 @@
 //! The catalog's Raft group (openraft 0.9, storage v2) on RocksDB.
 //!
 //! One RocksDB instance (`<data>/raft`) holds the log (`raft_log`, `raft_meta`) and the state
-//! machine (`sm_meta`, `sm_snapshots`). Log appends and state-machine applies are synced
+//! machine (`sm_meta`, `sm_snapshots`, `sm_damage`). Log appends and state-machine applies are synced
 //! writes, and `last_applied` is written in the same batch as the state it covers, so a
 //! kill -9 at any point restarts into a consistent catalog. Our stores pass openraft's own
 //! storage test suite (`store_tests`). Peers talk over the internal gRPC service
@@ -44,13 +44,15 @@ const CF_LOG: &str = "raft_log";
 const CF_META: &str = "raft_meta";
 const CF_SM_META: &str = "sm_meta";
 const CF_SM_SNAPSHOTS: &str = "sm_snapshots";
+/// Verify's damage marks, by snapshot id: catalog state kept beside the immutable records.
+const CF_SM_DAMAGE: &str = "sm_damage";
 
 /// Opens the Raft database in `path`.
 pub fn open_db(path: &Path) -> Result<Arc<DB>, rocksdb::Error> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
-    let cfs = [CF_LOG, CF_META, CF_SM_META, CF_SM_SNAPSHOTS]
+    let cfs = [CF_LOG, CF_META, CF_SM_META, CF_SM_SNAPSHOTS, CF_SM_DAMAGE]
         .into_iter()
         .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
     Ok(Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?))

@@ -4,6 +4,7 @@
 use std::io::Cursor;
 use std::sync::{Arc, RwLock};
 
+use hashgrid_proto::snapshot::SnapshotDamage;
 use hashgrid_proto::SnapshotId;
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -14,7 +15,7 @@ use rocksdb::{WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 
 use super::codec::{decode, encode};
-use super::{NodeId, TypeConfig, CF_SM_META, CF_SM_SNAPSHOTS};
+use super::{NodeId, TypeConfig, CF_SM_DAMAGE, CF_SM_META, CF_SM_SNAPSHOTS};
 use crate::catalog::{Catalog, Change, CommandResult, CommitKey};
 
 type Result<T> = std::result::Result<T, StorageError<NodeId>>;
@@ -34,6 +35,54 @@ fn commit_key_entry(key: &CommitKey) -> Vec<u8> {
 
 /// The catalog shared between the state machine (writer) and the services (readers).
 pub type SharedCatalog = Arc<RwLock<Catalog>>;
+
+/// What a Raft snapshot carries: the catalog, and the damage marks and commit keys, which
+/// the catalog's own encoding leaves out. Snapshots written before damage marks existed hold a bare
+/// [`Catalog`]; [`CatalogImage::decode`] reads both.
+#[derive(Serialize, Deserialize)]
+struct CatalogImage {
+    catalog: Catalog,
+    damage: Vec<(SnapshotId, SnapshotDamage)>,
+    commit_keys: Vec<(CommitKey, SnapshotId)>,
+}
+
+/// [`CatalogImage`] as written, borrowing the catalog.
+#[derive(Serialize)]
+struct CatalogImageRef<'a> {
+    catalog: &'a Catalog,
+    damage: Vec<(SnapshotId, SnapshotDamage)>,
+    commit_keys: Vec<(CommitKey, SnapshotId)>,
+}
+
+impl CatalogImage {
+    fn of(catalog: &Catalog) -> CatalogImageRef<'_> {
+        let damage = catalog
+            .snapshots
+            .values()
+            .filter_map(|s| s.damage.clone().map(|d| (s.id, d)))
+            .collect();
+        let commit_keys = catalog.commit_keys.iter().map(|(k, id)| (*k, *id)).collect();
+        CatalogImageRef {
+            catalog,
+            damage,
+            commit_keys,
+        }
+    }
+
+    fn decode(data: &[u8]) -> std::result::Result<Catalog, postcard::Error> {
+        let (mut catalog, damage, keys) = match decode::<CatalogImage>(data) {
+            Ok(image) => (image.catalog, image.damage, image.commit_keys),
+            Err(_) => (decode::<Catalog>(data)?, Vec::new(), Vec::new()),
+        };
+        catalog.commit_keys = keys.into_iter().collect();
+        for (id, d) in damage {
+            if let Some(s) = catalog.snapshots.get_mut(&id) {
+                s.damage = Some(d);
+            }
+        }
+        Ok(catalog)
+    }
+}
 
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
@@ -101,6 +150,19 @@ impl StateMachine {
             let record: hashgrid_proto::snapshot::SnapshotRecord =
                 decode(&value).map_err(|e| read_err(&e))?;
             catalog.snapshots.insert(record.id, record);
+        }
+        let damage = db.cf_handle(CF_SM_DAMAGE).expect("cf opened in open_db");
+        for item in db.iterator_cf(damage, rocksdb::IteratorMode::Start) {
+            let (key, value) = item.map_err(|e| read_err(&e))?;
+            let Ok(key) = <[u8; 8]>::try_from(&key[..]) else {
+                continue;
+            };
+            if let Some(s) = catalog
+                .snapshots
+                .get_mut(&SnapshotId(u64::from_be_bytes(key)))
+            {
+                s.damage = Some(decode(&value).map_err(|e| read_err(&e))?);
+            }
         }
         Ok(StateMachine {
             db,
@@ -174,6 +236,31 @@ impl StateMachine {
                     None => batch.delete_cf(self.cf(CF_SM_SNAPSHOTS), key),
                 }
             }
+            Change::Snapshots(added) => {
+                for (id, key) in added {
+                    match key {
+                        Some(key) => self.persist_change(
+                            catalog,
+                            &Change::KeyedSnapshot(*id, *key),
+                            batch,
+                        )?,
+                        None => self.persist_change(catalog, &Change::Snapshot(*id), batch)?,
+                    }
+                }
+            }
+            Change::Damage(ids) => {
+                for id in ids {
+                    let key = id.0.to_be_bytes();
+                    match catalog.snapshots.get(id).and_then(|s| s.damage.as_ref()) {
+                        Some(d) => batch.put_cf(
+                            self.cf(CF_SM_DAMAGE),
+                            key,
+                            encode(d).map_err(|e| write_err(&e))?,
+                        ),
+                        None => batch.delete_cf(self.cf(CF_SM_DAMAGE), key),
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -190,7 +277,8 @@ pub struct SnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
-        let data = encode(&self.catalog).map_err(|e| StorageIOError::read_state_machine(&e))?;
+        let image = CatalogImage::of(&self.catalog);
+        let data = encode(&image).map_err(|e| StorageIOError::read_state_machine(&e))?;
         let snapshot_id = match self.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.seq),
             None => format!("--{}", self.seq),
@@ -290,12 +378,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<()> {
         let data = snapshot.into_inner();
-        let new: Catalog =
-            decode(&data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let new = CatalogImage::decode(&data)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         let mut batch = WriteBatch::default();
         let snaps = self.cf(CF_SM_SNAPSHOTS);
         batch.delete_range_cf(snaps, 0u64.to_be_bytes(), u64::MAX.to_be_bytes());
         batch.delete_cf(snaps, u64::MAX.to_be_bytes());
+        let damage = self.cf(CF_SM_DAMAGE);
+        batch.delete_range_cf(damage, 0u64.to_be_bytes(), u64::MAX.to_be_bytes());
+        batch.delete_cf(damage, u64::MAX.to_be_bytes());
         batch.delete_cf(self.cf(CF_SM_META), KEY_CONFIG);
         batch.delete_cf(self.cf(CF_SM_META), KEY_HISTORY);
         self.persist_change(&new, &Change::Config, &mut batch)?;
@@ -315,6 +406,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 id.0.to_be_bytes(),
             );
         }
+        let damaged = new
+            .snapshots
+            .values()
+            .filter(|s| s.damage.is_some())
+            .map(|s| s.id)
+            .collect();
+        self.persist_change(&new, &Change::Damage(damaged), &mut batch)?;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.put_state(&mut batch)?;
@@ -347,5 +445,60 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: stored.meta,
             snapshot: Box::new(Cursor::new(stored.data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hashgrid_proto::manifest::ObjectRef;
+    use hashgrid_proto::snapshot::{SnapshotKind, SnapshotRecord, SnapshotStats};
+    use hashgrid_proto::ChunkId;
+
+    use super::*;
+
+    fn catalog() -> Catalog {
+        let mut c = Catalog::default();
+        for i in [3u64, 5] {
+            c.snapshots.insert(
+                SnapshotId(i),
+                SnapshotRecord {
+                    id: SnapshotId(i),
+                    client: "c".into(),
+                    dataset: "d".into(),
+                    kind: SnapshotKind::Files,
+                    time_unix_ms: 1,
+                    root: ObjectRef(vec![ChunkId::of(b"r")]),
+                    stats: SnapshotStats::default(),
+                    tags: vec![],
+                    parent: None,
+                    hostname: "h".into(),
+                    paths: vec![],
+                    manifest_version: 1,
+                    damage: None,
+                },
+            );
+        }
+        c
+    }
+
+    #[test]
+    fn raft_snapshots_carry_damage_marks_and_old_payloads_still_install() {
+        let mut c = catalog();
+        let mark = SnapshotDamage {
+            missing_chunks: 4,
+            examples: vec![ChunkId::of(b"gone")],
+            found_unix_ms: 7,
+        };
+        c.snapshots.get_mut(&SnapshotId(5)).unwrap().damage = Some(mark.clone());
+        c.commit_keys.insert([3; 16], SnapshotId(5));
+        let back = CatalogImage::decode(&encode(&CatalogImage::of(&c)).unwrap()).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(back.snapshots[&SnapshotId(5)].damage, Some(mark));
+        assert_eq!(back.commit_keys[&[3; 16]], SnapshotId(5));
+
+        // A payload from before damage marks: the bare catalog.
+        let old = catalog();
+        assert_eq!(CatalogImage::decode(&encode(&old).unwrap()).unwrap(), old);
+        assert!(CatalogImage::decode(b"\x01\xff\xff").is_err());
     }
 }

@@ -1,4 +1,5 @@
-//! The `Admin` service: node status (what an agent needs before a backup) and statistics.
+//! The `Admin` service: node status (what an agent needs before a backup), statistics,
+//! membership changes and verify.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -7,6 +8,7 @@ use hashgrid_proto::pb::admin_server::Admin;
 use hashgrid_proto::pb::{
     self, ChangeMemberRequest, ChangeMemberResponse, ClientStats, SetReplicationRequest,
     SetReplicationResponse, StatsRequest, StatsResponse, StatusRequest, StatusResponse,
+    VerifyProgress, VerifyRequest,
 };
 use hashgrid_proto::placement::MemberState;
 use tonic::{Request, Response, Status};
@@ -14,6 +16,7 @@ use tonic::{Request, Response, Status};
 use super::auth::principal;
 use crate::context::NodeContext;
 use crate::membership;
+use crate::verify;
 
 pub struct AdminService {
     ctx: Arc<NodeContext>,
@@ -27,6 +30,21 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    type VerifyStream = tokio_stream::wrappers::ReceiverStream<Result<VerifyProgress, Status>>;
+
+    async fn verify(
+        &self,
+        req: Request<VerifyRequest>,
+    ) -> Result<Response<Self::VerifyStream>, Status> {
+        principal(&req)?;
+        let dry_run = req.into_inner().dry_run;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(verify::run(self.ctx.clone(), dry_run, tx));
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
     async fn status(
         &self,
         req: Request<StatusRequest>,

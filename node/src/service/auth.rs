@@ -9,6 +9,7 @@ use tonic::{Request, Status};
 
 use crate::catalog::Principal;
 use crate::context::NodeContext;
+use crate::error::NodeError;
 
 /// Builds the interceptor for one node.
 pub fn interceptor(
@@ -26,7 +27,7 @@ pub fn interceptor(
                 )
             })?;
         if !ctx.is_ready() {
-            return Err(Status::unavailable("node is starting; retry shortly"));
+            return Err(NodeError::NotReady.into());
         }
         let principal = ctx
             .catalog

@@ -1,32 +1,48 @@
 //! The `Catalog` service: commit, list and read snapshot records. Commits go through Raft; a
-//! commit is refused unless the snapshot's root object is present (on W owners), a last
-//! guard behind the agent's own rule of committing only after every upload was acknowledged.
+//! commit is refused unless every chunk its new objects reference is stored
+//! ([`crate::commit_check`]), a last guard behind the agent's own rule of committing only
+//! after every upload was acknowledged.
 
 use std::sync::Arc;
 
+use hashgrid_proto::limits::{DEFAULT_LIST_PAGE, MAX_LIST_PAGE, MAX_MESSAGE_BYTES};
+use hashgrid_proto::pb;
 use hashgrid_proto::pb::catalog_server::Catalog;
 use hashgrid_proto::pb::{
     CommitSnapshotRequest, CommitSnapshotResponse, GetSnapshotRequest, ListSnapshotsRequest,
     ListSnapshotsResponse, Snapshot,
 };
-use hashgrid_proto::snapshot::SnapshotRecord;
+use hashgrid_proto::snapshot::{SnapshotKind, SnapshotRecord};
 use hashgrid_proto::SnapshotId;
+use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::auth::principal;
-use crate::catalog::{Command, CommandResult, CommitKey, Principal};
+use super::blocking;
+use crate::catalog::{CommitKey, Principal, SnapshotQuery};
+use crate::commit_check::check_commit;
+use crate::commit_queue::CommitQueue;
 use crate::context::NodeContext;
-use crate::coordinator::{lookup, Route};
+use crate::coordinator::source::ClusterChunks;
+use crate::coordinator::Route;
 use crate::error::NodeError;
+use crate::manifest_walk::LocalChunks;
 use crate::metrics as m;
+
+/// Encoded snapshots per `ListSnapshots` page at most, well under the message limit (a record
+/// may carry a thousand source paths).
+const PAGE_BYTES: usize = MAX_MESSAGE_BYTES / 2;
 
 pub struct CatalogService {
     ctx: Arc<NodeContext>,
+    commits: CommitQueue,
 }
 
 impl CatalogService {
+    /// The service and its commit queue's writer task (call from within the runtime).
     pub fn new(ctx: Arc<NodeContext>) -> Self {
-        CatalogService { ctx }
+        let commits = CommitQueue::start(ctx.clone());
+        CatalogService { ctx, commits }
     }
 
     /// May `who` see snapshots of `client`? Admins see all; per-client tokens arrive with the
@@ -66,29 +82,52 @@ impl Catalog for CatalogService {
             ))
             .into());
         }
-        // Present as the coordinator counts it: on W owners, wherever they are.
-        let root = record.root.0.clone();
-        let found = lookup::lookup(&Route::new(&self.ctx)?, root.clone()).await?;
-        let missing = root.iter().zip(found).find(|(_, f)| !f).map(|(id, _)| *id);
-        if let Some(id) = missing {
-            return Err(NodeError::Precondition(format!(
-                "root object chunk {id} is not stored; upload every chunk before committing"
-            ))
-            .into());
-        }
-        let command = match key {
-            Some(key) => Command::CommitSnapshotOnce { key, record },
-            None => Command::CommitSnapshot(record),
-        };
-        match self.ctx.write(command).await? {
-            CommandResult::Committed(id) => {
-                metrics::counter!(m::SNAPSHOTS_COMMITTED).increment(1);
-                tracing::info!(snapshot = %id, "snapshot committed");
-                Ok(Response::new(CommitSnapshotResponse { id: id.0 }))
+        // The parent's root is the base only when it is a committed snapshot the caller may
+        // read and verify has not found damaged.
+        let base = record.parent.and_then(|p| {
+            let catalog = self.ctx.catalog.read().unwrap_or_else(|p| p.into_inner());
+            catalog
+                .snapshots
+                .get(&p)
+                .filter(|s| s.damage.is_none() && Self::may_read(&who, &s.client))
+                .map(|s| s.root.clone())
+        });
+        // Present as the coordinator counts it: on W owners, wherever they are (this node's
+        // own store when it is the only owner of everything).
+        let route = Route::new(&self.ctx)?;
+        let store = self.ctx.store.clone();
+        let max_plain_len = self.ctx.chunker()?.max_size;
+        let root = record.root.clone();
+        let runtime = tokio::runtime::Handle::current();
+        let started = std::time::Instant::now();
+        let stats = blocking(move || {
+            if route.is_local_only() {
+                let source = LocalChunks {
+                    store: &store,
+                    max_plain_len,
+                };
+                check_commit(&source, &root, base.as_ref())
+            } else {
+                let source = ClusterChunks {
+                    route,
+                    runtime,
+                    max_plain_len,
+                };
+                check_commit(&source, &root, base.as_ref())
             }
-            CommandResult::Rejected(reason) => Err(NodeError::Precondition(reason).into()),
-            other => Err(NodeError::Internal(format!("unexpected commit result {other:?}")).into()),
-        }
+        })
+        .await?;
+        tracing::debug!(
+            objects = stats.objects,
+            chunks = stats.chunks,
+            skipped = stats.skipped,
+            elapsed = ?started.elapsed(),
+            "commit check passed"
+        );
+        let id = self.commits.commit(key, record).await?;
+        metrics::counter!(m::SNAPSHOTS_COMMITTED).increment(1);
+        tracing::info!(snapshot = %id, "snapshot committed");
+        Ok(Response::new(CommitSnapshotResponse { id: id.0 }))
     }
 
     async fn list_snapshots(
@@ -97,18 +136,44 @@ impl Catalog for CatalogService {
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
         let who = principal(&req)?;
         let req = req.into_inner();
+        let kind = match req.kind.map(pb::SnapshotKind::try_from) {
+            None => None,
+            Some(Ok(pb::SnapshotKind::Files)) => Some(SnapshotKind::Files),
+            Some(Ok(pb::SnapshotKind::Image)) => Some(SnapshotKind::Image),
+            Some(Err(_)) => return Err(Status::invalid_argument("unknown snapshot kind")),
+        };
+        let query = SnapshotQuery {
+            client: req.client,
+            dataset: req.dataset,
+            kind,
+            undamaged_only: req.undamaged_only,
+            newest_first: req.newest_first,
+            cursor: req.cursor,
+        };
+        let limit = match req.limit {
+            0 => DEFAULT_LIST_PAGE,
+            n => n.min(MAX_LIST_PAGE),
+        } as usize;
         let catalog = self.ctx.catalog.read().unwrap_or_else(|p| p.into_inner());
-        let snapshots = catalog
-            .snapshots
-            .values()
-            .filter(|s| req.client.is_empty() || s.client == req.client)
-            .filter(|s| req.dataset.is_empty() || s.dataset == req.dataset)
+        let mut snapshots: Vec<Snapshot> = Vec::new();
+        let mut bytes = 0;
+        let mut next_cursor = 0;
+        for s in catalog
+            .query(&query)
             .filter(|s| Self::may_read(&who, &s.client))
-            .map(Snapshot::from)
-            .collect();
+        {
+            let s = Snapshot::from(s);
+            let len = s.encoded_len();
+            if snapshots.len() == limit || (bytes + len > PAGE_BYTES && !snapshots.is_empty()) {
+                next_cursor = snapshots.last().map_or(0, |l| l.id);
+                break;
+            }
+            bytes += len;
+            snapshots.push(s);
+        }
         Ok(Response::new(ListSnapshotsResponse {
             snapshots,
-            next_cursor: 0,
+            next_cursor,
         }))
     }
 
