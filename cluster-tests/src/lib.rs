@@ -6,6 +6,7 @@
 //! a failing test prints it.
 
 pub mod cluster;
+pub mod damage;
 pub mod data;
 pub mod manifests;
 pub mod packs;

@@ -69,6 +69,7 @@ async fn try_commit(conn: &Connection, root: ObjectRef) -> Result<SnapshotRecord
         .clone()
         .commit_snapshot(CommitSnapshotRequest {
             snapshot: Some(record),
+            ..Default::default()
         })
         .await?
         .into_inner()
@@ -274,6 +275,7 @@ fn nodes_refuse_bad_requests_and_keep_nothing_of_them() {
                     manifest_version: 1,
                     ..Default::default()
                 }),
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -291,6 +293,7 @@ fn nodes_refuse_bad_requests_and_keep_nothing_of_them() {
                     manifest_version: 1,
                     ..Default::default()
                 }),
+                ..Default::default()
             })
             .await
             .unwrap_err();

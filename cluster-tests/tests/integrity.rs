@@ -9,6 +9,7 @@ use hashgrid::chunker::Chunker;
 use hashgrid::objects::ObjectReader;
 use hashgrid::restore::{restore, DamagedChunk, DamagedPath, RestoreOptions};
 use hashgrid::{ClientError, Connection};
+use hashgrid_cluster_tests::damage::damage_one_of;
 use hashgrid_cluster_tests::{
     assert_same_tree, backup_opts, cluster_stats, data, put_chunks, restore_all, restored, runtime,
     Node,
@@ -18,57 +19,6 @@ use hashgrid_proto::id::pack_ids;
 use hashgrid_proto::pb::{self, ChunkFault, GetRequest, HasRequest};
 use hashgrid_proto::ChunkId;
 use tonic::Code;
-
-/// Pack record layout (docs/file-formats.md): magic, id, plaintext length, codec, length.
-const MAGIC: &[u8; 4] = b"HGP1";
-const HEADER_LEN: usize = 4 + 32 + 4 + 1 + 4;
-
-/// One record found in a pack file.
-struct PackRecord {
-    id: ChunkId,
-    /// Offset of the encoded bytes in the file.
-    data_offset: usize,
-    len: usize,
-}
-
-/// Reads every record of a pack file by its headers, skipping the zero padding between
-/// write groups to the next 4 KiB boundary.
-fn scan_pack(pack: &[u8]) -> Vec<PackRecord> {
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while pos + HEADER_LEN <= pack.len() {
-        if &pack[pos..pos + 4] != MAGIC {
-            pos = (pos / 4096 + 1) * 4096;
-            continue;
-        }
-        let len = u32::from_le_bytes(pack[pos + 41..pos + 45].try_into().unwrap()) as usize;
-        out.push(PackRecord {
-            id: ChunkId::from_slice(&pack[pos + 4..pos + 36]).unwrap(),
-            data_offset: pos + HEADER_LEN,
-            len,
-        });
-        pos += HEADER_LEN + len;
-    }
-    out
-}
-
-/// Flips one byte in the middle of the stored bytes of one of `wanted`; returns its id and
-/// encoded length.
-fn damage_one_of(packs: &Path, wanted: &[ChunkId]) -> (ChunkId, usize) {
-    for entry in std::fs::read_dir(packs).unwrap() {
-        let path = entry.unwrap().path();
-        let mut pack = std::fs::read(&path).unwrap();
-        if let Some(r) = scan_pack(&pack)
-            .into_iter()
-            .find(|r| wanted.contains(&r.id))
-        {
-            pack[r.data_offset + r.len / 2] ^= 0xff;
-            std::fs::write(&path, pack).unwrap();
-            return (r.id, r.len);
-        }
-    }
-    panic!("no record of the file's chunks in {}", packs.display());
-}
 
 /// The ids the agent cuts `content` into.
 fn chunk_ids(conn: &Connection, content: &[u8]) -> Vec<ChunkId> {

@@ -42,8 +42,19 @@ pub enum Command {
     SetDamage(Vec<(SnapshotId, Option<SnapshotDamage>)>),
     /// Records several snapshots in one entry (concurrent commits grouped by the node, so
     /// they share one log append and one apply); they get consecutive ids in this order.
-    CommitSnapshots(Vec<SnapshotRecord>),
+    /// A record with the agent's commit key is added once per key: a key already recorded
+    /// answers with the snapshot that key made.
+    CommitSnapshots(Vec<(Option<CommitKey>, SnapshotRecord)>),
+    /// Records a snapshot once per `key`: a retry of a commit whose outcome the agent did
+    /// not learn returns the snapshot the first attempt made instead of adding another.
+    CommitSnapshotOnce {
+        key: CommitKey,
+        record: SnapshotRecord,
+    },
 }
+
+/// The agent's idempotency key of one backup's commit.
+pub type CommitKey = [u8; 16];
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandResult {
@@ -68,10 +79,12 @@ pub enum Change {
     Snapshot(SnapshotId),
     /// The map history (older maps, sync reports) changed.
     History,
+    /// A snapshot was added under a commit key.
+    KeyedSnapshot(SnapshotId, CommitKey),
     /// These snapshots' damage marks changed.
     Damage(Vec<SnapshotId>),
-    /// These snapshots were added.
-    Snapshots(Vec<SnapshotId>),
+    /// These snapshots were added, each with the commit key it was added under.
+    Snapshots(Vec<(SnapshotId, Option<CommitKey>)>),
 }
 
 /// Who is calling, as established by the auth layer.
@@ -85,6 +98,11 @@ pub struct Catalog {
     pub config: Option<ClusterConfig>,
     pub snapshots: BTreeMap<SnapshotId, SnapshotRecord>,
     pub history: MapHistory,
+    /// Commit keys and the snapshots they made. Not in the catalog's own encoding: Raft
+    /// snapshots carry them beside it (`raft::state_machine`), so payloads written before
+    /// commit keys existed still decode.
+    #[serde(skip)]
+    pub commit_keys: BTreeMap<CommitKey, SnapshotId>,
 }
 
 /// Which snapshots a page of `ListSnapshots` holds, before the caller's visibility.
@@ -153,6 +171,23 @@ impl Catalog {
                 let id = self.add_snapshot(index, record);
                 (CommandResult::Committed(id), Some(Change::Snapshot(id)))
             }
+            Command::CommitSnapshotOnce { key, record } => {
+                if let Some(&id) = self.commit_keys.get(&key) {
+                    return (CommandResult::Committed(id), None);
+                }
+                if self.config.is_none() {
+                    return (
+                        CommandResult::Rejected("cluster not initialized".into()),
+                        None,
+                    );
+                }
+                let id = self.add_snapshot(index, record);
+                self.commit_keys.insert(key, id);
+                (
+                    CommandResult::Committed(id),
+                    Some(Change::KeyedSnapshot(id, key)),
+                )
+            }
             Command::CommitSnapshots(records) => {
                 if self.config.is_none() {
                     return (
@@ -160,14 +195,22 @@ impl Catalog {
                         None,
                     );
                 }
-                let ids: Vec<SnapshotId> = records
-                    .into_iter()
-                    .map(|r| self.add_snapshot(index, r))
-                    .collect();
-                (
-                    CommandResult::CommittedMany(ids.clone()),
-                    Some(Change::Snapshots(ids)),
-                )
+                let mut ids = Vec::with_capacity(records.len());
+                let mut added = Vec::with_capacity(records.len());
+                for (key, record) in records {
+                    if let Some(&id) = key.as_ref().and_then(|k| self.commit_keys.get(k)) {
+                        ids.push(id);
+                        continue;
+                    }
+                    let id = self.add_snapshot(index, record);
+                    if let Some(k) = key {
+                        self.commit_keys.insert(k, id);
+                    }
+                    ids.push(id);
+                    added.push((id, key));
+                }
+                let change = (!added.is_empty()).then_some(Change::Snapshots(added));
+                (CommandResult::CommittedMany(ids), change)
             }
             Command::ChangeMap(change) => {
                 let Some(config) = self.config.as_mut() else {
@@ -297,16 +340,51 @@ mod tests {
     }
 
     #[test]
+    fn a_commit_retried_with_its_key_returns_the_first_snapshot() {
+        let mut c = Catalog::default();
+        c.apply(1, Command::Init(config()));
+        let key = [7u8; 16];
+        let once = |record| Command::CommitSnapshotOnce { key, record };
+        let (res, change) = c.apply(5, once(record()));
+        assert_eq!(res, CommandResult::Committed(SnapshotId(5)));
+        assert_eq!(change, Some(Change::KeyedSnapshot(SnapshotId(5), key)));
+        let (res, change) = c.apply(9, once(record()));
+        assert_eq!(res, CommandResult::Committed(SnapshotId(5)));
+        assert_eq!(change, None);
+        assert_eq!(c.snapshots.len(), 1);
+        let (res, _) = c.apply(
+            11,
+            Command::CommitSnapshotOnce {
+                key: [8u8; 16],
+                record: record(),
+            },
+        );
+        assert_eq!(res, CommandResult::Committed(SnapshotId(11)));
+        assert_eq!(c.snapshots.len(), 2);
+    }
+
+    #[test]
     fn grouped_commits_get_consecutive_ids_never_reused() {
         let mut c = Catalog::default();
         c.apply(1, Command::Init(config()));
         let (res, change) = c.apply(
             5,
-            Command::CommitSnapshots(vec![record(), record(), record()]),
+            Command::CommitSnapshots(vec![
+                (None, record()),
+                (Some([1; 16]), record()),
+                (None, record()),
+                (Some([1; 16]), record()),
+            ]),
         );
-        let ids = vec![SnapshotId(5), SnapshotId(6), SnapshotId(7)];
-        assert_eq!(res, CommandResult::CommittedMany(ids.clone()));
-        assert_eq!(change, Some(Change::Snapshots(ids)));
+        // The second record under key 1 is the first one's retry: it gets the same id.
+        let ids = vec![SnapshotId(5), SnapshotId(6), SnapshotId(7), SnapshotId(6)];
+        assert_eq!(res, CommandResult::CommittedMany(ids));
+        let added = vec![
+            (SnapshotId(5), None),
+            (SnapshotId(6), Some([1; 16])),
+            (SnapshotId(7), None),
+        ];
+        assert_eq!(change, Some(Change::Snapshots(added)));
         // The next entry's index (6) is already taken: the next free id is used.
         assert_eq!(
             c.apply(6, Command::CommitSnapshot(record())).0,

@@ -3,7 +3,8 @@
 //! commits one entry each top out at a few hundred per second however many agents wait.
 //! Commits that arrive while one is being written wait here and go together as one
 //! `Command::CommitSnapshots` entry, so the rate grows with the number of concurrent commits.
-//! A lone commit is written at once, as before.
+//! A lone commit is written at once, as before. Each commit keeps the agent's commit key, so
+//! a retried commit returns its first snapshot whether or not it was grouped.
 
 use std::sync::Arc;
 
@@ -11,7 +12,7 @@ use hashgrid_proto::snapshot::SnapshotRecord;
 use hashgrid_proto::SnapshotId;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::catalog::{Command, CommandResult};
+use crate::catalog::{Command, CommandResult, CommitKey};
 use crate::context::NodeContext;
 use crate::error::NodeError;
 
@@ -23,6 +24,7 @@ const MAX_GROUP_BYTES: usize = 4 << 20;
 const QUEUE: usize = 4096;
 
 struct Waiting {
+    key: Option<CommitKey>,
     record: SnapshotRecord,
     reply: oneshot::Sender<Result<SnapshotId, NodeError>>,
 }
@@ -41,11 +43,15 @@ impl CommitQueue {
         CommitQueue { tx }
     }
 
-    /// Commits `record` (already checked) and returns its id.
-    pub async fn commit(&self, record: SnapshotRecord) -> Result<SnapshotId, NodeError> {
+    /// Commits `record` (already checked), once per `key` when given, and returns its id.
+    pub async fn commit(
+        &self,
+        key: Option<CommitKey>,
+        record: SnapshotRecord,
+    ) -> Result<SnapshotId, NodeError> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(Waiting { record, reply })
+            .send(Waiting { key, record, reply })
             .await
             .map_err(|_| NodeError::Unavailable("the node is shutting down".into()))?;
         answer
@@ -87,9 +93,10 @@ async fn write_groups(ctx: Arc<NodeContext>, mut rx: mpsc::Receiver<Waiting>) {
             }
         }
         let (records, replies): (Vec<_>, Vec<_>) =
-            group.into_iter().map(|w| (w.record, w.reply)).unzip();
-        let command = match <[SnapshotRecord; 1]>::try_from(records) {
-            Ok([one]) => Command::CommitSnapshot(one),
+            group.into_iter().map(|w| ((w.key, w.record), w.reply)).unzip();
+        let command = match <[(Option<CommitKey>, SnapshotRecord); 1]>::try_from(records) {
+            Ok([(None, one)]) => Command::CommitSnapshot(one),
+            Ok([(Some(key), record)]) => Command::CommitSnapshotOnce { key, record },
             Err(many) => Command::CommitSnapshots(many),
         };
         let outcome: Vec<Result<SnapshotId, NodeError>> = match ctx.write(command).await {

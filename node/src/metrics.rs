@@ -12,6 +12,7 @@ pub const PUT_BYTES: &str = "hashgrid_chunk_put_stored_bytes_total";
 pub const REJECTED: &str = "hashgrid_chunk_rejected_total";
 pub const GET_CHUNKS: &str = "hashgrid_chunk_get_total";
 pub const GET_BYTES: &str = "hashgrid_chunk_get_bytes_total";
+pub const REPAIRED_ON_LOOKUP: &str = "hashgrid_chunk_repaired_on_lookup_total";
 pub const SNAPSHOTS_COMMITTED: &str = "hashgrid_catalog_snapshots_committed_total";
 pub const STORE_CHUNKS: &str = "hashgrid_store_chunks";
 pub const STORE_BYTES: &str = "hashgrid_store_stored_bytes";
@@ -32,6 +33,10 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
         "Chunks asked for, by result (served/missing/damaged)"
     );
     describe_counter!(GET_BYTES, "Encoded bytes served");
+    describe_counter!(
+        REPAIRED_ON_LOOKUP,
+        "Copies of under-replicated chunks written to their owners when a lookup found them"
+    );
     describe_counter!(SNAPSHOTS_COMMITTED, "Snapshots committed through this node");
     describe_gauge!(STORE_CHUNKS, "Distinct chunks held by this node");
     describe_gauge!(STORE_BYTES, "Encoded bytes of the chunks held by this node");

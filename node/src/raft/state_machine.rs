@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::codec::{decode, encode};
 use super::{NodeId, TypeConfig, CF_SM_DAMAGE, CF_SM_META, CF_SM_SNAPSHOTS};
-use crate::catalog::{Catalog, Change, CommandResult};
+use crate::catalog::{Catalog, Change, CommandResult, CommitKey};
 
 type Result<T> = std::result::Result<T, StorageError<NodeId>>;
 type Membership = StoredMembership<NodeId, BasicNode>;
@@ -26,17 +26,24 @@ const KEY_MEMBERSHIP: &[u8] = b"membership";
 const KEY_CONFIG: &[u8] = b"config";
 const KEY_HISTORY: &[u8] = b"map_history";
 const KEY_SNAPSHOT: &[u8] = b"raft_snapshot";
+/// `commit_key/<16-byte key>` -> the snapshot id (big-endian u64) that key committed.
+const COMMIT_KEY_PREFIX: &[u8] = b"commit_key/";
+
+fn commit_key_entry(key: &CommitKey) -> Vec<u8> {
+    [COMMIT_KEY_PREFIX, key.as_slice()].concat()
+}
 
 /// The catalog shared between the state machine (writer) and the services (readers).
 pub type SharedCatalog = Arc<RwLock<Catalog>>;
 
-/// What a Raft snapshot carries: the catalog and the damage marks, which the snapshot
-/// records do not serialize. Snapshots written before damage marks existed hold a bare
+/// What a Raft snapshot carries: the catalog, and the damage marks and commit keys, which
+/// the catalog's own encoding leaves out. Snapshots written before damage marks existed hold a bare
 /// [`Catalog`]; [`CatalogImage::decode`] reads both.
 #[derive(Serialize, Deserialize)]
 struct CatalogImage {
     catalog: Catalog,
     damage: Vec<(SnapshotId, SnapshotDamage)>,
+    commit_keys: Vec<(CommitKey, SnapshotId)>,
 }
 
 /// [`CatalogImage`] as written, borrowing the catalog.
@@ -44,6 +51,7 @@ struct CatalogImage {
 struct CatalogImageRef<'a> {
     catalog: &'a Catalog,
     damage: Vec<(SnapshotId, SnapshotDamage)>,
+    commit_keys: Vec<(CommitKey, SnapshotId)>,
 }
 
 impl CatalogImage {
@@ -53,14 +61,20 @@ impl CatalogImage {
             .values()
             .filter_map(|s| s.damage.clone().map(|d| (s.id, d)))
             .collect();
-        CatalogImageRef { catalog, damage }
+        let commit_keys = catalog.commit_keys.iter().map(|(k, id)| (*k, *id)).collect();
+        CatalogImageRef {
+            catalog,
+            damage,
+            commit_keys,
+        }
     }
 
     fn decode(data: &[u8]) -> std::result::Result<Catalog, postcard::Error> {
-        let (mut catalog, damage) = match decode::<CatalogImage>(data) {
-            Ok(image) => (image.catalog, image.damage),
-            Err(_) => (decode::<Catalog>(data)?, Vec::new()),
+        let (mut catalog, damage, keys) = match decode::<CatalogImage>(data) {
+            Ok(image) => (image.catalog, image.damage, image.commit_keys),
+            Err(_) => (decode::<Catalog>(data)?, Vec::new(), Vec::new()),
         };
+        catalog.commit_keys = keys.into_iter().collect();
         for (id, d) in damage {
             if let Some(s) = catalog.snapshots.get_mut(&id) {
                 s.damage = Some(d);
@@ -117,6 +131,18 @@ impl StateMachine {
         }
         if let Some(b) = get(KEY_HISTORY)? {
             catalog.history = decode(&b).map_err(|e| read_err(&e))?;
+        }
+        for item in db.prefix_iterator_cf(meta, COMMIT_KEY_PREFIX) {
+            let (k, v) = item.map_err(|e| read_err(&e))?;
+            let Some(rest) = k.strip_prefix(COMMIT_KEY_PREFIX) else {
+                break;
+            };
+            let bad = || read_err(&std::io::Error::other("malformed commit key entry"));
+            let key: CommitKey = rest.try_into().map_err(|_| bad())?;
+            let id: [u8; 8] = v.as_ref().try_into().map_err(|_| bad())?;
+            catalog
+                .commit_keys
+                .insert(key, SnapshotId(u64::from_be_bytes(id)));
         }
         let snaps = db.cf_handle(CF_SM_SNAPSHOTS).expect("cf opened in open_db");
         for item in db.iterator_cf(snaps, rocksdb::IteratorMode::Start) {
@@ -191,6 +217,14 @@ impl StateMachine {
                     encode(&catalog.history).map_err(|e| write_err(&e))?,
                 );
             }
+            Change::KeyedSnapshot(id, key) => {
+                self.persist_change(catalog, &Change::Snapshot(*id), batch)?;
+                batch.put_cf(
+                    self.cf(CF_SM_META),
+                    commit_key_entry(key),
+                    id.0.to_be_bytes(),
+                );
+            }
             Change::Snapshot(id) => {
                 let key = id.0.to_be_bytes();
                 match catalog.snapshots.get(id) {
@@ -202,9 +236,16 @@ impl StateMachine {
                     None => batch.delete_cf(self.cf(CF_SM_SNAPSHOTS), key),
                 }
             }
-            Change::Snapshots(ids) => {
-                for id in ids {
-                    self.persist_change(catalog, &Change::Snapshot(*id), batch)?;
+            Change::Snapshots(added) => {
+                for (id, key) in added {
+                    match key {
+                        Some(key) => self.persist_change(
+                            catalog,
+                            &Change::KeyedSnapshot(*id, *key),
+                            batch,
+                        )?,
+                        None => self.persist_change(catalog, &Change::Snapshot(*id), batch)?,
+                    }
                 }
             }
             Change::Damage(ids) => {
@@ -352,6 +393,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for id in new.snapshots.keys() {
             self.persist_change(&new, &Change::Snapshot(SnapshotId(id.0)), &mut batch)?;
         }
+        batch.delete_range_cf(
+            self.cf(CF_SM_META),
+            commit_key_entry(&[0; 16]),
+            commit_key_entry(&[0xff; 16]),
+        );
+        batch.delete_cf(self.cf(CF_SM_META), commit_key_entry(&[0xff; 16]));
+        for (key, id) in &new.commit_keys {
+            batch.put_cf(
+                self.cf(CF_SM_META),
+                commit_key_entry(key),
+                id.0.to_be_bytes(),
+            );
+        }
         let damaged = new
             .snapshots
             .values()
@@ -436,9 +490,11 @@ mod tests {
             found_unix_ms: 7,
         };
         c.snapshots.get_mut(&SnapshotId(5)).unwrap().damage = Some(mark.clone());
+        c.commit_keys.insert([3; 16], SnapshotId(5));
         let back = CatalogImage::decode(&encode(&CatalogImage::of(&c)).unwrap()).unwrap();
         assert_eq!(back, c);
         assert_eq!(back.snapshots[&SnapshotId(5)].damage, Some(mark));
+        assert_eq!(back.commit_keys[&[3; 16]], SnapshotId(5));
 
         // A payload from before damage marks: the bare catalog.
         let old = catalog();

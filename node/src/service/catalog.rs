@@ -19,10 +19,12 @@ use tonic::{Request, Response, Status};
 
 use super::auth::principal;
 use super::blocking;
-use crate::catalog::{Principal, SnapshotQuery};
+use crate::catalog::{CommitKey, Principal, SnapshotQuery};
 use crate::commit_check::check_commit;
 use crate::commit_queue::CommitQueue;
 use crate::context::NodeContext;
+use crate::coordinator::source::ClusterChunks;
+use crate::coordinator::Route;
 use crate::error::NodeError;
 use crate::manifest_walk::LocalChunks;
 use crate::metrics as m;
@@ -59,8 +61,17 @@ impl Catalog for CatalogService {
         req: Request<CommitSnapshotRequest>,
     ) -> Result<Response<CommitSnapshotResponse>, Status> {
         let who = principal(&req)?;
+        let req = req.into_inner();
+        let key: Option<CommitKey> = match req.commit_key.len() {
+            0 => None,
+            _ => Some(
+                req.commit_key
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| Status::invalid_argument("a commit key has 16 bytes"))?,
+            ),
+        };
         let pb_snapshot = req
-            .into_inner()
             .snapshot
             .ok_or_else(|| Status::invalid_argument("commit without a snapshot"))?;
         let record = SnapshotRecord::try_from(pb_snapshot).map_err(NodeError::from)?;
@@ -81,16 +92,29 @@ impl Catalog for CatalogService {
                 .filter(|s| s.damage.is_none() && Self::may_read(&who, &s.client))
                 .map(|s| s.root.clone())
         });
+        // Present as the coordinator counts it: on W owners, wherever they are (this node's
+        // own store when it is the only owner of everything).
+        let route = Route::new(&self.ctx)?;
         let store = self.ctx.store.clone();
         let max_plain_len = self.ctx.chunker()?.max_size;
         let root = record.root.clone();
+        let runtime = tokio::runtime::Handle::current();
         let started = std::time::Instant::now();
         let stats = blocking(move || {
-            let source = LocalChunks {
-                store: &store,
-                max_plain_len,
-            };
-            check_commit(&source, &root, base.as_ref())
+            if route.is_local_only() {
+                let source = LocalChunks {
+                    store: &store,
+                    max_plain_len,
+                };
+                check_commit(&source, &root, base.as_ref())
+            } else {
+                let source = ClusterChunks {
+                    route,
+                    runtime,
+                    max_plain_len,
+                };
+                check_commit(&source, &root, base.as_ref())
+            }
         })
         .await?;
         tracing::debug!(
@@ -100,7 +124,7 @@ impl Catalog for CatalogService {
             elapsed = ?started.elapsed(),
             "commit check passed"
         );
-        let id = self.commits.commit(record).await?;
+        let id = self.commits.commit(key, record).await?;
         metrics::counter!(m::SNAPSHOTS_COMMITTED).increment(1);
         tracing::info!(snapshot = %id, "snapshot committed");
         Ok(Response::new(CommitSnapshotResponse { id: id.0 }))

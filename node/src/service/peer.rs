@@ -1,20 +1,30 @@
-//! The internal `Peer` service: Raft traffic, catalog writes forwarded to the leader, and
-//! joins. Only callers holding the cluster secret get here ([`interceptor`]); unlike the
+//! The internal `Peer` service: Raft traffic, catalog writes forwarded to the leader, joins,
+//! and the owner side of the chunk service (served by [`crate::owner`], with the same bounds
+//! and verification as the agent-facing `Chunks` service). Only callers holding the cluster secret get here ([`interceptor`]); unlike the
 //! client-facing services it answers before the node is ready, because a joining node
 //! becomes ready only through the Raft traffic it receives here.
 
 use std::sync::Arc;
 
+use std::pin::Pin;
+
+use futures::Stream;
 use hashgrid_proto::pb::peer::peer_server::Peer;
 use hashgrid_proto::pb::peer::{JoinRequest, JoinResponse, RaftMessage};
+use hashgrid_proto::pb::{
+    GetRequest, GetResponse, HasRequest, HasResponse, PutRequest, PutResponse,
+};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::catalog::Command;
 use crate::context::{ForwardError, NodeContext, WriteAttempt};
 use crate::membership;
+use crate::owner;
 use crate::peer::secret::METADATA_KEY;
 use crate::raft::codec::{decode, encode};
 use crate::raft::{NodeId, TypeConfig};
@@ -98,5 +108,40 @@ impl Peer for PeerService {
         Ok(Response::new(
             membership::admit(&self.ctx, req.into_inner()).await?,
         ))
+    }
+
+    async fn owner_has(&self, req: Request<HasRequest>) -> Result<Response<HasResponse>, Status> {
+        let req = req.into_inner();
+        self.ctx.check_epoch(req.epoch)?;
+        let ids = owner::ids_of(&req.ids)?;
+        let found = owner::has(&self.ctx, ids).await?;
+        Ok(Response::new(HasResponse {
+            present: owner::to_bitmap(&found),
+        }))
+    }
+
+    async fn owner_put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let req = req.into_inner();
+        self.ctx.check_epoch(req.epoch)?;
+        let outcome = owner::verify_and_store(&self.ctx, req.chunks).await?;
+        Ok(Response::new(PutResponse {
+            stored: outcome.stored,
+            existing: outcome.existing,
+            stored_bytes: outcome.stored_bytes,
+        }))
+    }
+
+    type OwnerGetStream = Pin<Box<dyn Stream<Item = Result<GetResponse, Status>> + Send>>;
+
+    async fn owner_get(
+        &self,
+        req: Request<GetRequest>,
+    ) -> Result<Response<Self::OwnerGetStream>, Status> {
+        let req = req.into_inner();
+        self.ctx.check_epoch(req.epoch)?;
+        let ids = owner::ids_of(&req.ids)?;
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(owner::stream_local(self.ctx.clone(), ids, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

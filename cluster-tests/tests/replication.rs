@@ -1,0 +1,249 @@
+//! Replication through a coordinator: 3 nodes, R = 3, W = 2. A backup sent to one node
+//! lands on all three owners; a restore through another node is byte-identical; with one
+//! node killed (-9) backups and restores go on; with two killed, a backup fails UNAVAILABLE
+//! saying how many owners answered; a copy damaged on one owner is read from another; a
+//! lookup that finds fewer than W copies copies the chunk to the owners lacking it.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hashgrid::backup::backup;
+use hashgrid::ClientError;
+use hashgrid_cluster_tests::cluster::{members_in, Cluster};
+use hashgrid_cluster_tests::damage::{damage_one_of, stored_ids};
+use hashgrid_cluster_tests::{
+    assert_same_tree, backup_opts, cluster_stats, data, restore_all, restored, runtime,
+};
+use hashgrid_proto::pb;
+
+const SETTLE: Duration = Duration::from_secs(60);
+
+/// A source tree of a few MiB: random (incompressible) files and a text file.
+fn make_source(dir: &Path, seed: u64) {
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..3 {
+        std::fs::write(
+            dir.join(format!("blob{i}.bin")),
+            data::random_bytes(seed * 10 + i, 1 << 20),
+        )
+        .unwrap();
+    }
+    std::fs::write(dir.join("notes.txt"), data::text_bytes(seed, 200_000)).unwrap();
+}
+
+async fn settled(cluster: &Cluster) {
+    cluster
+        .wait_for("3 active members and a leader", SETTLE, |all| {
+            all.len() == cluster.nodes.len()
+                && all.iter().all(|s| {
+                    members_in(s, pb::MemberState::Active).len() == 3 && s.raft_leader != 0
+                })
+        })
+        .await;
+}
+
+/// Chunks held by each running node (its own store's count).
+async fn chunks_per_node(cluster: &Cluster, nodes: &[usize]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for &i in nodes {
+        out.push(cluster_stats(&cluster.connect(i).await).await.chunks);
+    }
+    out
+}
+
+/// Waits until the nodes in `nodes` hold the same number of chunks (the owners beyond the
+/// write quorum get their copy just after the acknowledgement); returns it.
+async fn same_chunks_everywhere(cluster: &Cluster, nodes: &[usize]) -> u64 {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let counts = chunks_per_node(cluster, nodes).await;
+        if counts.iter().all(|&c| c == counts[0] && c > 0) {
+            return counts[0];
+        }
+        if Instant::now() > deadline {
+            cluster.dump_logs();
+            panic!("owners never converged: chunks per node {counts:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn every_chunk_reaches_all_owners_and_backups_survive_one_lost_node_but_not_two() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(&tmp.path().join("cluster"), 3, 3, 2);
+    let rt = runtime();
+    let src1 = tmp.path().join("src1");
+    make_source(&src1, 1);
+
+    // A backup through node 1 is stored on all three; a restore through node 2 matches.
+    let first = rt.block_on(async {
+        settled(&cluster).await;
+        let conn = cluster.connect(0).await;
+        let first = backup(&conn, &backup_opts(&[&src1], false, "c", "one"))
+            .await
+            .expect("backup through node 1");
+        let held = same_chunks_everywhere(&cluster, &[0, 1, 2]).await;
+        assert!(
+            held >= first.upload.stored_chunks && first.upload.stored_chunks > 40,
+            "each node holds {held} chunks; the backup stored {:?}",
+            first.upload
+        );
+        let target = tmp.path().join("restore-first");
+        restore_all(&cluster.connect(1).await, first.snapshot, &target).await;
+        assert_same_tree(&src1, &restored(&target, &src1));
+        first
+    });
+
+    // Kill -9 one node that neither coordinates nor leads the catalog: backups (W = 2 of
+    // the 2 left) and restores go on.
+    let victim = rt.block_on(async {
+        let leader = cluster.leader().await.expect("a leader");
+        (1..3).find(|&i| i != leader).unwrap()
+    });
+    cluster.nodes[victim].kill9();
+    let alive: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
+    let src2 = tmp.path().join("src2");
+    make_source(&src2, 2);
+    rt.block_on(async {
+        let conn = cluster.connect(0).await;
+        let second = backup(&conn, &backup_opts(&[&src2], false, "c", "two"))
+            .await
+            .expect("backup with one node down");
+        assert!(second.upload.stored_chunks > 40, "{:?}", second.upload);
+        same_chunks_everywhere(&cluster, &alive).await;
+        let other = alive[1];
+        for (snap, src, name) in [(first.snapshot, &src1, "a"), (second.snapshot, &src2, "b")] {
+            let target = tmp.path().join(format!("restore-degraded-{name}"));
+            restore_all(&cluster.connect(other).await, snap, &target).await;
+            assert_same_tree(src, &restored(&target, src));
+        }
+    });
+
+    // With a second node gone, no chunk can reach W owners: the backup fails UNAVAILABLE.
+    cluster.nodes[alive[1]].kill9();
+    let src3 = tmp.path().join("src3");
+    make_source(&src3, 3);
+    rt.block_on(async {
+        let conn = cluster.connect(0).await;
+        let err = backup(&conn, &backup_opts(&[&src3], false, "c", "three"))
+            .await
+            .expect_err("a backup with 1 of 3 owners up");
+        match &err {
+            ClientError::Rpc { status, .. } => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{err}");
+                // The message names the quorum that could not be reached (how many owners
+                // had answered when it became impossible depends on timing).
+                assert!(
+                    status
+                        .message()
+                        .contains("of 3 owner(s) answered, 2 needed"),
+                    "{err}"
+                );
+            }
+            other => panic!("expected UNAVAILABLE, got {other}"),
+        }
+    });
+}
+
+#[test]
+fn a_copy_damaged_on_the_coordinator_is_read_from_another_owner_and_rewritten() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(&tmp.path().join("cluster"), 3, 3, 2);
+    let rt = runtime();
+    let src = tmp.path().join("src");
+    make_source(&src, 4);
+    let (snapshot, held) = rt.block_on(async {
+        settled(&cluster).await;
+        let conn = cluster.connect(0).await;
+        let snap = backup(&conn, &backup_opts(&[&src], false, "c", "d"))
+            .await
+            .expect("backup");
+        (
+            snap.snapshot,
+            same_chunks_everywhere(&cluster, &[0, 1, 2]).await,
+        )
+    });
+
+    // Flip a byte in one of node 1's copies while it is down.
+    cluster.nodes[0].stop();
+    let packs = cluster.nodes[0].dir.join("data/chunks/packs");
+    let (victim, _) = damage_one_of(&packs, &stored_ids(&packs));
+    cluster.nodes[0].restart();
+
+    rt.block_on(async {
+        settled(&cluster).await;
+        // Node 1 reads its own copy first, finds it damaged, and serves the chunk from
+        // another owner: the restore through it is whole.
+        let target = tmp.path().join("restore");
+        restore_all(&cluster.connect(0).await, snapshot, &target).await;
+        assert_same_tree(&src, &restored(&target, &src));
+        // The damaged copy left node 1's index and was rewritten from the good one.
+        same_chunks_everywhere(&cluster, &[0, 1, 2]).await;
+        assert_eq!(chunks_per_node(&cluster, &[0]).await, [held]);
+    });
+    let log = cluster.nodes[0].log();
+    assert!(
+        log.contains("stored chunk failed verification") && log.contains(&victim.to_string()),
+        "node 1 never found the damaged copy of {victim}"
+    );
+    assert!(
+        log.contains("rewrote damaged copies from a good replica"),
+        "node 1 never rewrote its copy"
+    );
+}
+
+#[test]
+fn a_lookup_copies_a_chunk_found_on_fewer_than_w_owners_to_the_owners_lacking_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(&tmp.path().join("cluster"), 3, 3, 2);
+    let rt = runtime();
+    let src = tmp.path().join("src");
+    make_source(&src, 5);
+    // Node `late` misses the backup (two copies, on nodes 1 and `other`) ...
+    let (late, other) = rt.block_on(async {
+        settled(&cluster).await;
+        let leader = cluster.leader().await.expect("a leader");
+        let late = (1..3).find(|&i| i != leader).unwrap();
+        (late, 3 - late)
+    });
+    cluster.nodes[late].kill9();
+    rt.block_on(async {
+        let conn = cluster.connect(0).await;
+        backup(&conn, &backup_opts(&[&src], false, "c", "d"))
+            .await
+            .expect("backup with one node down");
+    });
+    cluster.nodes[late].restart();
+    // ... and then `other` is lost: every chunk has one reachable copy, on node 1.
+    cluster.nodes[other].kill9();
+    let ids = stored_ids(&cluster.nodes[0].dir.join("data/chunks/packs"));
+    rt.block_on(async {
+        let before = chunks_per_node(&cluster, &[0, late]).await;
+        assert!(
+            before[1] < before[0],
+            "node {late} already held the chunks: {before:?}"
+        );
+        // Each lookup finds one copy of W = 2, copies it to `late`, and answers present.
+        let conn = cluster.connect(0).await;
+        for batch in ids.chunks(4096) {
+            let present = conn
+                .chunks
+                .clone()
+                .has(pb::HasRequest {
+                    epoch: conn.epoch(),
+                    ids: hashgrid_proto::id::pack_ids(batch),
+                })
+                .await
+                .expect("lookup with one owner down")
+                .into_inner()
+                .present;
+            let hits = (0..batch.len())
+                .filter(|i| present[i / 8] & (1 << (i % 8)) != 0)
+                .count();
+            assert_eq!(hits, batch.len(), "under-replicated chunks answered absent");
+        }
+        let after = chunks_per_node(&cluster, &[0, late]).await;
+        assert_eq!(after[1], after[0], "node {late} did not get the copies");
+    });
+}

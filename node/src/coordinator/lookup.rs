@@ -1,0 +1,211 @@
+//! Lookups (`Has`): a chunk is present only when W owners hold a verified copy of it.
+//!
+//! The owners of the ids' partitions are asked (this node first, then the current owners,
+//! then owners under older maps still in transition) in waves until each id is decided, and
+//! the copies are counted. A chunk found on at least
+//! one owner but on fewer than W is under-replicated: it is copied from a good copy to the
+//! current owners that answered "absent" before the lookup answers, so the agent does not
+//! send it again (its bytes would cross the WAN a second time). A lookup for which so many
+//! owners of a partition failed that W copies could not be counted fails `UNAVAILABLE`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures::future::join_all;
+use hashgrid_proto::{pb, ChunkId, NodeId};
+
+use super::{group_by_owners, Route};
+use crate::chunk_store::VerifiedChunk;
+use crate::error::NodeError;
+use crate::metrics as m;
+use crate::owner;
+use crate::quorum::{call_owners, QuorumError, Wait};
+use crate::service::blocking;
+
+/// Under-replicated chunks copied per round of a repair on lookup: bounds the bytes held,
+/// and keeps one owner call (at most 32 chunks of 256 KiB) under the message limit.
+pub(super) const REPAIR_GROUP: usize = 32;
+
+/// Which of `ids` are present (on W owners, after repairing under-replicated ones).
+pub async fn lookup(route: &Route, ids: Vec<ChunkId>) -> Result<Vec<bool>, NodeError> {
+    if route.is_local_only() {
+        return owner::has(route.ctx(), ids).await;
+    }
+    let w = route.write_quorum();
+    let groups = group_by_owners(route, ids.iter().copied(), |p| route.read_owners(p));
+    let ids = Arc::new(ids);
+    let results = join_all(
+        groups
+            .into_iter()
+            .map(|(owners, idx)| lookup_group(route, &ids, owners, idx, w)),
+    )
+    .await;
+    let mut present = vec![false; ids.len()];
+    for group in results {
+        for (i, p) in group? {
+            present[i] = p;
+        }
+    }
+    Ok(present)
+}
+
+/// Looks up the ids at `idx` (which share the owner set `owners`, this node first).
+///
+/// Owners are asked in waves: first W of them (the fewest that can prove presence), then one
+/// more at a time, each time only for the ids still undecided: an id is decided once W
+/// owners hold it, or once the owners not yet asked could no longer bring it to W. In the
+/// common cases (a chunk on every owner, or on none) that costs W lookups per id, not R.
+async fn lookup_group(
+    route: &Route,
+    ids: &[ChunkId],
+    owners: Vec<NodeId>,
+    idx: Vec<usize>,
+    w: usize,
+) -> Result<Vec<(usize, bool)>, NodeError> {
+    if owners.len() < w {
+        return Err(QuorumError::TooFewOwners {
+            what: "lookup",
+            owners: owners.len(),
+            needed: w,
+        }
+        .into());
+    }
+    let group: Vec<ChunkId> = idx.iter().map(|&i| ids[i]).collect();
+    let timeout = route.ctx().peers.timeout();
+    let current = route.placement.current();
+    let mut holders: Vec<Vec<NodeId>> = vec![Vec::new(); group.len()];
+    let mut lacking: Vec<Vec<NodeId>> = vec![Vec::new(); group.len()];
+    let mut undecided: Vec<usize> = (0..group.len()).collect();
+    let mut failed = Vec::new();
+    let mut asked = 0;
+    while !undecided.is_empty() && asked < owners.len() {
+        let wave_len = if asked == 0 { w } else { 1 };
+        let wave = &owners[asked..(asked + wave_len).min(owners.len())];
+        asked += wave.len();
+        let wanted: Vec<ChunkId> = undecided.iter().map(|&j| group[j]).collect();
+        // Quorum 0: every owner of the wave is waited for (under its deadline); what a
+        // failed owner could not say is decided by the owners after it.
+        let answers = call_owners("lookup", wave, 0, Wait::All, timeout, |node| {
+            let route = route.clone();
+            let wanted = wanted.clone();
+            async move { route.owner_has(node, wanted).await }
+        })
+        .await?;
+        failed.extend(answers.failed);
+        for (node, found) in &answers.ok {
+            for (&j, &f) in undecided.iter().zip(found) {
+                if f {
+                    holders[j].push(*node);
+                } else if current.owners_of(&group[j]).contains(node) {
+                    lacking[j].push(*node);
+                }
+            }
+        }
+        let unasked = owners.len() - asked;
+        undecided.retain(|&j| holders[j].len() < w && holders[j].len() + unasked >= w);
+    }
+    if failed.len() > owners.len() - w {
+        return Err(QuorumError::NotReached {
+            what: "lookup",
+            owners: owners.len(),
+            needed: w,
+            answered: asked - failed.len(),
+            failed,
+        }
+        .into());
+    }
+    let under: Vec<usize> = (0..group.len())
+        .filter(|&j| !holders[j].is_empty() && holders[j].len() < w && !lacking[j].is_empty())
+        .collect();
+    for batch in under.chunks(REPAIR_GROUP) {
+        repair(route, &group, batch, &mut holders, &lacking).await;
+    }
+    Ok(idx
+        .into_iter()
+        .zip(holders)
+        .map(|(i, h)| (i, h.len() >= w))
+        .collect())
+}
+
+/// Copies the chunks at `batch` from one of their holders to the current owners that lack
+/// them; every owner that stored a copy joins the chunk's holders. Failures leave a chunk
+/// under-replicated (and so absent to the agent, which sends it again).
+async fn repair(
+    route: &Route,
+    group: &[ChunkId],
+    batch: &[usize],
+    holders: &mut [Vec<NodeId>],
+    lacking: &[Vec<NodeId>],
+) {
+    // Read each chunk from its first holder (this node when it holds it: see read_owners).
+    let mut by_source: HashMap<NodeId, Vec<usize>> = HashMap::new();
+    for &j in batch {
+        let source = holders[j]
+            .iter()
+            .copied()
+            .find(|&n| route.is_local(n))
+            .unwrap_or(holders[j][0]);
+        by_source.entry(source).or_default().push(j);
+    }
+    let reads = join_all(by_source.into_iter().map(|(source, js)| async move {
+        let wanted = js.iter().map(|&j| group[j]).collect();
+        (js, route.owner_get(source, wanted).await)
+    }))
+    .await;
+    let mut good: Vec<pb::Chunk> = Vec::new();
+    let mut good_at: Vec<usize> = Vec::new();
+    for (js, read) in reads {
+        match read {
+            Ok(chunks) => {
+                for (j, c) in js.into_iter().zip(chunks) {
+                    if c.fault == pb::ChunkFault::None as i32 {
+                        good.push(c);
+                        good_at.push(j);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "repair on lookup: reading a good copy failed"),
+        }
+    }
+    let Ok(max_len) = route.ctx().chunker().map(|c| c.max_size) else {
+        return;
+    };
+    let verified = match blocking(move || owner::verify_batch(good, max_len)).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(error = %e, "repair on lookup: a copy read for repair failed verification");
+            return;
+        }
+    };
+    // Send each target the chunks it lacks, all targets at once.
+    let mut by_target: HashMap<NodeId, (Vec<usize>, Vec<VerifiedChunk>)> = HashMap::new();
+    for (j, chunk) in good_at.iter().zip(verified) {
+        for &t in &lacking[*j] {
+            let entry = by_target.entry(t).or_default();
+            entry.0.push(*j);
+            entry.1.push(chunk.clone());
+        }
+    }
+    let targets: Vec<NodeId> = by_target.keys().copied().collect();
+    let timeout = route.ctx().peers.timeout();
+    let mut payloads: HashMap<NodeId, Arc<Vec<VerifiedChunk>>> = by_target
+        .iter_mut()
+        .map(|(&t, (_, chunks))| (t, Arc::new(std::mem::take(chunks))))
+        .collect();
+    let stored = call_owners("repair", &targets, 0, Wait::All, timeout, |node| {
+        let route = route.clone();
+        let chunks = payloads.remove(&node).unwrap_or_default();
+        async move { route.owner_put(node, chunks).await }
+    })
+    .await;
+    let Ok(stored) = stored else { return };
+    for (node, _) in stored.ok {
+        for &j in &by_target[&node].0 {
+            holders[j].push(node);
+            metrics::counter!(m::REPAIRED_ON_LOOKUP).increment(1);
+        }
+    }
+    for (node, e) in stored.failed {
+        tracing::warn!(%node, error = %e, "repair on lookup: storing a copy failed");
+    }
+}

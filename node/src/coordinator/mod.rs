@@ -1,0 +1,224 @@
+//! The coordinator layer: the agent-facing chunk calls (`Has`, `Put`, `Get`) routed to the
+//! owners of each chunk. Every node coordinates; an agent may talk to any one of them.
+//!
+//! - Ids are grouped by partition, and partitions by their owner set, from the placement
+//!   history: writes go to the current owners, lookups and reads to the current owners and
+//!   then to the owners under older maps still in transition.
+//! - This node's own share is served from its store directly ([`crate::owner`]); the other
+//!   owners are reached through the peer service's `Owner*` calls, always through the one
+//!   quorum helper ([`crate::quorum`]) with the peer deadline.
+//! - When this node is the only member and owns everything (the one-node cluster, R = W = 1),
+//!   every call goes straight to the local store, as fast as before there was a cluster.
+//!
+//! [`lookup`] (presence and repair on lookup), [`write`] (quorum writes) and [`read`]
+//! (reads that fail over between replicas) hold the three calls.
+
+pub mod lookup;
+pub mod read;
+pub mod source;
+pub mod write;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use hashgrid_proto::id::pack_ids;
+use hashgrid_proto::pb::{self, GetRequest, HasRequest, PutRequest};
+use hashgrid_proto::placement::{MemberState, Partition, PlacementHistory};
+use hashgrid_proto::{ChunkId, NodeId};
+
+use crate::chunk_store::{PutOutcome, VerifiedChunk};
+use crate::context::NodeContext;
+use crate::error::NodeError;
+use crate::owner;
+use crate::peer::PeerError;
+
+/// The routing of one request: the placement history and where each member is, taken once
+/// so every part of the request uses the same map.
+#[derive(Clone)]
+pub struct Route {
+    ctx: Arc<NodeContext>,
+    pub placement: Arc<PlacementHistory>,
+    addrs: Arc<HashMap<NodeId, String>>,
+    /// Is this node the only member, owning every partition under every map?
+    local_only: bool,
+}
+
+impl Route {
+    pub fn new(ctx: &Arc<NodeContext>) -> Result<Route, NodeError> {
+        let placement = ctx.placement()?;
+        let map = ctx.map()?;
+        let local_only = placement.older().is_empty()
+            && map.members.len() == 1
+            && map.members[0].id == ctx.node_id
+            && map.members[0].state == MemberState::Active;
+        let addrs = map
+            .members
+            .into_iter()
+            .map(|m| (m.id, m.addr))
+            .collect::<HashMap<_, _>>();
+        Ok(Route {
+            ctx: ctx.clone(),
+            placement,
+            addrs: Arc::new(addrs),
+            local_only,
+        })
+    }
+
+    pub fn ctx(&self) -> &Arc<NodeContext> {
+        &self.ctx
+    }
+
+    pub fn is_local_only(&self) -> bool {
+        self.local_only
+    }
+
+    pub fn is_local(&self, node: NodeId) -> bool {
+        node == self.ctx.node_id
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.placement.epoch()
+    }
+
+    /// The write quorum W of the current map.
+    pub fn write_quorum(&self) -> usize {
+        self.placement.current().write_quorum()
+    }
+
+    /// Every owner that may hold a copy of `partition`'s chunks, this node first when it is
+    /// one (no network), then the current owners in preference order, then older owners.
+    pub fn read_owners(&self, partition: Partition) -> Vec<NodeId> {
+        let mut owners = self.placement.read_owners(partition);
+        if let Some(i) = owners.iter().position(|&n| self.is_local(n)) {
+            owners[..=i].rotate_right(1);
+        }
+        owners
+    }
+
+    fn addr(&self, node: NodeId) -> Result<&str, NodeError> {
+        self.addrs
+            .get(&node)
+            .map(String::as_str)
+            .ok_or_else(|| NodeError::Unavailable(format!("node {node} is not in the map")))
+    }
+
+    /// Which of `ids` `node` holds.
+    pub async fn owner_has(&self, node: NodeId, ids: Vec<ChunkId>) -> Result<Vec<bool>, NodeError> {
+        if self.is_local(node) {
+            return owner::has(&self.ctx, ids).await;
+        }
+        let n = ids.len();
+        let req = HasRequest {
+            epoch: self.epoch(),
+            ids: pack_ids(&ids),
+        };
+        let reply = self
+            .ctx
+            .peers
+            .call(self.addr(node)?, None, |mut c| async move {
+                c.owner_has(req).await
+            })
+            .await
+            .map_err(owner_failed)?;
+        Ok(owner::from_bitmap(&reply.present, n))
+    }
+
+    /// Stores verified chunks on `node`, durably.
+    pub async fn owner_put(
+        &self,
+        node: NodeId,
+        chunks: Arc<Vec<VerifiedChunk>>,
+    ) -> Result<PutOutcome, NodeError> {
+        if self.is_local(node) {
+            return owner::store(&self.ctx, chunks.to_vec()).await;
+        }
+        let req = PutRequest {
+            epoch: self.epoch(),
+            chunks: chunks.iter().map(owner::to_wire).collect(),
+        };
+        let reply = self
+            .ctx
+            .peers
+            .call(self.addr(node)?, None, |mut c| async move {
+                c.owner_put(req).await
+            })
+            .await
+            .map_err(owner_failed)?;
+        Ok(PutOutcome {
+            stored: reply.stored,
+            existing: reply.existing,
+            stored_bytes: reply.stored_bytes,
+        })
+    }
+
+    /// Reads `ids` from `node`: one reply per id, in order, with per-chunk faults.
+    pub async fn owner_get(
+        &self,
+        node: NodeId,
+        ids: Vec<ChunkId>,
+    ) -> Result<Vec<pb::Chunk>, NodeError> {
+        if self.is_local(node) {
+            let reads = owner::read(&self.ctx, ids.clone()).await?;
+            return Ok(ids
+                .into_iter()
+                .zip(reads)
+                .map(|(id, r)| owner::reply_chunk(id, r))
+                .collect());
+        }
+        let n = ids.len();
+        let req = GetRequest {
+            epoch: self.epoch(),
+            ids: pack_ids(&ids),
+        };
+        let chunks = self
+            .ctx
+            .peers
+            .call(self.addr(node)?, None, |mut c| async move {
+                let mut stream = c.owner_get(req).await?.into_inner();
+                let mut chunks = Vec::with_capacity(n);
+                while let Some(msg) = stream.next().await {
+                    chunks.extend(msg?.chunks);
+                }
+                Ok::<_, tonic::Status>(tonic::Response::new(chunks))
+            })
+            .await
+            .map_err(owner_failed)?;
+        if chunks.len() != n || chunks.iter().zip(&ids).any(|(c, id)| c.id != id.as_bytes()) {
+            return Err(NodeError::Unavailable(format!(
+                "owner {node} answered a read of {n} chunks out of order or incompletely"
+            )));
+        }
+        Ok(chunks)
+    }
+}
+
+/// An owner that could not do its part: unreachable, or refusing. Either way the request
+/// goes on with the other owners, so it is a retryable failure of that owner only.
+fn owner_failed(e: PeerError) -> NodeError {
+    NodeError::Unavailable(e.to_string())
+}
+
+/// Groups the indices of `ids` by owner set, as `owners_of` gives it per partition.
+pub fn group_by_owners(
+    route: &Route,
+    ids: impl Iterator<Item = ChunkId>,
+    owners_of: impl Fn(Partition) -> Vec<NodeId>,
+) -> Vec<(Vec<NodeId>, Vec<usize>)> {
+    let current = route.placement.current();
+    let mut by_partition: HashMap<Partition, usize> = HashMap::new();
+    let mut groups: Vec<(Vec<NodeId>, Vec<usize>)> = Vec::new();
+    let mut by_owners: HashMap<Vec<NodeId>, usize> = HashMap::new();
+    for (i, id) in ids.enumerate() {
+        let p = current.partition_of(&id);
+        let g = *by_partition.entry(p).or_insert_with(|| {
+            let owners = owners_of(p);
+            *by_owners.entry(owners.clone()).or_insert_with(|| {
+                groups.push((owners, Vec::new()));
+                groups.len() - 1
+            })
+        });
+        groups[g].1.push(i);
+    }
+    groups
+}

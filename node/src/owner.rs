@@ -1,0 +1,299 @@
+//! The owner layer: what a node does with the chunks it owns, on its local [`ChunkStore`].
+//!
+//! Two callers reach it: the coordinator on the same node (its own share of a request, with
+//! no RPC) and coordinators on other nodes through the `Owner*` calls of the internal peer
+//! service. Both go through the functions here, so the rules are written once: request
+//! bounds ([`ids_of`], [`verify_batch`]), chunk verification (every chunk must decode to
+//! exactly `plain_len` bytes, within the cluster's maximum chunk size, that hash to its id,
+//! and must not be all zeros), durable stores, and verified reads with per-chunk faults.
+//!
+//! The agent-facing service verifies every chunk once as coordinator, before forwarding it;
+//! an owner called over the peer service verifies again before storing, because a
+//! coordinator is trusted to route, not to vouch for bytes.
+
+use std::sync::Arc;
+
+use hashgrid_proto::codec::{decode_verified, is_zero, ChunkError};
+use hashgrid_proto::id::unpack_ids;
+use hashgrid_proto::limits::{MAX_CHUNKS_PER_PUT, MAX_IDS_PER_REQUEST, TARGET_BATCH_BYTES};
+use hashgrid_proto::pb::{self, GetResponse};
+use hashgrid_proto::ChunkId;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::chunk_store::{ChunkRead, ChunkStore, PutOutcome, VerifiedChunk};
+use crate::context::NodeContext;
+use crate::error::NodeError;
+use crate::metrics as m;
+use crate::service::blocking;
+
+/// Ids read from the store per blocking call while streaming a `Get`.
+const READ_GROUP: usize = 64;
+
+/// The ids of a packed id list, bounded by [`MAX_IDS_PER_REQUEST`].
+pub fn ids_of(packed: &[u8]) -> Result<Vec<ChunkId>, NodeError> {
+    let ids = unpack_ids(packed)?;
+    check_count("ids", ids.len(), MAX_IDS_PER_REQUEST)?;
+    Ok(ids)
+}
+
+fn check_count(what: &'static str, count: usize, limit: usize) -> Result<(), NodeError> {
+    if count > limit {
+        return Err(NodeError::TooMany { what, count, limit });
+    }
+    Ok(())
+}
+
+/// Checks the size of a `Put` batch before any of it is decoded.
+pub fn check_put_count(chunks: usize) -> Result<(), NodeError> {
+    check_count("chunks", chunks, MAX_CHUNKS_PER_PUT)
+}
+
+/// Verifies every chunk of a batch (blocking: decompresses and hashes). One bad chunk fails
+/// the whole batch, naming the chunk, so nothing of a bad batch is stored or forwarded.
+pub fn verify_batch(chunks: Vec<pb::Chunk>, max_len: u32) -> Result<Vec<VerifiedChunk>, NodeError> {
+    check_put_count(chunks.len())?;
+    chunks
+        .into_iter()
+        .map(|c| {
+            let (id, plain) = decode_verified(&c, max_len)?;
+            if is_zero(&plain) {
+                return Err(ChunkError::AllZero { id });
+            }
+            Ok(VerifiedChunk {
+                id,
+                plain_len: c.plain_len,
+                codec: c.codec,
+                data: c.data,
+            })
+        })
+        .collect::<Result<Vec<_>, ChunkError>>()
+        .map_err(|e| {
+            tracing::warn!(error = %e, "refused a chunk batch");
+            metrics::counter!(m::REJECTED, "reason" => "verify").increment(1);
+            NodeError::from(e)
+        })
+}
+
+/// A verified chunk in its wire form, to forward to another owner (the bytes are shared).
+pub fn to_wire(c: &VerifiedChunk) -> pb::Chunk {
+    pb::Chunk {
+        id: c.id.as_bytes().to_vec(),
+        plain_len: c.plain_len,
+        codec: c.codec,
+        data: c.data.clone(),
+        fault: pb::ChunkFault::None as i32,
+    }
+}
+
+/// Which of `ids` this node holds (a verified copy as far as its index knows); refreshes
+/// `last_seen` of the found ones.
+pub async fn has(ctx: &NodeContext, ids: Vec<ChunkId>) -> Result<Vec<bool>, NodeError> {
+    let store = ctx.store.clone();
+    blocking(move || Ok(store.has(&ids)?)).await
+}
+
+/// Stores chunks that were already verified, durably, before returning.
+pub async fn store(ctx: &NodeContext, chunks: Vec<VerifiedChunk>) -> Result<PutOutcome, NodeError> {
+    let store = ctx.store.clone();
+    let outcome = blocking(move || Ok(store.put(chunks)?)).await?;
+    record_put(&ctx.store, outcome);
+    Ok(outcome)
+}
+
+/// Verifies and stores one batch sent by a coordinator.
+pub async fn verify_and_store(
+    ctx: &NodeContext,
+    chunks: Vec<pb::Chunk>,
+) -> Result<PutOutcome, NodeError> {
+    check_put_count(chunks.len())?;
+    let max_len = ctx.chunker()?.max_size;
+    let store = ctx.store.clone();
+    let outcome = blocking(move || {
+        let verified = verify_batch(chunks, max_len)?;
+        Ok(store.put(verified)?)
+    })
+    .await?;
+    record_put(&ctx.store, outcome);
+    Ok(outcome)
+}
+
+fn record_put(store: &ChunkStore, outcome: PutOutcome) {
+    metrics::counter!(m::PUT_CHUNKS, "result" => "stored").increment(u64::from(outcome.stored));
+    metrics::counter!(m::PUT_CHUNKS, "result" => "existing").increment(u64::from(outcome.existing));
+    metrics::counter!(m::PUT_BYTES).increment(outcome.stored_bytes);
+    publish_store_gauges(store);
+}
+
+pub fn publish_store_gauges(store: &ChunkStore) {
+    let counters = store.counters();
+    metrics::gauge!(m::STORE_CHUNKS).set(counters.chunks as f64);
+    metrics::gauge!(m::STORE_BYTES).set(counters.stored_bytes as f64);
+}
+
+/// Reads `ids` from the local store, verifying each copy; a copy that fails leaves the
+/// index and comes back as [`ChunkRead::Damaged`].
+pub async fn read(ctx: &NodeContext, ids: Vec<ChunkId>) -> Result<Vec<ChunkRead>, NodeError> {
+    let max_len = ctx.chunker()?.max_size;
+    let store = ctx.store.clone();
+    let reads = blocking(move || Ok(store.get(&ids, max_len)?)).await?;
+    let count = |what: fn(&ChunkRead) -> bool| reads.iter().filter(|r| what(r)).count() as u64;
+    let missing = count(|r| matches!(r, ChunkRead::Missing));
+    let damaged = count(|r| matches!(r, ChunkRead::Damaged));
+    let served = reads.len() as u64 - missing - damaged;
+    metrics::counter!(m::GET_CHUNKS, "result" => "served").increment(served);
+    metrics::counter!(m::GET_CHUNKS, "result" => "missing").increment(missing);
+    metrics::counter!(m::GET_CHUNKS, "result" => "damaged").increment(damaged);
+    if damaged > 0 {
+        publish_store_gauges(&ctx.store);
+    }
+    Ok(reads)
+}
+
+/// The reply for one requested id.
+pub fn reply_chunk(id: ChunkId, read: ChunkRead) -> pb::Chunk {
+    let fault = |fault: pb::ChunkFault| pb::Chunk {
+        id: id.as_bytes().to_vec(),
+        fault: fault as i32,
+        ..Default::default()
+    };
+    match read {
+        ChunkRead::Found(c) => pb::Chunk {
+            id: id.as_bytes().to_vec(),
+            plain_len: c.plain_len,
+            codec: c.codec,
+            data: c.data,
+            fault: pb::ChunkFault::None as i32,
+        },
+        ChunkRead::Missing => fault(pb::ChunkFault::Missing),
+        ChunkRead::Damaged => fault(pb::ChunkFault::Damaged),
+    }
+}
+
+/// Streams one reply per id of `ids` from the local store, in order, in messages of about
+/// [`TARGET_BATCH_BYTES`].
+pub async fn stream_local(
+    ctx: Arc<NodeContext>,
+    ids: Vec<ChunkId>,
+    tx: mpsc::Sender<Result<GetResponse, Status>>,
+) {
+    let mut batcher = ReplyBatcher::new(tx);
+    for group in ids.chunks(READ_GROUP) {
+        let reads = match read(&ctx, group.to_vec()).await {
+            Ok(r) => r,
+            Err(e) => return batcher.fail(e).await,
+        };
+        for (&id, r) in group.iter().zip(reads) {
+            if !batcher.push(reply_chunk(id, r)).await {
+                return;
+            }
+        }
+    }
+    batcher.finish().await;
+}
+
+/// Gathers `Get` replies into messages of about [`TARGET_BATCH_BYTES`].
+pub struct ReplyBatcher {
+    tx: mpsc::Sender<Result<GetResponse, Status>>,
+    pending: GetResponse,
+    bytes: usize,
+}
+
+impl ReplyBatcher {
+    pub fn new(tx: mpsc::Sender<Result<GetResponse, Status>>) -> Self {
+        ReplyBatcher {
+            tx,
+            pending: GetResponse::default(),
+            bytes: 0,
+        }
+    }
+
+    /// Adds one reply; false when the receiver is gone.
+    pub async fn push(&mut self, c: pb::Chunk) -> bool {
+        self.bytes += c.data.len();
+        metrics::counter!(m::GET_BYTES).increment(c.data.len() as u64);
+        self.pending.chunks.push(c);
+        if self.bytes >= TARGET_BATCH_BYTES {
+            self.bytes = 0;
+            return self
+                .tx
+                .send(Ok(std::mem::take(&mut self.pending)))
+                .await
+                .is_ok();
+        }
+        true
+    }
+
+    pub async fn finish(self) {
+        if !self.pending.chunks.is_empty() {
+            let _ = self.tx.send(Ok(self.pending)).await;
+        }
+    }
+
+    pub async fn fail(self, e: NodeError) {
+        let _ = self.tx.send(Err(e.into())).await;
+    }
+}
+
+/// The `HasResponse` bitmap of `found`: bit (i % 8) of byte (i / 8) set when id i is present.
+pub fn to_bitmap(found: &[bool]) -> Vec<u8> {
+    let mut out = vec![0u8; found.len().div_ceil(8)];
+    for (i, &f) in found.iter().enumerate() {
+        if f {
+            out[i / 8] |= 1 << (i % 8);
+        }
+    }
+    out
+}
+
+/// Reads `n` answers back from a bitmap (missing bytes count as absent).
+pub fn from_bitmap(bits: &[u8], n: usize) -> Vec<bool> {
+    (0..n)
+        .map(|i| bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_round_trips() {
+        let found = [
+            true, false, false, true, true, false, true, false, true, true,
+        ];
+        let bits = to_bitmap(&found);
+        assert_eq!(bits.len(), 2);
+        assert_eq!(from_bitmap(&bits, found.len()), found);
+        assert_eq!(from_bitmap(&[], 3), [false; 3]);
+    }
+
+    #[test]
+    fn a_batch_with_one_bad_chunk_is_refused_whole() {
+        let chunk = |b: &[u8]| {
+            let plain = bytes::Bytes::copy_from_slice(b);
+            hashgrid_proto::codec::encode_chunk(ChunkId::of(&plain), &plain, 3)
+        };
+        let good = chunk(b"good chunk");
+        let mut bad = chunk(b"bad chunk");
+        bad.id[0] ^= 1;
+        let err = verify_batch(vec![good.clone(), bad], 1 << 20).unwrap_err();
+        assert!(matches!(err, NodeError::Chunk(_)), "{err}");
+        assert_eq!(verify_batch(vec![good], 1 << 20).unwrap().len(), 1);
+        let zero = chunk(&[0u8; 100]);
+        assert!(matches!(
+            verify_batch(vec![zero], 1 << 20),
+            Err(NodeError::Chunk(ChunkError::AllZero { .. }))
+        ));
+    }
+
+    #[test]
+    fn oversized_requests_are_refused() {
+        let ids = vec![0u8; 32 * (MAX_IDS_PER_REQUEST + 1)];
+        assert!(matches!(ids_of(&ids), Err(NodeError::TooMany { .. })));
+        assert!(matches!(
+            check_put_count(MAX_CHUNKS_PER_PUT + 1),
+            Err(NodeError::TooMany { .. })
+        ));
+    }
+}

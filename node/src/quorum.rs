@@ -1,0 +1,277 @@
+//! The one way a replicated call reaches the owners of a chunk (modelled on Garage's
+//! `rpc_helper::try_call_many`): fan the call out to every owner at once, each call under its
+//! own deadline, and return as soon as `quorum` owners answered, or as soon as the quorum has
+//! become impossible (too many failed). Which owners failed, and why, comes back with the
+//! answers, so callers can tell "absent" from "not asked".
+//!
+//! With [`Wait::Quorum`] the calls still running when the quorum is reached are not dropped:
+//! they finish in the background, so a write acknowledged by W owners still reaches all R of
+//! them when they are up. With [`Wait::All`] the helper waits for every owner (each under its
+//! deadline), for lookups that must count copies.
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use hashgrid_proto::NodeId;
+
+use crate::error::NodeError;
+
+/// When the helper returns once the quorum is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// At the quorum; the other calls finish in the background.
+    Quorum,
+    /// When every owner answered or failed.
+    All,
+}
+
+/// The answers of a fan-out that reached its quorum.
+#[derive(Debug)]
+pub struct Answers<T> {
+    /// Owners that answered, in the order they did.
+    pub ok: Vec<(NodeId, T)>,
+    /// Owners that failed (or had not answered when the helper returned with `Wait::All`,
+    /// which never happens: with `All` every owner ends in `ok` or here).
+    pub failed: Vec<(NodeId, NodeError)>,
+}
+
+/// A quorum that was not, or could not be, reached.
+#[derive(Debug, thiserror::Error)]
+pub enum QuorumError {
+    #[error(
+        "{what}: {owners} owner(s) known, fewer than the {needed} needed (the write quorum W); \
+         the cluster has too few active members to accept writes, add or activate members"
+    )]
+    TooFewOwners {
+        what: &'static str,
+        owners: usize,
+        needed: usize,
+    },
+    #[error(
+        "{what}: only {answered} of {owners} owner(s) answered, {needed} needed; failed: {}",
+        describe(.failed)
+    )]
+    NotReached {
+        what: &'static str,
+        owners: usize,
+        needed: usize,
+        answered: usize,
+        failed: Vec<(NodeId, NodeError)>,
+    },
+}
+
+fn describe(failed: &[(NodeId, NodeError)]) -> String {
+    failed
+        .iter()
+        .map(|(n, e)| format!("node {n}: {e}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl From<QuorumError> for NodeError {
+    /// A missing quorum is retryable: owners come back, or the map changes.
+    fn from(e: QuorumError) -> Self {
+        NodeError::Unavailable(e.to_string())
+    }
+}
+
+/// Calls `call(owner)` for every owner in `owners` at once, each under `timeout`, and returns
+/// when `quorum` of them answered (see [`Wait`]), or fails with [`QuorumError`] when fewer
+/// than `quorum` can answer.
+pub async fn call_owners<T, F, Fut>(
+    what: &'static str,
+    owners: &[NodeId],
+    quorum: usize,
+    wait: Wait,
+    timeout: Duration,
+    mut call: F,
+) -> Result<Answers<T>, QuorumError>
+where
+    F: FnMut(NodeId) -> Fut,
+    Fut: Future<Output = Result<T, NodeError>> + Send + 'static,
+    T: Send + 'static,
+{
+    if owners.len() < quorum {
+        return Err(QuorumError::TooFewOwners {
+            what,
+            owners: owners.len(),
+            needed: quorum,
+        });
+    }
+    let mut pending: FuturesUnordered<_> = owners
+        .iter()
+        .map(|&node| {
+            let fut = call(node);
+            async move {
+                let result = match tokio::time::timeout(timeout, fut).await {
+                    Ok(r) => r,
+                    Err(_) => Err(NodeError::Unavailable(format!(
+                        "no answer within {timeout:?}"
+                    ))),
+                };
+                (node, result)
+            }
+        })
+        .collect();
+    let mut answers = Answers {
+        ok: Vec::with_capacity(owners.len()),
+        failed: Vec::new(),
+    };
+    while let Some((node, result)) = pending.next().await {
+        match result {
+            Ok(v) => answers.ok.push((node, v)),
+            Err(e) => {
+                tracing::debug!(%node, error = %e, what, "owner call failed");
+                answers.failed.push((node, e));
+            }
+        }
+        if answers.ok.len() + pending.len() < quorum {
+            break;
+        }
+        if wait == Wait::Quorum && answers.ok.len() >= quorum {
+            break;
+        }
+    }
+    if !pending.is_empty() {
+        // Let the other owners' calls complete (a write reaches all R owners); each is
+        // bounded by its deadline.
+        tokio::spawn(async move {
+            while let Some((node, result)) = pending.next().await {
+                if let Err(e) = result {
+                    tracing::warn!(%node, error = %e, what, "owner call failed after the quorum");
+                }
+            }
+        });
+    }
+    if answers.ok.len() < quorum {
+        return Err(QuorumError::NotReached {
+            what,
+            owners: owners.len(),
+            needed: quorum,
+            answered: answers.ok.len(),
+            failed: answers.failed,
+        });
+    }
+    Ok(answers)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+
+    const OWNERS: [NodeId; 3] = [1, 2, 3];
+    const DEADLINE: Duration = Duration::from_millis(200);
+
+    /// Owner 3 hangs, owner 2 fails, owner 1 answers.
+    async fn one_of_each(node: NodeId) -> Result<NodeId, NodeError> {
+        match node {
+            1 => Ok(node),
+            2 => Err(NodeError::Unavailable("down".into())),
+            _ => std::future::pending().await,
+        }
+    }
+
+    #[tokio::test]
+    async fn returns_at_the_quorum_and_finishes_the_rest_in_the_background() {
+        let done = Arc::new(AtomicUsize::new(0));
+        let (tx, mut rx) = tokio::sync::mpsc::channel(3);
+        let answers = call_owners("put", &OWNERS, 2, Wait::Quorum, DEADLINE, |node| {
+            let done = done.clone();
+            let tx = tx.clone();
+            async move {
+                if node == 3 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+                tx.send(node).await.unwrap();
+                Ok(node)
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(answers.ok.len(), 2);
+        assert!(answers.failed.is_empty());
+        let mut reached = vec![];
+        for _ in 0..3 {
+            reached.push(rx.recv().await.unwrap());
+        }
+        reached.sort_unstable();
+        assert_eq!(reached, OWNERS, "the third owner's call still ran");
+    }
+
+    #[tokio::test]
+    async fn an_impossible_quorum_fails_without_waiting_for_the_deadline() {
+        let start = std::time::Instant::now();
+        let calls = |node| async move {
+            if node == 1 {
+                return Ok(());
+            }
+            Err(NodeError::Unavailable("down".into()))
+        };
+        let err = call_owners(
+            "put",
+            &OWNERS,
+            2,
+            Wait::Quorum,
+            Duration::from_secs(60),
+            calls,
+        )
+        .await
+        .unwrap_err();
+        assert!(start.elapsed() < Duration::from_secs(5));
+        match &err {
+            QuorumError::NotReached {
+                answered, failed, ..
+            } => {
+                assert_eq!(*answered, 1);
+                let mut failed: Vec<_> = failed.iter().map(|f| f.0).collect();
+                failed.sort_unstable();
+                assert_eq!(failed, [2, 3]);
+            }
+            other => panic!("{other}"),
+        }
+        assert!(NodeError::from(err).is_retryable());
+    }
+
+    #[tokio::test]
+    async fn a_hung_owner_counts_as_failed_at_its_deadline() {
+        let answers = call_owners("has", &OWNERS, 1, Wait::All, DEADLINE, one_of_each)
+            .await
+            .unwrap();
+        assert_eq!(answers.ok.iter().map(|a| a.0).collect::<Vec<_>>(), [1]);
+        let mut failed: Vec<_> = answers.failed.iter().map(|f| f.0).collect();
+        failed.sort_unstable();
+        assert_eq!(failed, [2, 3]);
+        let err = call_owners("has", &OWNERS, 2, Wait::All, DEADLINE, one_of_each)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("only 1 of 3"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn fewer_owners_than_the_quorum_is_refused_up_front() {
+        let err = call_owners(
+            "put",
+            &[1],
+            2,
+            Wait::Quorum,
+            DEADLINE,
+            |n| async move { Ok(n) },
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            QuorumError::TooFewOwners {
+                owners: 1,
+                needed: 2,
+                ..
+            }
+        ));
+    }
+}
