@@ -63,6 +63,7 @@ pub async fn commit(conn: &Connection, root: &ObjectRef) -> SnapshotRecord {
         .clone()
         .commit_snapshot(CommitSnapshotRequest {
             snapshot: Some(record),
+            ..Default::default()
         })
         .await
         .expect("commit")

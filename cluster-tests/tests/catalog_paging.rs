@@ -51,6 +51,7 @@ fn a_catalog_of_100k_snapshots_lists_and_resolves_latest() {
                 .clone()
                 .commit_snapshot(CommitSnapshotRequest {
                     snapshot: Some(record(SNAPSHOTS + i)),
+                    ..Default::default()
                 })
                 .await
                 .unwrap();
@@ -67,9 +68,12 @@ fn a_catalog_of_100k_snapshots_lists_and_resolves_latest() {
                 let mut c = conn.catalog.clone();
                 let s = record(i);
                 async move {
-                    c.commit_snapshot(CommitSnapshotRequest { snapshot: Some(s) })
-                        .await
-                        .map(|r| r.into_inner().id)
+                    c.commit_snapshot(CommitSnapshotRequest {
+                        snapshot: Some(s),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|r| r.into_inner().id)
                 }
             })
             .buffered(IN_FLIGHT)

@@ -110,6 +110,7 @@ async fn commit(conn: &Connection, snapshot: pb::Snapshot) -> Result<SnapshotId,
             .clone()
             .commit_snapshot(CommitSnapshotRequest {
                 snapshot: Some(snapshot),
+                ..Default::default()
             })
             .await?
             .into_inner()

@@ -117,6 +117,7 @@ fn verify_marks_damage_and_a_new_backup_heals_it() {
             .clone()
             .commit_snapshot(CommitSnapshotRequest {
                 snapshot: Some(child),
+                ..Default::default()
             })
             .await
             .unwrap_err();

@@ -92,8 +92,10 @@ async fn write_groups(ctx: Arc<NodeContext>, mut rx: mpsc::Receiver<Waiting>) {
                 Err(_) => break,
             }
         }
-        let (records, replies): (Vec<_>, Vec<_>) =
-            group.into_iter().map(|w| ((w.key, w.record), w.reply)).unzip();
+        let (records, replies): (Vec<_>, Vec<_>) = group
+            .into_iter()
+            .map(|w| ((w.key, w.record), w.reply))
+            .unzip();
         let command = match <[(Option<CommitKey>, SnapshotRecord); 1]>::try_from(records) {
             Ok([(None, one)]) => Command::CommitSnapshot(one),
             Ok([(Some(key), record)]) => Command::CommitSnapshotOnce { key, record },

@@ -222,7 +222,6 @@ async fn commit(conn: &Connection, record: &SnapshotRecord) -> Result<u64> {
             }
             Err(s) => return Err(ClientError::rpc("committing the snapshot", s)),
         }
-        }
     }
 }
 

@@ -61,7 +61,11 @@ impl CatalogImage {
             .values()
             .filter_map(|s| s.damage.clone().map(|d| (s.id, d)))
             .collect();
-        let commit_keys = catalog.commit_keys.iter().map(|(k, id)| (*k, *id)).collect();
+        let commit_keys = catalog
+            .commit_keys
+            .iter()
+            .map(|(k, id)| (*k, *id))
+            .collect();
         CatalogImageRef {
             catalog,
             damage,
@@ -239,11 +243,9 @@ impl StateMachine {
             Change::Snapshots(added) => {
                 for (id, key) in added {
                     match key {
-                        Some(key) => self.persist_change(
-                            catalog,
-                            &Change::KeyedSnapshot(*id, *key),
-                            batch,
-                        )?,
+                        Some(key) => {
+                            self.persist_change(catalog, &Change::KeyedSnapshot(*id, *key), batch)?
+                        }
                         None => self.persist_change(catalog, &Change::Snapshot(*id), batch)?,
                     }
                 }
