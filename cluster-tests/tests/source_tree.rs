@@ -30,8 +30,8 @@ fn spawn_backup(node: &Node, src: &Path, nofile: Option<u32>) -> Child {
 }
 
 /// Waits for a backup at most `limit`; a backup still running then is killed and fails the
-/// test. Returns (exit code, snapshot id, stderr).
-fn finish_within(mut child: Child, limit: Duration) -> (i32, SnapshotId, String) {
+/// test. Returns (exit code, the JSON summary, stderr).
+fn finish_within(mut child: Child, limit: Duration) -> (i32, serde_json::Value, String) {
     let deadline = Instant::now() + limit;
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
@@ -51,8 +51,7 @@ fn finish_within(mut child: Child, limit: Duration) -> (i32, SnapshotId, String)
     let stdout = String::from_utf8(out.stdout).unwrap();
     let summary: serde_json::Value =
         serde_json::from_str(stdout.lines().last().expect("summary")).unwrap();
-    let id = SnapshotId(summary["snapshot"].as_u64().expect("snapshot id"));
-    (code, id, stderr)
+    (code, summary, stderr)
 }
 
 #[test]
@@ -100,24 +99,34 @@ fn files_swapped_for_fifos_mid_backup_never_hang_it() {
             }
         })
     };
+    // Until one backup met a swapped file (a FIFO, or a new file in the old one's place):
+    // each must finish, none may hang on a FIFO.
     let mut replaced_seen = false;
-    for _ in 0..3 {
+    for _ in 0..10 {
         let (_, _, stderr) =
             finish_within(spawn_backup(&node, &src, None), Duration::from_secs(120));
-        replaced_seen |= stderr.contains("replaced while being backed up (now a FIFO)");
+        replaced_seen = stderr.contains("replaced while being backed up");
+        if replaced_seen {
+            break;
+        }
     }
     stop.store(true, Ordering::Relaxed);
     swapper.join().unwrap();
     assert!(replaced_seen, "no backup met a swapped file");
     // Once the tree holds still, it backs up without a warning, the FIFO as a FIFO.
-    let (code, id, stderr) =
+    let (code, summary, stderr) =
         finish_within(spawn_backup(&node, &src, None), Duration::from_secs(120));
     assert_eq!(code, 0, "{stderr}");
+    let id = snapshot_id(&summary);
     runtime().block_on(async {
         let tree = tree_at(&node, id, &src).await;
         assert!(matches!(tree.get(b"fifo").unwrap().kind, EntryKind::Fifo));
         assert_eq!(tree.entries.len(), FILES + 1);
     });
+}
+
+fn snapshot_id(summary: &serde_json::Value) -> SnapshotId {
+    SnapshotId(summary["snapshot"].as_u64().expect("snapshot id"))
 }
 
 /// The tree of directory `path` in snapshot `id`, walked down one level at a time.
@@ -168,11 +177,12 @@ fn a_3000_deep_tree_backs_up_whole_under_ulimit_n_256() {
     let node = Node::start(&tmp.path().join("node"));
     let src = tmp.path().join("deep");
     data::deep_tree(&src, DEPTH);
-    let (code, id, stderr) = finish_within(
+    let (code, summary, stderr) = finish_within(
         spawn_backup(&node, &src, Some(256)),
         Duration::from_secs(300),
     );
     assert_eq!(code, 0, "{stderr}");
+    let id = snapshot_id(&summary);
     runtime().block_on(async {
         let reader = ObjectReader::new(node.connect().await);
         let mut tree = tree_at(&node, id, &src).await;
@@ -194,10 +204,16 @@ fn a_3000_deep_tree_backs_up_whole_under_ulimit_n_256() {
         }
     });
     // The next backup finds every level unchanged.
-    let (code, _, stderr) = finish_within(
+    let (code, summary, stderr) = finish_within(
         spawn_backup(&node, &src, Some(256)),
         Duration::from_secs(300),
     );
     assert_eq!(code, 0, "{stderr}");
+    let files = data::deep_tree_file_levels(DEPTH).len() as u64;
+    assert_eq!(summary["stats"]["files"].as_u64(), Some(files));
+    assert_eq!(summary["stats"]["reused_files"].as_u64(), Some(files));
+    // Every level, and the source's ancestors from `/` down.
+    let dirs = DEPTH + 1 + src.components().count() - 1;
+    assert_eq!(summary["stats"]["dirs"].as_u64(), Some(dirs as u64));
     data::remove_deep_tree(&src);
 }

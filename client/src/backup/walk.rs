@@ -54,6 +54,14 @@ struct ChangedFile {
     st: SourceStat,
 }
 
+/// What [`Walker::settle`] made of an entry.
+enum Settled {
+    /// The entry (`None`: left out with a warning) and whether it equals the parent's.
+    Done(Option<Entry>, bool),
+    /// A changed file, to be read.
+    Read(ChangedFile),
+}
+
 /// A directory once backed up: its tree object, whether that is exactly the parent
 /// snapshot's, and the directory's own extended attributes (for its entry in its parent).
 pub struct DirDone {
@@ -222,52 +230,60 @@ impl Walker {
             let mut tasks: Vec<BoxFuture<'static, Result<Placed>>> = Vec::new();
             let mut group: Vec<ChangedFile> = Vec::new();
             let mut group_bytes = 0u64;
+            let mut slots: Vec<Option<Entry>> = vec![None; count];
             for (index, listed) in listing.entries.into_iter().enumerate() {
                 let name = &listed.name;
                 while parent_entries.next_if(|p| &p.name < name).is_some() {
                     same = false;
                 }
                 let parent_entry = parent_entries.next_if(|p| &p.name == name);
-                let st = listed.st;
-                let small_and_changed = st.is_file()
-                    && st.size <= SMALL_FILE
-                    && !parent_entry
-                        .as_ref()
-                        .is_some_and(|p| looks_unchanged(p, &st));
-                if small_and_changed {
-                    group_bytes += st.size;
-                    group.push(ChangedFile {
-                        index,
-                        name: listed.name,
-                        st,
-                    });
-                    if group.len() >= SMALL_GROUP_FILES || group_bytes >= SMALL_GROUP_BYTES {
-                        let files = std::mem::take(&mut group);
-                        tasks.push(self.clone().read_files(dir.clone(), files).boxed());
-                        group_bytes = 0;
-                    }
+                if listed.st.is_dir() {
+                    let child_sel = match &selection {
+                        Selection::All => Selection::All,
+                        Selection::Only(m) => m.get(name).cloned().unwrap_or(Selection::All),
+                    };
+                    let walker = self.clone();
+                    let dir = dir.clone();
+                    tasks.push(
+                        async move {
+                            let (entry, same) = walker
+                                .backup_subdir(dir, listed, parent_entry, child_sel)
+                                .await?;
+                            Ok(vec![(index, entry, same)])
+                        }
+                        .boxed(),
+                    );
                     continue;
                 }
-                let child_sel = match &selection {
-                    Selection::All => Selection::All,
-                    Selection::Only(m) => m.get(name).cloned().unwrap_or(Selection::All),
-                };
-                let walker = self.clone();
-                let dir = dir.clone();
-                tasks.push(
-                    async move {
-                        let (entry, same) = walker
-                            .backup_entry(dir, listed, parent_entry, child_sel)
-                            .await?;
-                        Ok(vec![(index, entry, same)])
+                // Everything but directories and changed files is settled here and now: a
+                // task per entry would cost more than the entry (and, for a million
+                // unchanged files, gigabytes).
+                let file = match self.settle(&dir, index, listed, parent_entry) {
+                    Settled::Done(entry, entry_same) => {
+                        same &= entry_same && entry.is_some();
+                        slots[index] = entry;
+                        continue;
                     }
-                    .boxed(),
-                );
+                    Settled::Read(file) => file,
+                };
+                if file.st.size > SMALL_FILE {
+                    tasks.push(self.clone().read_files(dir.clone(), vec![file]).boxed());
+                    continue;
+                }
+                group_bytes += file.st.size;
+                group.push(file);
+                if group.len() >= SMALL_GROUP_FILES || group_bytes >= SMALL_GROUP_BYTES {
+                    let files = std::mem::take(&mut group);
+                    tasks.push(self.clone().read_files(dir.clone(), files).boxed());
+                    group_bytes = 0;
+                }
             }
+            // The parent's entries were all moved or passed over: free their table now, not
+            // after the children and the tree write (200 MB for a million entries).
+            drop(parent_entries);
             if !group.is_empty() {
                 tasks.push(self.clone().read_files(dir.clone(), group).boxed());
             }
-            let mut slots: Vec<Option<Entry>> = vec![None; count];
             let mut done = futures::stream::iter(tasks).buffer_unordered(DIR_WIDTH);
             while let Some(results) = done.next().await {
                 for (index, entry, entry_same) in results? {
@@ -333,15 +349,61 @@ impl Walker {
         write(&bytes)
     }
 
-    /// One entry of directory `dir` (`None` when it could not be read; a warning says why),
-    /// and whether it is exactly the parent's entry of the same name.
-    async fn backup_entry(
+    /// Subdirectory `listed` of `dir` (`None` when it was left out; a warning says why),
+    /// and whether its entry is exactly the parent snapshot's.
+    async fn backup_subdir(
         self: Arc<Self>,
         dir: Arc<DirHandle>,
         listed: Listed,
         parent: Option<Entry>,
         selection: Selection,
     ) -> Result<(Option<Entry>, bool)> {
+        let Listed { name, st, .. } = listed;
+        let mut meta = st.metadata();
+        let (parent_sub, parent_meta) = match parent {
+            Some(Entry {
+                kind: EntryKind::Dir { subtree },
+                meta,
+                ..
+            }) => (
+                Some((self.reader.load_tree(&subtree).await?, subtree)),
+                Some(meta),
+            ),
+            _ => (None, None),
+        };
+        let child = DirHandle::child(&dir, name.clone(), &st);
+        drop(dir);
+        // A task of its own, so subtrees are walked on every worker thread (and a deep
+        // tree nests tasks, not stack frames).
+        let Some(done) =
+            tokio::spawn(self.clone().backup_dir(child, parent_sub, selection)).await??
+        else {
+            return Ok((None, false));
+        };
+        meta.xattrs = done.xattrs;
+        let same = done.same && parent_meta.as_ref() == Some(&meta);
+        Ok((
+            Some(Entry {
+                name,
+                meta,
+                kind: EntryKind::Dir {
+                    subtree: done.subtree,
+                },
+            }),
+            same,
+        ))
+    }
+
+    /// A non-directory entry of `dir` at `index` of its listing: an unchanged file (taken
+    /// over from the parent snapshot) or any other kind is done at once; a changed file is
+    /// to be read.
+    fn settle(
+        &self,
+        dir: &DirHandle,
+        index: usize,
+        listed: Listed,
+        parent: Option<Entry>,
+    ) -> Settled {
         let Listed {
             name,
             st,
@@ -350,71 +412,31 @@ impl Walker {
         } = listed;
         let mut meta = st.metadata();
         let kind = match st.kind() {
-            FileType::Directory => {
-                let (parent_sub, parent_meta) = match parent {
-                    Some(Entry {
-                        kind: EntryKind::Dir { subtree },
-                        meta,
-                        ..
-                    }) => (
-                        Some((self.reader.load_tree(&subtree).await?, subtree)),
-                        Some(meta),
-                    ),
-                    _ => (None, None),
-                };
-                let child = DirHandle::child(&dir, name.clone(), &st);
-                drop(dir);
-                // A task of its own, so subtrees are walked on every worker thread (and a
-                // deep tree nests tasks, not stack frames).
-                let Some(done) =
-                    tokio::spawn(self.clone().backup_dir(child, parent_sub, selection)).await??
-                else {
-                    return Ok((None, false));
-                };
-                meta.xattrs = done.xattrs;
-                let same = done.same && parent_meta.as_ref() == Some(&meta);
-                return Ok((
-                    Some(Entry {
-                        name,
-                        meta,
-                        kind: EntryKind::Dir {
-                            subtree: done.subtree,
-                        },
-                    }),
-                    same,
-                ));
-            }
             FileType::RegularFile => {
                 let link_key = file_link_key(&st);
-                if let Some(reused) = parent.and_then(|p| reuse(p, &st, &meta, link_key)) {
-                    self.counters.files.fetch_add(1, Ordering::Relaxed);
-                    self.counters.reused_files.fetch_add(1, Ordering::Relaxed);
-                    self.counters
-                        .chunks
-                        .fetch_add(reused.content.chunk_count(), Ordering::Relaxed);
-                    self.counters
-                        .logical_bytes
-                        .fetch_add(st.size, Ordering::Relaxed);
-                    self.progress.add_bytes(st.size);
-                    meta.size = st.size;
-                    meta.xattrs = reused.xattrs;
-                    let entry = Entry {
-                        name,
-                        meta,
-                        kind: EntryKind::File {
-                            content: reused.content,
-                            link_key,
-                        },
-                    };
-                    return Ok((Some(entry), reused.same));
-                }
-                let file = ChangedFile { index: 0, name, st };
-                let entry = self
-                    .read_files(dir, vec![file])
-                    .await?
-                    .pop()
-                    .and_then(|(_, e, _)| e);
-                return Ok((entry, false));
+                let Some(reused) = parent.and_then(|p| reuse(p, &st, &meta, link_key)) else {
+                    return Settled::Read(ChangedFile { index, name, st });
+                };
+                self.counters.files.fetch_add(1, Ordering::Relaxed);
+                self.counters.reused_files.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .chunks
+                    .fetch_add(reused.content.chunk_count(), Ordering::Relaxed);
+                self.counters
+                    .logical_bytes
+                    .fetch_add(st.size, Ordering::Relaxed);
+                self.progress.add_bytes(st.size);
+                meta.size = st.size;
+                meta.xattrs = reused.xattrs;
+                let entry = Entry {
+                    name,
+                    meta,
+                    kind: EntryKind::File {
+                        content: reused.content,
+                        link_key,
+                    },
+                };
+                return Settled::Done(Some(entry), reused.same);
             }
             FileType::Symlink => {
                 meta.size = target.len() as u64;
@@ -424,16 +446,16 @@ impl Walker {
             FileType::Socket => EntryKind::Socket,
             FileType::CharacterDevice => EntryKind::CharDevice { rdev: st.rdev },
             FileType::BlockDevice => EntryKind::BlockDevice { rdev: st.rdev },
-            FileType::Unknown => {
+            FileType::Directory | FileType::Unknown => {
                 let path = dir.path().join(OsStr::from_bytes(&name));
                 self.warn(format!("skipped {}: unknown file type", path.display()));
-                return Ok((None, false));
+                return Settled::Done(None, false);
             }
         };
         meta.xattrs = xattrs;
         let entry = Entry { name, meta, kind };
         let same = parent.as_ref() == Some(&entry);
-        Ok((Some(entry), same))
+        Settled::Done(Some(entry), same)
     }
 
     /// Reads changed files of `dir` (one large one, or a group of small ones) on one
