@@ -146,3 +146,49 @@ mod tests {
         assert!(lines[1].starts_with("trusted xattrs: skipped on 500 entries"));
     }
 }
+
+#[cfg(test)]
+mod node_tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use rustix::fs::{FileType, Mode, OFlags};
+
+    use super::*;
+
+    /// A FIFO's mode goes to the node made, through its descriptor: a symlink put in its
+    /// place afterwards (to a file the restore must not touch) is not followed.
+    #[test]
+    fn a_node_mode_is_set_through_its_descriptor_not_its_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = rustix::fs::open(
+            tmp.path(),
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            Mode::empty(),
+        )
+        .unwrap();
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, b"not yours").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+        let fd = fs::make_node(&dir, b"fifo", FileType::Fifo, 0).unwrap();
+        std::fs::rename(tmp.path().join("fifo"), tmp.path().join("moved")).unwrap();
+        std::os::unix::fs::symlink(&victim, tmp.path().join("fifo")).unwrap();
+
+        let m = Metadata {
+            mode: 0o4777,
+            mtime: hashgrid_proto::manifest::Timestamp {
+                sec: 1_000,
+                nsec: 0,
+            },
+            ..Default::default()
+        };
+        let policy = RestorePolicy::default();
+        apply_node(&fd, &m, Path::new("fifo"), &policy, &Warnings::default()).unwrap();
+
+        let moved = std::fs::symlink_metadata(tmp.path().join("moved")).unwrap();
+        assert_eq!(moved.permissions().mode() & 0o7777, 0o4777);
+        let v = std::fs::metadata(&victim).unwrap();
+        assert_eq!(v.permissions().mode() & 0o7777, 0o600);
+        assert_ne!(std::os::unix::fs::MetadataExt::mtime(&v), 1_000);
+    }
+}
