@@ -51,6 +51,14 @@ pub async fn upload_tree(conn: &Connection, mut entries: Vec<Entry>) -> ObjectRe
 
 /// Commits a snapshot of client "mallory", dataset "built", whose root tree is `root`.
 pub async fn commit(conn: &Connection, root: &ObjectRef) -> SnapshotRecord {
+    try_commit(conn, root).await.expect("commit")
+}
+
+/// [`commit`], returning the node's refusal instead of panicking on it.
+pub async fn try_commit(
+    conn: &Connection,
+    root: &ObjectRef,
+) -> Result<SnapshotRecord, tonic::Status> {
     let record = pb::Snapshot {
         client: "mallory".into(),
         dataset: "built".into(),
@@ -65,13 +73,12 @@ pub async fn commit(conn: &Connection, root: &ObjectRef) -> SnapshotRecord {
             snapshot: Some(record),
             ..Default::default()
         })
-        .await
-        .expect("commit")
+        .await?
         .into_inner()
         .id;
-    hashgrid::catalog::get(conn, hashgrid_proto::SnapshotId(id))
+    Ok(hashgrid::catalog::get(conn, hashgrid_proto::SnapshotId(id))
         .await
-        .expect("committed snapshot")
+        .expect("committed snapshot"))
 }
 
 /// Metadata with `mode` and fixed times, owned by root.

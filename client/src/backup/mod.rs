@@ -148,8 +148,13 @@ pub async fn backup(conn: &Connection, opts: &BackupOptions) -> Result<BackupSum
         .map_err(|_| ClientError::Internal("walker still shared after the walk".into()))?;
     // Finish uploads even when the walk failed, so the pipeline stops cleanly.
     let uploaded = walker.uploader.finish().await;
+    // When both failed, the walk most likely stopped because the pipeline did (it then says
+    // only that); the pipeline's own error is the cause the user needs (a full node, say).
+    let upload = match (&root, uploaded) {
+        (Err(_), Err(cause)) => return Err(cause),
+        (_, uploaded) => uploaded?,
+    };
     let root = root?;
-    let upload = uploaded?;
     tracing::debug!(elapsed = ?started.elapsed(), "uploads acknowledged");
 
     let c = &walker.counters;
