@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use hashgrid_cluster_tests::cluster::{members_in, Cluster};
-use hashgrid_cluster_tests::{backup_opts, runtime};
+use hashgrid_cluster_tests::{backup_opts, bin_dir, runtime};
 use hashgrid_proto::pb::{self, ChangeMemberRequest};
 
 const SETTLE: Duration = Duration::from_secs(60);
@@ -87,7 +87,7 @@ fn members_join_voters_stay_at_target_and_learners_forward_commits() {
 
     // A sixth is a learner; removing a voter (not the leader) promotes it.
     let sixth = cluster.add_node();
-    runtime().block_on(async {
+    let removed = runtime().block_on(async {
         cluster
             .wait_for("5 voters and a learner", SETTLE, |all| {
                 all.len() == 6 && all.iter().all(|s| s.raft_learners.len() == 1)
@@ -120,5 +120,38 @@ fn members_join_voters_stay_at_target_and_learners_forward_commits() {
                 })
             })
             .await;
+        victim
     });
+
+    // `cluster status` through the newest member shows the same cluster.
+    let out = std::process::Command::new(bin_dir().join("hashgrid"))
+        .args(["--json", "--server", &cluster.nodes[sixth].server()])
+        .arg("--token-file")
+        .arg(cluster.nodes[0].token_file())
+        .args(["cluster", "status"])
+        .output()
+        .expect("run hashgrid");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let members = status["members"].as_array().expect("members");
+    assert_eq!(members.len(), 6, "{status}");
+    let state_of = |id: u64| {
+        members
+            .iter()
+            .find(|m| m["id"] == id)
+            .map(|m| m["state"].as_str().unwrap().to_string())
+    };
+    assert_eq!(state_of(removed).as_deref(), Some("removed"), "{status}");
+    let leaders: Vec<_> = members.iter().filter(|m| m["raft"] == "leader").collect();
+    assert_eq!(leaders.len(), 1, "{status}");
+    assert_eq!(leaders[0]["id"], status["leader"], "{status}");
+    assert_eq!(
+        members.iter().filter(|m| m["raft"] == "voter").count(),
+        4,
+        "{status}"
+    );
 }

@@ -2,6 +2,7 @@
 //! the library. Errors end up here and become one line on stderr and a non-zero exit code.
 
 mod backup;
+mod cluster;
 mod demo;
 mod ls;
 mod restore;
@@ -102,6 +103,8 @@ pub enum Command {
     /// Re-read every stored chunk and mark the snapshots that reference bad or missing ones
     /// damaged (exit code 4 when anything is bad).
     Verify(verify::Args),
+    /// The cluster: members, their states, the catalog leader, the map epoch.
+    Cluster(cluster::Args),
 }
 
 /// The client name used when --client is not given: this host's name.
@@ -152,6 +155,9 @@ pub fn main() -> ExitCode {
             Command::Stats(a) => stats::run(&cli.global, a).await.map(|()| ExitCode::SUCCESS),
             Command::Demo(a) => demo::run(a).await.map(|()| ExitCode::SUCCESS),
             Command::Verify(a) => verify::run(&cli.global, a).await,
+            Command::Cluster(a) => cluster::run(&cli.global, a)
+                .await
+                .map(|()| ExitCode::SUCCESS),
         }
     });
     match result {
