@@ -9,7 +9,6 @@ pub mod cluster;
 pub mod damage;
 pub mod data;
 pub mod manifests;
-pub mod packs;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};

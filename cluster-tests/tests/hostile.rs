@@ -5,7 +5,7 @@ use std::path::Path;
 
 use hashgrid::restore::{restore, RestoreOptions};
 use hashgrid::Connection;
-use hashgrid_cluster_tests::manifests::upload_chunk;
+use hashgrid_cluster_tests::manifests::{self, upload_chunk};
 use hashgrid_cluster_tests::{put_chunks, restore_all, runtime, Node};
 use hashgrid_proto::id::pack_ids;
 use hashgrid_proto::manifest::ObjectRef;
@@ -57,30 +57,11 @@ fn dir_entry(name: &[u8], subtree: &ObjectRef) -> mpb::Entry {
 }
 
 async fn try_commit(conn: &Connection, root: ObjectRef) -> Result<SnapshotRecord, tonic::Status> {
-    let record = pb::Snapshot {
-        client: "mallory".into(),
-        dataset: "evil".into(),
-        root: root.0.iter().map(|i| i.as_bytes().to_vec()).collect(),
-        manifest_version: 1,
-        ..Default::default()
-    };
-    let id = conn
-        .catalog
-        .clone()
-        .commit_snapshot(CommitSnapshotRequest {
-            snapshot: Some(record),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .id;
-    Ok(hashgrid::catalog::get(conn, hashgrid_proto::SnapshotId(id))
-        .await
-        .unwrap())
+    manifests::try_commit(conn, &root).await
 }
 
 async fn commit(conn: &Connection, root: ObjectRef) -> SnapshotRecord {
-    try_commit(conn, root).await.unwrap()
+    manifests::commit(conn, &root).await
 }
 
 /// The node decodes what it is asked to commit: an invalid manifest never becomes a snapshot.

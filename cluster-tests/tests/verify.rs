@@ -8,7 +8,7 @@ use std::process::Output;
 
 use hashgrid::backup::backup;
 use hashgrid::chunker::Chunker;
-use hashgrid_cluster_tests::packs::damage_one_of;
+use hashgrid_cluster_tests::damage::damage_one_of;
 use hashgrid_cluster_tests::{
     assert_same_tree, backup_opts, data, restore_all, restored, runtime, Node,
 };
@@ -75,7 +75,7 @@ fn verify_marks_damage_and_a_new_backup_heals_it() {
     assert_eq!(report["ok"], true);
 
     node.stop();
-    let victim = damage_one_of(&node.dir.join("data/chunks/packs"), &ids);
+    let (victim, _) = damage_one_of(&node.dir.join("data/chunks/packs"), &ids);
     node.restart();
 
     // A dry run reports and marks nothing.
