@@ -32,6 +32,8 @@ static SERIAL: Mutex<()> = Mutex::new(());
 pub struct Cluster {
     pub root: PathBuf,
     pub nodes: Vec<Node>,
+    /// Flags every node of this cluster gets after [`TEST_NODE_ARGS`].
+    extra: Vec<String>,
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -45,19 +47,33 @@ impl Cluster {
     /// and W = `write_quorum`, the others join through it at once; returns when every
     /// node is ready.
     pub fn start(root: &Path, n: usize, replicas: u8, write_quorum: u8) -> Cluster {
+        Self::start_with(root, n, replicas, write_quorum, &[])
+    }
+
+    /// [`Cluster::start`] with more flags for every node (now and added later), e.g. a
+    /// short `--repair-interval-secs`.
+    pub fn start_with(
+        root: &Path,
+        n: usize,
+        replicas: u8,
+        write_quorum: u8,
+        extra: &[&str],
+    ) -> Cluster {
         let serial = Self::serial();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let first = Node::start_with(
             &root.join("n1"),
             NodeOpts {
                 replicas: Some(replicas),
                 write_quorum: Some(write_quorum),
-                extra: TEST_NODE_ARGS.map(String::from).to_vec(),
+                extra: Self::node_args(&extra),
                 ..Default::default()
             },
         );
         let mut cluster = Cluster {
             root: root.to_path_buf(),
             nodes: vec![first],
+            extra,
             _serial: serial,
         };
         let mut joiners: Vec<Node> = (2..=n).map(|i| cluster.spawn_joiner(i)).collect();
@@ -68,19 +84,40 @@ impl Cluster {
         cluster
     }
 
+    fn node_args(extra: &[String]) -> Vec<String> {
+        let mut args = TEST_NODE_ARGS.map(String::from).to_vec();
+        args.extend(extra.iter().cloned());
+        args
+    }
+
     fn spawn_joiner(&self, i: usize) -> Node {
+        // Through a running member (the first may have been stopped by the test).
+        let seed = self
+            .nodes
+            .iter()
+            .find(|n| n.is_running())
+            .expect("a running member to join through");
         Node::spawn_with(
             &self.root.join(format!("n{i}")),
             NodeOpts {
-                join: vec![self.nodes[0].addr.clone()],
+                join: vec![seed.addr.clone()],
                 secret_file: Some(self.nodes[0].secret_file()),
-                extra: TEST_NODE_ARGS.map(String::from).to_vec(),
+                extra: Self::node_args(&self.extra),
                 ..Default::default()
             },
         )
     }
 
-    /// Starts one more node that joins through the first; returns its index.
+    /// Starts one more node that joins through a running member, without waiting for it
+    /// (it is admitted while the test goes on); [`Cluster::nodes`] lists it at once.
+    pub fn spawn_node(&mut self) -> usize {
+        let node = self.spawn_joiner(self.nodes.len() + 1);
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
+    /// Starts one more node that joins through a running member; returns its index once
+    /// it is ready.
     pub fn add_node(&mut self) -> usize {
         let mut node = self.spawn_joiner(self.nodes.len() + 1);
         node.wait_ready();
@@ -97,6 +134,16 @@ impl Cluster {
     /// The admin token (made by the first node).
     pub fn token(&self) -> String {
         self.nodes[0].token()
+    }
+
+    /// Runs the CLI through node `i` with the admin token.
+    pub fn cli(&self, i: usize, args: &[&str]) -> std::process::Output {
+        self.nodes[i].cli_as(&self.nodes[0].token_file(), args, |_| {})
+    }
+
+    /// [`Cluster::cli`] with `--json`: asserts success and parses the output.
+    pub fn cli_json(&self, i: usize, args: &[&str]) -> serde_json::Value {
+        self.nodes[i].cli_json_as(&self.nodes[0].token_file(), args)
     }
 
     /// Node `i`'s status, or `None` when it does not answer within 3 s.

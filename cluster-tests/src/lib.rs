@@ -240,10 +240,21 @@ impl Node {
     }
 
     pub fn cli_with(&self, args: &[&str], tweak: impl FnOnce(&mut Command)) -> Output {
+        self.cli_as(&self.token_file(), args, tweak)
+    }
+
+    /// Runs the CLI against this node with the token in `token_file` (a joiner has no
+    /// token file of its own: pass the first node's).
+    pub fn cli_as(
+        &self,
+        token_file: &Path,
+        args: &[&str],
+        tweak: impl FnOnce(&mut Command),
+    ) -> Output {
         let mut cmd = Command::new(bin_dir().join("hashgrid"));
         cmd.args(["--server", &self.server()])
             .arg("--token-file")
-            .arg(self.token_file())
+            .arg(token_file)
             .args(args)
             .env_remove("HASHGRID_TOKEN");
         tweak(&mut cmd);
@@ -252,9 +263,14 @@ impl Node {
 
     /// Runs the CLI with `--json`, asserts success, and parses the last stdout line.
     pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        self.cli_json_as(&self.token_file(), args)
+    }
+
+    /// [`Node::cli_json`] with the token in `token_file`.
+    pub fn cli_json_as(&self, token_file: &Path, args: &[&str]) -> serde_json::Value {
         let mut all = vec!["--json"];
         all.extend_from_slice(args);
-        let out = self.cli(&all);
+        let out = self.cli_as(token_file, &all, |_| {});
         assert!(
             out.status.success(),
             "hashgrid {args:?} failed ({}):\n{}\n{}",

@@ -196,7 +196,14 @@ fn a_copy_damaged_on_the_coordinator_is_read_from_another_owner_and_rewritten() 
 #[test]
 fn a_lookup_copies_a_chunk_found_on_fewer_than_w_owners_to_the_owners_lacking_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::start(&tmp.path().join("cluster"), 3, 3, 2);
+    // Repair off: the restarted node must still lack the chunks when the lookups come.
+    let mut cluster = Cluster::start_with(
+        &tmp.path().join("cluster"),
+        3,
+        3,
+        2,
+        &["--repair-interval-secs", "0"],
+    );
     let rt = runtime();
     let src = tmp.path().join("src");
     make_source(&src, 5);

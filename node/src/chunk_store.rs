@@ -31,7 +31,7 @@ use crate::durable;
 use crate::pack::{Location, PackFiles, RecordHeader, SyncData, HEADER_LEN};
 
 mod writer;
-use writer::{DropRequest, PutRequest, Request, Writer};
+use writer::{DropReason, DropRequest, PutRequest, Request, Writer};
 
 const CF_META: &str = "chunk_meta";
 const CF_STORE: &str = "store_meta";
@@ -211,19 +211,24 @@ pub struct StoreCounters {
     pub plain_bytes: u64,
     /// Copies dropped from the index because they failed verification, ever.
     pub damaged: u64,
+    /// Pack bytes no index entry points at any more (damaged copies, chunks handed off
+    /// after their partition moved away): what pack compaction will give back.
+    pub reclaimable_bytes: u64,
 }
 
 impl StoreCounters {
-    fn encode(&self) -> [u8; 32] {
-        let mut out = [0u8; 32];
+    fn encode(&self) -> [u8; 40] {
+        let mut out = [0u8; 40];
         out[..8].copy_from_slice(&self.chunks.to_le_bytes());
         out[8..16].copy_from_slice(&self.stored_bytes.to_le_bytes());
         out[16..24].copy_from_slice(&self.plain_bytes.to_le_bytes());
-        out[24..].copy_from_slice(&self.damaged.to_le_bytes());
+        out[24..32].copy_from_slice(&self.damaged.to_le_bytes());
+        out[32..].copy_from_slice(&self.reclaimable_bytes.to_le_bytes());
         out
     }
 
-    /// Stores written before the `damaged` counter existed have 24 bytes.
+    /// Stores written before the `damaged` counter existed have 24 bytes, before
+    /// `reclaimable_bytes` 32.
     fn decode(b: &[u8]) -> Option<Self> {
         let u = |i: usize| Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?));
         Some(StoreCounters {
@@ -231,6 +236,7 @@ impl StoreCounters {
             stored_bytes: u(8)?,
             plain_bytes: u(16)?,
             damaged: if b.len() > 24 { u(24)? } else { 0 },
+            reclaimable_bytes: if b.len() > 32 { u(32)? } else { 0 },
         })
     }
 }
@@ -412,6 +418,7 @@ impl ChunkStore {
             let (reply, dropped) = sync_channel(1);
             self.send(Request::Drop(DropRequest {
                 copies: damaged,
+                why: DropReason::Damaged,
                 reply,
             }))?;
             dropped
@@ -494,6 +501,103 @@ impl ChunkStore {
             }
         }
         Ok(out)
+    }
+
+    /// How many ids the store holds in `[start, end)` and a digest of them: BLAKE3 of the
+    /// ids in id order. Two stores holding the same ids in a range have the same digest;
+    /// anti-entropy compares these before exchanging any id list.
+    pub fn range_digest(
+        &self,
+        start: &[u8; 32],
+        end: Option<&[u8; 32]>,
+    ) -> Result<(u64, [u8; 32]), StoreError> {
+        let mut hasher = blake3::Hasher::new();
+        let mut count = 0u64;
+        self.scan_range(start, end, |id| {
+            hasher.update(id.as_bytes());
+            count += 1;
+            true
+        })?;
+        Ok((count, *hasher.finalize().as_bytes()))
+    }
+
+    /// Up to `limit` ids in `[start, end)` after `after` (from `start` when `None`), in id
+    /// order, and whether the range has no more.
+    pub fn ids_in_range(
+        &self,
+        start: &[u8; 32],
+        end: Option<&[u8; 32]>,
+        after: Option<&ChunkId>,
+        limit: usize,
+    ) -> Result<(Vec<ChunkId>, bool), StoreError> {
+        let from = match after {
+            Some(a) if a.as_bytes() >= start => a.as_bytes(),
+            _ => start,
+        };
+        let mut out = Vec::with_capacity(limit.min(4096));
+        let mut done = true;
+        self.scan_range(from, end, |id| {
+            if after == Some(id) {
+                return true;
+            }
+            if out.len() == limit {
+                done = false;
+                return false;
+            }
+            out.push(*id);
+            true
+        })?;
+        Ok((out, done))
+    }
+
+    /// Calls `visit` for every stored id in `[start, end)` in id order until it answers
+    /// false.
+    fn scan_range(
+        &self,
+        start: &[u8; 32],
+        end: Option<&[u8; 32]>,
+        mut visit: impl FnMut(&ChunkId) -> bool,
+    ) -> Result<(), StoreError> {
+        let mut opts = rocksdb::ReadOptions::default();
+        if let Some(end) = end {
+            opts.set_iterate_upper_bound(end.to_vec());
+        }
+        // A scan reads each block once: keep it from evicting the lookups' hot blocks.
+        opts.fill_cache(false);
+        let mode = rocksdb::IteratorMode::From(start, rocksdb::Direction::Forward);
+        for item in self.db.iterator_cf_opt(self.cf(CF_META), opts, mode) {
+            let (key, _) = item.map_err(rocks(&self.db, "iterate metadata"))?;
+            let Ok(id) = ChunkId::from_slice(&key) else {
+                continue;
+            };
+            if !visit(&id) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes `ids` out of the index, durably: their partition moved to other owners, who
+    /// hold copies. The pack bytes stay until compaction and count as reclaimable. Returns
+    /// how many entries were released (ids not held are skipped).
+    pub fn release(&self, ids: &[ChunkId]) -> Result<u64, StoreError> {
+        let copies: Vec<(ChunkId, ChunkMeta)> = ids
+            .iter()
+            .zip(metas(&self.db, ids)?)
+            .filter_map(|(id, m)| Some((*id, m?)))
+            .collect();
+        if copies.is_empty() {
+            return Ok(0);
+        }
+        let (reply, released) = sync_channel(1);
+        self.send(Request::Drop(DropRequest {
+            copies,
+            why: DropReason::Released,
+            reply,
+        }))?;
+        released
+            .recv()
+            .map_err(|_| StoreError::Thread("chunk writer stopped".into()))?
     }
 
     pub fn counters(&self) -> StoreCounters {
@@ -633,6 +737,70 @@ mod tests {
     }
 
     #[test]
+    fn ranges_digest_list_and_release_what_they_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), 8 << 20).unwrap();
+        let chunks: Vec<VerifiedChunk> = (0..40u8).map(|i| chunk(&[i + 1; 5])).collect();
+        store.put(chunks.clone()).unwrap();
+        let mut ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
+        ids.sort();
+        // The lower half of the id space, by the top bit.
+        let mid = {
+            let mut k = [0u8; 32];
+            k[0] = 0x80;
+            k
+        };
+        let low: Vec<ChunkId> = ids
+            .iter()
+            .copied()
+            .filter(|i| i.as_bytes()[0] < 0x80)
+            .collect();
+        let (count, digest) = store.range_digest(&[0u8; 32], Some(&mid)).unwrap();
+        assert_eq!(count, low.len() as u64);
+        let mut h = blake3::Hasher::new();
+        low.iter().for_each(|i| {
+            h.update(i.as_bytes());
+        });
+        assert_eq!(digest, *h.finalize().as_bytes());
+        assert_eq!(
+            store.range_digest(&mid, None).unwrap().0,
+            (ids.len() - low.len()) as u64
+        );
+
+        let mut listed = Vec::new();
+        let mut after = None;
+        loop {
+            let (page, done) = store
+                .ids_in_range(&[0u8; 32], Some(&mid), after.as_ref(), 4)
+                .unwrap();
+            after = page.last().copied();
+            listed.extend(page);
+            if done {
+                break;
+            }
+        }
+        assert_eq!(listed, low);
+
+        let before = store.counters();
+        let released = store.release(&low).unwrap();
+        assert_eq!(released, low.len() as u64);
+        assert_eq!(
+            store.release(&low).unwrap(),
+            0,
+            "a second release finds nothing"
+        );
+        let after = store.counters();
+        assert_eq!(after.chunks, before.chunks - low.len() as u64);
+        assert_eq!(after.damaged, 0);
+        assert_eq!(
+            after.reclaimable_bytes,
+            low.len() as u64 * (5 + HEADER_LEN as u64)
+        );
+        assert_eq!(store.range_digest(&[0u8; 32], Some(&mid)).unwrap().0, 0);
+        assert!(store.has(&low).unwrap().iter().all(|h| !h));
+    }
+
+    #[test]
     fn counters_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
@@ -647,6 +815,7 @@ mod tests {
                 stored_bytes: 8,
                 plain_bytes: 8,
                 damaged: 0,
+                reclaimable_bytes: 0,
             }
         );
         assert_eq!(store.has(&[ChunkId::of(b"one")]).unwrap(), vec![true]);
@@ -690,7 +859,7 @@ mod tests {
                 ChunkRead::Missing
             ));
         }
-        // The drop and its count are durable.
+        // The drop and its count are durable; the bad copy's bytes are reclaimable.
         let store = ChunkStore::open(dir.path(), 8 << 20).unwrap();
         assert_eq!(
             store.counters(),
@@ -699,6 +868,7 @@ mod tests {
                 stored_bytes: 5,
                 plain_bytes: 5,
                 damaged: 1,
+                reclaimable_bytes: (a.data.len() + HEADER_LEN) as u64,
             }
         );
         assert_eq!(store.has(&[a.id]).unwrap(), vec![false]);

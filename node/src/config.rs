@@ -67,6 +67,11 @@ pub struct NodeConfig {
     #[arg(long, env = "HASHGRID_CLUSTER_SECRET_FILE")]
     pub cluster_secret_file: Option<PathBuf>,
 
+    /// With `--join`: join as a standby that owns no data until `hashgrid node add ID`
+    /// activates it (to add several nodes and move data once).
+    #[arg(long, env = "HASHGRID_STANDBY")]
+    pub standby: bool,
+
     /// Copies of every chunk (R), set when the cluster is created; change it later with
     /// `hashgrid cluster set`.
     #[arg(long, env = "HASHGRID_REPLICAS", default_value_t = 1)]
@@ -91,6 +96,13 @@ pub struct NodeConfig {
     /// time is treated as unreachable for that call.
     #[arg(long, env = "HASHGRID_PEER_TIMEOUT_MS", default_value_t = 5000)]
     pub peer_timeout_ms: u64,
+
+    /// Seconds between repair passes, in which this node compares each partition it owns
+    /// with the partition's other owners and copies what it lacks. A pass also runs soon
+    /// after the node starts. 0 turns repair off (for tests of other mechanisms; a node
+    /// without repair does not heal).
+    #[arg(long, env = "HASHGRID_REPAIR_INTERVAL_SECS", default_value_t = 600)]
+    pub repair_interval_secs: u64,
 }
 
 /// Why the configuration could not be read.
@@ -164,6 +176,11 @@ impl NodeConfig {
 
     pub fn peer_timeout(&self) -> Duration {
         Duration::from_millis(self.peer_timeout_ms)
+    }
+
+    /// `None` when repair is off.
+    pub fn repair_interval(&self) -> Option<Duration> {
+        (self.repair_interval_secs > 0).then(|| Duration::from_secs(self.repair_interval_secs))
     }
 
     /// A config for tests and embedding: the defaults with another data dir and port 0.

@@ -13,6 +13,7 @@ use hashgrid_proto::NodeId;
 use openraft::error::{ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
 
+use crate::anti_entropy::workers::Workers;
 use crate::catalog::{ClusterConfig, Command, CommandResult};
 use crate::chunk_store::ChunkStore;
 use crate::error::NodeError;
@@ -41,6 +42,8 @@ pub struct NodeContext {
     pub catalog: SharedCatalog,
     pub secret: ClusterSecret,
     pub peers: Arc<PeerPool>,
+    /// The background workers' status (rebalance, repair).
+    pub workers: Workers,
     ready: AtomicBool,
     placement: Mutex<Option<Arc<PlacementHistory>>>,
 }
@@ -64,6 +67,7 @@ impl NodeContext {
             catalog,
             secret,
             peers,
+            workers: Workers::default(),
             ready: AtomicBool::new(false),
             placement: Mutex::new(None),
         }
@@ -117,6 +121,21 @@ impl NodeContext {
         let built = build_history(&config.map, older)?;
         *cached = Some(built.clone());
         Ok(built)
+    }
+
+    /// Waits until this node has applied the map of `epoch` (another node told of it), for
+    /// at most the peer deadline; then `Unavailable`.
+    pub async fn wait_for_epoch(&self, epoch: u64) -> Result<(), NodeError> {
+        let deadline = tokio::time::Instant::now() + self.peers.timeout();
+        while self.placement()?.epoch() < epoch {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(NodeError::Unavailable(format!(
+                    "this node has not caught up with map epoch {epoch} yet; retry shortly"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
     }
 
     /// Refuses requests routed by an older map (agents refresh and retry). Epoch 0 means the

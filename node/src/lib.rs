@@ -7,6 +7,7 @@
 //! behind the auth hook), [`server`] (start, bootstrap, stop). [`config`] is the single source
 //! of settings and defaults.
 
+pub mod anti_entropy;
 pub mod catalog;
 pub mod chunk_store;
 pub mod cluster_map;

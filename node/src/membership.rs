@@ -4,7 +4,8 @@
 //! reaches the catalog leader ([`admit`]), which lists the node in the map as `Joining`,
 //! adds it to the Raft group as a learner and waits until it has caught up, keeps the
 //! voters at the target count ([`ensure_voters`]), and then makes the node `Active`, which
-//! starts moving its share of the partitions to it. Joining is idempotent: a node that
+//! starts moving its share of the partitions to it (unless it joined as a standby: then
+//! `hashgrid node add` activates it, so several nodes can join and take data in one move). Joining is idempotent: a node that
 //! retries, or a member that restarts with a new address, is updated in place.
 //!
 //! Voters: 1 while the cluster has fewer than 3 members, then 3, then 5 from 5 members on;
@@ -124,7 +125,7 @@ async fn admit_as_leader(ctx: &NodeContext, req: JoinRequest) -> Result<JoinResp
         .map()?
         .member(id)
         .is_some_and(|m| m.state == MemberState::Joining);
-    if joining {
+    if joining && !req.standby {
         expect_map(
             ctx.write(Command::ChangeMap(MapChange::SetState {
                 id,
@@ -273,12 +274,14 @@ pub async fn join_through(
     seeds: &[String],
     zone: &str,
     weight: u32,
+    standby: bool,
 ) -> Result<JoinResponse, NodeError> {
     let req = JoinRequest {
         node_id: ctx.node_id,
         addr: ctx.advertise.clone(),
         zone: zone.to_string(),
         weight,
+        standby,
     };
     let mut pause = Duration::from_millis(200);
     loop {

@@ -17,6 +17,13 @@ pub const SNAPSHOTS_COMMITTED: &str = "hashgrid_catalog_snapshots_committed_tota
 pub const STORE_CHUNKS: &str = "hashgrid_store_chunks";
 pub const STORE_BYTES: &str = "hashgrid_store_stored_bytes";
 pub const STORE_DAMAGED: &str = "hashgrid_store_damaged_chunks_total";
+pub const STORE_RECLAIMABLE: &str = "hashgrid_store_reclaimable_bytes";
+pub const PARTITIONS_MOVING: &str = "hashgrid_cluster_partitions_moving";
+pub const WORKER_UNDER_REPLICATED: &str = "hashgrid_worker_under_replicated_chunks";
+pub const WORKER_RUNNING: &str = "hashgrid_worker_running";
+pub const WORKER_COPIED: &str = "hashgrid_worker_copied_chunks_total";
+pub const WORKER_COPIED_BYTES: &str = "hashgrid_worker_copied_bytes_total";
+pub const WORKER_RELEASED: &str = "hashgrid_worker_released_chunks_total";
 
 /// Starts the exporter's HTTP listener on the current Tokio runtime.
 pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
@@ -43,6 +50,28 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
     describe_counter!(
         STORE_DAMAGED,
         "Stored chunk copies that failed verification on a read and left the index"
+    );
+    describe_gauge!(
+        STORE_RECLAIMABLE,
+        "Pack bytes no index entry points at (moved away or damaged), until compaction"
+    );
+    describe_gauge!(
+        PARTITIONS_MOVING,
+        "Partitions whose owners are still changing after a map change"
+    );
+    describe_gauge!(
+        WORKER_UNDER_REPLICATED,
+        "Chunk copies a worker found missing and has not restored, by worker"
+    );
+    describe_gauge!(WORKER_RUNNING, "1 while a worker's pass runs, by worker");
+    describe_counter!(WORKER_COPIED, "Chunks copied from other owners, by worker");
+    describe_counter!(
+        WORKER_COPIED_BYTES,
+        "Encoded bytes copied from other owners, by worker"
+    );
+    describe_counter!(
+        WORKER_RELEASED,
+        "Index entries released after their partition moved to other owners"
     );
     Ok(())
 }

@@ -129,6 +129,7 @@ pub fn publish_store_gauges(store: &ChunkStore) {
     let counters = store.counters();
     metrics::gauge!(m::STORE_CHUNKS).set(counters.chunks as f64);
     metrics::gauge!(m::STORE_BYTES).set(counters.stored_bytes as f64);
+    metrics::gauge!(m::STORE_RECLAIMABLE).set(counters.reclaimable_bytes as f64);
 }
 
 /// Reads `ids` from the local store, verifying each copy; a copy that fails leaves the

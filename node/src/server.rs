@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
+use crate::anti_entropy;
 use crate::catalog::{ClusterConfig, Command, CommandResult};
 use crate::chunk_store::ChunkStore;
 use crate::config::NodeConfig;
@@ -139,6 +140,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
             }
             ctx.set_ready();
             tokio::spawn(membership::maintain(ctx.clone()));
+            anti_entropy::workers::spawn(ctx.clone(), config.repair_interval());
             write_atomically(&data_dir.join(ADDR_FILE), advertise.as_bytes())?;
             tracing::info!(node = node_id, addr = %advertise, "hashgrid-node ready");
             println!("hashgrid-node {node_id} ready on {advertise}");
@@ -267,7 +269,14 @@ async fn bootstrap(ctx: &NodeContext, data_dir: &Path, config: &NodeConfig) -> a
 /// node's copy of the catalog lists it.
 async fn join(ctx: &NodeContext, config: &NodeConfig) -> anyhow::Result<()> {
     tracing::info!(seeds = ?config.join, "joining the cluster");
-    let resp = membership::join_through(ctx, &config.join, &config.zone, config.weight).await?;
+    let resp = membership::join_through(
+        ctx,
+        &config.join,
+        &config.zone,
+        config.weight,
+        config.standby,
+    )
+    .await?;
     ctx.raft
         .wait(Some(JOIN_APPLY))
         .metrics(
@@ -311,6 +320,8 @@ async fn rejoin(ctx: &NodeContext, config: &NodeConfig) -> anyhow::Result<()> {
             std::slice::from_ref(&ctx.advertise),
             &config.zone,
             config.weight,
+            // An address update: the member's state stays as it is.
+            true,
         )
         .await?;
     }

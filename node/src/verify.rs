@@ -5,7 +5,8 @@
 //!    read: a bad copy leaves the index and is counted, so the next backup that meets the id
 //!    sends it again and the copy heals).
 //! 2. Every snapshot's manifests are walked ([`crate::manifest_walk`]) and each referenced
-//!    chunk is looked up; subtrees found whole in one snapshot are not walked again for the
+//!    chunk is looked up through the coordinator (on a cluster, present means on W owners,
+//!    as at commit; one under-replicated is copied to its owners by the lookup); subtrees found whole in one snapshot are not walked again for the
 //!    next, so the walk costs the distinct data, and memory stays bounded by the walk's sets.
 //! 3. Unless it is a dry run, one Raft command per batch records the damaged snapshots and
 //!    clears the mark of those found whole again; the state machine persists the marks.
@@ -25,8 +26,10 @@ use tonic::Status;
 use crate::catalog::{Command, CommandResult};
 use crate::chunk_store::ChunkRead;
 use crate::context::NodeContext;
+use crate::coordinator::source::ClusterChunks;
+use crate::coordinator::Route;
 use crate::error::NodeError;
-use crate::manifest_walk::{LocalChunks, Missing, Walker, WholeSet, MISSING_EXAMPLES};
+use crate::manifest_walk::{ChunkSource, LocalChunks, Missing, Walker, WholeSet, MISSING_EXAMPLES};
 
 /// Chunks read per store call.
 const SCAN_PAGE: usize = 1024;
@@ -70,10 +73,26 @@ async fn verify(ctx: Arc<NodeContext>, dry_run: bool, tx: &Progress) -> Result<(
     let max_plain_len = ctx.chunker()?.max_size;
     let scan_ctx = ctx.clone();
     let scan_tx = tx.clone();
-    let found =
-        tokio::task::spawn_blocking(move || scan(&scan_ctx, max_plain_len, started_ms, &scan_tx))
-            .await
-            .map_err(|e| NodeError::Internal(format!("verify task: {e}")))??;
+    let route = Route::new(&ctx)?;
+    let runtime = tokio::runtime::Handle::current();
+    let found = tokio::task::spawn_blocking(move || {
+        if route.is_local_only() {
+            let source = LocalChunks {
+                store: &scan_ctx.store,
+                max_plain_len,
+            };
+            scan(&scan_ctx, &source, max_plain_len, started_ms, &scan_tx)
+        } else {
+            let source = ClusterChunks {
+                route,
+                runtime,
+                max_plain_len,
+            };
+            scan(&scan_ctx, &source, max_plain_len, started_ms, &scan_tx)
+        }
+    })
+    .await
+    .map_err(|e| NodeError::Internal(format!("verify task: {e}")))??;
     let Some(found) = found else {
         tracing::info!("verify abandoned: the caller went away");
         return Ok(());
@@ -152,8 +171,9 @@ impl Ticker<'_> {
 }
 
 /// Steps 1 and 2; `None` when the caller went away.
-fn scan(
+fn scan<S: ChunkSource>(
     ctx: &NodeContext,
+    source: &S,
     max_plain_len: u32,
     started_ms: i64,
     tx: &Progress,
@@ -212,15 +232,11 @@ fn scan(
             .collect()
     };
     p.snapshots_total = snapshots.len() as u64;
-    let source = LocalChunks {
-        store,
-        max_plain_len,
-    };
     let mut whole = WholeSet::default();
     let mut missing = Missing::default();
     let mut findings = Vec::with_capacity(snapshots.len());
     for (id, root, client, dataset, was) in snapshots {
-        let mut walker = Walker::new(&source, Some(&mut whole));
+        let mut walker = Walker::new(source, Some(&mut whole));
         let now = match walker.walk(&root, None) {
             Ok(()) if walker.missing.count == 0 => None,
             Ok(()) => Some(SnapshotDamage {

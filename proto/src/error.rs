@@ -34,7 +34,7 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    pub(crate) fn invalid(what: &'static str, reason: impl Into<String>) -> Self {
+    pub fn invalid(what: &'static str, reason: impl Into<String>) -> Self {
         DecodeError::Invalid {
             what,
             reason: reason.into(),

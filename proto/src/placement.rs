@@ -190,6 +190,11 @@ impl Placement {
         Partition((id.prefix_u64() >> (64 - u32::from(self.partition_bits))) as u32)
     }
 
+    /// Bits of the id that name its partition (fixed at cluster init).
+    pub fn partition_bits(&self) -> u8 {
+        self.partition_bits
+    }
+
     pub fn owners(&self, partition: Partition) -> &[NodeId] {
         &self.owners[partition.0 as usize]
     }
@@ -197,6 +202,22 @@ impl Placement {
     pub fn owners_of(&self, id: &ChunkId) -> &[NodeId] {
         self.owners(self.partition_of(id))
     }
+}
+
+/// The ids of `partition` under `partition_bits`: from `start` (inclusive) up to `end`
+/// (exclusive; `None` after the last partition). A partition is the ids sharing their top
+/// bits, so in id order it is one contiguous range: stores keyed by id scan a partition as
+/// one range.
+pub fn partition_range(partition_bits: u8, partition: Partition) -> ([u8; 32], Option<[u8; 32]>) {
+    let shift = 64 - u32::from(partition_bits);
+    let key = |p: u64| {
+        let mut k = [0u8; 32];
+        k[..8].copy_from_slice(&(p << shift).to_be_bytes());
+        k
+    };
+    let p = u64::from(partition.0);
+    let end = (p + 1 < 1u64 << partition_bits).then(|| key(p + 1));
+    (key(p), end)
 }
 
 /// The placements of the current map and of the older maps whose partitions are still
@@ -443,6 +464,25 @@ mod tests {
         assert_eq!(p.partitions(), 4096);
         for i in 0..100u8 {
             assert_eq!(p.owners_of(&ChunkId::of(&[i])), &[42]);
+        }
+    }
+
+    #[test]
+    fn partition_ranges_cover_exactly_their_ids() {
+        let placement = Placement::new(&map(3, 1, 1)).unwrap();
+        let bits = placement.partition_bits();
+        let last = Partition(placement.partitions() - 1);
+        assert_eq!(partition_range(bits, Partition(0)).0, [0u8; 32]);
+        assert_eq!(partition_range(bits, last).1, None);
+        for seed in 0..2000u32 {
+            let id = ChunkId::of(&seed.to_le_bytes());
+            let p = placement.partition_of(&id);
+            let (start, end) = partition_range(bits, p);
+            assert!(id.as_bytes()[..] >= start[..]);
+            assert!(end.is_none_or(|e| id.as_bytes()[..] < e[..]));
+            if p.0 > 0 {
+                assert_eq!(partition_range(bits, Partition(p.0 - 1)).1, Some(start));
+            }
         }
     }
 

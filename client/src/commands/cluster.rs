@@ -1,10 +1,20 @@
-//! `hashgrid cluster status|nodes`: the cluster as the answering node knows it: the map's
-//! epoch, replication factor and write quorum, the catalog group's leader, and every member
-//! with its address, zone, weight, state and role in the catalog group.
+//! `hashgrid cluster status|nodes|set`: the cluster as its members report it. The answering
+//! node gives the map (epoch, R, W, members and their states) and the catalog group's
+//! leader; every member is then asked for its own figures (chunks and bytes it holds,
+//! bytes reclaimable, chunk copies under-replicated, its workers), and a member that does
+//! not answer within [`MEMBER_DEADLINE`] is shown `down`.
 
-use hashgrid_proto::placement::Member;
+use std::time::Duration;
+
+use hashgrid_proto::pb::{SetReplicationRequest, StatsRequest, StatsResponse};
+use hashgrid_proto::placement::{Member, MemberState};
+use indicatif::HumanBytes;
 
 use super::{outln, print_json, Global};
+use crate::connection::Connection;
+
+/// How long a member has to answer for its figures before it is shown as down.
+const MEMBER_DEADLINE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -14,10 +24,22 @@ pub struct Args {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum What {
-    /// Epoch, replication, the catalog leader, and the members.
+    /// Epoch, replication, the catalog leader, data moving or under-replicated, the members.
     Status,
-    /// One line per member.
+    /// One line per member, with what it holds.
     Nodes,
+    /// Changes the replication factor and write quorum; chunks re-replicate in the background.
+    Set(SetArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SetArgs {
+    /// Copies of every chunk (R).
+    #[arg(long)]
+    pub replicas: u32,
+    /// Copies a write waits for (W <= R).
+    #[arg(long)]
+    pub write_quorum: u32,
 }
 
 /// A member's place in the catalog's Raft group, as the answering node knows it.
@@ -33,19 +55,102 @@ fn raft_role(id: u64, leader: u64, voters: &[u64], learners: &[u64]) -> &'static
     }
 }
 
+/// Asks every member that is not removed for its own figures, all at once.
+async fn member_stats(global: &Global, members: &[Member]) -> Vec<Option<StatsResponse>> {
+    let asks = members.iter().map(|m| async move {
+        if m.state == MemberState::Removed {
+            return None;
+        }
+        let mut opts = global.connect_options();
+        opts.server = m.addr.clone();
+        let ask = async {
+            let conn = Connection::connect(&opts).await.ok()?;
+            let s = conn.admin.clone().stats(StatsRequest {}).await.ok()?;
+            Some(s.into_inner())
+        };
+        tokio::time::timeout(MEMBER_DEADLINE, ask)
+            .await
+            .ok()
+            .flatten()
+    });
+    futures::future::join_all(asks).await
+}
+
+/// The state shown for a member: its map state, or `down` when a member that should
+/// answer did not.
+fn shown_state(m: &Member, stats: Option<&StatsResponse>) -> &'static str {
+    match (m.state, stats) {
+        (MemberState::Removed, _) => "removed",
+        (_, None) => "down",
+        (s, Some(_)) => s.as_str(),
+    }
+}
+
 pub async fn run(global: &Global, args: &Args) -> anyhow::Result<()> {
     let conn = global.connect().await?;
+    if let What::Set(set) = &args.what {
+        let map = conn
+            .admin
+            .clone()
+            .set_replication(SetReplicationRequest {
+                replication: set.replicas,
+                write_quorum: set.write_quorum,
+            })
+            .await?
+            .into_inner()
+            .map
+            .unwrap_or_default();
+        if global.json {
+            return print_json(&serde_json::json!({
+                "epoch": map.epoch, "replicas": map.replication, "write_quorum": map.write_quorum,
+            }));
+        }
+        outln!(
+            "epoch {}: R={} W={}; chunks re-replicate in the background (see `hashgrid cluster status`)",
+            map.epoch,
+            map.replication,
+            map.write_quorum
+        );
+        return Ok(());
+    }
     let s = &conn.status;
     let map = &conn.map;
     let role = |m: &Member| raft_role(m.id, s.raft_leader, &s.raft_voters, &s.raft_learners);
+    let stats = member_stats(global, &map.members).await;
+    let answered = || stats.iter().flatten();
+    let under_replicated: u64 = answered().map(|x| x.under_replicated).sum();
+    let reclaimable: u64 = answered().map(|x| x.reclaimable_bytes).sum();
+    let moving = answered().map(|x| x.moving).max().unwrap_or(0);
     if global.json {
         let members: Vec<_> = map
             .members
             .iter()
-            .map(|m| {
+            .zip(&stats)
+            .map(|(m, st)| {
+                let workers: Vec<_> = st
+                    .iter()
+                    .flat_map(|x| &x.workers)
+                    .map(|w| {
+                        serde_json::json!({
+                            "name": w.name, "state": w.state, "passes": w.passes,
+                            "partitions_done": w.partitions_done,
+                            "partitions_total": w.partitions_total,
+                            "chunks_copied": w.chunks_copied, "bytes_copied": w.bytes_copied,
+                            "chunks_released": w.chunks_released,
+                            "under_replicated": w.under_replicated,
+                            "last_error": w.last_error, "last_pass_unix": w.last_pass_unix,
+                        })
+                    })
+                    .collect();
                 serde_json::json!({
                     "id": m.id, "addr": m.addr, "zone": m.zone, "weight": m.weight,
-                    "state": m.state.as_str(), "raft": role(m),
+                    "state": shown_state(m, st.as_ref()), "map_state": m.state.as_str(),
+                    "raft": role(m),
+                    "chunks": st.as_ref().map(|x| x.chunks),
+                    "stored_bytes": st.as_ref().map(|x| x.stored_bytes),
+                    "reclaimable_bytes": st.as_ref().map(|x| x.reclaimable_bytes),
+                    "under_replicated": st.as_ref().map(|x| x.under_replicated),
+                    "workers": workers,
                 })
             })
             .collect();
@@ -55,6 +160,9 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<()> {
             "epoch": map.epoch,
             "replicas": map.replication,
             "write_quorum": map.write_quorum,
+            "moving": moving,
+            "under_replicated": under_replicated,
+            "reclaimable_bytes": reclaimable,
             "members": members,
         }));
     }
@@ -67,24 +175,44 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<()> {
             s.raft_leader,
             s.node_id
         );
+        outln!(
+            "partitions moving {moving}, chunk copies under-replicated {under_replicated}, \
+             reclaimable {}",
+            HumanBytes(reclaimable)
+        );
     }
     outln!(
-        "{:>20}  {:<22} {:<10} {:>6}  {:<9} raft",
+        "{:>20}  {:<22} {:<10} {:>6}  {:<9} {:<8} {:>10} {:>10}  workers",
         "id",
         "addr",
         "zone",
         "weight",
-        "state"
+        "state",
+        "raft",
+        "chunks",
+        "stored"
     );
-    for m in &map.members {
+    for (m, st) in map.members.iter().zip(&stats) {
+        let workers: Vec<String> = st
+            .iter()
+            .flat_map(|x| &x.workers)
+            .map(|w| match w.state.as_str() {
+                "running" => format!("{} {}/{}", w.name, w.partitions_done, w.partitions_total),
+                state => format!("{} {state}", w.name),
+            })
+            .collect();
         outln!(
-            "{:>20}  {:<22} {:<10} {:>6}  {:<9} {}",
+            "{:>20}  {:<22} {:<10} {:>6}  {:<9} {:<8} {:>10} {:>10}  {}",
             m.id,
             m.addr,
             m.zone,
             m.weight,
-            m.state.as_str(),
-            role(m)
+            shown_state(m, st.as_ref()),
+            role(m),
+            st.as_ref().map_or("-".into(), |x| x.chunks.to_string()),
+            st.as_ref()
+                .map_or("-".into(), |x| HumanBytes(x.stored_bytes).to_string()),
+            workers.join(", ")
         );
     }
     Ok(())

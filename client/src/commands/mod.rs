@@ -5,6 +5,7 @@ mod backup;
 mod cluster;
 mod demo;
 mod ls;
+mod node;
 mod restore;
 mod snapshots;
 mod stats;
@@ -103,8 +104,11 @@ pub enum Command {
     /// Re-read every stored chunk and mark the snapshots that reference bad or missing ones
     /// damaged (exit code 4 when anything is bad).
     Verify(verify::Args),
-    /// The cluster: members, their states, the catalog leader, the map epoch.
+    /// The cluster: members and what they hold, the catalog leader, the map epoch, data
+    /// moving and under-replicated; `cluster set` changes R and W.
     Cluster(cluster::Args),
+    /// Add (activate), drain or remove a member.
+    Node(node::Args),
 }
 
 /// The client name used when --client is not given: this host's name.
@@ -158,6 +162,7 @@ pub fn main() -> ExitCode {
             Command::Cluster(a) => cluster::run(&cli.global, a)
                 .await
                 .map(|()| ExitCode::SUCCESS),
+            Command::Node(a) => node::run(&cli.global, a).await.map(|()| ExitCode::SUCCESS),
         }
     });
     match result {

@@ -17,7 +17,7 @@ use super::{
     VerifiedChunk, CF_META, CF_STORE, KEY_COUNTERS, TOUCH_INTERVAL_SECS,
 };
 use crate::metrics as m;
-use crate::pack::{PackFiles, Record};
+use crate::pack::{PackFiles, Record, HEADER_LEN};
 
 /// Upper bound on the bytes one group commit gathers before its synced write.
 const GROUP_BYTES: usize = 32 << 20;
@@ -32,11 +32,21 @@ pub(super) struct PutRequest {
     pub(super) reply: SyncSender<Result<PutOutcome, StoreError>>,
 }
 
-/// Damaged copies to drop, each with the metadata that pointed at it: an entry that changed
-/// since (another read dropped it and a new copy came) is left alone.
+/// Copies to take out of the index, each with the metadata that pointed at it: an entry
+/// that changed since (another read dropped it and a new copy came) is left alone.
 pub(super) struct DropRequest {
     pub(super) copies: Vec<(ChunkId, ChunkMeta)>,
+    pub(super) why: DropReason,
     pub(super) reply: SyncSender<Result<u64, StoreError>>,
+}
+
+/// Why copies leave the index; both leave their pack bytes reclaimable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum DropReason {
+    /// The copy failed verification (counted as damaged).
+    Damaged,
+    /// The chunk's partition moved to other owners, who hold it.
+    Released,
 }
 
 /// The writer thread's handles.
@@ -68,7 +78,7 @@ impl Writer {
             };
             let first = match first {
                 Request::Drop(d) => {
-                    let _ = d.reply.send(self.drop_copies(&d.copies));
+                    let _ = d.reply.send(self.drop_copies(&d.copies, d.why));
                     continue;
                 }
                 Request::Put(p) => p,
@@ -207,9 +217,13 @@ impl Writer {
         Ok(outcomes)
     }
 
-    /// Drops damaged copies from the index and counts them, in one synced batch. Returns how
-    /// many were dropped (a copy another read dropped first is not counted twice).
-    fn drop_copies(&self, copies: &[(ChunkId, ChunkMeta)]) -> Result<u64, StoreError> {
+    /// Drops copies from the index and counts them, in one synced batch. Returns how many
+    /// were dropped (a copy another read dropped first is not counted twice).
+    fn drop_copies(
+        &self,
+        copies: &[(ChunkId, ChunkMeta)],
+        why: DropReason,
+    ) -> Result<u64, StoreError> {
         let _fence = self.fence.write().unwrap_or_else(|p| p.into_inner());
         let db = &*self.db;
         let ids: Vec<ChunkId> = copies.iter().map(|(id, _)| *id).collect();
@@ -228,12 +242,20 @@ impl Writer {
                 .stored_bytes
                 .saturating_sub(u64::from(bad.location.len));
             next.plain_bytes = next.plain_bytes.saturating_sub(u64::from(bad.plain_len));
-            next.damaged += 1;
+            next.reclaimable_bytes += u64::from(bad.location.len) + HEADER_LEN as u64;
+            if why == DropReason::Damaged {
+                next.damaged += 1;
+            }
             dropped += 1;
         }
         if dropped > 0 {
-            self.commit(batch, next, "drop damaged chunks")?;
-            metrics::counter!(m::STORE_DAMAGED).increment(dropped);
+            match why {
+                DropReason::Damaged => {
+                    self.commit(batch, next, "drop damaged chunks")?;
+                    metrics::counter!(m::STORE_DAMAGED).increment(dropped);
+                }
+                DropReason::Released => self.commit(batch, next, "release moved chunks")?,
+            }
         }
         Ok(dropped)
     }

@@ -40,6 +40,7 @@ pub struct Route {
     ctx: Arc<NodeContext>,
     pub placement: Arc<PlacementHistory>,
     addrs: Arc<HashMap<NodeId, String>>,
+    states: Arc<HashMap<NodeId, MemberState>>,
     /// Is this node the only member, owning every partition under every map?
     local_only: bool,
 }
@@ -52,6 +53,7 @@ impl Route {
             && map.members.len() == 1
             && map.members[0].id == ctx.node_id
             && map.members[0].state == MemberState::Active;
+        let states = map.members.iter().map(|m| (m.id, m.state)).collect();
         let addrs = map
             .members
             .into_iter()
@@ -61,6 +63,7 @@ impl Route {
             ctx: ctx.clone(),
             placement,
             addrs: Arc::new(addrs),
+            states: Arc::new(states),
             local_only,
         })
     }
@@ -96,11 +99,36 @@ impl Route {
         owners
     }
 
-    fn addr(&self, node: NodeId) -> Result<&str, NodeError> {
+    /// `node`'s state in the map this request routes by (`None`: not a member).
+    pub fn member_state(&self, node: NodeId) -> Option<MemberState> {
+        self.states.get(&node).copied()
+    }
+
+    pub(crate) fn addr(&self, node: NodeId) -> Result<&str, NodeError> {
         self.addrs
             .get(&node)
             .map(String::as_str)
             .ok_or_else(|| NodeError::Unavailable(format!("node {node} is not in the map")))
+    }
+
+    /// An owner that could not do its part: unreachable, or refusing. Either way the
+    /// request goes on with the other owners, so it is a retryable failure of that owner
+    /// only; an owner that refused because it knows a newer map says which epoch (the
+    /// coordinator then follows the map, see [`write`]).
+    fn owner_failed(&self, e: PeerError) -> NodeError {
+        if let PeerError::Status { status, .. } = &e {
+            let newer = status
+                .metadata()
+                .get(crate::error::REFRESH_METADATA)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            if let Some(current) = newer {
+                return NodeError::StaleEpoch {
+                    sent: self.epoch(),
+                    current,
+                };
+            }
+        }
+        NodeError::Unavailable(e.to_string())
     }
 
     /// Which of `ids` `node` holds.
@@ -120,7 +148,7 @@ impl Route {
                 c.owner_has(req).await
             })
             .await
-            .map_err(owner_failed)?;
+            .map_err(|e| self.owner_failed(e))?;
         Ok(owner::from_bitmap(&reply.present, n))
     }
 
@@ -144,7 +172,7 @@ impl Route {
                 c.owner_put(req).await
             })
             .await
-            .map_err(owner_failed)?;
+            .map_err(|e| self.owner_failed(e))?;
         Ok(PutOutcome {
             stored: reply.stored,
             existing: reply.existing,
@@ -183,7 +211,7 @@ impl Route {
                 Ok::<_, tonic::Status>(tonic::Response::new(chunks))
             })
             .await
-            .map_err(owner_failed)?;
+            .map_err(|e| self.owner_failed(e))?;
         if chunks.len() != n || chunks.iter().zip(&ids).any(|(c, id)| c.id != id.as_bytes()) {
             return Err(NodeError::Unavailable(format!(
                 "owner {node} answered a read of {n} chunks out of order or incompletely"
@@ -191,12 +219,6 @@ impl Route {
         }
         Ok(chunks)
     }
-}
-
-/// An owner that could not do its part: unreachable, or refusing. Either way the request
-/// goes on with the other owners, so it is a retryable failure of that owner only.
-fn owner_failed(e: PeerError) -> NodeError {
-    NodeError::Unavailable(e.to_string())
 }
 
 /// Groups the indices of `ids` by owner set, as `owners_of` gives it per partition.

@@ -12,7 +12,7 @@ use super::{group_by_owners, Route};
 use crate::chunk_store::{PutOutcome, VerifiedChunk};
 use crate::error::NodeError;
 use crate::owner;
-use crate::quorum::{call_owners, Wait};
+use crate::quorum::{call_owners, QuorumError, Wait};
 use crate::service::blocking;
 
 /// Verifies and stores one `Put` batch; answers once every chunk is durable on W owners.
@@ -34,9 +34,34 @@ pub async fn write(route: &Route, req: PutRequest) -> Result<PutResponse, NodeEr
     })
 }
 
+/// How many newer maps one write follows before it gives up (each is a map change that
+/// landed while the write was under way).
+const MAP_FOLLOWS: usize = 3;
+
 /// Stores verified chunks on their current owners, W of each durably before returning.
-/// The outcome counts each chunk once (as the owner that stored most of the group saw it).
+/// When owners refuse the write because they already know a newer map (this node has not
+/// applied it yet), waits until this node has it and writes again by it, so a map change
+/// does not fail the agent's upload.
 async fn replicate(route: &Route, chunks: Vec<VerifiedChunk>) -> Result<PutOutcome, NodeError> {
+    let mut route = route.clone();
+    let mut follows = 0;
+    loop {
+        match replicate_once(&route, &chunks).await {
+            Err(NodeError::StaleEpoch { current, .. }) if follows < MAP_FOLLOWS => {
+                follows += 1;
+                let ctx = route.ctx().clone();
+                ctx.wait_for_epoch(current).await?;
+                tracing::debug!(epoch = current, "owners know a newer map; writing by it");
+                route = Route::new(&ctx)?;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// One attempt of [`replicate`] under one map. The outcome counts each chunk once (as the
+/// owner that stored most of the group saw it).
+async fn replicate_once(route: &Route, chunks: &[VerifiedChunk]) -> Result<PutOutcome, NodeError> {
     let w = route.write_quorum();
     let groups = group_by_owners(route, chunks.iter().map(|c| c.id), |p| {
         route.placement.current().owners(p).to_vec()
@@ -50,7 +75,8 @@ async fn replicate(route: &Route, chunks: Vec<VerifiedChunk>) -> Result<PutOutco
                 let batch = batch.clone();
                 async move { route.owner_put(node, batch).await }
             })
-            .await?;
+            .await
+            .map_err(newer_map_or)?;
             for (node, e) in &answers.failed {
                 tracing::warn!(%node, error = %e, "an owner missed a write (it stays under-replicated until repaired)");
             }
@@ -71,4 +97,22 @@ async fn replicate(route: &Route, chunks: Vec<VerifiedChunk>) -> Result<PutOutco
         total.stored_bytes += o.stored_bytes;
     }
     Ok(total)
+}
+
+/// A quorum missed because owners know a newer map is a stale epoch (the newest they
+/// named), so [`replicate`] can follow it; any other miss is what it is.
+fn newer_map_or(e: QuorumError) -> NodeError {
+    if let QuorumError::NotReached { failed, .. } = &e {
+        let newest = failed
+            .iter()
+            .filter_map(|(_, f)| match f {
+                NodeError::StaleEpoch { sent, current } => Some((*sent, *current)),
+                _ => None,
+            })
+            .max_by_key(|(_, current)| *current);
+        if let Some((sent, current)) = newest {
+            return NodeError::StaleEpoch { sent, current };
+        }
+    }
+    e.into()
 }

@@ -110,6 +110,11 @@ impl Admin for AdminService {
     async fn stats(&self, req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
         principal(&req)?;
         let counters = self.ctx.store.counters();
+        // Before the catalog lock: placement() takes it too.
+        let moving = self
+            .ctx
+            .placement()
+            .map_or(0, |p| p.moving().count() as u64);
         let catalog = self.ctx.catalog.read().unwrap_or_else(|p| p.into_inner());
         let mut clients: BTreeMap<&str, ClientStats> = BTreeMap::new();
         let mut logical = 0u64;
@@ -131,6 +136,11 @@ impl Admin for AdminService {
             snapshots: catalog.snapshots.len() as u64,
             logical_bytes: logical,
             clients: clients.into_values().collect(),
+            node_id: self.ctx.node_id,
+            reclaimable_bytes: counters.reclaimable_bytes,
+            under_replicated: self.ctx.workers.under_replicated(),
+            moving,
+            workers: self.ctx.workers.all().iter().map(|w| w.to_pb()).collect(),
         }))
     }
 }

@@ -10,7 +10,10 @@ use std::pin::Pin;
 
 use futures::Stream;
 use hashgrid_proto::pb::peer::peer_server::Peer;
-use hashgrid_proto::pb::peer::{JoinRequest, JoinResponse, RaftMessage};
+use hashgrid_proto::pb::peer::{
+    DigestRequest, DigestResponse, JoinRequest, JoinResponse, ListIdsRequest, ListIdsResponse,
+    RaftMessage,
+};
 use hashgrid_proto::pb::{
     GetRequest, GetResponse, HasRequest, HasResponse, PutRequest, PutResponse,
 };
@@ -21,6 +24,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::anti_entropy;
 use crate::catalog::Command;
 use crate::context::{ForwardError, NodeContext, WriteAttempt};
 use crate::membership;
@@ -110,9 +114,13 @@ impl Peer for PeerService {
         ))
     }
 
+    // Reads (`OwnerHas`, `OwnerGet`) are answered whatever epoch the coordinator routes by:
+    // this node's answer about its own store does not depend on the map, and a coordinator
+    // that has not applied the newest map yet (or an anti-entropy pass that began under the
+    // previous one) must still find the copies. Only writes are refused from an older
+    // epoch, so no chunk lands on an owner the current map no longer names.
     async fn owner_has(&self, req: Request<HasRequest>) -> Result<Response<HasResponse>, Status> {
         let req = req.into_inner();
-        self.ctx.check_epoch(req.epoch)?;
         let ids = owner::ids_of(&req.ids)?;
         let found = owner::has(&self.ctx, ids).await?;
         Ok(Response::new(HasResponse {
@@ -131,6 +139,24 @@ impl Peer for PeerService {
         }))
     }
 
+    async fn owner_digest(
+        &self,
+        req: Request<DigestRequest>,
+    ) -> Result<Response<DigestResponse>, Status> {
+        Ok(Response::new(
+            anti_entropy::serve_digest(&self.ctx, req.into_inner()).await?,
+        ))
+    }
+
+    async fn owner_list(
+        &self,
+        req: Request<ListIdsRequest>,
+    ) -> Result<Response<ListIdsResponse>, Status> {
+        Ok(Response::new(
+            anti_entropy::serve_list(&self.ctx, req.into_inner()).await?,
+        ))
+    }
+
     type OwnerGetStream = Pin<Box<dyn Stream<Item = Result<GetResponse, Status>> + Send>>;
 
     async fn owner_get(
@@ -138,7 +164,6 @@ impl Peer for PeerService {
         req: Request<GetRequest>,
     ) -> Result<Response<Self::OwnerGetStream>, Status> {
         let req = req.into_inner();
-        self.ctx.check_epoch(req.epoch)?;
         let ids = owner::ids_of(&req.ids)?;
         let (tx, rx) = mpsc::channel(2);
         tokio::spawn(owner::stream_local(self.ctx.clone(), ids, tx));

@@ -1,0 +1,515 @@
+//! Anti-entropy: how an owner comes to hold every chunk of its partitions that another node
+//! holds, and how a node hands off the partitions it no longer owns.
+//!
+//! One mechanism serves rebalancing (a new owner pulls a moved partition from its old
+//! owners), repair (owners of a partition compare their sets and pull what they lack: a
+//! node that was down catches up, one whose store was lost refills, survivors of a removed
+//! node re-replicate) and hand-off (a node that no longer owns a partition makes sure every
+//! current owner has its chunks, then takes them out of its index).
+//!
+//! Per partition, the owners first compare digests (BLAKE3 of the held ids in id order, see
+//! [`ChunkStore::range_digest`]), in batches of partitions per call, so owners that agree
+//! exchange 45 bytes per partition and nothing else. Only a partition whose digests differ
+//! is listed (its ids, page by page) and the missing chunks read from the source: the
+//! receiving node verifies every chunk before it stores it, as it does for an agent's.
+//! Pulling, not pushing: each node is responsible for its own copies, so a node that comes
+//! back knows what to fetch without anyone tracking what it missed.
+
+pub mod workers;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use hashgrid_proto::id::{pack_ids, unpack_ids};
+use hashgrid_proto::limits::MAX_IDS_PER_REQUEST;
+use hashgrid_proto::pb::peer::{
+    DigestRequest, DigestResponse, ListIdsRequest, ListIdsResponse, PartitionDigest,
+};
+use hashgrid_proto::pb::{self, ChunkFault};
+use hashgrid_proto::placement::{partition_range, MemberState, Partition};
+use hashgrid_proto::{ChunkId, DecodeError, NodeId};
+
+use crate::chunk_store::{ChunkStore, StoreError};
+use crate::context::NodeContext;
+use crate::coordinator::Route;
+use crate::error::NodeError;
+use crate::owner;
+use crate::service::blocking;
+
+/// Most partitions one digest call may ask about.
+pub const MAX_DIGEST_PARTITIONS: usize = 4096;
+/// Ids read from a source per call while copying (at most 16 MiB of chunks at 128 KiB).
+const COPY_BATCH: usize = 128;
+/// Ids checked with the current owners per call while handing off.
+const HANDOFF_BATCH: usize = 4096;
+
+/// A node's set of ids in one partition, in brief.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Digest {
+    pub count: u64,
+    pub hash: [u8; 32],
+}
+
+/// The local store's digests of `partitions` (blocking: scans the index).
+fn local_digests(
+    store: &ChunkStore,
+    bits: u8,
+    partitions: &[Partition],
+) -> Result<Vec<Digest>, StoreError> {
+    partitions
+        .iter()
+        .map(|&p| {
+            let (start, end) = partition_range(bits, p);
+            let (count, hash) = store.range_digest(&start, end.as_ref())?;
+            Ok(Digest { count, hash })
+        })
+        .collect()
+}
+
+/// Every id the local store holds in `partition` (blocking).
+fn local_ids(
+    store: &ChunkStore,
+    bits: u8,
+    partition: Partition,
+) -> Result<Vec<ChunkId>, StoreError> {
+    let (start, end) = partition_range(bits, partition);
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let (page, done) = store.ids_in_range(&start, end.as_ref(), after.as_ref(), 64 * 1024)?;
+        after = page.last().copied();
+        out.extend(page);
+        if done {
+            return Ok(out);
+        }
+    }
+}
+
+/// The partition count a peer asks with must be ours (it is fixed at cluster init).
+fn check_bits(ctx: &NodeContext, bits: u32) -> Result<u8, NodeError> {
+    let ours = ctx.placement()?.current().partition_bits();
+    if bits != u32::from(ours) {
+        return Err(NodeError::Decode(DecodeError::invalid(
+            "partition bits",
+            format!("asked with {bits}, this cluster has {ours}"),
+        )));
+    }
+    Ok(ours)
+}
+
+fn check_partition(bits: u8, p: u32) -> Result<Partition, NodeError> {
+    if u64::from(p) >= 1u64 << bits {
+        return Err(NodeError::Decode(DecodeError::invalid(
+            "partition",
+            format!("{p} is not below 2^{bits}"),
+        )));
+    }
+    Ok(Partition(p))
+}
+
+/// Answers `OwnerDigest`.
+pub async fn serve_digest(
+    ctx: &NodeContext,
+    req: DigestRequest,
+) -> Result<DigestResponse, NodeError> {
+    let bits = check_bits(ctx, req.partition_bits)?;
+    if req.partitions.len() > MAX_DIGEST_PARTITIONS {
+        return Err(NodeError::TooMany {
+            what: "partitions",
+            count: req.partitions.len(),
+            limit: MAX_DIGEST_PARTITIONS,
+        });
+    }
+    let parts = req
+        .partitions
+        .iter()
+        .map(|&p| check_partition(bits, p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let store = ctx.store.clone();
+    let digests = blocking(move || {
+        let d = local_digests(&store, bits, &parts)?;
+        Ok(parts
+            .into_iter()
+            .zip(d)
+            .map(|(p, d)| PartitionDigest {
+                partition: p.0,
+                count: d.count,
+                digest: d.hash.to_vec(),
+            })
+            .collect())
+    })
+    .await?;
+    Ok(DigestResponse { digests })
+}
+
+/// Answers `OwnerList`.
+pub async fn serve_list(
+    ctx: &NodeContext,
+    req: ListIdsRequest,
+) -> Result<ListIdsResponse, NodeError> {
+    let bits = check_bits(ctx, req.partition_bits)?;
+    let p = check_partition(bits, req.partition)?;
+    let limit = req.limit as usize;
+    if limit == 0 || limit > MAX_IDS_PER_REQUEST {
+        return Err(NodeError::Decode(DecodeError::invalid(
+            "list limit",
+            format!("{limit} is not in 1..={MAX_IDS_PER_REQUEST}"),
+        )));
+    }
+    let after = if req.after.is_empty() {
+        None
+    } else {
+        Some(ChunkId::from_slice(&req.after)?)
+    };
+    let store = ctx.store.clone();
+    let (ids, done) = blocking(move || {
+        let (start, end) = partition_range(bits, p);
+        Ok(store.ids_in_range(&start, end.as_ref(), after.as_ref(), limit)?)
+    })
+    .await?;
+    Ok(ListIdsResponse {
+        ids: pack_ids(&ids),
+        done,
+    })
+}
+
+/// `node`'s digests of `partitions`, in that order.
+async fn peer_digests(
+    route: &Route,
+    node: NodeId,
+    bits: u8,
+    partitions: &[Partition],
+) -> Result<Vec<Digest>, NodeError> {
+    let mut out = Vec::with_capacity(partitions.len());
+    for batch in partitions.chunks(MAX_DIGEST_PARTITIONS) {
+        let req = DigestRequest {
+            partition_bits: u32::from(bits),
+            partitions: batch.iter().map(|p| p.0).collect(),
+        };
+        let reply = route
+            .ctx()
+            .peers
+            .call(route.addr(node)?, None, |mut c| async move {
+                c.owner_digest(req).await
+            })
+            .await
+            .map_err(|e| NodeError::Unavailable(e.to_string()))?;
+        if reply.digests.len() != batch.len()
+            || reply
+                .digests
+                .iter()
+                .zip(batch)
+                .any(|(d, p)| d.partition != p.0)
+        {
+            return Err(NodeError::Unavailable(format!(
+                "node {node} answered a digest request for other partitions"
+            )));
+        }
+        for d in reply.digests {
+            let hash: [u8; 32] = d.digest.as_slice().try_into().map_err(|_| {
+                NodeError::Unavailable(format!("node {node} sent a digest of the wrong length"))
+            })?;
+            out.push(Digest {
+                count: d.count,
+                hash,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Every id `node` holds in `partition`.
+async fn peer_ids(
+    route: &Route,
+    node: NodeId,
+    bits: u8,
+    partition: Partition,
+) -> Result<Vec<ChunkId>, NodeError> {
+    let mut out = Vec::new();
+    let mut after = Vec::new();
+    loop {
+        let req = ListIdsRequest {
+            partition_bits: u32::from(bits),
+            partition: partition.0,
+            after: std::mem::take(&mut after),
+            limit: MAX_IDS_PER_REQUEST as u32,
+        };
+        let reply = route
+            .ctx()
+            .peers
+            .call(route.addr(node)?, None, |mut c| async move {
+                c.owner_list(req).await
+            })
+            .await
+            .map_err(|e| NodeError::Unavailable(e.to_string()))?;
+        let page = unpack_ids(&reply.ids)?;
+        if let Some(last) = page.last() {
+            after = last.as_bytes().to_vec();
+        }
+        let empty = page.is_empty();
+        out.extend(page);
+        if reply.done || empty {
+            return Ok(out);
+        }
+    }
+}
+
+/// What a pull did.
+#[derive(Debug, Default)]
+pub struct PullReport {
+    pub copied: u64,
+    pub copied_bytes: u64,
+    /// Ids some source listed that no source could provide a good copy of.
+    pub not_copied: u64,
+    /// Per partition, the sources that could not be asked (unreachable, refusing).
+    pub unreachable: BTreeMap<Partition, Vec<NodeId>>,
+    /// The local count of ids per pulled partition, after the pull.
+    pub local_counts: HashMap<Partition, u64>,
+    /// One line per failure, for the worker's status.
+    pub errors: Vec<String>,
+}
+
+/// Pulls into this node every chunk that a node of `sources_of(p)` holds in partition `p`
+/// and this node lacks, for every partition of `partitions` (in that order; `progress` is
+/// told how many are done).
+pub async fn pull(
+    route: &Route,
+    partitions: &[Partition],
+    sources_of: impl Fn(Partition) -> Vec<NodeId>,
+    mut progress: impl FnMut(usize, &PullReport),
+) -> Result<PullReport, NodeError> {
+    let ctx = route.ctx().clone();
+    let bits = route.placement.current().partition_bits();
+    let mut report = PullReport::default();
+    let mut by_source: BTreeMap<NodeId, Vec<Partition>> = BTreeMap::new();
+    for &p in partitions {
+        for s in sources_of(p) {
+            if s != ctx.node_id {
+                by_source.entry(s).or_default().push(p);
+            }
+        }
+    }
+    if by_source.is_empty() {
+        // The only owner: nothing to compare with.
+        progress(partitions.len(), &report);
+        return Ok(report);
+    }
+    let store = ctx.store.clone();
+    let parts = partitions.to_vec();
+    let mine = blocking(move || Ok(local_digests(&store, bits, &parts)?)).await?;
+    let mine: HashMap<Partition, Digest> = partitions.iter().copied().zip(mine).collect();
+
+    // Which (partition, source) pairs differ, asking each source about all its partitions.
+    let mut differing: BTreeMap<Partition, Vec<NodeId>> = BTreeMap::new();
+    for (&source, parts) in &by_source {
+        match peer_digests(route, source, bits, parts).await {
+            Ok(theirs) => {
+                for (&p, d) in parts.iter().zip(theirs) {
+                    if d.count > 0 && d != mine[&p] {
+                        differing.entry(p).or_default().push(source);
+                    }
+                }
+            }
+            Err(e) => {
+                report.errors.push(format!("node {source}: {e}"));
+                for &p in parts {
+                    report.unreachable.entry(p).or_default().push(source);
+                }
+            }
+        }
+    }
+
+    for (done, &p) in partitions.iter().enumerate() {
+        let mut count = mine[&p].count;
+        if let Some(sources) = differing.get(&p) {
+            let store = ctx.store.clone();
+            let mut held: BTreeSet<ChunkId> = blocking(move || Ok(local_ids(&store, bits, p)?))
+                .await?
+                .into_iter()
+                .collect();
+            let mut wanted: BTreeSet<ChunkId> = BTreeSet::new();
+            for &source in sources {
+                let listed = match peer_ids(route, source, bits, p).await {
+                    Ok(ids) => ids,
+                    Err(e) => {
+                        report.errors.push(format!("node {source}: {e}"));
+                        report.unreachable.entry(p).or_default().push(source);
+                        continue;
+                    }
+                };
+                let missing: Vec<ChunkId> =
+                    listed.into_iter().filter(|id| !held.contains(id)).collect();
+                wanted.extend(missing.iter().copied());
+                for batch in missing.chunks(COPY_BATCH) {
+                    match copy_from(route, source, batch.to_vec()).await {
+                        Ok((ids, stored, bytes)) => {
+                            report.copied += stored;
+                            report.copied_bytes += bytes;
+                            for id in ids {
+                                wanted.remove(&id);
+                                held.insert(id);
+                            }
+                        }
+                        Err(e) if e.is_retryable() => {
+                            report
+                                .errors
+                                .push(format!("copying from node {source}: {e}"));
+                            report.unreachable.entry(p).or_default().push(source);
+                            break;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            report.not_copied += wanted.len() as u64;
+            count = held.len() as u64;
+        }
+        report.local_counts.insert(p, count);
+        progress(done + 1, &report);
+    }
+    for nodes in report.unreachable.values_mut() {
+        nodes.sort_unstable();
+        nodes.dedup();
+    }
+    Ok(report)
+}
+
+/// Reads `ids` from `source` and stores the good copies here (verified again before they
+/// are stored). Returns the ids now held and the chunks and encoded bytes newly stored (a
+/// chunk another pass stored meanwhile is held but not counted); ids the source lacks or
+/// holds only a damaged copy of are left out.
+async fn copy_from(
+    route: &Route,
+    source: NodeId,
+    ids: Vec<ChunkId>,
+) -> Result<(Vec<ChunkId>, u64, u64), NodeError> {
+    let chunks: Vec<pb::Chunk> = route
+        .owner_get(source, ids)
+        .await?
+        .into_iter()
+        .filter(|c| c.fault == ChunkFault::None as i32)
+        .collect();
+    if chunks.is_empty() {
+        return Ok((Vec::new(), 0, 0));
+    }
+    let got = chunks
+        .iter()
+        .map(|c| ChunkId::from_slice(&c.id))
+        .collect::<Result<Vec<_>, _>>()?;
+    let outcome = owner::verify_and_store(route.ctx(), chunks).await?;
+    Ok((got, u64::from(outcome.stored), outcome.stored_bytes))
+}
+
+/// What a hand-off did.
+#[derive(Debug, Default)]
+pub struct HandoffReport {
+    /// Copies written to current owners that lacked them.
+    pub handed: u64,
+    /// Index entries released.
+    pub released: u64,
+    /// Partitions left for a later pass (an owner could not be reached).
+    pub incomplete: u64,
+    pub errors: Vec<String>,
+}
+
+/// For every partition this node holds chunks of but does not own under the current map:
+/// makes sure every current owner holds each chunk (writing it to those that lack it), then
+/// releases the chunk from this node's index. Run only once no older map is in transition,
+/// so no reader still counts on this node for those partitions.
+pub async fn hand_off(route: &Route) -> Result<HandoffReport, NodeError> {
+    let ctx = route.ctx().clone();
+    let current = route.placement.current();
+    let bits = current.partition_bits();
+    let mut report = HandoffReport::default();
+    for p in (0..current.partitions()).map(Partition) {
+        let owners = current.owners(p);
+        if owners.contains(&ctx.node_id) {
+            continue;
+        }
+        let mut after: Option<ChunkId> = None;
+        loop {
+            let store = ctx.store.clone();
+            let from = after;
+            let (page, done) = blocking(move || {
+                let (start, end) = partition_range(bits, p);
+                Ok(store.ids_in_range(&start, end.as_ref(), from.as_ref(), HANDOFF_BATCH)?)
+            })
+            .await?;
+            if page.is_empty() {
+                break;
+            }
+            after = page.last().copied();
+            match hand_off_page(route, owners, page).await {
+                Ok((handed, released)) => {
+                    report.handed += handed;
+                    report.released += released;
+                }
+                Err(e) if e.is_retryable() => {
+                    report.errors.push(format!("partition {}: {e}", p.0));
+                    report.incomplete += 1;
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+            if done {
+                break;
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Hands off one page of ids of a partition owned by `owners`.
+async fn hand_off_page(
+    route: &Route,
+    owners: &[NodeId],
+    ids: Vec<ChunkId>,
+) -> Result<(u64, u64), NodeError> {
+    let ctx = route.ctx();
+    let mut handed = 0u64;
+    for &owner_id in owners {
+        let has = route.owner_has(owner_id, ids.clone()).await?;
+        let lacking: Vec<ChunkId> = ids
+            .iter()
+            .zip(&has)
+            .filter(|(_, h)| !**h)
+            .map(|(id, _)| *id)
+            .collect();
+        for batch in lacking.chunks(COPY_BATCH) {
+            let reads = owner::read(ctx, batch.to_vec()).await?;
+            let chunks: Vec<_> = batch
+                .iter()
+                .zip(reads)
+                .filter_map(|(id, r)| match r {
+                    crate::chunk_store::ChunkRead::Found(c) => {
+                        Some(crate::chunk_store::VerifiedChunk {
+                            id: *id,
+                            plain_len: c.plain_len,
+                            codec: c.codec,
+                            data: c.data,
+                        })
+                    }
+                    _ => None,
+                })
+                .collect();
+            if chunks.is_empty() {
+                continue;
+            }
+            handed += chunks.len() as u64;
+            route.owner_put(owner_id, Arc::new(chunks)).await?;
+        }
+    }
+    // Every owner now holds every good copy of this page (a damaged local copy already left
+    // the index when it was read).
+    let store = ctx.store.clone();
+    let released = blocking(move || Ok(store.release(&ids)?)).await?;
+    Ok((handed, released))
+}
+
+/// Is `node` gone for good (removed from the map), so a source that cannot be reached is no
+/// reason to keep a partition moving?
+pub fn is_removed(route: &Route, node: NodeId) -> bool {
+    route
+        .member_state(node)
+        .is_none_or(|s| s == MemberState::Removed)
+}

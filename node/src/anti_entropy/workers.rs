@@ -1,0 +1,366 @@
+//! The two named background workers built on [`super::pull`] and [`super::hand_off`], and
+//! the status they show (`hashgrid cluster status`, Admin `Stats`, Prometheus).
+//!
+//! - **rebalance** runs while an older map is still in transition: this node pulls the
+//!   moving partitions it now owns from every node that owned them under any map still
+//!   known, then reports to the catalog that it holds everything it owns under the current
+//!   epoch. When every active member has, the older maps are retired; then it hands off
+//!   the partitions it holds but no longer owns and releases their index entries.
+//! - **repair** runs a full pass over the partitions this node owns, comparing with their
+//!   other current owners, soon after the node starts (a restarted node catches up) and then
+//!   every `--repair-interval-secs`.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hashgrid_proto::pb::WorkerStatus;
+use hashgrid_proto::placement::{MemberState, Partition};
+
+use super::{hand_off, is_removed, pull, PullReport};
+use crate::catalog::Command;
+use crate::context::NodeContext;
+use crate::coordinator::Route;
+use crate::error::NodeError;
+use crate::metrics as m;
+
+/// How often the rebalance worker looks for a map change to act on.
+const REBALANCE_POLL: Duration = Duration::from_millis(500);
+/// The first repair pass after the node is ready.
+const FIRST_REPAIR: Duration = Duration::from_secs(1);
+
+/// The state a worker shows.
+#[derive(Clone, Debug, Default)]
+struct Status {
+    state: &'static str,
+    passes: u64,
+    done: u32,
+    total: u32,
+    chunks_copied: u64,
+    bytes_copied: u64,
+    chunks_released: u64,
+    last_error: String,
+    last_pass_unix: u64,
+    under_replicated: u64,
+}
+
+/// One named worker's status, shared between the worker and the services that report it.
+pub struct Worker {
+    name: &'static str,
+    status: Mutex<Status>,
+}
+
+impl Worker {
+    fn new(name: &'static str) -> Self {
+        Worker {
+            name,
+            status: Mutex::new(Status {
+                state: "idle",
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Status)) {
+        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut s);
+        metrics::gauge!(m::WORKER_UNDER_REPLICATED, "worker" => self.name)
+            .set(s.under_replicated as f64);
+        metrics::gauge!(m::WORKER_RUNNING, "worker" => self.name)
+            .set(f64::from(u8::from(s.state == "running")));
+    }
+
+    fn begin(&self, total: usize) {
+        self.update(|s| {
+            s.state = "running";
+            s.done = 0;
+            s.total = total as u32;
+        });
+    }
+
+    fn progress(&self, done: usize, report: &PullReport, before: (u64, u64)) {
+        self.update(|s| {
+            s.done = done as u32;
+            s.chunks_copied = before.0 + report.copied;
+            s.bytes_copied = before.1 + report.copied_bytes;
+        });
+    }
+
+    fn copied(&self) -> (u64, u64) {
+        let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        (s.chunks_copied, s.bytes_copied)
+    }
+
+    /// Ends a pass: `Ok` with the copies still missing, or the error that stopped it.
+    fn finish(&self, outcome: Result<u64, String>, copied: (u64, u64), released: u64) {
+        metrics::counter!(m::WORKER_COPIED, "worker" => self.name).increment(copied.0);
+        metrics::counter!(m::WORKER_COPIED_BYTES, "worker" => self.name).increment(copied.1);
+        metrics::counter!(m::WORKER_RELEASED, "worker" => self.name).increment(released);
+        self.update(|s| {
+            s.chunks_released += released;
+            match outcome {
+                Ok(under) => {
+                    s.state = "idle";
+                    s.last_error.clear();
+                    s.under_replicated = under;
+                }
+                Err(e) => {
+                    s.state = "error";
+                    s.last_error = e;
+                }
+            }
+            s.passes += 1;
+            s.last_pass_unix = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+        });
+    }
+
+    /// A pass that ended with errors it works around (a source down): still a pass, and
+    /// the errors show.
+    fn note_errors(&self, errors: &[String]) {
+        if let Some(first) = errors.first() {
+            let more = errors.len() - 1;
+            let text = if more > 0 {
+                format!("{first} (and {more} more)")
+            } else {
+                first.clone()
+            };
+            self.update(|s| s.last_error = text);
+        }
+    }
+
+    pub fn to_pb(&self) -> WorkerStatus {
+        let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        WorkerStatus {
+            name: self.name.into(),
+            state: s.state.into(),
+            passes: s.passes,
+            partitions_done: s.done,
+            partitions_total: s.total,
+            chunks_copied: s.chunks_copied,
+            bytes_copied: s.bytes_copied,
+            chunks_released: s.chunks_released,
+            last_error: s.last_error.clone(),
+            last_pass_unix: s.last_pass_unix,
+            under_replicated: s.under_replicated,
+        }
+    }
+
+    pub fn under_replicated(&self) -> u64 {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .under_replicated
+    }
+}
+
+/// The node's background workers.
+pub struct Workers {
+    pub rebalance: Worker,
+    pub repair: Worker,
+}
+
+impl Default for Workers {
+    fn default() -> Self {
+        Workers {
+            rebalance: Worker::new("rebalance"),
+            repair: Worker::new("repair"),
+        }
+    }
+}
+
+impl Workers {
+    pub fn all(&self) -> [&Worker; 2] {
+        [&self.rebalance, &self.repair]
+    }
+
+    /// Chunk copies this node knows to be missing and has not restored yet.
+    pub fn under_replicated(&self) -> u64 {
+        self.all().iter().map(|w| w.under_replicated()).sum()
+    }
+}
+
+/// Starts the workers on the current runtime (repair only with an interval).
+pub fn spawn(ctx: Arc<NodeContext>, repair_every: Option<Duration>) {
+    tokio::spawn(run_rebalance(ctx.clone()));
+    match repair_every {
+        Some(every) => {
+            tokio::spawn(run_repair(ctx, every));
+        }
+        None => ctx.workers.repair.update(|s| s.state = "off"),
+    }
+}
+
+/// The rebalance worker's loop (see the module doc).
+async fn run_rebalance(ctx: Arc<NodeContext>) {
+    // The epochs this node has reported synced at and handed off at; in memory, so a
+    // restarted node does both once more (both are idempotent).
+    let mut synced: Option<u64> = None;
+    let mut handed_off: Option<u64> = None;
+    loop {
+        tokio::time::sleep(REBALANCE_POLL).await;
+        let Ok(route) = Route::new(&ctx) else {
+            continue;
+        };
+        let epoch = route.epoch();
+        metrics::gauge!(m::PARTITIONS_MOVING).set(route.placement.moving().count() as f64);
+        let worker = &ctx.workers.rebalance;
+        if !route.placement.older().is_empty() {
+            let active = route.member_state(ctx.node_id) == Some(MemberState::Active);
+            if synced == Some(epoch) || !active {
+                continue;
+            }
+            match rebalance_pass(&ctx, &route).await {
+                Ok(true) => synced = Some(epoch),
+                Ok(false) => tokio::time::sleep(REBALANCE_POLL).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "rebalance pass failed");
+                    tokio::time::sleep(REBALANCE_POLL * 4).await;
+                }
+            }
+        } else if handed_off != Some(epoch) {
+            worker.begin(0);
+            let before = worker.copied();
+            match hand_off(&route).await {
+                Ok(r) => {
+                    if r.released > 0 || r.handed > 0 {
+                        tracing::info!(
+                            released = r.released,
+                            handed = r.handed,
+                            epoch,
+                            "handed off partitions this node no longer owns"
+                        );
+                    }
+                    let done = r.incomplete == 0;
+                    worker.finish(Ok(0), (0, 0), r.released);
+                    worker.note_errors(&r.errors);
+                    crate::owner::publish_store_gauges(&ctx.store);
+                    if done {
+                        handed_off = Some(epoch);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "hand-off failed");
+                    worker.finish(Err(e.to_string()), before, 0);
+                }
+            }
+        }
+    }
+}
+
+/// Pulls the moving partitions this node owns; reports synced when nothing is left.
+/// Returns whether it reported.
+async fn rebalance_pass(ctx: &Arc<NodeContext>, route: &Route) -> Result<bool, NodeError> {
+    let worker = &ctx.workers.rebalance;
+    let current = route.placement.current();
+    let parts: Vec<Partition> = route
+        .placement
+        .moving()
+        .filter(|&p| current.owners(p).contains(&ctx.node_id))
+        .collect();
+    worker.begin(parts.len());
+    let before = worker.copied();
+    let report = match pull(
+        route,
+        &parts,
+        |p| route.placement.read_owners(p),
+        |done, r| worker.progress(done, r, before),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            worker.finish(Err(e.to_string()), (0, 0), 0);
+            return Err(e);
+        }
+    };
+    let blocking_sources = report
+        .unreachable
+        .values()
+        .flatten()
+        .any(|&n| !is_removed(route, n));
+    let under = report.not_copied;
+    worker.finish(Ok(under), (report.copied, report.copied_bytes), 0);
+    worker.note_errors(&report.errors);
+    if report.copied > 0 {
+        tracing::info!(
+            chunks = report.copied,
+            bytes = report.copied_bytes,
+            partitions = parts.len(),
+            epoch = route.epoch(),
+            "pulled moving partitions"
+        );
+    }
+    if blocking_sources {
+        return Ok(false);
+    }
+    ctx.write(Command::Synced {
+        node: ctx.node_id,
+        epoch: route.epoch(),
+    })
+    .await?;
+    tracing::info!(epoch = route.epoch(), "holds every partition it owns");
+    Ok(true)
+}
+
+/// The repair worker's loop (see the module doc).
+async fn run_repair(ctx: Arc<NodeContext>, every: Duration) {
+    tokio::time::sleep(FIRST_REPAIR).await;
+    loop {
+        if let Err(e) = repair_pass(&ctx).await {
+            tracing::warn!(error = %e, "repair pass failed");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// One pass over every partition this node owns, against its other current owners.
+async fn repair_pass(ctx: &Arc<NodeContext>) -> Result<(), NodeError> {
+    let route = Route::new(ctx)?;
+    let worker = &ctx.workers.repair;
+    let current = route.placement.current();
+    let parts: Vec<Partition> = (0..current.partitions())
+        .map(Partition)
+        .filter(|&p| current.owners(p).contains(&ctx.node_id))
+        .collect();
+    worker.begin(parts.len());
+    let before = worker.copied();
+    let report = match pull(
+        &route,
+        &parts,
+        |p| current.owners(p).to_vec(),
+        |done, r| worker.progress(done, r, before),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            worker.finish(Err(e.to_string()), (0, 0), 0);
+            return Err(e);
+        }
+    };
+    // Copies this node could not restore, plus, for partitions with an owner out of reach,
+    // this node's chunks there (counted by the first reachable owner only, so each chunk
+    // is counted once across the survivors).
+    let mut under = report.not_copied;
+    for (p, down) in &report.unreachable {
+        let first_up = current
+            .owners(*p)
+            .iter()
+            .copied()
+            .find(|n| !down.contains(n));
+        if first_up == Some(ctx.node_id) {
+            under += report.local_counts.get(p).copied().unwrap_or(0);
+        }
+    }
+    if report.copied > 0 {
+        tracing::info!(
+            chunks = report.copied,
+            bytes = report.copied_bytes,
+            "repair copied missing chunks"
+        );
+    }
+    worker.finish(Ok(under), (report.copied, report.copied_bytes), 0);
+    worker.note_errors(&report.errors);
+    Ok(())
+}
