@@ -13,6 +13,7 @@ use hashgrid::Connection;
 use hashgrid_proto::pb::{self, StatusRequest, StatusResponse};
 use hashgrid_proto::NodeId;
 
+use crate::fault_proxy::FaultNet;
 use crate::{Node, NodeOpts};
 
 /// Settings every cluster-test node gets.
@@ -32,6 +33,8 @@ static SERIAL: Mutex<()> = Mutex::new(());
 pub struct Cluster {
     pub root: PathBuf,
     pub nodes: Vec<Node>,
+    /// The fault proxies between the nodes, for a cluster made by [`Cluster::start_proxied`].
+    pub net: Option<FaultNet>,
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -45,21 +48,37 @@ impl Cluster {
     /// and W = `write_quorum`, the others join through it at once; returns when every
     /// node is ready.
     pub fn start(root: &Path, n: usize, replicas: u8, write_quorum: u8) -> Cluster {
-        let serial = Self::serial();
-        let first = Node::start_with(
-            &root.join("n1"),
-            NodeOpts {
-                replicas: Some(replicas),
-                write_quorum: Some(write_quorum),
-                extra: TEST_NODE_ARGS.map(String::from).to_vec(),
-                ..Default::default()
-            },
-        );
+        Self::launch(root, n, replicas, write_quorum, None)
+    }
+
+    /// [`Cluster::start`] with every node behind its own fault proxy ([`FaultNet`], in
+    /// [`Cluster::net`]), so the test can partition the nodes. Agents still reach every
+    /// node: `Node::addr` is the proxy's address, and the test's connections are never cut.
+    pub fn start_proxied(root: &Path, n: usize, replicas: u8, write_quorum: u8) -> Cluster {
+        let net = FaultNet::new().expect("fault proxy runtime");
+        Self::launch(root, n, replicas, write_quorum, Some(net))
+    }
+
+    fn launch(
+        root: &Path,
+        n: usize,
+        replicas: u8,
+        write_quorum: u8,
+        net: Option<FaultNet>,
+    ) -> Cluster {
         let mut cluster = Cluster {
             root: root.to_path_buf(),
-            nodes: vec![first],
-            _serial: serial,
+            nodes: vec![],
+            net,
+            _serial: Self::serial(),
         };
+        let first = NodeOpts {
+            replicas: Some(replicas),
+            write_quorum: Some(write_quorum),
+            ..cluster.node_opts()
+        };
+        let first = Node::start_with(&root.join("n1"), first);
+        cluster.nodes.push(first);
         let mut joiners: Vec<Node> = (2..=n).map(|i| cluster.spawn_joiner(i)).collect();
         for j in &mut joiners {
             j.wait_ready();
@@ -68,16 +87,29 @@ impl Cluster {
         cluster
     }
 
-    fn spawn_joiner(&self, i: usize) -> Node {
-        Node::spawn_with(
-            &self.root.join(format!("n{i}")),
-            NodeOpts {
-                join: vec![self.nodes[0].addr.clone()],
-                secret_file: Some(self.nodes[0].secret_file()),
-                extra: TEST_NODE_ARGS.map(String::from).to_vec(),
-                ..Default::default()
-            },
-        )
+    /// The settings of the next node: the test settings, and its addresses when the
+    /// cluster runs behind fault proxies.
+    fn node_opts(&mut self) -> NodeOpts {
+        let mut opts = NodeOpts {
+            extra: TEST_NODE_ARGS.map(String::from).to_vec(),
+            ..Default::default()
+        };
+        if let Some(net) = &mut self.net {
+            let addrs = net.add_node().expect("fault proxy for a node");
+            opts.listen = Some(addrs.listen);
+            opts.advertise = Some(addrs.advertise);
+            opts.dial_from = Some(addrs.ip);
+        }
+        opts
+    }
+
+    fn spawn_joiner(&mut self, i: usize) -> Node {
+        let opts = NodeOpts {
+            join: vec![self.nodes[0].addr.clone()],
+            secret_file: Some(self.nodes[0].secret_file()),
+            ..self.node_opts()
+        };
+        Node::spawn_with(&self.root.join(format!("n{i}")), opts)
     }
 
     /// Starts one more node that joins through the first; returns its index.
