@@ -10,14 +10,16 @@
 //! across it. Connections from any other source (the test's agents on 127.0.0.1) are never
 //! cut, so a test can always reach every node, on either side of a partition.
 //!
-//! A refused connection is accepted and closed at once (the dialer sees the connection
-//! end before any reply), so a cut shows up as an unreachable peer within one call rather
-//! than after a connect timeout: tests measure the cluster's reaction, not TCP's.
+//! Two kinds of cut ([`Fault`]): a refusing one accepts a connection and closes it at once
+//! (the dialer learns within one call that the peer is unreachable, as from a stopped
+//! process), and a silent one holds connections open and carries nothing (the dialer learns
+//! nothing until its own deadlines pass, as behind a dropped route). Healing closes the
+//! connections a silent cut held: their streams lost bytes.
 //!
 //! The proxies run on a runtime of their own, so they keep forwarding while the test
 //! blocks (node start-up waits synchronously) and whatever runtime the test uses.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,15 +28,25 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-/// The pairs of nodes that cannot reach each other, each stored as (smaller, larger).
+/// How a cut treats the connections across it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// New connections are closed at once, open ones closed: the peer is plainly gone.
+    Refuse,
+    /// Connections are held open and carry nothing: the peer hangs, and only the dialer's
+    /// deadlines tell.
+    Silence,
+}
+
+/// The pairs of nodes that cannot reach each other, each keyed (smaller, larger).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Cuts(HashSet<(usize, usize)>);
+struct Cuts(HashMap<(usize, usize), Fault>);
 
 impl Cuts {
-    /// Whether a connection from `src` (a node, or `None` for anyone else) to node `dst`
-    /// crosses a cut.
-    fn blocks(&self, src: Option<usize>, dst: usize) -> bool {
-        src.is_some_and(|s| self.0.contains(&(s.min(dst), s.max(dst))))
+    /// The cut a connection from `src` (a node, or `None` for anyone else) to node `dst`
+    /// crosses, if any.
+    fn between(&self, src: Option<usize>, dst: usize) -> Option<Fault> {
+        src.and_then(|s| self.0.get(&(s.min(dst), s.max(dst))).copied())
     }
 }
 
@@ -54,6 +66,7 @@ pub struct NodeAddrs {
 struct Counters {
     refused: AtomicU64,
     severed: AtomicU64,
+    held: AtomicU64,
 }
 
 /// The proxies of one cluster and the cuts between its nodes.
@@ -135,27 +148,27 @@ impl FaultNet {
     }
 
     /// Cuts every node in `a` off from every node in `b` (both ways), on top of the cuts
-    /// already made: new connections across are refused and open ones closed.
-    pub fn cut(&self, a: &[usize], b: &[usize]) {
+    /// already made: connections across are treated as `fault` says, open ones included.
+    pub fn cut(&self, a: &[usize], b: &[usize], fault: Fault) {
         self.cuts.send_modify(|cuts| {
             for &x in a {
                 for &y in b {
                     if x != y {
-                        cuts.0.insert((x.min(y), x.max(y)));
+                        cuts.0.insert((x.min(y), x.max(y)), fault);
                     }
                 }
             }
         });
     }
 
-    /// Removes every cut.
+    /// Removes every cut; connections a silent cut held are closed.
     pub fn heal(&self) {
         self.cuts.send_modify(|cuts| cuts.0.clear());
     }
 
     /// Whether nodes `x` and `y` are cut apart.
     pub fn is_cut(&self, x: usize, y: usize) -> bool {
-        self.cuts.borrow().blocks(Some(x), y)
+        self.cuts.borrow().between(Some(x), y).is_some()
     }
 
     /// Connections refused because they would cross a cut, so far.
@@ -163,9 +176,14 @@ impl FaultNet {
         self.counters.refused.load(Ordering::Relaxed)
     }
 
-    /// Open connections closed by a cut, so far.
+    /// Open connections closed (or, by a silent cut, frozen) by a cut, so far.
     pub fn severed(&self) -> u64 {
         self.counters.severed.load(Ordering::Relaxed)
+    }
+
+    /// New connections a silent cut held without forwarding, so far.
+    pub fn held(&self) -> u64 {
+        self.counters.held.load(Ordering::Relaxed)
     }
 }
 
@@ -214,9 +232,17 @@ async fn forward(
     mut cuts: watch::Receiver<Cuts>,
     counters: Arc<Counters>,
 ) {
-    if cuts.borrow_and_update().blocks(src, dst) {
-        counters.refused.fetch_add(1, Ordering::Relaxed);
-        return;
+    let fault = cuts.borrow_and_update().between(src, dst);
+    match fault {
+        Some(Fault::Refuse) => {
+            counters.refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Some(Fault::Silence) => {
+            counters.held.fetch_add(1, Ordering::Relaxed);
+            return hold_until_healed(&mut cuts, src, dst).await;
+        }
+        None => {}
     }
     // A node that is down refuses its proxy, and the proxy closes the inbound side: the
     // dialer sees what it would see without a proxy, an unreachable peer.
@@ -232,13 +258,27 @@ async fn forward(
             _ = &mut copy => return,
             changed = cuts.changed() => {
                 // The sender goes with the FaultNet: then the test is over.
-                if changed.is_err() || cuts.borrow_and_update().blocks(src, dst) {
+                if changed.is_err() {
+                    return;
+                }
+                let fault = cuts.borrow_and_update().between(src, dst);
+                if let Some(fault) = fault {
                     counters.severed.fetch_add(1, Ordering::Relaxed);
+                    if fault == Fault::Silence {
+                        // The copy is no longer polled: both sockets stay open, silent.
+                        hold_until_healed(&mut cuts, src, dst).await;
+                    }
                     return;
                 }
             }
         }
     }
+}
+
+/// Waits (holding the caller's sockets open, unread) until no cut lies between `src` and
+/// `dst` or the network is gone.
+async fn hold_until_healed(cuts: &mut watch::Receiver<Cuts>, src: Option<usize>, dst: usize) {
+    let _ = cuts.wait_for(|c| c.between(src, dst).is_none()).await;
 }
 
 #[cfg(test)]
@@ -309,7 +349,7 @@ mod tests {
     #[test]
     fn a_cut_pair_cannot_connect_and_an_uncut_pair_can() {
         let net = echo_net(3);
-        net.cut(&[0], &[1, 2]);
+        net.cut(&[0], &[1, 2], Fault::Refuse);
         assert!(net.is_cut(1, 0) && !net.is_cut(1, 2));
         block_on(async {
             assert!(!echoes(&mut dial(&net, node_ip(0), 1).await).await);
@@ -323,7 +363,7 @@ mod tests {
     #[test]
     fn agents_reach_every_node_across_a_cut() {
         let net = echo_net(2);
-        net.cut(&[0], &[1]);
+        net.cut(&[0], &[1], Fault::Refuse);
         block_on(async {
             for to in 0..2 {
                 let agent = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -341,7 +381,7 @@ mod tests {
             let mut beside = dial(&net, node_ip(1), 2).await;
             assert!(echoes(&mut across).await && echoes(&mut beside).await);
 
-            net.cut(&[0], &[1]);
+            net.cut(&[0], &[1], Fault::Refuse);
             let mut buf = [0u8; 1];
             let closed = tokio::time::timeout(Duration::from_secs(5), across.read(&mut buf))
                 .await
@@ -354,5 +394,39 @@ mod tests {
             assert!(echoes(&mut dial(&net, node_ip(1), 0).await).await);
         });
         assert_eq!(net.severed(), 1);
+    }
+
+    /// Reads until the connection ends; what arrived before.
+    async fn read_to_close(stream: &mut TcpStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        let read = stream.read_to_end(&mut got);
+        match tokio::time::timeout(Duration::from_secs(5), read).await {
+            Ok(_) => got,
+            Err(_) => panic!("not closed within 5 s"),
+        }
+    }
+
+    #[test]
+    fn a_silent_cut_holds_connections_carrying_nothing_until_heal_closes_them() {
+        let net = echo_net(2);
+        block_on(async {
+            let mut open = dial(&net, node_ip(0), 1).await;
+            assert!(echoes(&mut open).await);
+            net.cut(&[0], &[1], Fault::Silence);
+            let mut new = dial(&net, node_ip(1), 0).await;
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while net.held() + net.severed() < 2 {
+                assert!(std::time::Instant::now() < deadline, "cut not applied");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            open.write_all(b"lost").await.unwrap();
+            new.write_all(b"lost").await.unwrap();
+
+            net.heal();
+            assert_eq!(read_to_close(&mut open).await, b"");
+            assert_eq!(read_to_close(&mut new).await, b"");
+            assert!(echoes(&mut dial(&net, node_ip(0), 1).await).await);
+        });
+        assert_eq!((net.held(), net.severed(), net.refused()), (1, 1, 0));
     }
 }
