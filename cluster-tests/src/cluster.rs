@@ -13,6 +13,7 @@ use hashgrid::Connection;
 use hashgrid_proto::pb::{self, StatusRequest, StatusResponse};
 use hashgrid_proto::NodeId;
 
+use crate::fault_proxy::FaultNet;
 use crate::{Node, NodeOpts};
 
 /// Settings every cluster-test node gets.
@@ -34,6 +35,8 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     /// Flags every node of this cluster gets after [`TEST_NODE_ARGS`].
     extra: Vec<String>,
+    /// The fault proxies between the nodes, for a cluster made by [`Cluster::start_proxied`].
+    pub net: Option<FaultNet>,
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -47,7 +50,7 @@ impl Cluster {
     /// and W = `write_quorum`, the others join through it at once; returns when every
     /// node is ready.
     pub fn start(root: &Path, n: usize, replicas: u8, write_quorum: u8) -> Cluster {
-        Self::start_with(root, n, replicas, write_quorum, &[])
+        Self::launch(root, n, replicas, write_quorum, &[], None)
     }
 
     /// [`Cluster::start`] with more flags for every node (now and added later), e.g. a
@@ -59,23 +62,39 @@ impl Cluster {
         write_quorum: u8,
         extra: &[&str],
     ) -> Cluster {
-        let serial = Self::serial();
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let first = Node::start_with(
-            &root.join("n1"),
-            NodeOpts {
-                replicas: Some(replicas),
-                write_quorum: Some(write_quorum),
-                extra: Self::node_args(&extra),
-                ..Default::default()
-            },
-        );
+        Self::launch(root, n, replicas, write_quorum, extra, None)
+    }
+
+    /// [`Cluster::start`] with every node behind its own fault proxy ([`FaultNet`], in
+    /// [`Cluster::net`]), so the test can partition the nodes. Agents still reach every
+    /// node: `Node::addr` is the proxy's address, and the test's connections are never cut.
+    pub fn start_proxied(root: &Path, n: usize, replicas: u8, write_quorum: u8) -> Cluster {
+        let net = FaultNet::new().expect("fault proxy runtime");
+        Self::launch(root, n, replicas, write_quorum, &[], Some(net))
+    }
+
+    fn launch(
+        root: &Path,
+        n: usize,
+        replicas: u8,
+        write_quorum: u8,
+        extra: &[&str],
+        net: Option<FaultNet>,
+    ) -> Cluster {
         let mut cluster = Cluster {
             root: root.to_path_buf(),
-            nodes: vec![first],
-            extra,
-            _serial: serial,
+            nodes: vec![],
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            net,
+            _serial: Self::serial(),
         };
+        let first = NodeOpts {
+            replicas: Some(replicas),
+            write_quorum: Some(write_quorum),
+            ..cluster.node_opts()
+        };
+        let first = Node::start_with(&root.join("n1"), first);
+        cluster.nodes.push(first);
         let mut joiners: Vec<Node> = (2..=n).map(|i| cluster.spawn_joiner(i)).collect();
         for j in &mut joiners {
             j.wait_ready();
@@ -84,28 +103,39 @@ impl Cluster {
         cluster
     }
 
-    fn node_args(extra: &[String]) -> Vec<String> {
-        let mut args = TEST_NODE_ARGS.map(String::from).to_vec();
-        args.extend(extra.iter().cloned());
-        args
+    /// The settings of the next node: the test settings and this cluster's extra flags,
+    /// and its addresses when the cluster runs behind fault proxies.
+    fn node_opts(&mut self) -> NodeOpts {
+        let mut extra = TEST_NODE_ARGS.map(String::from).to_vec();
+        extra.extend(self.extra.iter().cloned());
+        let mut opts = NodeOpts {
+            extra,
+            ..Default::default()
+        };
+        if let Some(net) = &mut self.net {
+            let addrs = net.add_node().expect("fault proxy for a node");
+            opts.listen = Some(addrs.listen);
+            opts.advertise = Some(addrs.advertise);
+            opts.dial_from = Some(addrs.ip);
+        }
+        opts
     }
 
-    fn spawn_joiner(&self, i: usize) -> Node {
+    fn spawn_joiner(&mut self, i: usize) -> Node {
         // Through a running member (the first may have been stopped by the test).
         let seed = self
             .nodes
             .iter()
             .find(|n| n.is_running())
-            .expect("a running member to join through");
-        Node::spawn_with(
-            &self.root.join(format!("n{i}")),
-            NodeOpts {
-                join: vec![seed.addr.clone()],
-                secret_file: Some(self.nodes[0].secret_file()),
-                extra: Self::node_args(&self.extra),
-                ..Default::default()
-            },
-        )
+            .expect("a running member to join through")
+            .addr
+            .clone();
+        let opts = NodeOpts {
+            join: vec![seed],
+            secret_file: Some(self.nodes[0].secret_file()),
+            ..self.node_opts()
+        };
+        Node::spawn_with(&self.root.join(format!("n{i}")), opts)
     }
 
     /// Starts one more node that joins through a running member, without waiting for it

@@ -8,9 +8,11 @@
 pub mod cluster;
 pub mod damage;
 pub mod data;
+pub mod fault_proxy;
 pub mod manifests;
 
 use std::ffi::OsString;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -59,6 +61,12 @@ pub struct NodeOpts {
     pub extra: Vec<String>,
     /// The umask the node process (and its restarts) starts with, when not the harness's.
     pub umask: Option<u32>,
+    /// Where the node listens, when not a free port on 127.0.0.1 (restarts keep it).
+    pub listen: Option<SocketAddr>,
+    /// The address the node gives the others (`--advertise`), e.g. its fault proxy's.
+    pub advertise: Option<SocketAddr>,
+    /// The local address its calls to other nodes leave from (`--dial-from`).
+    pub dial_from: Option<IpAddr>,
 }
 
 impl NodeOpts {
@@ -83,6 +91,12 @@ impl NodeOpts {
         }
         if let Some(z) = &self.zone {
             a.extend(["--zone".into(), z.clone()]);
+        }
+        if let Some(addr) = self.advertise {
+            a.extend(["--advertise".into(), addr.to_string()]);
+        }
+        if let Some(ip) = self.dial_from {
+            a.extend(["--dial-from".into(), ip.to_string()]);
         }
         a.extend(self.extra.iter().cloned());
         a.into_iter().map(OsString::from).collect()
@@ -129,11 +143,14 @@ impl Node {
     /// Starts a node without waiting (several joiners at once); call [`Node::wait_ready`].
     pub fn spawn_with(dir: &Path, opts: NodeOpts) -> Node {
         std::fs::create_dir_all(dir).expect("node dir");
+        let listen = opts
+            .listen
+            .map_or_else(|| "127.0.0.1:0".to_string(), |a| a.to_string());
         let process = LocalNode::spawn(
             &bin_dir().join("hashgrid-node"),
             &dir.join("data"),
             &dir.join("node.log"),
-            opts.args("127.0.0.1:0"),
+            opts.args(&listen),
             opts.umask,
         )
         .expect("spawn hashgrid-node");
@@ -214,7 +231,12 @@ impl Node {
     /// Starts the node again on the same address with the same data; waits until ready.
     pub fn restart(&mut self) {
         assert!(!self.process.is_running(), "stop or kill the node first");
-        let args = self.opts.args(&self.addr);
+        // `addr` is the advertised address, the listening one unless a proxy stands between.
+        let listen = self
+            .opts
+            .listen
+            .map_or_else(|| self.addr.clone(), |a| a.to_string());
+        let args = self.opts.args(&listen);
         self.process.restart(Some(args)).expect("restart node");
         self.wait_ready();
     }

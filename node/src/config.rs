@@ -6,7 +6,7 @@
 //! that order of precedence.
 
 use std::ffi::OsString;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -35,6 +35,12 @@ pub struct NodeConfig {
     /// Address other processes use to reach this node; defaults to the bound address.
     #[arg(long, env = "HASHGRID_ADVERTISE")]
     pub advertise: Option<String>,
+
+    /// Local address this node's calls to other members leave from (their source address);
+    /// by default the system picks one. Useful on multi-homed hosts, and how the test
+    /// harness tells the nodes apart behind a fault-injecting proxy.
+    #[arg(long, env = "HASHGRID_DIAL_FROM")]
+    pub dial_from: Option<IpAddr>,
 
     /// Prometheus metrics listener, or "off".
     #[arg(

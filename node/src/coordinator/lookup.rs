@@ -6,7 +6,9 @@
 //! one owner but on fewer than W is under-replicated: it is copied from a good copy to the
 //! current owners that answered "absent" before the lookup answers, so the agent does not
 //! send it again (its bytes would cross the WAN a second time). A lookup for which so many
-//! owners of a partition failed that W copies could not be counted fails `UNAVAILABLE`.
+//! owners of a partition failed that W copies could not be counted fails `UNAVAILABLE`, and
+//! so does one whose id has fewer than W copies counted while the current owners that
+//! failed could hold the rest: an unreachable owner is not an owner without the chunk.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -75,6 +77,10 @@ async fn lookup_group(
     let current = route.placement.current();
     let mut holders: Vec<Vec<NodeId>> = vec![Vec::new(); group.len()];
     let mut lacking: Vec<Vec<NodeId>> = vec![Vec::new(); group.len()];
+    // Current owners that were asked about an id and failed: each may hold a copy nobody
+    // counted. Owners under older maps are left out: while a move is unfinished they are
+    // every member, and a lookup would fail whenever any member is unreachable.
+    let mut unknown: Vec<usize> = vec![0; group.len()];
     let mut undecided: Vec<usize> = (0..group.len()).collect();
     let mut failed = Vec::new();
     let mut asked = 0;
@@ -91,6 +97,11 @@ async fn lookup_group(
             async move { route.owner_has(node, wanted).await }
         })
         .await?;
+        for (node, _) in &answers.failed {
+            for &j in &undecided {
+                unknown[j] += usize::from(current.owners_of(&group[j]).contains(node));
+            }
+        }
         failed.extend(answers.failed);
         for (node, found) in &answers.ok {
             for (&j, &f) in undecided.iter().zip(found) {
@@ -102,23 +113,33 @@ async fn lookup_group(
             }
         }
         let unasked = owners.len() - asked;
-        undecided.retain(|&j| holders[j].len() < w && holders[j].len() + unasked >= w);
+        // Absent is decided only when even the owners that failed could not make W copies.
+        undecided.retain(|&j| holders[j].len() < w && holders[j].len() + unknown[j] + unasked >= w);
     }
-    if failed.len() > owners.len() - w {
-        return Err(QuorumError::NotReached {
+    let unavailable = |failed: Vec<(NodeId, NodeError)>| -> NodeError {
+        QuorumError::NotReached {
             what: "lookup",
             owners: owners.len(),
             needed: w,
             answered: asked - failed.len(),
             failed,
         }
-        .into());
+        .into()
+    };
+    if failed.len() > owners.len() - w {
+        return Err(unavailable(failed));
     }
     let under: Vec<usize> = (0..group.len())
         .filter(|&j| !holders[j].is_empty() && holders[j].len() < w && !lacking[j].is_empty())
         .collect();
     for batch in under.chunks(REPAIR_GROUP) {
         repair(route, &group, batch, &mut holders, &lacking).await;
+    }
+    // Fewer than W copies counted, but enough current owners failed that W may exist: "absent"
+    // would be a guess (and a commit check would call a stored chunk missing), so the
+    // answer is unavailable, as when too many owners of the group failed.
+    if (0..group.len()).any(|j| holders[j].len() < w && holders[j].len() + unknown[j] >= w) {
+        return Err(unavailable(failed));
     }
     Ok(idx
         .into_iter()

@@ -6,6 +6,7 @@ pub mod secret;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -64,16 +65,20 @@ impl PeerError {
 pub struct PeerPool {
     interceptor: SecretInterceptor,
     timeout: Duration,
+    /// Source address of every connection to a peer (`--dial-from`); `None` lets the
+    /// system choose.
+    dial_from: Option<IpAddr>,
     channels: Mutex<HashMap<String, Channel>>,
 }
 
 impl PeerPool {
-    pub fn new(secret: &ClusterSecret, timeout: Duration) -> Self {
+    pub fn new(secret: &ClusterSecret, timeout: Duration, dial_from: Option<IpAddr>) -> Self {
         PeerPool {
             interceptor: SecretInterceptor {
                 value: secret.metadata_value(),
             },
             timeout,
+            dial_from,
             channels: Mutex::new(HashMap::new()),
         }
     }
@@ -96,6 +101,7 @@ impl PeerPool {
                         reason: e.to_string(),
                     })?
                     .connect_timeout(self.timeout)
+                    .local_address(self.dial_from)
                     .tcp_nodelay(true)
                     .max_frame_size(MAX_FRAME_BYTES)
                     .initial_stream_window_size(STREAM_WINDOW_BYTES)
