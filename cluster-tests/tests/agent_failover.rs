@@ -202,9 +202,11 @@ fn run_backup(
         let before = cluster_stats(&cluster.connect(observer).await).await.chunks;
         let job = tokio::spawn({
             let src = src.clone();
+            let conn = conn.clone();
             async move { backup(&conn, &backup_opts(&[&src], false, "c", "fault")).await }
         });
         let mut status_took = None;
+        let mut switched = None;
         if let Some(p) = paused {
             let watch = cluster.connect(observer).await;
             let deadline = Instant::now() + Duration::from_secs(120);
@@ -215,6 +217,17 @@ fn run_backup(
             }
             assert!(!job.is_finished(), "the backup ended before the pause");
             cluster.nodes[p].pause();
+            let paused_at = Instant::now();
+            switched = Some(tokio::spawn({
+                let conn = conn.clone();
+                let first = conn.coordinator();
+                async move {
+                    while conn.coordinator() == first {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    eprintln!("switched coordinator after {:?}", paused_at.elapsed());
+                }
+            }));
             eprintln!(
                 "{victim:?}: paused node {} at {:?}",
                 p + 1,
@@ -236,8 +249,21 @@ fn run_backup(
             status_took = Some(took);
         }
         let result = job.await.expect("backup task");
+        if let Some(watcher) = switched {
+            watcher.abort();
+        }
         if let Some(p) = paused {
             cluster.nodes[p].resume();
+        }
+        let now = conn.coordinator();
+        if paused == Some(coordinator) {
+            assert_ne!(now, cluster.nodes[coordinator].server(), "no failover");
+        } else {
+            assert_eq!(
+                now,
+                cluster.nodes[coordinator].server(),
+                "needless failover"
+            );
         }
         (result, status_took)
     });
