@@ -6,6 +6,7 @@
 //!   the agent's own coordinator is SIGSTOPped (each in its own run) completes; `cluster
 //!   status` through a live node answers within 3 s meanwhile; after SIGCONT every snapshot
 //!   restores byte-identical. Timings are printed next to an undisturbed backup's.
+//! - A backup routed by a map an epoch behind refreshes it and goes on.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -356,5 +357,36 @@ fn backups_complete_while_a_follower_the_leader_or_the_coordinator_is_stopped() 
             .await
             .expect("list");
         assert_eq!(listed.len(), runs.len(), "one snapshot per backup");
+    });
+}
+
+#[test]
+fn a_backup_routed_by_a_stale_map_refreshes_it_and_succeeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(&tmp.path().join("cluster"), 1, 1, 1);
+    let src = tmp.path().join("src");
+    make_source(&src, 99, 2);
+    let rt = runtime();
+    let conn = rt.block_on(cluster.connect(0));
+    let old = conn.epoch();
+    // A member joins: the map's epoch moves on, and the agent does not know yet.
+    cluster.add_node();
+    rt.block_on(async {
+        cluster
+            .wait_for("a newer map everywhere", Duration::from_secs(60), |all| {
+                all.len() == 2
+                    && all
+                        .iter()
+                        .all(|s| s.map.as_ref().is_some_and(|m| m.epoch > old))
+            })
+            .await;
+        assert_eq!(conn.epoch(), old);
+        let summary = backup(&conn, &backup_opts(&[&src], false, "c", "stale"))
+            .await
+            .expect("backup through a stale map");
+        assert!(conn.epoch() > old, "the map was not refreshed");
+        let target = tmp.path().join("restore");
+        restore_all(&conn, summary.snapshot, &target).await;
+        assert_same_tree(&src, &restored(&target, &src));
     });
 }
