@@ -9,15 +9,22 @@ use crate::connection::Connection;
 use crate::error::{ClientError, Result};
 
 pub async fn get(conn: &Connection, id: SnapshotId) -> Result<SnapshotRecord> {
-    let mut c = conn.catalog.clone();
-    let s = c
-        .get_snapshot(GetSnapshotRequest { id: id.0 })
+    let s = conn
+        .call(&format!("reading snapshot {id}"), || {
+            let mut c = conn.catalog.clone();
+            async move {
+                Ok(c.get_snapshot(GetSnapshotRequest { id: id.0 })
+                    .await?
+                    .into_inner())
+            }
+        })
         .await
-        .map_err(|s| match s.code() {
-            tonic::Code::NotFound => ClientError::NotFound(s.message().to_string()),
-            _ => ClientError::rpc(format!("reading snapshot {id}"), s),
-        })?
-        .into_inner();
+        .map_err(|e| match e {
+            ClientError::Rpc { status, .. } if status.code() == tonic::Code::NotFound => {
+                ClientError::NotFound(status.message().to_string())
+            }
+            e => e,
+        })?;
     Ok(SnapshotRecord::try_from(s)?)
 }
 
@@ -42,26 +49,28 @@ pub async fn page(
     cursor: u64,
     limit: u32,
 ) -> Result<(Vec<SnapshotRecord>, u64)> {
-    let mut c = conn.catalog.clone();
-    let resp = c
-        .list_snapshots(ListSnapshotsRequest {
-            client: q.client.clone(),
-            dataset: q.dataset.clone(),
-            limit,
-            cursor,
-            newest_first: q.newest_first,
-            kind: q.kind.map(|k| {
-                let kind = match k {
-                    SnapshotKind::Files => pb::SnapshotKind::Files,
-                    SnapshotKind::Image => pb::SnapshotKind::Image,
-                };
-                kind as i32
-            }),
-            undamaged_only: q.undamaged_only,
+    let request = ListSnapshotsRequest {
+        client: q.client.clone(),
+        dataset: q.dataset.clone(),
+        limit,
+        cursor,
+        newest_first: q.newest_first,
+        kind: q.kind.map(|k| {
+            let kind = match k {
+                SnapshotKind::Files => pb::SnapshotKind::Files,
+                SnapshotKind::Image => pb::SnapshotKind::Image,
+            };
+            kind as i32
+        }),
+        undamaged_only: q.undamaged_only,
+    };
+    let resp = conn
+        .call("listing snapshots", || {
+            let mut c = conn.catalog.clone();
+            let request = request.clone();
+            async move { Ok(c.list_snapshots(request).await?.into_inner()) }
         })
-        .await
-        .map_err(|s| ClientError::rpc("listing snapshots", s))?
-        .into_inner();
+        .await?;
     let records = resp
         .snapshots
         .into_iter()

@@ -3,7 +3,8 @@
 //! Data path of a backup: [`backup`] walks and reads ([`backup::content`]), cuts with
 //! [`chunker`], and hands chunks to [`upload`]; manifest objects go through [`objects`].
 //! A restore ([`restore`]) reads manifests with [`objects`] and writes only through
-//! [`restore::fs`]. [`connection`] holds the gRPC clients; [`commands`] is the CLI.
+//! [`restore::fs`]. [`connection`] holds the gRPC clients and fails over between seeds under the one retry
+//! policy of [`retry`]; [`commands`] is the CLI.
 
 pub mod backup;
 pub mod catalog;
@@ -15,6 +16,7 @@ pub mod local_node;
 pub mod objects;
 pub mod progress;
 pub mod restore;
+pub mod retry;
 pub mod sample_data;
 pub mod treediff;
 pub mod upload;

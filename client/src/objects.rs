@@ -104,49 +104,73 @@ impl ObjectReader {
         ObjectReader { conn }
     }
 
-    /// The plaintexts of `ids`, in order, each checked against its id.
+    /// The plaintexts of `ids`, in order, each checked against its id. A stream that fails
+    /// is asked for again (its group from the start) under the connection's retry policy.
     pub async fn fetch(&self, ids: &[ChunkId]) -> Result<Vec<Bytes>> {
-        let max_len = self.conn.chunker.max_size;
         let mut out = Vec::with_capacity(ids.len());
         for group in ids.chunks(MAX_IDS_PER_REQUEST) {
-            let mut client = self.conn.chunks.clone();
-            let mut stream = client
-                .get(GetRequest {
-                    epoch: self.conn.epoch(),
-                    ids: pack_ids(group),
-                })
-                .await
-                .map_err(|s| ClientError::rpc("fetching chunks", s))?
-                .into_inner();
-            let mut got = 0;
-            while let Some(msg) = stream
-                .message()
-                .await
-                .map_err(|s| ClientError::rpc("fetching chunks", s))?
-            {
-                for chunk in msg.chunks {
-                    let expected = group.get(got).ok_or_else(|| {
-                        ClientError::Manifest("node sent more chunks than asked for".into())
-                    })?;
-                    check_fault(&chunk, *expected)?;
-                    let (id, plain) = decode_verified(&chunk, max_len)?;
-                    if id != *expected {
-                        return Err(ClientError::Manifest(format!(
-                            "node sent chunk {id} where {expected} was asked for"
-                        )));
-                    }
-                    out.push(plain);
-                    got += 1;
-                }
-            }
-            if got != group.len() {
-                return Err(ClientError::Manifest(format!(
-                    "node sent {got} of {} chunks",
-                    group.len()
-                )));
+            let start = out.len();
+            let mut backoff = None;
+            loop {
+                let generation = self.conn.generation();
+                let Some(status) = self.fetch_group(group, &mut out).await? else {
+                    break;
+                };
+                out.truncate(start);
+                let b = backoff.get_or_insert_with(|| self.conn.backoff());
+                self.conn
+                    .recover("fetching chunks", status, generation, b)
+                    .await?;
             }
         }
         Ok(out)
+    }
+
+    /// One `Get` stream for `group`, appending to `out`; the status of a failed call.
+    async fn fetch_group(
+        &self,
+        group: &[ChunkId],
+        out: &mut Vec<Bytes>,
+    ) -> Result<Option<tonic::Status>> {
+        let max_len = self.conn.chunker.max_size;
+        let mut client = self.conn.chunks.clone();
+        let request = GetRequest {
+            epoch: self.conn.epoch(),
+            ids: pack_ids(group),
+        };
+        let mut stream = match client.get(request).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => return Ok(Some(s)),
+        };
+        let mut got = 0;
+        loop {
+            let msg = match stream.message().await {
+                Ok(Some(msg)) => msg,
+                Ok(None) => break,
+                Err(s) => return Ok(Some(s)),
+            };
+            for chunk in msg.chunks {
+                let expected = group.get(got).ok_or_else(|| {
+                    ClientError::Manifest("node sent more chunks than asked for".into())
+                })?;
+                check_fault(&chunk, *expected)?;
+                let (id, plain) = decode_verified(&chunk, max_len)?;
+                if id != *expected {
+                    return Err(ClientError::Manifest(format!(
+                        "node sent chunk {id} where {expected} was asked for"
+                    )));
+                }
+                out.push(plain);
+                got += 1;
+            }
+        }
+        if got != group.len() {
+            return Err(ClientError::Manifest(format!(
+                "node sent {got} of {} chunks",
+                group.len()
+            )));
+        }
+        Ok(None)
     }
 
     /// The fewest bytes an object cut into `pieces` chunks holds: the chunker cuts every

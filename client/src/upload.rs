@@ -23,12 +23,14 @@ use hashgrid_proto::id::pack_ids;
 use hashgrid_proto::limits::{MAX_CHUNKS_PER_PUT, MAX_IDS_PER_REQUEST, TARGET_BATCH_BYTES};
 use hashgrid_proto::pb::{self, HasRequest, PutRequest};
 use hashgrid_proto::ChunkId;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
 
 use crate::connection::Connection;
 use crate::error::{ClientError, Result};
+use crate::retry::Backoff;
 use seen::{SeenIds, SEEN_PER_GENERATION};
 
 /// Ids per `Has` request when producers are fast enough to fill it.
@@ -57,6 +59,9 @@ pub struct UploadStats {
     /// Chunks uploaded and their encoded bytes.
     pub sent_chunks: u64,
     pub sent_bytes: u64,
+    /// Encoded bytes sent again because the stream that carried them failed before they
+    /// were acknowledged (re-sent to another coordinator; included in `sent_bytes`).
+    pub resent_bytes: u64,
     /// Chunks and encoded bytes the cluster newly stored (a chunk another backup uploaded at
     /// the same moment counts as sent but not stored).
     pub stored_chunks: u64,
@@ -72,10 +77,13 @@ struct Counters {
     present: AtomicU64,
     sent_chunks: AtomicU64,
     sent_bytes: AtomicU64,
+    resent_bytes: AtomicU64,
     stored_chunks: AtomicU64,
     stored_bytes: AtomicU64,
     has_requests: AtomicU64,
     put_requests: AtomicU64,
+    /// `Put` batches acknowledged (a retry's budget restarts after progress).
+    acked_batches: AtomicU64,
 }
 
 impl Counters {
@@ -85,6 +93,7 @@ impl Counters {
             present_chunks: self.present.load(Ordering::Relaxed),
             sent_chunks: self.sent_chunks.load(Ordering::Relaxed),
             sent_bytes: self.sent_bytes.load(Ordering::Relaxed),
+            resent_bytes: self.resent_bytes.load(Ordering::Relaxed),
             stored_chunks: self.stored_chunks.load(Ordering::Relaxed),
             stored_bytes: self.stored_bytes.load(Ordering::Relaxed),
             has_requests: self.has_requests.load(Ordering::Relaxed),
@@ -234,16 +243,20 @@ async fn lookup(
     counters: Arc<Counters>,
 ) -> Result<Vec<(ChunkId, Bytes, OwnedSemaphorePermit)>> {
     let ids: Vec<ChunkId> = items.iter().map(|i| i.id).collect();
-    counters.has_requests.fetch_add(1, Ordering::Relaxed);
-    let mut client = conn.chunks.clone();
-    let resp = client
-        .has(HasRequest {
-            epoch: conn.epoch(),
-            ids: pack_ids(&ids),
+    let packed = pack_ids(&ids);
+    let deadline = conn.timeouts().lookup;
+    let resp = conn
+        .call("looking up chunks", || {
+            counters.has_requests.fetch_add(1, Ordering::Relaxed);
+            let mut client = conn.chunks.clone();
+            let mut request = tonic::Request::new(HasRequest {
+                epoch: conn.epoch(),
+                ids: packed.clone(),
+            });
+            request.set_timeout(deadline);
+            async move { Ok(client.has(request).await?.into_inner()) }
         })
-        .await
-        .map_err(|s| ClientError::rpc("looking up chunks", s))?
-        .into_inner();
+        .await?;
     let mut missing = Vec::new();
     for (i, item) in items.into_iter().enumerate() {
         let present = resp
@@ -294,70 +307,245 @@ enum Next {
     Closed,
 }
 
-/// One open `Put` stream and what it still owes us acknowledgements for.
+/// One `Put` batch, kept until acknowledged so it can be re-sent through another stream
+/// (chunk data is reference-counted: keeping it costs no copy).
+struct Batch {
+    chunks: Vec<pb::Chunk>,
+    _permits: Vec<OwnedSemaphorePermit>,
+}
+
+type Unacked = Arc<Mutex<VecDeque<Batch>>>;
+
+fn locked(unacked: &Unacked) -> std::sync::MutexGuard<'_, VecDeque<Batch>> {
+    unacked.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One open `Put` stream. Its unacknowledged batches live in a queue that outlives the
+/// stream: when the stream fails, [`PutSlot::reopen`] re-sends them on a new one.
 struct PutStream {
     tx: mpsc::Sender<PutRequest>,
-    /// Permits of each batch sent and not yet acknowledged, oldest first.
-    unacked: Arc<Mutex<VecDeque<Vec<OwnedSemaphorePermit>>>>,
-    reader: JoinHandle<Result<()>>,
+    /// Ends (its sender dropped) when the reader task does: the stream is finished.
+    done: watch::Receiver<()>,
+    reader: JoinHandle<Result<(), Status>>,
+    /// The coordinator generation the stream was opened under.
+    generation: u64,
 }
 
 impl PutStream {
-    async fn open(conn: &Connection, counters: Arc<Counters>) -> Result<PutStream> {
+    /// Opens a stream and sends every batch of `unacked` on it: all of them re-sent, but
+    /// the last when `fresh_last` (a batch no stream carried yet).
+    async fn open(
+        conn: &Connection,
+        counters: Arc<Counters>,
+        unacked: Unacked,
+        fresh_last: bool,
+    ) -> Result<PutStream, Status> {
+        let generation = conn.generation();
+        let stream_counters = counters.clone();
         let (tx, rx) = mpsc::channel::<PutRequest>(4);
         let mut client = conn.chunks.clone();
-        let mut replies = client
-            .put(ReceiverStream::new(rx))
-            .await
-            .map_err(|s| ClientError::rpc("opening an upload stream", s))?
-            .into_inner();
-        let unacked: Arc<Mutex<VecDeque<Vec<OwnedSemaphorePermit>>>> = Arc::default();
+        let mut replies = client.put(ReceiverStream::new(rx)).await?.into_inner();
+        let (done_tx, done) = watch::channel(());
+        let ack_deadline = conn.timeouts().transfer;
         let pending = unacked.clone();
         let reader = tokio::spawn(async move {
-            while let Some(reply) = replies
-                .message()
-                .await
-                .map_err(|s| ClientError::rpc("uploading chunks", s))?
-            {
+            let _done = done_tx;
+            loop {
+                let reply = match tokio::time::timeout(ack_deadline, replies.message()).await {
+                    Ok(reply) => reply?,
+                    Err(_) if locked(&pending).is_empty() => continue,
+                    Err(_) => {
+                        return Err(Status::deadline_exceeded(format!(
+                            "no upload batch acknowledged within {ack_deadline:?}"
+                        )))
+                    }
+                };
+                let Some(reply) = reply else { break };
                 counters
                     .stored_chunks
                     .fetch_add(u64::from(reply.stored), Ordering::Relaxed);
                 counters
                     .stored_bytes
                     .fetch_add(reply.stored_bytes, Ordering::Relaxed);
-                pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .pop_front();
+                counters.acked_batches.fetch_add(1, Ordering::Relaxed);
+                locked(&pending).pop_front();
             }
-            if !pending.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
-                return Err(ClientError::Internal(
-                    "upload stream closed before every batch was acknowledged".into(),
+            if !locked(&pending).is_empty() {
+                // No retry key: as if the coordinator had gone (re-send elsewhere).
+                return Err(Status::unavailable(
+                    "upload stream closed before every batch was acknowledged",
                 ));
             }
             Ok(())
         });
-        Ok(PutStream {
+        let stream = PutStream {
             tx,
-            unacked,
+            done,
             reader,
-        })
+            generation,
+        };
+        let resend: Vec<Vec<pb::Chunk>> =
+            locked(&unacked).iter().map(|b| b.chunks.clone()).collect();
+        let first_fresh = resend.len() - usize::from(fresh_last && !resend.is_empty());
+        for (i, chunks) in resend.into_iter().enumerate() {
+            if i < first_fresh {
+                let bytes = chunks.iter().map(|c| c.data.len()).sum::<usize>() as u64;
+                stream_counters
+                    .resent_bytes
+                    .fetch_add(bytes, Ordering::Relaxed);
+                stream_counters
+                    .sent_bytes
+                    .fetch_add(bytes, Ordering::Relaxed);
+            }
+            if !stream.send(conn, chunks).await {
+                return Err(stream.finish().await);
+            }
+        }
+        Ok(stream)
     }
 
+    /// Sends one request; `false` when the stream has ended (see [`Self::finish`]).
+    async fn send(&self, conn: &Connection, chunks: Vec<pb::Chunk>) -> bool {
+        let mut done = self.done.clone();
+        let request = PutRequest {
+            epoch: conn.epoch(),
+            chunks,
+        };
+        tokio::select! {
+            sent = self.tx.send(request) => sent.is_ok(),
+            _ = done.changed() => false,
+        }
+    }
+
+    /// Ends the stream (no more requests) and returns why it failed; a stream that ended
+    /// well with every batch acknowledged returns `OK`.
+    async fn finish(self) -> Status {
+        let PutStream { tx, reader, .. } = self;
+        drop(tx);
+        match reader.await {
+            Ok(Ok(())) => Status::ok(""),
+            Ok(Err(s)) => s,
+            Err(e) => Status::internal(format!("upload stream reader: {e}")),
+        }
+    }
+}
+
+/// One of the parallel upload streams, with the batches it owes acknowledgements for and
+/// the retries of its current trouble.
+struct PutSlot {
+    stream: Option<PutStream>,
+    unacked: Unacked,
+    backoff: Option<(Backoff, u64)>,
+    /// The newest batch of `unacked` was never sent (not a re-send when a stream opens).
+    fresh: bool,
+}
+
+impl PutSlot {
+    fn new() -> Self {
+        PutSlot {
+            stream: None,
+            unacked: Arc::default(),
+            backoff: None,
+            fresh: false,
+        }
+    }
+
+    /// Sends a batch, replacing the stream (and re-sending what it owed) while it fails.
     async fn send(
-        &self,
+        &mut self,
+        conn: &Connection,
+        counters: &Arc<Counters>,
         chunks: Vec<pb::Chunk>,
         permits: Vec<OwnedSemaphorePermit>,
-        epoch: u64,
     ) -> Result<()> {
-        self.unacked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(permits);
-        self.tx
-            .send(PutRequest { epoch, chunks })
-            .await
-            .map_err(|_| ClientError::Internal("upload stream closed early".into()))
+        locked(&self.unacked).push_back(Batch {
+            chunks: chunks.clone(),
+            _permits: permits,
+        });
+        self.fresh = true;
+        if let Some(stream) = &self.stream {
+            if stream.send(conn, chunks).await {
+                self.fresh = false;
+                return Ok(());
+            }
+        }
+        // No stream yet, or it ended: the new one sends every unacknowledged batch,
+        // this one included.
+        self.reopen(conn, counters).await
+    }
+
+    /// Closes the stream once every batch is acknowledged, re-sending while it fails.
+    async fn close(mut self, conn: &Connection, counters: &Arc<Counters>) -> Result<()> {
+        loop {
+            let Some(stream) = self.stream.take() else {
+                return Ok(());
+            };
+            let generation = stream.generation;
+            let status = stream.finish().await;
+            if status.code() == tonic::Code::Ok {
+                return Ok(());
+            }
+            self.retry(conn, counters, status, generation).await?;
+        }
+    }
+
+    /// Opens a new stream after the current one (if any) ended.
+    async fn reopen(&mut self, conn: &Connection, counters: &Arc<Counters>) -> Result<()> {
+        let failed = match self.stream.take() {
+            Some(stream) => {
+                let generation = stream.generation;
+                Some((stream.finish().await, generation))
+            }
+            None => None,
+        };
+        match failed {
+            Some((status, generation)) if status.code() != tonic::Code::Ok => {
+                self.retry(conn, counters, status, generation).await
+            }
+            _ => self.open(conn, counters).await,
+        }
+    }
+
+    async fn open(&mut self, conn: &Connection, counters: &Arc<Counters>) -> Result<()> {
+        let generation = conn.generation();
+        let fresh = std::mem::take(&mut self.fresh);
+        match PutStream::open(conn, counters.clone(), self.unacked.clone(), fresh).await {
+            Ok(stream) => {
+                self.stream = Some(stream);
+                Ok(())
+            }
+            Err(status) => self.retry(conn, counters, status, generation).await,
+        }
+    }
+
+    /// Handles a failed stream under the connection's retry policy, then opens a new one.
+    /// The budget restarts once a batch was acknowledged since the trouble began, so a
+    /// long upload survives several separate failures but not one that never ends.
+    async fn retry(
+        &mut self,
+        conn: &Connection,
+        counters: &Arc<Counters>,
+        mut status: Status,
+        mut generation: u64,
+    ) -> Result<()> {
+        loop {
+            let acked = counters.acked_batches.load(Ordering::Relaxed);
+            if self.backoff.as_ref().is_some_and(|(_, at)| *at != acked) {
+                self.backoff = None;
+            }
+            let (backoff, _) = self.backoff.get_or_insert_with(|| (conn.backoff(), acked));
+            conn.recover("uploading chunks", status, generation, backoff)
+                .await?;
+            generation = conn.generation();
+            let fresh = std::mem::take(&mut self.fresh);
+            match PutStream::open(conn, counters.clone(), self.unacked.clone(), fresh).await {
+                Ok(stream) => {
+                    self.stream = Some(stream);
+                    return Ok(());
+                }
+                Err(s) => status = s,
+            }
+        }
     }
 }
 
@@ -367,7 +555,7 @@ async fn put_all(
     conn: Connection,
     counters: Arc<Counters>,
 ) -> Result<()> {
-    let mut streams: Vec<PutStream> = Vec::new();
+    let mut slots: Vec<PutSlot> = Vec::new();
     let mut rotation = 0usize;
     let mut chunks = Vec::new();
     let mut permits = Vec::new();
@@ -400,10 +588,10 @@ async fn put_all(
             }
             continue;
         }
-        if streams.len() < PUT_STREAMS {
-            streams.push(PutStream::open(&conn, counters.clone()).await?);
+        if slots.len() < PUT_STREAMS {
+            slots.push(PutSlot::new());
         }
-        let idx = rotation % streams.len();
+        let idx = rotation % slots.len();
         rotation += 1;
         counters.put_requests.fetch_add(1, Ordering::Relaxed);
         counters
@@ -412,29 +600,21 @@ async fn put_all(
         counters
             .sent_bytes
             .fetch_add(bytes as u64, Ordering::Relaxed);
-        let sent = streams[idx]
+        slots[idx]
             .send(
+                &conn,
+                &counters,
                 std::mem::take(&mut chunks),
                 std::mem::take(&mut permits),
-                conn.epoch(),
             )
-            .await;
-        if let Err(e) = sent {
-            // A stream closes early when the node refused a batch; its reader has the cause.
-            for s in streams {
-                drop(s.tx);
-                s.reader.await??;
-            }
-            return Err(e);
-        }
+            .await?;
         bytes = 0;
         if closed {
             break;
         }
     }
-    for s in streams {
-        drop(s.tx);
-        s.reader.await??;
+    for slot in slots {
+        slot.close(&conn, &counters).await?;
     }
     Ok(())
 }

@@ -293,16 +293,21 @@ impl Node {
         let mut all = vec!["--json"];
         all.extend_from_slice(args);
         let out = self.cli_as(token_file, &all, |_| {});
-        assert!(
-            out.status.success(),
-            "hashgrid {args:?} failed ({}):\n{}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_success(&out, &format!("hashgrid {args:?}"));
         let stdout = String::from_utf8(out.stdout).expect("utf-8 output");
         serde_json::from_str(stdout.lines().last().expect("some output")).expect("json output")
     }
+}
+
+/// Asserts that a CLI run succeeded; prints its output when it did not.
+pub fn assert_success(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A multi-thread Tokio runtime for one test.

@@ -203,31 +203,20 @@ pub async fn backup(conn: &Connection, opts: &BackupOptions) -> Result<BackupSum
     })
 }
 
-/// Commits attempts on `UNAVAILABLE` (no catalog leader for now, a coordinator that lost its
-/// owners for a moment) before the backup gives up.
-const COMMIT_ATTEMPTS: u32 = 3;
-
-/// Commits `record` under a commit key made for this backup, retrying while the cluster is
-/// unavailable: a retry whose first attempt did commit gets that snapshot back, not a second.
+/// Commits `record` under a commit key made for this backup, retrying as the connection's
+/// policy says (another coordinator, a new catalog leader): a retry whose first attempt did
+/// commit gets that snapshot back, not a second.
 async fn commit(conn: &Connection, record: &SnapshotRecord) -> Result<u64> {
     let request = CommitSnapshotRequest {
         snapshot: Some(Snapshot::from(record)),
         commit_key: rand::random::<[u8; 16]>().to_vec(),
     };
-    let mut pause = std::time::Duration::from_millis(500);
-    let mut attempt = 1;
-    loop {
-        match conn.catalog.clone().commit_snapshot(request.clone()).await {
-            Ok(r) => return Ok(r.into_inner().id),
-            Err(s) if s.code() == tonic::Code::Unavailable && attempt < COMMIT_ATTEMPTS => {
-                tracing::warn!(status = %s.message(), attempt, "commit failed; retrying");
-                tokio::time::sleep(pause).await;
-                pause *= 2;
-                attempt += 1;
-            }
-            Err(s) => return Err(ClientError::rpc("committing the snapshot", s)),
-        }
-    }
+    conn.call("committing the snapshot", || {
+        let mut catalog = conn.catalog.clone();
+        let request = request.clone();
+        async move { Ok(catalog.commit_snapshot(request).await?.into_inner().id) }
+    })
+    .await
 }
 
 /// A file-level snapshot's root is the tree of `/`, restricted to the selected paths.

@@ -66,7 +66,9 @@ async fn member_stats(global: &Global, members: &[Member]) -> Vec<Option<StatsRe
         let ask = async {
             let conn = Connection::connect(&opts).await.ok()?;
             let s = conn.admin.clone().stats(StatsRequest {}).await.ok()?;
-            Some(s.into_inner())
+            // The connection may fail over to another member: only the member's own answer
+            // counts.
+            Some(s.into_inner()).filter(|s| s.node_id == m.id)
         };
         tokio::time::timeout(MEMBER_DEADLINE, ask)
             .await

@@ -157,9 +157,9 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         work.join("node.log").display()
     );
     let conn = Connection::connect(&ConnectOptions {
-        server: addr,
         token: None,
         token_file: Some(work.join("node/admin.token")),
+        ..ConnectOptions::new(addr, "")
     })
     .await?;
 

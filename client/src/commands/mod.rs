@@ -17,7 +17,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use crate::connection::{ConnectOptions, Connection, DEFAULT_SERVER};
+use crate::connection::{ConnectOptions, Connection, Timeouts, DEFAULT_SERVER};
+use crate::retry::RetryPolicy;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -34,9 +35,21 @@ pub struct Cli {
 
 #[derive(Debug, clap::Args)]
 pub struct Global {
-    /// Node to talk to (any node of the cluster coordinates).
+    /// Nodes to talk to, comma-separated (any node coordinates): the first that answers is
+    /// used, the others (and the members its map names) are fallbacks when it fails.
     #[arg(long, global = true, env = "HASHGRID_SERVER", default_value = DEFAULT_SERVER)]
     pub server: String,
+    /// Deadline of a chunk lookup (a coordinator waits up to its peer timeout per owner).
+    #[arg(long, global = true, env = "HASHGRID_LOOKUP_TIMEOUT", default_value_t = Timeouts::default().lookup.into())]
+    pub lookup_timeout: humantime::Duration,
+    /// Deadline of calls that move data or wait for the catalog: an upload batch's
+    /// acknowledgement, the start of a download, a commit.
+    #[arg(long, global = true, env = "HASHGRID_TRANSFER_TIMEOUT", default_value_t = Timeouts::default().transfer.into())]
+    pub transfer_timeout: humantime::Duration,
+    /// Longest a call keeps retrying (other coordinators, an election, a stale map) before
+    /// the command fails.
+    #[arg(long, global = true, env = "HASHGRID_RETRY_BUDGET", default_value_t = RetryPolicy::default().budget.into())]
+    pub retry_budget: humantime::Duration,
     /// Access token (prefer HASHGRID_TOKEN or --token-file: arguments are visible in ps).
     #[arg(long, global = true, env = "HASHGRID_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -53,10 +66,20 @@ pub struct Global {
 
 impl Global {
     pub fn connect_options(&self) -> ConnectOptions {
+        let defaults = ConnectOptions::new(self.server.clone(), "");
         ConnectOptions {
-            server: self.server.clone(),
             token: self.token.clone(),
             token_file: self.token_file.clone(),
+            timeouts: Timeouts {
+                lookup: self.lookup_timeout.into(),
+                transfer: self.transfer_timeout.into(),
+                ..defaults.timeouts
+            },
+            retry: RetryPolicy {
+                budget: self.retry_budget.into(),
+                ..defaults.retry
+            },
+            ..defaults
         }
     }
 

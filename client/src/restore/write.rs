@@ -16,7 +16,7 @@ use futures::{StreamExt, TryStreamExt};
 use hashgrid_proto::codec::decode_verified;
 use hashgrid_proto::id::pack_ids;
 use hashgrid_proto::manifest::Metadata;
-use hashgrid_proto::pb::{ChunkFault, GetRequest};
+use hashgrid_proto::pb::{self, ChunkFault, GetRequest};
 use hashgrid_proto::ChunkId;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_stream::wrappers::ReceiverStream;
@@ -99,79 +99,47 @@ async fn fetch_and_write(
         }
         e.push(job);
     }
-    let mut client = conn.chunks.clone();
-    let mut stream = client
-        .get(GetRequest {
-            epoch: conn.epoch(),
-            ids: pack_ids(&order),
-        })
-        .await
-        .map_err(|s| ClientError::rpc("fetching chunks", s))?
-        .into_inner();
     let max_len = conn.chunker.max_size;
     let mut writes = Vec::new();
     let mut got = 0usize;
-    while let Some(msg) = stream
-        .message()
-        .await
-        .map_err(|s| ClientError::rpc("fetching chunks", s))?
-    {
-        let mut group = Vec::with_capacity(msg.chunks.len());
-        for chunk in msg.chunks {
-            let expected = *order.get(got).ok_or_else(|| {
-                ClientError::Manifest("node sent more chunks than asked for".into())
-            })?;
-            got += 1;
-            let jobs = wanted.remove(&expected).unwrap_or_default();
-            match check_fault(&chunk, expected) {
-                Ok(()) => {}
-                Err(ClientError::ChunkFault { id, fault }) => {
-                    lost(jobs, id, fault, &progress);
-                    continue;
+    // A stream that fails is asked again for the chunks it had not sent yet.
+    let mut backoff = None;
+    while got < order.len() {
+        let generation = conn.generation();
+        let mut client = conn.chunks.clone();
+        let request = GetRequest {
+            epoch: conn.epoch(),
+            ids: pack_ids(&order[got..]),
+        };
+        let failed = match client.get(request).await {
+            Err(s) => Some(s),
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(msg)) => writes.push(write_group(
+                            msg.chunks,
+                            &order,
+                            &mut got,
+                            &mut wanted,
+                            &progress,
+                            &fetched,
+                            max_len,
+                        )?),
+                        Ok(None) => break None,
+                        Err(s) => break Some(s),
+                    }
                 }
-                Err(e) => return Err(e),
             }
-            fetched.0.fetch_add(1, Ordering::Relaxed);
-            fetched
-                .1
-                .fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
-            group.push((expected, chunk, jobs));
+        };
+        match failed {
+            Some(status) => {
+                let b = backoff.get_or_insert_with(|| conn.backoff());
+                conn.recover("fetching chunks", status, generation, b)
+                    .await?;
+            }
+            None => break,
         }
-        let progress = progress.clone();
-        writes.push(tokio::task::spawn_blocking(move || -> Result<()> {
-            for (expected, chunk, jobs) in group {
-                let (id, plain) = match decode_verified(&chunk, max_len) {
-                    Ok(v) => v,
-                    // Bytes that do not hash to their id are as lost as a damaged copy.
-                    Err(e) => {
-                        tracing::warn!(chunk = %expected, error = %e, "node sent a chunk that fails verification");
-                        lost(jobs, expected, ChunkFault::Damaged, &progress);
-                        continue;
-                    }
-                };
-                if id != expected {
-                    return Err(ClientError::Manifest(format!(
-                        "node sent chunk {id} where {expected} was asked for"
-                    )));
-                }
-                for job in jobs {
-                    if plain.len() != job.len as usize {
-                        return Err(ClientError::Manifest(format!(
-                            "{}: chunk {id} has {} bytes, the manifest says {}",
-                            job.target.path.display(),
-                            plain.len(),
-                            job.len
-                        )));
-                    }
-                    job.target
-                        .file
-                        .write_all_at(&plain, job.offset)
-                        .map_err(|e| ClientError::io(&job.target.path, e))?;
-                    progress.add_bytes(plain.len() as u64);
-                }
-            }
-            Ok(())
-        }));
     }
     if got != order.len() {
         return Err(ClientError::Manifest(format!(
@@ -183,4 +151,73 @@ async fn fetch_and_write(
         w.await??;
     }
     Ok(())
+}
+
+/// Checks one `Get` reply's chunks against the ids asked for (from `order[*got]` on) and
+/// writes them on a blocking thread; returns that thread.
+fn write_group(
+    chunks: Vec<pb::Chunk>,
+    order: &[ChunkId],
+    got: &mut usize,
+    wanted: &mut BTreeMap<ChunkId, Vec<WriteJob>>,
+    progress: &Arc<Progress>,
+    fetched: &Arc<(AtomicU64, AtomicU64)>,
+    max_len: u32,
+) -> Result<tokio::task::JoinHandle<Result<()>>> {
+    let mut group = Vec::with_capacity(chunks.len());
+    for chunk in chunks {
+        let expected = *order
+            .get(*got)
+            .ok_or_else(|| ClientError::Manifest("node sent more chunks than asked for".into()))?;
+        *got += 1;
+        let jobs = wanted.remove(&expected).unwrap_or_default();
+        match check_fault(&chunk, expected) {
+            Ok(()) => {}
+            Err(ClientError::ChunkFault { id, fault }) => {
+                lost(jobs, id, fault, progress);
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        fetched.0.fetch_add(1, Ordering::Relaxed);
+        fetched
+            .1
+            .fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
+        group.push((expected, chunk, jobs));
+    }
+    let progress = progress.clone();
+    Ok(tokio::task::spawn_blocking(move || -> Result<()> {
+        for (expected, chunk, jobs) in group {
+            let (id, plain) = match decode_verified(&chunk, max_len) {
+                Ok(v) => v,
+                // Bytes that do not hash to their id are as lost as a damaged copy.
+                Err(e) => {
+                    tracing::warn!(chunk = %expected, error = %e, "node sent a chunk that fails verification");
+                    lost(jobs, expected, ChunkFault::Damaged, &progress);
+                    continue;
+                }
+            };
+            if id != expected {
+                return Err(ClientError::Manifest(format!(
+                    "node sent chunk {id} where {expected} was asked for"
+                )));
+            }
+            for job in jobs {
+                if plain.len() != job.len as usize {
+                    return Err(ClientError::Manifest(format!(
+                        "{}: chunk {id} has {} bytes, the manifest says {}",
+                        job.target.path.display(),
+                        plain.len(),
+                        job.len
+                    )));
+                }
+                job.target
+                    .file
+                    .write_all_at(&plain, job.offset)
+                    .map_err(|e| ClientError::io(&job.target.path, e))?;
+                progress.add_bytes(plain.len() as u64);
+            }
+        }
+        Ok(())
+    }))
 }

@@ -1,0 +1,392 @@
+//! The agent survives coordinator failures (issue 10, fault test 3, the agent's side).
+//!
+//! - Several seeds: a backup given a dead first seed goes through the next one, from
+//!   `--server` and from `HASHGRID_SERVER`.
+//! - 3 nodes, R = 3, W = 2: a backup during which a follower, then the catalog leader, then
+//!   the agent's own coordinator is SIGSTOPped (each in its own run) completes; `cluster
+//!   status` through a live node answers within 3 s meanwhile; after SIGCONT every snapshot
+//!   restores byte-identical. Timings are printed next to an undisturbed backup's.
+//! - A backup routed by a map an epoch behind refreshes it and goes on.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use hashgrid::backup::{backup, BackupSummary};
+use hashgrid::{ConnectOptions, Connection};
+use hashgrid_cluster_tests::cluster::{members_in, Cluster};
+use hashgrid_cluster_tests::{
+    assert_same_tree, assert_success, backup_opts, bin_dir, cluster_stats, data, restore_all,
+    restored, runtime, Node,
+};
+use hashgrid_proto::pb;
+
+/// An address nothing listens on (a port the kernel handed out and took back).
+fn dead_addr() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    drop(listener);
+    format!("http://{addr}")
+}
+
+/// Runs the `hashgrid` CLI with the token of `node` and no `--server` of its own.
+fn hashgrid(node: &Node, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(bin_dir().join("hashgrid"));
+    cmd.arg("--token-file")
+        .arg(node.token_file())
+        .args(args)
+        .env_remove("HASHGRID_TOKEN")
+        .env_remove("HASHGRID_SERVER");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run hashgrid")
+}
+
+#[test]
+fn a_backup_given_a_dead_first_seed_goes_through_the_next() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = Node::start(&tmp.path().join("node"));
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.bin"), data::random_bytes(1, 300_000)).unwrap();
+    std::fs::write(src.join("b.txt"), data::text_bytes(2, 50_000)).unwrap();
+    let seeds = format!("{},{}", dead_addr(), node.server());
+
+    let out = hashgrid(
+        &node,
+        &[
+            "--server",
+            &seeds,
+            "backup",
+            "--client",
+            "c",
+            "--dataset",
+            "d",
+            src.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_success(&out, "backup with a dead first seed");
+
+    // The same list from the environment.
+    let out = hashgrid(
+        &node,
+        &["--json", "snapshots"],
+        &[("HASHGRID_SERVER", seeds.as_str())],
+    );
+    assert_success(&out, "snapshots with HASHGRID_SERVER");
+    let listed: serde_json::Value =
+        serde_json::from_slice(out.stdout.trim_ascii()).expect("json snapshots");
+    let ids: Vec<u64> = listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|s| s["id"].as_u64().expect("id"))
+        .collect();
+    assert_eq!(ids.len(), 1, "{listed}");
+
+    // Only dead seeds: the error says what was tried, at once (no hang).
+    let started = Instant::now();
+    let out = hashgrid(
+        &node,
+        &[
+            "--server",
+            &format!("{},{}", dead_addr(), dead_addr()),
+            "snapshots",
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+
+    runtime().block_on(async {
+        let conn = Connection::connect(&ConnectOptions::new(seeds.clone(), node.token()))
+            .await
+            .expect("connect through the second seed");
+        assert_eq!(conn.server, node.server());
+        let target = tmp.path().join("restore");
+        restore_all(&conn, hashgrid_proto::SnapshotId(ids[0]), &target).await;
+        assert_same_tree(&src, &restored(&target, &src));
+    });
+}
+
+/// Which node is SIGSTOPped in the middle of a backup.
+#[derive(Clone, Copy, Debug)]
+enum Victim {
+    Follower,
+    Leader,
+    Coordinator,
+}
+
+/// A source of `mib` MiB of incompressible files, different for every `seed`.
+fn make_source(dir: &Path, seed: u64, mib: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..mib {
+        std::fs::write(
+            dir.join(format!("f{i:03}.bin")),
+            data::random_bytes(seed * 1000 + i as u64, 1 << 20),
+        )
+        .unwrap();
+    }
+}
+
+/// Size of each backup: a few seconds of work on this machine, so the pause lands inside.
+const SOURCE_MIB: usize = 48;
+/// Stored chunks on the observer node that show a backup is under way.
+const UNDER_WAY_CHUNKS: u64 = 40;
+
+struct Run {
+    victim: Option<Victim>,
+    src: PathBuf,
+    summary: BackupSummary,
+    took: Duration,
+    status_took: Option<Duration>,
+}
+
+async fn settled(cluster: &Cluster) {
+    cluster
+        .wait_for(
+            "3 active members and a leader",
+            Duration::from_secs(60),
+            |all| {
+                all.len() == cluster.nodes.len()
+                    && all.iter().all(|s| {
+                        members_in(s, pb::MemberState::Active).len() == 3 && s.raft_leader != 0
+                    })
+            },
+        )
+        .await;
+}
+
+/// Roles for one run: the agent's coordinator, the node to pause, and a node that stays up
+/// (to watch progress and ask for the cluster's status).
+async fn roles(cluster: &Cluster, victim: Option<Victim>) -> (usize, Option<usize>, usize) {
+    settled(cluster).await;
+    let leader = cluster.leader().await.expect("a leader");
+    let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    match victim {
+        // The agent talks to a follower; the other follower stops.
+        None | Some(Victim::Follower) => (others[0], victim.map(|_| others[1]), leader),
+        // The agent talks to a follower; the leader stops.
+        Some(Victim::Leader) => (others[0], Some(leader), others[1]),
+        // The agent's own coordinator (a follower) stops.
+        Some(Victim::Coordinator) => (others[0], Some(others[0]), others[1]),
+    }
+}
+
+/// One backup through `coordinator` (with the others as seeds behind it), pausing
+/// `victim` once the backup is under way and resuming it after the backup ended.
+fn run_backup(
+    cluster: &Cluster,
+    rt: &tokio::runtime::Runtime,
+    root: &Path,
+    seed: u64,
+    victim: Option<Victim>,
+) -> Run {
+    let src = root.join(format!("src{seed}"));
+    make_source(&src, seed, SOURCE_MIB);
+    let (coordinator, paused, observer) = rt.block_on(roles(cluster, victim));
+    let seeds: Vec<String> = std::iter::once(coordinator)
+        .chain((0..3).filter(|&i| i != coordinator))
+        .map(|i| cluster.nodes[i].server())
+        .collect();
+    let opts = ConnectOptions::new(seeds.join(","), cluster.token());
+    let started = Instant::now();
+    let (summary, status_took) = rt.block_on(async {
+        let conn = Connection::connect(&opts).await.expect("connect");
+        let before = cluster_stats(&cluster.connect(observer).await).await.chunks;
+        let job = tokio::spawn({
+            let src = src.clone();
+            let conn = conn.clone();
+            async move { backup(&conn, &backup_opts(&[&src], false, "c", "fault")).await }
+        });
+        let mut status_took = None;
+        let mut switched = None;
+        if let Some(p) = paused {
+            let watch = cluster.connect(observer).await;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while cluster_stats(&watch).await.chunks < before + UNDER_WAY_CHUNKS {
+                assert!(!job.is_finished(), "the backup ended before the pause");
+                assert!(Instant::now() < deadline, "the backup never got under way");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(!job.is_finished(), "the backup ended before the pause");
+            cluster.nodes[p].pause();
+            let paused_at = Instant::now();
+            switched = Some(tokio::spawn({
+                let conn = conn.clone();
+                let first = conn.coordinator();
+                async move {
+                    while conn.coordinator() == first {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    eprintln!("switched coordinator after {:?}", paused_at.elapsed());
+                }
+            }));
+            eprintln!(
+                "{victim:?}: paused node {} at {:?}",
+                p + 1,
+                started.elapsed()
+            );
+            // The cluster's status through a live node, while the victim is stopped.
+            // (Joiners keep no admin token: the first node's file serves, paused or not.)
+            let server = cluster.nodes[observer].server();
+            let asked = Instant::now();
+            let out = tokio::task::block_in_place(|| {
+                hashgrid(
+                    &cluster.nodes[0],
+                    &["--server", &server, "--json", "cluster", "status"],
+                    &[],
+                )
+            });
+            let took = asked.elapsed();
+            assert_success(&out, "cluster status during the pause");
+            status_took = Some(took);
+        }
+        let result = job.await.expect("backup task");
+        if let Some(watcher) = switched {
+            watcher.abort();
+        }
+        if let Some(p) = paused {
+            cluster.nodes[p].resume();
+        }
+        let now = conn.coordinator();
+        if paused == Some(coordinator) {
+            assert_ne!(now, cluster.nodes[coordinator].server(), "no failover");
+        } else {
+            assert_eq!(
+                now,
+                cluster.nodes[coordinator].server(),
+                "needless failover"
+            );
+        }
+        (result, status_took)
+    });
+    let took = started.elapsed();
+    let summary = summary.unwrap_or_else(|e| {
+        cluster.dump_logs();
+        panic!("backup with {victim:?} paused failed: {e}")
+    });
+    Run {
+        victim,
+        src,
+        summary,
+        took,
+        status_took,
+    }
+}
+
+#[test]
+fn backups_complete_while_a_follower_the_leader_or_the_coordinator_is_stopped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(&tmp.path().join("cluster"), 3, 3, 2);
+    let rt = runtime();
+    let mut runs = Vec::new();
+    for (seed, victim) in [
+        None,
+        Some(Victim::Follower),
+        Some(Victim::Leader),
+        Some(Victim::Coordinator),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        runs.push(run_backup(
+            &cluster,
+            &rt,
+            tmp.path(),
+            seed as u64 + 1,
+            victim,
+        ));
+    }
+    let normal = runs[0].took;
+    for r in &runs {
+        eprintln!(
+            "fault-3 {:<12} backup {:>6.1} s (undisturbed {:.1} s), cluster status {}, \
+             sent {} MiB, re-sent {} KiB",
+            format!("{:?}", r.victim),
+            r.took.as_secs_f64(),
+            normal.as_secs_f64(),
+            r.status_took
+                .map_or("-".into(), |t| format!("{:.2} s", t.as_secs_f64())),
+            r.summary.upload.sent_bytes >> 20,
+            r.summary.upload.resent_bytes >> 10,
+        );
+        if let Some(t) = r.status_took {
+            assert!(t < Duration::from_secs(3), "cluster status took {t:?}");
+        }
+        // Generous: the normal time, two peer timeouts (3 s each in the harness), a
+        // keepalive detection and an election, with room for a loaded machine.
+        assert!(
+            r.took < normal * 3 + Duration::from_secs(60),
+            "{:?} took {:?}",
+            r.victim,
+            r.took
+        );
+    }
+    rt.block_on(async {
+        settled(&cluster).await;
+        for (i, r) in runs.iter().enumerate() {
+            // Restore through a different node each time.
+            let conn = cluster.connect(i % 3).await;
+            // A node that was paused reads the catalog locally: wait until it caught up.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while hashgrid::catalog::get(&conn, r.summary.snapshot)
+                .await
+                .is_err()
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "node {} never learned snapshot {}",
+                    i % 3 + 1,
+                    r.summary.snapshot
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let target = tmp.path().join(format!("restore{i}"));
+            restore_all(&conn, r.summary.snapshot, &target).await;
+            assert_same_tree(&r.src, &restored(&target, &r.src));
+        }
+        let listed = hashgrid::catalog::list(&cluster.connect(0).await, "c", "fault")
+            .await
+            .expect("list");
+        assert_eq!(listed.len(), runs.len(), "one snapshot per backup");
+    });
+}
+
+#[test]
+fn a_backup_routed_by_a_stale_map_refreshes_it_and_succeeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(&tmp.path().join("cluster"), 1, 1, 1);
+    let src = tmp.path().join("src");
+    make_source(&src, 99, 2);
+    let rt = runtime();
+    let conn = rt.block_on(cluster.connect(0));
+    let old = conn.epoch();
+    // A member joins: the map's epoch moves on, and the agent does not know yet.
+    cluster.add_node();
+    rt.block_on(async {
+        cluster
+            .wait_for("a newer map everywhere", Duration::from_secs(60), |all| {
+                all.len() == 2
+                    && all
+                        .iter()
+                        .all(|s| s.map.as_ref().is_some_and(|m| m.epoch > old))
+            })
+            .await;
+        assert_eq!(conn.epoch(), old);
+        let summary = backup(&conn, &backup_opts(&[&src], false, "c", "stale"))
+            .await
+            .expect("backup through a stale map");
+        assert!(conn.epoch() > old, "the map was not refreshed");
+        let target = tmp.path().join("restore");
+        restore_all(&conn, summary.snapshot, &target).await;
+        assert_same_tree(&src, &restored(&target, &src));
+    });
+}
