@@ -5,6 +5,7 @@
 //! A restore ([`restore`]) reads manifests with [`objects`] and writes only through
 //! [`restore::fs`]. [`connection`] holds the gRPC clients; [`commands`] is the CLI.
 
+pub mod arenas;
 pub mod backup;
 pub mod catalog;
 pub mod chunker;
@@ -12,6 +13,7 @@ pub mod commands;
 pub mod connection;
 pub mod error;
 pub mod local_node;
+pub mod memory;
 pub mod objects;
 pub mod progress;
 pub mod restore;

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use hashgrid_proto::codec::encode;
 use hashgrid_proto::id::pack_ids;
-use hashgrid_proto::limits::{MAX_CHUNKS_PER_PUT, MAX_IDS_PER_REQUEST, TARGET_BATCH_BYTES};
+use hashgrid_proto::limits::{MAX_CHUNKS_PER_PUT, MAX_IDS_PER_REQUEST};
 use hashgrid_proto::pb::{self, HasRequest, PutRequest};
 use hashgrid_proto::ChunkId;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -29,7 +29,8 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::connection::Connection;
 use crate::error::{ClientError, Result};
-use seen::{SeenIds, SEEN_PER_GENERATION};
+use crate::memory::Sizing;
+use seen::SeenIds;
 
 /// Ids per `Has` request when producers are fast enough to fill it.
 const HAS_BATCH: usize = 4096;
@@ -42,10 +43,6 @@ const PUT_STREAMS: usize = 3;
 const BATCH_WAIT: Duration = Duration::from_millis(2);
 /// Compression batches running at once (each on its own blocking thread).
 const COMPRESS_IN_FLIGHT: usize = 3;
-/// Bytes of chunk data held between submit and acknowledgement. 128 MiB keeps 3 put streams
-/// of ~4 MiB batches full on loopback (256 MiB measured no faster) and cut the agent's peak
-/// RSS on a 1 GiB tree from 562 to 418 MB.
-const MEMORY_BUDGET: usize = 128 << 20;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct UploadStats {
@@ -119,15 +116,28 @@ fn permits_for(len: usize) -> u32 {
 }
 
 impl Uploader {
-    /// Starts the pipeline on the current Tokio runtime. `level` is the zstd level.
+    /// Starts the pipeline on the current Tokio runtime with the default memory budget's
+    /// sizes. `level` is the zstd level.
     pub fn start(conn: &Connection, level: i32) -> Self {
+        Self::start_sized(conn, level, &Sizing::default())
+    }
+
+    /// Starts the pipeline with the chunk bytes in flight and the seen set sized by
+    /// `sizing` (see [`crate::memory`]).
+    pub fn start_sized(conn: &Connection, level: i32, sizing: &Sizing) -> Self {
         let (tx, rx) = mpsc::channel(HAS_BATCH * 2);
         let counters = Arc::new(Counters::default());
-        let pipeline = tokio::spawn(run_pipeline(rx, conn.clone(), level, counters.clone()));
+        let pipeline = tokio::spawn(run_pipeline(
+            rx,
+            conn.clone(),
+            level,
+            sizing.put_batch_bytes,
+            counters.clone(),
+        ));
         Uploader {
             tx,
-            seen: Mutex::new(SeenIds::new(SEEN_PER_GENERATION)),
-            memory: Arc::new(Semaphore::new(MEMORY_BUDGET / 1024)),
+            seen: Mutex::new(SeenIds::new(sizing.seen_per_generation)),
+            memory: Arc::new(Semaphore::new(sizing.upload_bytes / 1024)),
             counters,
             pipeline,
             runtime: tokio::runtime::Handle::current(),
@@ -194,6 +204,7 @@ async fn run_pipeline(
     rx: mpsc::Receiver<Item>,
     conn: Connection,
     level: i32,
+    batch_bytes: usize,
     counters: Arc<Counters>,
 ) -> Result<()> {
     let (enc_tx, enc_rx) = mpsc::channel::<Encoded>(1024);
@@ -222,7 +233,7 @@ async fn run_pipeline(
             .await
         }
     };
-    let puts = put_all(enc_rx, conn, counters);
+    let puts = put_all(enc_rx, conn, batch_bytes, counters);
     tokio::try_join!(lookups, puts)?;
     Ok(())
 }
@@ -361,10 +372,12 @@ impl PutStream {
     }
 }
 
-/// Batches encoded chunks into `Put` requests spread over parallel streams.
+/// Batches encoded chunks into `Put` requests of about `batch_bytes` spread over parallel
+/// streams.
 async fn put_all(
     mut rx: mpsc::Receiver<Encoded>,
     conn: Connection,
+    batch_bytes: usize,
     counters: Arc<Counters>,
 ) -> Result<()> {
     let mut streams: Vec<PutStream> = Vec::new();
@@ -390,7 +403,7 @@ async fn put_all(
                 bytes += e.chunk.data.len();
                 chunks.push(e.chunk);
                 permits.push(e.permit);
-                bytes >= TARGET_BATCH_BYTES || chunks.len() >= MAX_CHUNKS_PER_PUT
+                bytes >= batch_bytes || chunks.len() >= MAX_CHUNKS_PER_PUT
             }
             Next::Idle | Next::Closed => true,
         };
