@@ -38,8 +38,8 @@ pub struct Args {
     #[arg(long, default_value_t = DEFAULT_ZSTD_LEVEL, value_parser = clap::value_parser!(i32).range(-7..=19))]
     pub zstd_level: i32,
     /// Memory the agent may use (e.g. 64M, 1G): every buffer and queue of the backup is sized
-    /// from it. The default keeps the agent under 150 MB of RSS; more is faster on large files
-    /// and fast links.
+    /// from it. The default keeps the agent under 150 MB of RSS; more keeps more chunks and
+    /// directories in flight, for links with a long round trip.
     #[arg(long, env = "HASHGRID_MEMORY_BUDGET", default_value_t = MemoryBudget::default())]
     pub memory_budget: MemoryBudget,
 }
