@@ -2,9 +2,11 @@
 //!
 //! submit -> batched `Has` lookups (thousands of ids per request, several in flight) -> zstd
 //! on the CPU pool for the chunks the cluster lacks -> `Put` on parallel streams, batched to
-//! a few MiB -> acknowledgements. A chunk offered recently in this session is not looked up or
-//! sent again ([`seen`]: a bounded set, so a 2 TiB image cannot grow it). Memory is bounded: a chunk's bytes hold a share of a fixed budget from submit until
-//! the cluster says it has them (present, or stored and acknowledged).
+//! 1-4 MiB -> acknowledgements. A chunk offered recently in this session is not looked up or
+//! sent again ([`seen`]: a bounded set, so a 2 TiB image cannot grow it). Memory is bounded:
+//! a chunk's bytes hold a share of the upload bytes from submit until the cluster says it has
+//! them (present, or stored and acknowledged). Those bytes, the batch size and the seen set's
+//! size come from the agent's memory budget ([`crate::memory::Sizing`]).
 //!
 //! [`Uploader::finish`] returns only after every upload was acknowledged as durable, which is
 //! what lets the caller commit the snapshot (the commit invariant, design §3).
