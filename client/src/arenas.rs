@@ -16,10 +16,17 @@ use std::ffi::OsString;
 const ARENAS: usize = 2;
 const TUNABLE: &str = "glibc.malloc.arena_max";
 const TUNABLES_VAR: &str = "GLIBC_TUNABLES";
+/// Set on the re-executed process: glibc drops `GLIBC_TUNABLES` from the environment of a
+/// binary run with raised privileges (an agent given `cap_dac_read_search` to read every
+/// file), and without this mark such an agent would re-execute itself forever.
+const REEXECUTED_VAR: &str = "HASHGRID_ARENAS_BOUND";
 
-/// The `GLIBC_TUNABLES` value that bounds arenas, or `None` when `current` sets the arena
-/// count already (the user's choice, or this process after its re-execution).
-fn tunables_with_arena_max(current: Option<&str>) -> Option<String> {
+/// The `GLIBC_TUNABLES` value to re-execute with, or `None` when this process is the
+/// re-executed one or `current` sets the arena count already (the user's choice).
+fn tunables_with_arena_max(current: Option<&str>, reexecuted: bool) -> Option<String> {
+    if reexecuted {
+        return None;
+    }
     match current {
         Some(c) if c.split(':').any(|t| t.starts_with(TUNABLE)) => None,
         Some(c) if !c.is_empty() => Some(format!("{c}:{TUNABLE}={ARENAS}")),
@@ -34,7 +41,8 @@ pub fn bound() {
         return;
     }
     let current = std::env::var(TUNABLES_VAR).ok();
-    let Some(value) = tunables_with_arena_max(current.as_deref()) else {
+    let reexecuted = std::env::var_os(REEXECUTED_VAR).is_some();
+    let Some(value) = tunables_with_arena_max(current.as_deref(), reexecuted) else {
         return;
     };
     let Ok(exe) = std::env::current_exe() else {
@@ -57,6 +65,7 @@ fn reexec(
         .arg0(arg0)
         .args(args)
         .env(TUNABLES_VAR, value)
+        .env(REEXECUTED_VAR, "1")
         .exec();
 }
 
@@ -66,25 +75,20 @@ mod tests {
 
     #[test]
     fn the_arena_count_is_added_once_and_never_overrides_the_users() {
+        let with = |c| tunables_with_arena_max(c, false);
+        assert_eq!(with(None).as_deref(), Some("glibc.malloc.arena_max=2"));
+        assert_eq!(with(Some("")).as_deref(), Some("glibc.malloc.arena_max=2"));
         assert_eq!(
-            tunables_with_arena_max(None).as_deref(),
-            Some("glibc.malloc.arena_max=2")
-        );
-        assert_eq!(
-            tunables_with_arena_max(Some("")).as_deref(),
-            Some("glibc.malloc.arena_max=2")
-        );
-        assert_eq!(
-            tunables_with_arena_max(Some("glibc.malloc.tcache_count=0")).as_deref(),
+            with(Some("glibc.malloc.tcache_count=0")).as_deref(),
             Some("glibc.malloc.tcache_count=0:glibc.malloc.arena_max=2")
         );
-        assert_eq!(
-            tunables_with_arena_max(Some("glibc.malloc.arena_max=8")),
-            None
-        );
-        assert_eq!(
-            tunables_with_arena_max(Some("a=1:glibc.malloc.arena_max=2")),
-            None
-        );
+        assert_eq!(with(Some("glibc.malloc.arena_max=8")), None);
+        assert_eq!(with(Some("a=1:glibc.malloc.arena_max=2")), None);
+    }
+
+    #[test]
+    fn a_reexecuted_agent_never_reexecutes_again_even_when_glibc_dropped_the_tunable() {
+        assert_eq!(tunables_with_arena_max(None, true), None);
+        assert_eq!(tunables_with_arena_max(Some(""), true), None);
     }
 }
