@@ -16,9 +16,9 @@ use std::ffi::OsString;
 const ARENAS: usize = 2;
 const TUNABLE: &str = "glibc.malloc.arena_max";
 const TUNABLES_VAR: &str = "GLIBC_TUNABLES";
-/// Set on the re-executed process: glibc drops `GLIBC_TUNABLES` from the environment of a
-/// binary run with raised privileges (an agent given `cap_dac_read_search` to read every
-/// file), and without this mark such an agent would re-execute itself forever.
+/// Set on the re-executed process: glibc may drop `GLIBC_TUNABLES` (by version) from the
+/// environment of a binary run with raised privileges (an agent given `cap_dac_read_search`
+/// to read every file), and without this mark such an agent would re-execute itself forever.
 const REEXECUTED_VAR: &str = "HASHGRID_ARENAS_BOUND";
 
 /// The `GLIBC_TUNABLES` value to re-execute with, or `None` when this process is the
