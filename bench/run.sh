@@ -111,7 +111,7 @@ run_timed() {
     log "  $tool $step $kind FAILED (exit $rc) after ${wall}s; last lines of $log:"
     tail -n 15 "$log" | sed 's/^/      /' >&2
   else
-    log "  $tool $step $kind: ${wall}s"
+    log "  $tool $step $kind: ${wall}s, peak RSS $(( ${rss:-0} / 1024 )) MiB"
   fi
   return "$rc"
 }
@@ -153,6 +153,10 @@ def fmt_mib2(v):
     return "%.2f" % (v / 1048576) if v is not None else "-"
 
 
+def fmt_rss(v):
+    return "%.0f" % v if v is not None else "-"
+
+
 def ratio(a, b):
     if a is None or b is None or b <= 0:
         return None
@@ -190,6 +194,13 @@ def report(run_dir, out_json):
             a, b = get(tool, step, "tree", "wall"), get(tool, step, "image", "wall")
             return None if a is None or b is None else a + b
         return get(tool, step, kind, "wall")
+
+    def rss_mib(tool, step, kind):
+        # Peak RSS of a step that failed says nothing about the tool.
+        v = recs.get((tool, step, kind, "maxrss_kb"))
+        if v is None or recs.get((tool, step, kind, "rc"), 0) != 0:
+            return None
+        return v / 1024.0
 
     # repo size after each backup sub-step, growth per step
     order = [(s, k) for s in ("initial", "unchanged", "changed") for k in ("tree", "image")]
@@ -255,6 +266,14 @@ def report(run_dir, out_json):
         for kind in ("tree", "image", "total"):
             vals = [(t, wall(t, step, kind)) for t in tools]
             P(row("%-9s %s" % (step, kind), vals, fmt_s, wall(base, step, kind)))
+    P("")
+    P("== client peak RSS, MiB, beside each step's time  (ratio = %s; >1x means %s uses less) =="
+      % (rsuffix, base))
+    P(hdr)
+    for step in ("initial", "unchanged", "changed", "restore"):
+        for kind in ("tree", "image"):
+            vals = [(t, rss_mib(t, step, kind)) for t in tools]
+            P(row("%-9s %s" % (step, kind), vals, fmt_rss, rss_mib(base, step, kind)))
     P("")
     P("== repository size after step, MiB (du -sb) ==")
     P(hdr)
@@ -350,6 +369,9 @@ def report(run_dir, out_json):
         summ["growth_mib"][t] = {s: (round(size_tbl[t][(s, "total", "growth")] / 1048576, 1)
                                      if size_tbl[t][(s, "total", "growth")] is not None else None)
                                  for s in ("initial", "unchanged", "changed")}
+        summ.setdefault("peak_rss_mib", {})[t] = {
+            ("%s_%s" % (s, k)): (round(rss_mib(t, s, k)) if rss_mib(t, s, k) is not None else None)
+            for s in ("initial", "unchanged", "changed", "restore") for k in ("tree", "image")}
     P(json.dumps(summ, separators=(",", ":")))
     print("\n".join(lines))
     return 0

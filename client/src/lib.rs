@@ -6,6 +6,7 @@
 //! [`restore::fs`]. [`connection`] holds the gRPC clients and fails over between seeds under the one retry
 //! policy of [`retry`]; [`commands`] is the CLI.
 
+pub mod arenas;
 pub mod backup;
 pub mod catalog;
 pub mod chunker;
@@ -13,6 +14,7 @@ pub mod commands;
 pub mod connection;
 pub mod error;
 pub mod local_node;
+pub mod memory;
 pub mod objects;
 pub mod progress;
 pub mod restore;

@@ -2,9 +2,11 @@
 //!
 //! submit -> batched `Has` lookups (thousands of ids per request, several in flight) -> zstd
 //! on the CPU pool for the chunks the cluster lacks -> `Put` on parallel streams, batched to
-//! a few MiB -> acknowledgements. A chunk offered recently in this session is not looked up or
-//! sent again ([`seen`]: a bounded set, so a 2 TiB image cannot grow it). Memory is bounded: a chunk's bytes hold a share of a fixed budget from submit until
-//! the cluster says it has them (present, or stored and acknowledged).
+//! 1-4 MiB -> acknowledgements. A chunk offered recently in this session is not looked up or
+//! sent again ([`seen`]: a bounded set, so a 2 TiB image cannot grow it). Memory is bounded:
+//! a chunk's bytes hold a share of the upload bytes from submit until the cluster says it has
+//! them (present, or stored and acknowledged). Those bytes, the batch size and the seen set's
+//! size come from the agent's memory budget ([`crate::memory::Sizing`]).
 //!
 //! [`Uploader::finish`] returns only after every upload was acknowledged as durable, which is
 //! what lets the caller commit the snapshot (the commit invariant, design §3).
@@ -20,7 +22,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use hashgrid_proto::codec::encode;
 use hashgrid_proto::id::pack_ids;
-use hashgrid_proto::limits::{MAX_CHUNKS_PER_PUT, MAX_IDS_PER_REQUEST, TARGET_BATCH_BYTES};
+use hashgrid_proto::limits::{MAX_CHUNKS_PER_PUT, MAX_IDS_PER_REQUEST};
 use hashgrid_proto::pb::{self, HasRequest, PutRequest};
 use hashgrid_proto::ChunkId;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -30,8 +32,9 @@ use tonic::Status;
 
 use crate::connection::Connection;
 use crate::error::{ClientError, Result};
+use crate::memory::Sizing;
 use crate::retry::Backoff;
-use seen::{SeenIds, SEEN_PER_GENERATION};
+use seen::SeenIds;
 
 /// Ids per `Has` request when producers are fast enough to fill it.
 const HAS_BATCH: usize = 4096;
@@ -44,10 +47,6 @@ const PUT_STREAMS: usize = 3;
 const BATCH_WAIT: Duration = Duration::from_millis(2);
 /// Compression batches running at once (each on its own blocking thread).
 const COMPRESS_IN_FLIGHT: usize = 3;
-/// Bytes of chunk data held between submit and acknowledgement. 128 MiB keeps 3 put streams
-/// of ~4 MiB batches full on loopback (256 MiB measured no faster) and cut the agent's peak
-/// RSS on a 1 GiB tree from 562 to 418 MB.
-const MEMORY_BUDGET: usize = 128 << 20;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct UploadStats {
@@ -128,15 +127,28 @@ fn permits_for(len: usize) -> u32 {
 }
 
 impl Uploader {
-    /// Starts the pipeline on the current Tokio runtime. `level` is the zstd level.
+    /// Starts the pipeline on the current Tokio runtime with the default memory budget's
+    /// sizes. `level` is the zstd level.
     pub fn start(conn: &Connection, level: i32) -> Self {
+        Self::start_sized(conn, level, &Sizing::default())
+    }
+
+    /// Starts the pipeline with the chunk bytes in flight and the seen set sized by
+    /// `sizing` (see [`crate::memory`]).
+    pub fn start_sized(conn: &Connection, level: i32, sizing: &Sizing) -> Self {
         let (tx, rx) = mpsc::channel(HAS_BATCH * 2);
         let counters = Arc::new(Counters::default());
-        let pipeline = tokio::spawn(run_pipeline(rx, conn.clone(), level, counters.clone()));
+        let pipeline = tokio::spawn(run_pipeline(
+            rx,
+            conn.clone(),
+            level,
+            sizing.put_batch_bytes,
+            counters.clone(),
+        ));
         Uploader {
             tx,
-            seen: Mutex::new(SeenIds::new(SEEN_PER_GENERATION)),
-            memory: Arc::new(Semaphore::new(MEMORY_BUDGET / 1024)),
+            seen: Mutex::new(SeenIds::new(sizing.seen_per_generation)),
+            memory: Arc::new(Semaphore::new(sizing.upload_bytes / 1024)),
             counters,
             pipeline,
             runtime: tokio::runtime::Handle::current(),
@@ -203,6 +215,7 @@ async fn run_pipeline(
     rx: mpsc::Receiver<Item>,
     conn: Connection,
     level: i32,
+    batch_bytes: usize,
     counters: Arc<Counters>,
 ) -> Result<()> {
     let (enc_tx, enc_rx) = mpsc::channel::<Encoded>(1024);
@@ -231,7 +244,7 @@ async fn run_pipeline(
             .await
         }
     };
-    let puts = put_all(enc_rx, conn, counters);
+    let puts = put_all(enc_rx, conn, batch_bytes, counters);
     tokio::try_join!(lookups, puts)?;
     Ok(())
 }
@@ -549,10 +562,12 @@ impl PutSlot {
     }
 }
 
-/// Batches encoded chunks into `Put` requests spread over parallel streams.
+/// Batches encoded chunks into `Put` requests of about `batch_bytes` spread over parallel
+/// streams.
 async fn put_all(
     mut rx: mpsc::Receiver<Encoded>,
     conn: Connection,
+    batch_bytes: usize,
     counters: Arc<Counters>,
 ) -> Result<()> {
     let mut slots: Vec<PutSlot> = Vec::new();
@@ -578,7 +593,7 @@ async fn put_all(
                 bytes += e.chunk.data.len();
                 chunks.push(e.chunk);
                 permits.push(e.permit);
-                bytes >= TARGET_BATCH_BYTES || chunks.len() >= MAX_CHUNKS_PER_PUT
+                bytes >= batch_bytes || chunks.len() >= MAX_CHUNKS_PER_PUT
             }
             Next::Idle | Next::Closed => true,
         };

@@ -337,6 +337,7 @@ pub fn backup_opts(paths: &[&Path], image: bool, client: &str, dataset: &str) ->
         zstd_level: hashgrid_proto::codec::DEFAULT_ZSTD_LEVEL,
         progress: false,
         tree_part_bytes: hashgrid_proto::limits::TREE_PART_BYTES,
+        memory: Default::default(),
     }
 }
 

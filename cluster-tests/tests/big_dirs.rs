@@ -19,6 +19,7 @@ const FILES: usize = 3000;
 fn opts(src: &Path, part_bytes: usize) -> BackupOptions {
     BackupOptions {
         tree_part_bytes: part_bytes,
+        memory: Default::default(),
         ..backup_opts(&[src], false, "big-dirs", "files")
     }
 }

@@ -23,9 +23,6 @@ use crate::objects::ObjectWriter;
 use crate::progress::Progress;
 use crate::upload::Uploader;
 
-/// Bytes read per call; large enough that hashing fans out over all cores.
-const READ_BUF: usize = 8 << 20;
-
 /// What reading a file produced.
 pub struct FileContent {
     pub content: Content,
@@ -139,13 +136,15 @@ pub fn open_for_read(path: &Path) -> Result<File> {
     .map_err(|e| ClientError::io(path, e))
 }
 
-/// Reads a whole open file (or block device) into content; `path` names it in errors.
+/// Reads a whole open file (or block device) into content, `read_buf` bytes per call (see
+/// [`crate::memory::Sizing`]); `path` names it in errors.
 pub fn read_content(
     file: &File,
     path: &Path,
     chunker: &Chunker,
     uploader: &Uploader,
     progress: &Progress,
+    read_buf: usize,
 ) -> Result<FileContent> {
     let io = |e: Errno| ClientError::io(path, e.into());
     let size = rustix::fs::seek(file, SeekFrom::End(0)).map_err(io)?;
@@ -186,12 +185,12 @@ pub fn read_content(
         let read_to = read_run(
             file,
             path,
-            pos,
-            end,
+            (pos, end),
             chunker,
             uploader,
             &mut builder,
             progress,
+            read_buf,
         )?;
         if read_to < end {
             // The file shrank while we read it: record what was there.
@@ -207,12 +206,12 @@ pub fn read_content(
 fn read_run(
     file: &File,
     path: &Path,
-    start: u64,
-    end: u64,
+    (start, end): (u64, u64),
     chunker: &Chunker,
     uploader: &Uploader,
     builder: &mut ContentBuilder<'_>,
     progress: &Progress,
+    read_buf: usize,
 ) -> Result<u64> {
     let mut reader = file;
     reader
@@ -222,7 +221,7 @@ fn read_run(
     let mut carry = Bytes::new();
     let mut cuts = Vec::new();
     loop {
-        let want = (READ_BUF as u64).min(end - pos);
+        let want = (read_buf as u64).min(end - pos);
         // A fresh buffer each round: the chunks cut from the last one are still in flight.
         // `read_to_end` fills spare capacity without zeroing it first.
         let mut buf = Vec::with_capacity(carry.len() + want as usize);

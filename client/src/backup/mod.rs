@@ -29,6 +29,7 @@ use crate::catalog;
 use crate::chunker::Chunker;
 use crate::connection::Connection;
 use crate::error::{ClientError, Result};
+use crate::memory::{cores, MemoryBudget};
 use crate::objects::{ObjectReader, ObjectWriter};
 use crate::progress::Progress;
 use crate::upload::{UploadStats, Uploader};
@@ -59,6 +60,8 @@ pub struct BackupOptions {
     /// parts under a tree index. [`hashgrid_proto::limits::TREE_PART_BYTES`] unless a
     /// test lowers it.
     pub tree_part_bytes: usize,
+    /// Sizes every buffer and queue of the backup ([`crate::memory`]).
+    pub memory: MemoryBudget,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -130,12 +133,15 @@ pub async fn backup(conn: &Connection, opts: &BackupOptions) -> Result<BackupSum
         None
     };
     let progress = Progress::new(opts.progress, total, "backup");
+    let sizing = opts.memory.sizing(cores());
+    tracing::debug!(budget = %opts.memory, ?sizing, "memory sizing");
     let walker = Arc::new(Walker::new(
         Chunker::new(conn.chunker),
-        Uploader::start(conn, opts.zstd_level),
+        Uploader::start_sized(conn, opts.zstd_level, &sizing),
         reader,
         progress,
         opts.tree_part_bytes,
+        &sizing,
     ));
     let root = if opts.image {
         backup_image(&walker, &paths[0], parent_root.map(|(tree, _)| tree)).await
@@ -289,7 +295,7 @@ async fn backup_image(
             let p = path.to_path_buf();
             let read = tokio::task::spawn_blocking(move || {
                 let file = content::open_for_read(&p)?;
-                content::read_content(&file, &p, &w.chunker, &w.uploader, &w.progress)
+                content::read_content(&file, &p, &w.chunker, &w.uploader, &w.progress, w.read_buf)
             })
             .await??;
             walker

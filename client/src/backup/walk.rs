@@ -23,7 +23,7 @@ use hashgrid_proto::manifest::{
     Content, Entry, EntryKind, Metadata, ObjectRef, Tree, TreeIndex, TreePart, Xattr,
 };
 use rustix::fs::FileType;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::content::read_content;
 use super::dir_handle::{Descriptors, DirHandle, DIR_DESCRIPTORS};
@@ -31,6 +31,7 @@ use super::source::{list_dir, open_file_at, Listed, Listing, SourceError, Source
 use super::xattrs;
 use crate::chunker::Chunker;
 use crate::error::{ClientError, Result};
+use crate::memory::{cores, Sizing};
 use crate::objects::{ObjectReader, ObjectWriter};
 use crate::progress::Progress;
 use crate::upload::Uploader;
@@ -125,8 +126,12 @@ pub struct Walker {
     files: Semaphore,
     /// Directories being listed at once (each holds its descriptor meanwhile).
     listings: Semaphore,
+    /// Subdirectories in flight beyond one per directory (see [`Walker::dir_slot`]).
+    open_dirs: Arc<Semaphore>,
     /// Largest encoded tree object; a directory beyond it is split (see [`Walker::write_tree`]).
     tree_part_bytes: usize,
+    /// Bytes read from a file per call.
+    pub read_buf: usize,
 }
 
 impl Walker {
@@ -136,8 +141,8 @@ impl Walker {
         reader: ObjectReader,
         progress: Progress,
         tree_part_bytes: usize,
+        sizing: &Sizing,
     ) -> Self {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Walker {
             chunker,
             uploader,
@@ -146,9 +151,11 @@ impl Walker {
             counters: WalkCounters::default(),
             warnings: Mutex::new(Vec::new()),
             descriptors: Descriptors::new(DIR_DESCRIPTORS),
-            files: Semaphore::new(cores * 4),
-            listings: Semaphore::new(cores * 2),
+            files: Semaphore::new(sizing.file_readers),
+            listings: Semaphore::new(cores() * 2),
+            open_dirs: Arc::new(Semaphore::new(sizing.open_dirs)),
             tree_part_bytes,
+            read_buf: sizing.read_buf,
         }
     }
 
@@ -158,6 +165,20 @@ impl Walker {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(msg);
+    }
+
+    /// A place for one more subdirectory in flight: the parent's own lane (every directory may
+    /// walk one subdirectory whatever the budget, so the walk always moves on, depth first)
+    /// or one of the walk's open directories. A directory's listing, its parent snapshot's
+    /// tree and its entries are held from here until its tree is written: bounding the
+    /// directories in flight bounds the walk's memory whatever the tree's breadth.
+    async fn dir_slot(&self, lane: &Arc<Semaphore>) -> Result<OwnedSemaphorePermit> {
+        tokio::select! {
+            biased;
+            p = lane.clone().acquire_owned() => p,
+            p = self.open_dirs.clone().acquire_owned() => p,
+        }
+        .map_err(|_| ClientError::Internal("directory limiter closed".into()))
     }
 
     /// Lists `dir` (restricted to `selection`) on a blocking thread.
@@ -231,6 +252,7 @@ impl Walker {
             let mut group: Vec<ChangedFile> = Vec::new();
             let mut group_bytes = 0u64;
             let mut slots: Vec<Option<Entry>> = vec![None; count];
+            let lane = Arc::new(Semaphore::new(1));
             for (index, listed) in listing.entries.into_iter().enumerate() {
                 let name = &listed.name;
                 while parent_entries.next_if(|p| &p.name < name).is_some() {
@@ -244,8 +266,10 @@ impl Walker {
                     };
                     let walker = self.clone();
                     let dir = dir.clone();
+                    let lane = lane.clone();
                     tasks.push(
                         async move {
+                            let _slot = walker.dir_slot(&lane).await?;
                             let (entry, same) = walker
                                 .backup_subdir(dir, listed, parent_entry, child_sel)
                                 .await?;
@@ -505,6 +529,7 @@ impl Walker {
                         &walker.chunker,
                         &walker.uploader,
                         &walker.progress,
+                        walker.read_buf,
                     )
                     .map(|c| (c.content, c.size, c.chunks));
                     Ok((

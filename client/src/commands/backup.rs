@@ -9,6 +9,7 @@ use indicatif::HumanBytes;
 
 use super::{default_client, outln, print_json, Global};
 use crate::backup::{backup, BackupOptions, ParentChoice};
+use crate::memory::MemoryBudget;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -36,6 +37,11 @@ pub struct Args {
     /// zstd level for chunks (0 = store uncompressed).
     #[arg(long, default_value_t = DEFAULT_ZSTD_LEVEL, value_parser = clap::value_parser!(i32).range(-7..=19))]
     pub zstd_level: i32,
+    /// Memory the agent may use (e.g. 64M, 1G): every buffer and queue of the backup is sized
+    /// from it. The default keeps the agent under 150 MB of RSS; more keeps more chunks and
+    /// directories in flight, for links with a long round trip.
+    #[arg(long, env = "HASHGRID_MEMORY_BUDGET", default_value_t = MemoryBudget::default())]
+    pub memory_budget: MemoryBudget,
 }
 
 pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
@@ -63,6 +69,7 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
         zstd_level: args.zstd_level,
         progress: !global.json,
         tree_part_bytes: hashgrid_proto::limits::TREE_PART_BYTES,
+        memory: args.memory_budget,
     };
     let summary = backup(&conn, &opts).await?;
     for w in &summary.warnings {

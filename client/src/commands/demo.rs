@@ -118,6 +118,7 @@ async fn step(
         zstd_level: hashgrid_proto::codec::DEFAULT_ZSTD_LEVEL,
         progress: false,
         tree_part_bytes: hashgrid_proto::limits::TREE_PART_BYTES,
+        memory: Default::default(),
     };
     let summary = backup(conn, &opts).await?;
     let s = &summary.stats;

@@ -150,6 +150,9 @@ pub fn default_client() -> String {
 /// any error.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Backup(_) | Command::Restore(_)) {
+        crate::arenas::bound();
+    }
     let level = match cli.global.verbose {
         0 => "warn",
         1 => "info",

@@ -11,10 +11,8 @@ use std::collections::HashSet;
 
 use hashgrid_proto::ChunkId;
 
-/// Ids per generation: 7/8 of 2^19, the most a table of 2^19 slots holds before it doubles
-/// (17 MiB of ids; about 28 GiB of distinct data at 64 KiB chunks).
-pub const SEEN_PER_GENERATION: usize = 7 << 16;
-
+/// The ids per generation come from the memory budget ([`crate::memory::Sizing`]): 7/8 of a
+/// power of two, the most a table of that many slots holds before it doubles.
 pub struct SeenIds {
     generation: usize,
     newer: HashSet<ChunkId>,
