@@ -212,9 +212,17 @@ fn split_two_three(fault: Fault) {
             "the minority took {commit_elapsed:?} to refuse a commit"
         );
 
+        // An agent keeps retrying a retryable UNAVAILABLE for its retry budget (60 s by
+        // default: partitions heal); this one retries nothing, so the test sees the answer the
+        // minority gives rather than the agent's patience.
+        let mut opts = cluster.nodes[MINORITY[0]].connect_options_with(cluster.token());
+        opts.retry.budget = Duration::ZERO;
+        let impatient = Connection::connect(&opts)
+            .await
+            .expect("connect to the minority");
         let started = Instant::now();
         let failed = hashgrid::backup::backup(
-            minority,
+            &impatient,
             &backup_opts(&[&minority_src], false, "agent", "minority"),
         )
         .await;

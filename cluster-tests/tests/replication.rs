@@ -125,7 +125,11 @@ fn every_chunk_reaches_all_owners_and_backups_survive_one_lost_node_but_not_two(
     let src3 = tmp.path().join("src3");
     make_source(&src3, 3);
     rt.block_on(async {
-        let conn = cluster.connect(0).await;
+        // The agent would retry this retryable answer for its whole budget (60 s); the
+        // answer itself is what is checked here.
+        let mut opts = cluster.nodes[0].connect_options_with(cluster.token());
+        opts.retry.budget = Duration::ZERO;
+        let conn = hashgrid::Connection::connect(&opts).await.expect("connect");
         let err = backup(&conn, &backup_opts(&[&src3], false, "c", "three"))
             .await
             .expect_err("a backup with 1 of 3 owners up");

@@ -62,7 +62,9 @@ fn backup_interrupted_by_a_crash_resumes_without_resending() {
     let src_s = src.to_str().unwrap().to_string();
     // Run the CLI and kill the node while it uploads.
     let child = std::process::Command::new(hashgrid_cluster_tests::bin_dir().join("hashgrid"))
-        .args(["--server", &node.server(), "--json", "backup", &src_s])
+        // Without a node to fail over to, the agent would retry for its whole budget.
+        .args(["--server", &node.server(), "--retry-budget", "2s"])
+        .args(["--json", "backup", &src_s])
         .arg("--token-file")
         .arg(node.token_file())
         .stdout(std::process::Stdio::null())
