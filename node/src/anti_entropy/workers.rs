@@ -258,22 +258,7 @@ async fn rebalance_pass(ctx: &Arc<NodeContext>, route: &Route) -> Result<bool, N
         .moving()
         .filter(|&p| current.owners(p).contains(&ctx.node_id))
         .collect();
-    worker.begin(parts.len());
-    let before = worker.copied();
-    let report = match pull(
-        route,
-        &parts,
-        |p| route.placement.read_owners(p),
-        |done, r| worker.progress(done, r, before),
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            worker.finish(Err(e.to_string()), (0, 0), 0);
-            return Err(e);
-        }
-    };
+    let report = tracked_pull(worker, route, &parts, |p| route.placement.read_owners(p)).await?;
     let blocking_sources = report
         .unreachable
         .values()
@@ -303,6 +288,22 @@ async fn rebalance_pass(ctx: &Arc<NodeContext>, route: &Route) -> Result<bool, N
     Ok(true)
 }
 
+/// [`pull`] with `worker` showing its progress; a pass that fails ends in the error state.
+async fn tracked_pull(
+    worker: &Worker,
+    route: &Route,
+    parts: &[Partition],
+    sources_of: impl Fn(Partition) -> Vec<hashgrid_proto::NodeId>,
+) -> Result<PullReport, NodeError> {
+    worker.begin(parts.len());
+    let before = worker.copied();
+    pull(route, parts, sources_of, |done, r| {
+        worker.progress(done, r, before)
+    })
+    .await
+    .inspect_err(|e| worker.finish(Err(e.to_string()), (0, 0), 0))
+}
+
 /// The repair worker's loop (see the module doc).
 async fn run_repair(ctx: Arc<NodeContext>, every: Duration) {
     tokio::time::sleep(FIRST_REPAIR).await;
@@ -323,22 +324,7 @@ async fn repair_pass(ctx: &Arc<NodeContext>) -> Result<(), NodeError> {
         .map(Partition)
         .filter(|&p| current.owners(p).contains(&ctx.node_id))
         .collect();
-    worker.begin(parts.len());
-    let before = worker.copied();
-    let report = match pull(
-        &route,
-        &parts,
-        |p| current.owners(p).to_vec(),
-        |done, r| worker.progress(done, r, before),
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            worker.finish(Err(e.to_string()), (0, 0), 0);
-            return Err(e);
-        }
-    };
+    let report = tracked_pull(worker, &route, &parts, |p| current.owners(p).to_vec()).await?;
     // Copies this node could not restore, plus, for partitions with an owner out of reach,
     // this node's chunks there (counted by the first reachable owner only, so each chunk
     // is counted once across the survivors).
