@@ -187,7 +187,7 @@ impl Cluster {
             .map(|r| r.into_inner())
     }
 
-    async fn connect_quick(&self, i: usize) -> Option<Connection> {
+    pub async fn connect_quick(&self, i: usize) -> Option<Connection> {
         Connection::connect(&self.nodes[i].connect_options_with(self.token()))
             .await
             .ok()

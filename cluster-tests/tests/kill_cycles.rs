@@ -1,0 +1,195 @@
+//! Fault test 2 of the cluster issue: 3 nodes, R = 3, W = 2. Each cycle starts a backup
+//! through the `hashgrid` CLI (all three nodes as seeds, a different coordinator first each
+//! time) and kills -9 one node while the backup uploads: the catalog leader every third
+//! cycle, the agent's coordinator every other, a follower otherwise. The backup completes,
+//! by the agent failing over and retrying or on a rerun; the killed node restarts. At the
+//! end, after repair: every acknowledged snapshot restores byte-identical, there is exactly
+//! one snapshot per backup, and every chunk is on all three nodes.
+//!
+//! `HASHGRID_CYCLES` sets the number of cycles (10 by default; 100 for a soak run).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hashgrid_cluster_tests::cluster::Cluster;
+use hashgrid_cluster_tests::{
+    assert_same_tree, bin_dir, cluster_stats, data, restore_all, restored, runtime,
+};
+use hashgrid_proto::SnapshotId;
+use serde_json::Value;
+
+const SETTLE: Duration = Duration::from_secs(120);
+
+fn cycles() -> usize {
+    std::env::var("HASHGRID_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10)
+}
+
+/// A fresh source of ~10 MiB: random (incompressible) files and some text.
+fn make_source(dir: &Path, seed: u64) {
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..5 {
+        std::fs::write(
+            dir.join(format!("blob{i}.bin")),
+            data::random_bytes(seed * 100 + i, 2 << 20),
+        )
+        .unwrap();
+    }
+    std::fs::write(dir.join("notes.txt"), data::text_bytes(seed, 100_000)).unwrap();
+}
+
+/// Starts `hashgrid backup` of `src` with `seeds` (the first is the coordinator).
+fn spawn_backup(
+    cluster: &Cluster,
+    seeds: &[usize],
+    src: &Path,
+    dataset: &str,
+) -> std::process::Child {
+    let servers: Vec<String> = seeds.iter().map(|&i| cluster.nodes[i].server()).collect();
+    Command::new(bin_dir().join("hashgrid"))
+        .args(["--server", &servers.join(",")])
+        .arg("--token-file")
+        .arg(cluster.nodes[0].token_file())
+        .args(["--json", "backup", "--client", "kc", "--dataset", dataset])
+        .arg(src)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run hashgrid backup")
+}
+
+/// The snapshot id a finished `hashgrid --json backup` printed, or `None` if it failed.
+fn finished(child: std::process::Child) -> Result<SnapshotId, String> {
+    let out = child.wait_with_output().expect("wait for hashgrid");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let summary: Value =
+        serde_json::from_str(stdout.lines().last().expect("backup output")).expect("json");
+    Ok(SnapshotId(
+        summary["snapshot"].as_u64().expect("snapshot id"),
+    ))
+}
+
+/// Chunks stored on the running node `via`, or `None` if it does not answer (or another
+/// node answered for it).
+fn chunks_on(
+    rt: &tokio::runtime::Runtime,
+    cluster: &Cluster,
+    ids: &[u64],
+    via: usize,
+) -> Option<u64> {
+    rt.block_on(async {
+        let conn = tokio::time::timeout(Duration::from_secs(3), cluster.connect_quick(via))
+            .await
+            .ok()??;
+        let stats = cluster_stats(&conn).await;
+        (stats.node_id == ids[via]).then_some(stats.chunks)
+    })
+}
+
+#[test]
+fn kill_cycles_lose_nothing_and_commit_each_backup_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start_with(
+        &tmp.path().join("cluster"),
+        3,
+        3,
+        2,
+        &["--repair-interval-secs", "2"],
+    );
+    let rt = runtime();
+    let ids: Vec<u64> = (0..3).map(|i| rt.block_on(cluster.node_id(i))).collect();
+    let n = cycles();
+    let mut acknowledged: Vec<(SnapshotId, PathBuf)> = Vec::new();
+    let mut reruns = 0;
+    for cycle in 0..n {
+        let src = tmp.path().join(format!("src{cycle}"));
+        make_source(&src, cycle as u64 + 1);
+        let coordinator = cycle % 3;
+        let leader = rt.block_on(cluster.leader()).expect("a catalog leader");
+        let victim = if cycle % 3 == 0 {
+            leader
+        } else if cycle % 2 == 0 {
+            coordinator
+        } else {
+            (0..3)
+                .find(|&i| i != leader && i != coordinator)
+                .expect("a follower that does not coordinate")
+        };
+        let seeds: Vec<usize> = (0..3).map(|k| (coordinator + k) % 3).collect();
+        let watcher = seeds.iter().copied().find(|&i| i != victim).unwrap();
+        let baseline = chunks_on(&rt, &cluster, &ids, watcher).unwrap_or(0);
+        let dataset = format!("cycle{cycle}");
+        let child = spawn_backup(&cluster, &seeds, &src, &dataset);
+        // Kill while the upload is under way: once some of this backup's chunks landed.
+        let deadline = Instant::now() + SETTLE;
+        while chunks_on(&rt, &cluster, &ids, watcher).unwrap_or(0) < baseline + 20 {
+            assert!(
+                Instant::now() < deadline,
+                "cycle {cycle}: the upload never started"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        cluster.nodes[victim].kill9();
+        let snap = match finished(child) {
+            Ok(s) => s,
+            Err(e) => {
+                println!("cycle {cycle}: backup failed ({}); rerunning", e.trim());
+                reruns += 1;
+                finished(spawn_backup(&cluster, &seeds, &src, &dataset))
+                    .unwrap_or_else(|e| panic!("cycle {cycle}: the rerun failed too: {e}"))
+            }
+        };
+        println!(
+            "cycle {cycle}: killed node {} ({}), snapshot {}",
+            victim + 1,
+            if victim == leader {
+                "leader"
+            } else if victim == coordinator {
+                "coordinator"
+            } else {
+                "follower"
+            },
+            snap.0
+        );
+        acknowledged.push((snap, src));
+        cluster.nodes[victim].restart();
+    }
+
+    // Repair brings every node to every chunk (R = 3 on 3 nodes): the same count everywhere,
+    // stable.
+    let deadline = Instant::now() + SETTLE;
+    let mut last = Vec::new();
+    loop {
+        let counts: Vec<u64> = (0..3)
+            .filter_map(|i| chunks_on(&rt, &cluster, &ids, i))
+            .collect();
+        if counts.len() == 3 && counts.iter().all(|&c| c == counts[0] && c > 0) && counts == last {
+            break;
+        }
+        if Instant::now() > deadline {
+            cluster.dump_logs();
+            panic!("the nodes never converged: chunks per node {counts:?}");
+        }
+        last = counts;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // Any snapshot lost or restored different panics here.
+    let duplicates = rt.block_on(async {
+        let conn = cluster.connect(0).await;
+        for (snap, src) in &acknowledged {
+            let target = tmp.path().join(format!("restore-{}", snap.0));
+            restore_all(&conn, *snap, &target).await;
+            assert_same_tree(src, &restored(&target, src));
+        }
+        cluster_stats(&conn).await.snapshots as usize - acknowledged.len()
+    });
+    println!("cycles={n} reruns={reruns} lost=0 duplicates={duplicates}");
+    assert_eq!(duplicates, 0, "a backup committed more than one snapshot");
+}
