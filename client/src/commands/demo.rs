@@ -1,5 +1,6 @@
-//! `hashgrid demo`: the whole job on one machine in a minute. Starts a local node (the
-//! `hashgrid-node` binary next to this one), makes a sample file tree and VM image, backs
+//! `hashgrid demo`: the whole job on one machine in a minute. Starts a local cluster (three
+//! `hashgrid-node` processes from the binary next to this one, every chunk on all three,
+//! writes acknowledged by two), makes a sample file tree and VM image, backs
 //! them up, changes them and backs up again, backs up a clone of the image as a second site,
 //! restores, verifies the restore against the source, and prints what deduplication saved.
 
@@ -31,20 +32,62 @@ pub struct Args {
     /// Approximate size of the sample data in MiB.
     #[arg(long, default_value_t = 192)]
     pub size_mib: u64,
+    /// Nodes in the local cluster; each chunk is kept on all of them (so the figures below,
+    /// read from one node, are the cluster's).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=3))]
+    pub nodes: u8,
 }
 
-fn start_node(work: &Path) -> anyhow::Result<(LocalNode, String)> {
-    let mut node = LocalNode::spawn(
-        &node_binary()?,
-        &work.join("node"),
-        &work.join("node.log"),
-        ["--listen", "127.0.0.1:0", "--metrics-listen", "off"]
-            .map(OsString::from)
-            .to_vec(),
-        None,
+/// Copies of each chunk (R: one per node) and the write quorum (W: a majority of them).
+fn replication(nodes: u8) -> (u8, u8) {
+    (nodes, nodes / 2 + 1)
+}
+
+/// Starts the local cluster: node 1 creates it, the others join through it. Returns the
+/// nodes and their addresses once all are ready.
+fn start_cluster(work: &Path, nodes: u8) -> anyhow::Result<(Vec<LocalNode>, Vec<String>)> {
+    let binary = node_binary()?;
+    let (r, w) = replication(nodes);
+    let base = ["--listen", "127.0.0.1:0", "--metrics-listen", "off"];
+    let spawn = |i: u8, extra: Vec<OsString>| {
+        let mut args: Vec<OsString> = base.map(OsString::from).to_vec();
+        args.extend(extra);
+        LocalNode::spawn(
+            &binary,
+            &work.join(format!("node{i}")),
+            &work.join(format!("node{i}.log")),
+            args,
+            None,
+        )
+    };
+    let mut first = spawn(
+        1,
+        vec![
+            "--replicas".into(),
+            r.to_string().into(),
+            "--write-quorum".into(),
+            w.to_string().into(),
+        ],
     )?;
-    let addr = node.wait_ready(Duration::from_secs(30))?.to_string();
-    Ok((node, addr))
+    let first_addr = first.wait_ready(Duration::from_secs(30))?.to_string();
+    let secret = work.join("node1/cluster.secret");
+    let mut all = vec![first];
+    for i in 2..=nodes {
+        all.push(spawn(
+            i,
+            vec![
+                "--join".into(),
+                first_addr.clone().into(),
+                "--cluster-secret-file".into(),
+                secret.clone().into(),
+            ],
+        )?);
+    }
+    let mut addrs = vec![first_addr];
+    for node in all.iter_mut().skip(1) {
+        addrs.push(node.wait_ready(Duration::from_secs(60))?.to_string());
+    }
+    Ok((all, addrs))
 }
 
 /// The sample tree: a small file server's tree from the shared generators, plus the entry
@@ -152,15 +195,18 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         (None, None) => unreachable!("one of them is set"),
     };
     outln!("hashgrid demo in {}", work.display());
-    let (node, addr) = start_node(&work)?;
+    let (nodes, addrs) = start_cluster(&work, args.nodes)?;
+    let (r, w) = replication(args.nodes);
     outln!(
-        "  node ready on {addr} (log: {})",
-        work.join("node.log").display()
+        "  local cluster of {} node(s) on {} (each chunk on {r}, writes acknowledged by {w}; logs: {})",
+        args.nodes,
+        addrs.join(", "),
+        work.join("node*.log").display()
     );
     let conn = Connection::connect(&ConnectOptions {
         token: None,
-        token_file: Some(work.join("node/admin.token")),
-        ..ConnectOptions::new(addr, "")
+        token_file: Some(work.join("node1/admin.token")),
+        ..ConnectOptions::new(addrs.join(","), "")
     })
     .await?;
 
@@ -307,7 +353,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         HumanBytes(sent).to_string()
     );
     outln!(
-        "  bytes stored             {:>12}",
+        "  bytes stored             {:>12}  (one copy; the cluster keeps {r})",
         HumanBytes(stats.stored_bytes).to_string()
     );
     outln!(
@@ -321,7 +367,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         HumanBytes(clone_step.stats.sent_bytes),
         HumanBytes(clone_step.stats.logical_bytes)
     );
-    drop(node);
+    drop(nodes);
     if args.keep {
         if let Some(t) = temp {
             let _ = t.keep();
