@@ -547,7 +547,11 @@ hashgrid_stop_node() {
 
 hg() { "${TOOL_BIN[hashgrid]}" --server "http://$HASHGRID_ADDR" --token-file "$HASHGRID_DATA/admin.token" "$@"; }
 
-hashgrid_setup() { hashgrid_start_node; }
+# The agent's tree cache lives with the other tools' caches (empty at the start of a run).
+hashgrid_setup() {
+  export HASHGRID_CACHE_DIR=$CACHE_DIR/hashgrid
+  hashgrid_start_node
+}
 
 hashgrid_backup() {
   local step=$1 kind=$2 out=$RUN_DIR/hashgrid.$1.$2.out

@@ -478,8 +478,23 @@ impl Connection {
     }
 
     /// Runs `op` (one call) until it succeeds, retrying under the policy of
-    /// [`crate::retry`]; `what` names the step in the error.
-    pub async fn call<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T>
+    /// [`crate::retry`]; `what` names the step in the error. Each try gets the transfer
+    /// deadline (see [`Self::call_within`]).
+    pub async fn call<T, F, Fut>(&self, what: &str, op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        self.call_within(what, self.timeouts().transfer, op).await
+    }
+
+    /// [`Self::call`] with each try bounded by `deadline` on the agent's own clock.
+    pub async fn call_within<T, F, Fut>(
+        &self,
+        what: &str,
+        deadline: Duration,
+        mut op: F,
+    ) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
@@ -487,7 +502,7 @@ impl Connection {
         let mut backoff = None;
         loop {
             let generation = self.generation();
-            match op().await {
+            match within(deadline, what, op()).await {
                 Ok(v) => return Ok(v),
                 Err(status) => {
                     let b = backoff.get_or_insert_with(|| self.backoff());
@@ -529,6 +544,27 @@ impl Connection {
             tracing::warn!(step = what, error = %e, "no coordinator answered");
         }
         Ok(())
+    }
+}
+
+/// Waits at most `deadline` for `fut`; when it has not finished, fails it as
+/// `DeadlineExceeded` (a coordinator failure, [`retry::Action::Failover`]).
+///
+/// Why the agent keeps its own clock: the channel's timeout covers a call only from the
+/// moment the channel accepts it until the response headers, and the HTTP/2 keepalive only
+/// a coordinator that stopped answering pings. A coordinator whose handler stalls while
+/// its process stays up, a connection that never becomes ready, or a stream that stops
+/// between two messages would otherwise hold a backup forever.
+pub async fn within<T>(
+    deadline: Duration,
+    what: &str,
+    fut: impl Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    match tokio::time::timeout(deadline, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "{what}: no answer within {deadline:?}"
+        ))),
     }
 }
 

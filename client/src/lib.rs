@@ -20,6 +20,7 @@ pub mod progress;
 pub mod restore;
 pub mod retry;
 pub mod sample_data;
+pub mod tree_cache;
 pub mod treediff;
 pub mod upload;
 pub mod verify;

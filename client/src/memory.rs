@@ -117,6 +117,9 @@ pub struct Sizing {
     /// Directories being walked at once (each holds its listing, its parent snapshot's tree
     /// and its entries until written).
     pub open_dirs: usize,
+    /// Largest local copy of a dataset's trees ([`crate::tree_cache`]): loaded at the start
+    /// of a backup and written at its end.
+    pub tree_cache_bytes: usize,
 }
 
 impl Default for Sizing {
@@ -133,7 +136,9 @@ pub fn cores() -> usize {
 
 impl Sizing {
     /// The rule: 3/8 of the budget for chunk bytes in flight, 1/8 for read buffers, 1/8 for
-    /// the seen set, the rest (3/8) for the walk, the runtime and the allocator.
+    /// the seen set, the rest (3/8) for the walk, the runtime and the allocator. The tree
+    /// cache may take 1/4 (a backup that fills it keeps the trees it writes, which it would
+    /// otherwise have dropped; one that reads it fetches none, so holds fewer in flight).
     pub fn for_budget(budget: u64, cores: usize) -> Sizing {
         let budget = budget.max(MIN_BUDGET);
         let cores = cores.max(1);
@@ -162,6 +167,7 @@ impl Sizing {
             file_readers,
             seen_per_generation,
             open_dirs,
+            tree_cache_bytes: usize::try_from(budget / 4).unwrap_or(usize::MAX),
         }
     }
 }

@@ -5,6 +5,8 @@
 //! [`ObjectReader`] fetches pieces, verifies each against its id, and reassembles objects
 //! within the size bound, or streams a chunk list extent by extent.
 
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 use hashgrid_proto::codec::decode_verified;
 use hashgrid_proto::id::pack_ids;
@@ -16,8 +18,9 @@ use hashgrid_proto::pb::{self, ChunkFault, GetRequest};
 use hashgrid_proto::{ChunkId, DecodeError};
 
 use crate::chunker::Chunker;
-use crate::connection::Connection;
+use crate::connection::{within, Connection};
 use crate::error::{ClientError, Result};
+use crate::tree_cache::TreeCache;
 use crate::upload::Uploader;
 
 /// The most bytes one extent record takes in a chunk-list object (key, length, and a body
@@ -28,6 +31,8 @@ const MAX_EXTENT_RECORD: u64 = 1 + 1 + 64;
 pub struct ObjectWriter<'a> {
     chunker: &'a Chunker,
     uploader: &'a Uploader,
+    /// Where a tree's pieces are also kept (the next backup's parent trees).
+    keep: Option<&'a TreeCache>,
     buf: BytesMut,
     ids: Vec<ChunkId>,
     cuts: Vec<(usize, usize)>,
@@ -38,6 +43,7 @@ impl<'a> ObjectWriter<'a> {
         ObjectWriter {
             chunker,
             uploader,
+            keep: None,
             buf: BytesMut::new(),
             ids: Vec::new(),
             cuts: Vec::new(),
@@ -59,6 +65,9 @@ impl<'a> ObjectWriter<'a> {
         for &(offset, len) in &self.cuts {
             let piece = data.slice(offset..offset + len);
             let id = ChunkId::of(&piece);
+            if let Some(cache) = self.keep {
+                cache.keep(id, piece.clone());
+            }
             self.uploader.submit_blocking(id, piece)?;
             self.ids.push(id);
         }
@@ -72,7 +81,18 @@ impl<'a> ObjectWriter<'a> {
 
     /// Writes a whole object at once.
     pub fn write_all(chunker: &Chunker, uploader: &Uploader, bytes: &[u8]) -> Result<ObjectRef> {
+        Self::write_tree(chunker, uploader, None, bytes)
+    }
+
+    /// Writes a whole tree object at once, keeping its pieces in `cache` too.
+    pub fn write_tree(
+        chunker: &Chunker,
+        uploader: &Uploader,
+        cache: Option<&TreeCache>,
+        bytes: &[u8],
+    ) -> Result<ObjectRef> {
         let mut w = ObjectWriter::new(chunker, uploader);
+        w.keep = cache;
         w.write(bytes)?;
         w.finish()
     }
@@ -93,15 +113,44 @@ pub(crate) fn check_fault(chunk: &pb::Chunk, expected: ChunkId) -> Result<()> {
     }
 }
 
-/// Fetches chunks and manifest objects from the cluster, verifying every chunk.
+/// Fetches chunks and manifest objects from the cluster, verifying every chunk. With a
+/// [`TreeCache`], manifest objects are read from it first (a backup's parent trees).
 #[derive(Clone)]
 pub struct ObjectReader {
     conn: Connection,
+    trees: Option<Arc<TreeCache>>,
 }
 
 impl ObjectReader {
     pub fn new(conn: Connection) -> Self {
-        ObjectReader { conn }
+        ObjectReader { conn, trees: None }
+    }
+
+    /// Reads manifest objects through `cache` (and keeps what it fetches there).
+    pub fn with_tree_cache(mut self, cache: Option<Arc<TreeCache>>) -> Self {
+        self.trees = cache;
+        self
+    }
+
+    pub fn tree_cache(&self) -> Option<&Arc<TreeCache>> {
+        self.trees.as_ref()
+    }
+
+    /// The pieces of a manifest object: from the tree cache when it has them all, else
+    /// fetched (and then kept in the cache).
+    async fn fetch_manifest(&self, ids: &[ChunkId]) -> Result<Vec<Bytes>> {
+        let Some(cache) = &self.trees else {
+            return self.fetch(ids).await;
+        };
+        let cached: Option<Vec<Bytes>> = ids.iter().map(|id| cache.get(id)).collect();
+        if let Some(pieces) = cached {
+            return Ok(pieces);
+        }
+        let pieces = self.fetch(ids).await?;
+        for (id, p) in ids.iter().zip(&pieces) {
+            cache.fetched(*id, p.clone());
+        }
+        Ok(pieces)
     }
 
     /// The plaintexts of `ids`, in order, each checked against its id. A stream that fails
@@ -138,13 +187,14 @@ impl ObjectReader {
             epoch: self.conn.epoch(),
             ids: pack_ids(group),
         };
-        let mut stream = match client.get(request).await {
+        let deadline = self.conn.timeouts().transfer;
+        let mut stream = match within(deadline, "fetching chunks", client.get(request)).await {
             Ok(r) => r.into_inner(),
             Err(s) => return Ok(Some(s)),
         };
         let mut got = 0;
         loop {
-            let msg = match stream.message().await {
+            let msg = match within(deadline, "fetching chunks", stream.message()).await {
                 Ok(Some(msg)) => msg,
                 Ok(None) => break,
                 Err(s) => return Ok(Some(s)),
@@ -194,7 +244,7 @@ impl ObjectReader {
         }
         let mut out = Vec::new();
         for group in r.0.chunks(Self::PIECES_PER_READ) {
-            for p in self.fetch(group).await? {
+            for p in self.fetch_manifest(group).await? {
                 let total = (out.len() + p.len()) as u64;
                 if total > MAX_TREE_BYTES {
                     return Err(DecodeError::TooLarge {

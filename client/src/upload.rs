@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use crate::connection::Connection;
+use crate::connection::{within, Connection};
 use crate::error::{ClientError, Result};
 use crate::memory::Sizing;
 use crate::retry::Backoff;
@@ -249,17 +249,18 @@ async fn run_pipeline(
     Ok(())
 }
 
-/// One `Has` round trip: returns the data chunks the cluster lacks.
-async fn lookup(
-    conn: Connection,
-    items: Vec<Item>,
-    counters: Arc<Counters>,
-) -> Result<Vec<(ChunkId, Bytes, OwnedSemaphorePermit)>> {
-    let ids: Vec<ChunkId> = items.iter().map(|i| i.id).collect();
-    let packed = pack_ids(&ids);
+/// Asks the cluster which of `ids` are present (one `Has` call, retried under the
+/// connection's policy): a bitmap, bit `i` for `ids[i]`.
+async fn has(
+    conn: &Connection,
+    what: &str,
+    ids: &[ChunkId],
+    counters: &Counters,
+) -> Result<Vec<u8>> {
+    let packed = pack_ids(ids);
     let deadline = conn.timeouts().lookup;
     let resp = conn
-        .call("looking up chunks", || {
+        .call_within(what, deadline, || {
             counters.has_requests.fetch_add(1, Ordering::Relaxed);
             let mut client = conn.chunks.clone();
             let mut request = tonic::Request::new(HasRequest {
@@ -270,13 +271,24 @@ async fn lookup(
             async move { Ok(client.has(request).await?.into_inner()) }
         })
         .await?;
+    Ok(resp.present)
+}
+
+fn is_set(bitmap: &[u8], i: usize) -> bool {
+    bitmap.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
+}
+
+/// One `Has` round trip: returns the data chunks the cluster lacks.
+async fn lookup(
+    conn: Connection,
+    items: Vec<Item>,
+    counters: Arc<Counters>,
+) -> Result<Vec<(ChunkId, Bytes, OwnedSemaphorePermit)>> {
+    let ids: Vec<ChunkId> = items.iter().map(|i| i.id).collect();
+    let present = has(&conn, "looking up chunks", &ids, &counters).await?;
     let mut missing = Vec::new();
     for (i, item) in items.into_iter().enumerate() {
-        let present = resp
-            .present
-            .get(i / 8)
-            .is_some_and(|b| b & (1 << (i % 8)) != 0);
-        if present {
+        if is_set(&present, i) {
             counters.present.fetch_add(1, Ordering::Relaxed);
             continue;
         }
@@ -324,7 +336,77 @@ enum Next {
 /// (chunk data is reference-counted: keeping it costs no copy).
 struct Batch {
     chunks: Vec<pb::Chunk>,
-    _permits: Vec<OwnedSemaphorePermit>,
+    /// One per chunk, in the same order: a chunk dropped from the batch frees its bytes.
+    permits: Vec<OwnedSemaphorePermit>,
+}
+
+/// Before a new stream re-sends what a failed one owed: asks the cluster which of those
+/// chunks landed anyway (the failed coordinator may have stored them on W owners and died
+/// before it acknowledged) and drops them, so a failover re-sends only what is missing. A
+/// batch left empty is complete: it leaves the queue (its memory freed) and is not sent. The
+/// newest batch when `fresh_last` was never sent and is not asked about. When the lookup
+/// fails, everything is re-sent (the put path's own retries deal with the cluster).
+async fn drop_landed(conn: &Connection, counters: &Counters, unacked: &Unacked, fresh_last: bool) {
+    let asked: Vec<ChunkId> = {
+        let queue = locked(unacked);
+        let owed = queue.len() - usize::from(fresh_last && !queue.is_empty());
+        queue
+            .iter()
+            .take(owed)
+            .flat_map(|b| b.chunks.iter())
+            .filter_map(|c| ChunkId::from_slice(&c.id).ok())
+            .collect()
+    };
+    if asked.is_empty() {
+        return;
+    }
+    let mut landed = std::collections::HashSet::new();
+    for group in asked.chunks(MAX_IDS_PER_REQUEST) {
+        let answer = has(
+            conn,
+            "checking which re-sent chunks landed",
+            group,
+            counters,
+        )
+        .await;
+        let present = match answer {
+            Ok(present) => present,
+            Err(e) => {
+                tracing::info!(error = %e, "could not ask what landed; re-sending all");
+                return;
+            }
+        };
+        landed.extend(
+            group
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| is_set(&present, *i))
+                .map(|(_, id)| *id),
+        );
+    }
+    if landed.is_empty() {
+        return;
+    }
+    let mut queue = locked(unacked);
+    let owed = queue.len() - usize::from(fresh_last && !queue.is_empty());
+    let fresh = queue.split_off(owed);
+    let owed = std::mem::take(&mut *queue);
+    for batch in owed {
+        let (chunks, permits): (Vec<_>, Vec<_>) = batch
+            .chunks
+            .into_iter()
+            .zip(batch.permits)
+            .filter(|(c, _)| !ChunkId::from_slice(&c.id).is_ok_and(|id| landed.contains(&id)))
+            .unzip();
+        if !chunks.is_empty() {
+            queue.push_back(Batch { chunks, permits });
+        }
+    }
+    queue.extend(fresh);
+    tracing::info!(
+        landed = landed.len(),
+        "chunks of a failed upload stream had landed; not re-sent"
+    );
 }
 
 type Unacked = Arc<Mutex<VecDeque<Batch>>>;
@@ -342,6 +424,10 @@ struct PutStream {
     reader: JoinHandle<Result<(), Status>>,
     /// The coordinator generation the stream was opened under.
     generation: u64,
+    /// Longest wait for the next acknowledgement (or, at the end, for the stream to close).
+    ack_deadline: Duration,
+    /// The batches the stream owes acknowledgements for (shared with its slot).
+    pending: Unacked,
 }
 
 impl PutStream {
@@ -353,13 +439,20 @@ impl PutStream {
         unacked: Unacked,
         fresh_last: bool,
     ) -> Result<PutStream, Status> {
+        drop_landed(conn, &counters, &unacked, fresh_last).await;
         let generation = conn.generation();
         let stream_counters = counters.clone();
         let (tx, rx) = mpsc::channel::<PutRequest>(4);
         let mut client = conn.chunks.clone();
-        let mut replies = client.put(ReceiverStream::new(rx)).await?.into_inner();
-        let (done_tx, done) = watch::channel(());
         let ack_deadline = conn.timeouts().transfer;
+        let mut replies = within(
+            ack_deadline,
+            "opening an upload stream",
+            client.put(ReceiverStream::new(rx)),
+        )
+        .await?
+        .into_inner();
+        let (done_tx, done) = watch::channel(());
         let pending = unacked.clone();
         let reader = tokio::spawn(async move {
             let _done = done_tx;
@@ -396,6 +489,8 @@ impl PutStream {
             done,
             reader,
             generation,
+            ack_deadline,
+            pending: unacked.clone(),
         };
         let resend: Vec<Vec<pb::Chunk>> =
             locked(&unacked).iter().map(|b| b.chunks.clone()).collect();
@@ -432,13 +527,34 @@ impl PutStream {
 
     /// Ends the stream (no more requests) and returns why it failed; a stream that ended
     /// well with every batch acknowledged returns `OK`.
+    ///
+    /// Bounded: a coordinator that acknowledged everything but never closes its side costs
+    /// one ack deadline, not the backup (every batch is acknowledged, so nothing is owed);
+    /// one that also owes batches fails the stream and they are re-sent.
     async fn finish(self) -> Status {
-        let PutStream { tx, reader, .. } = self;
+        let PutStream {
+            tx,
+            mut reader,
+            ack_deadline,
+            pending,
+            ..
+        } = self;
         drop(tx);
-        match reader.await {
-            Ok(Ok(())) => Status::ok(""),
-            Ok(Err(s)) => s,
-            Err(e) => Status::internal(format!("upload stream reader: {e}")),
+        match tokio::time::timeout(ack_deadline, &mut reader).await {
+            Ok(Ok(Ok(()))) => Status::ok(""),
+            Ok(Ok(Err(s))) => s,
+            Ok(Err(e)) => Status::internal(format!("upload stream reader: {e}")),
+            Err(_) => {
+                reader.abort();
+                if locked(&pending).is_empty() {
+                    tracing::warn!("the coordinator never closed a finished upload stream");
+                    Status::ok("")
+                } else {
+                    Status::deadline_exceeded(format!(
+                        "upload stream not closed within {ack_deadline:?}"
+                    ))
+                }
+            }
         }
     }
 }
@@ -473,7 +589,7 @@ impl PutSlot {
     ) -> Result<()> {
         locked(&self.unacked).push_back(Batch {
             chunks: chunks.clone(),
-            _permits: permits,
+            permits,
         });
         self.fresh = true;
         if let Some(stream) = &self.stream {

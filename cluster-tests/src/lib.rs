@@ -278,7 +278,9 @@ impl Node {
             .arg("--token-file")
             .arg(token_file)
             .args(args)
-            .env_remove("HASHGRID_TOKEN");
+            .env_remove("HASHGRID_TOKEN")
+            // The agent's tree cache stays with the node's files, not in $HOME.
+            .env("HASHGRID_CACHE_DIR", self.dir.join("agent-cache"));
         tweak(&mut cmd);
         cmd.output().expect("run hashgrid")
     }
@@ -338,6 +340,7 @@ pub fn backup_opts(paths: &[&Path], image: bool, client: &str, dataset: &str) ->
         progress: false,
         tree_part_bytes: hashgrid_proto::limits::TREE_PART_BYTES,
         memory: Default::default(),
+        tree_cache: None,
     }
 }
 

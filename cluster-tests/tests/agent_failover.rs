@@ -30,10 +30,13 @@ fn dead_addr() -> String {
     format!("http://{addr}")
 }
 
-/// Runs the `hashgrid` CLI with the token of `node` and no `--server` of its own.
+/// Runs the `hashgrid` CLI with the token of `node` and no `--server` of its own, killed
+/// (exit 124, a failure the caller reports) if it runs for more than two minutes.
 fn hashgrid(node: &Node, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(bin_dir().join("hashgrid"));
-    cmd.arg("--token-file")
+    let mut cmd = Command::new("timeout");
+    cmd.args(["--kill-after=5", "120"])
+        .arg(bin_dir().join("hashgrid"))
+        .arg("--token-file")
         .arg(node.token_file())
         .args(args)
         .env_remove("HASHGRID_TOKEN")
@@ -138,6 +141,8 @@ fn make_source(dir: &Path, seed: u64, mib: usize) {
 
 /// Size of each backup: a few seconds of work on this machine, so the pause lands inside.
 const SOURCE_MIB: usize = 48;
+/// Longer than any backup here may take (the test's bound on a run is far below it).
+const BACKUP_HANGS_AFTER: Duration = Duration::from_secs(300);
 /// Stored chunks on the observer node that show a backup is under way.
 const UNDER_WAY_CHUNKS: u64 = 40;
 
@@ -249,7 +254,22 @@ fn run_backup(
             assert_success(&out, "cluster status during the pause");
             status_took = Some(took);
         }
-        let result = job.await.expect("backup task");
+        // Bounded: a backup that hangs fails the test with the nodes' logs (the victim
+        // resumed first, so what it says about the hang is in them too).
+        let result = match tokio::time::timeout(BACKUP_HANGS_AFTER, job).await {
+            Ok(joined) => joined.expect("backup task"),
+            Err(_) => {
+                if let Some(p) = paused {
+                    cluster.nodes[p].resume();
+                }
+                cluster.dump_logs();
+                panic!(
+                    "backup with {victim:?} paused still running after {BACKUP_HANGS_AFTER:?} \
+                     (agent coordinator now {})",
+                    conn.coordinator()
+                );
+            }
+        };
         if let Some(watcher) = switched {
             watcher.abort();
         }

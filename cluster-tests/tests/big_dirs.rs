@@ -20,6 +20,7 @@ fn opts(src: &Path, part_bytes: usize) -> BackupOptions {
     BackupOptions {
         tree_part_bytes: part_bytes,
         memory: Default::default(),
+        tree_cache: None,
         ..backup_opts(&[src], false, "big-dirs", "files")
     }
 }

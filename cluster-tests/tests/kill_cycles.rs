@@ -61,8 +61,9 @@ fn spawn_backup(
         .expect("run hashgrid backup")
 }
 
-/// The snapshot id a finished `hashgrid --json backup` printed, or `None` if it failed.
-fn finished(child: std::process::Child) -> Result<SnapshotId, String> {
+/// The snapshot id a finished `hashgrid --json backup` printed and the bytes it sent
+/// twice (after a failed coordinator), or its error output if it failed.
+fn finished(child: std::process::Child) -> Result<(SnapshotId, u64, u64), String> {
     let out = child.wait_with_output().expect("wait for hashgrid");
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
@@ -70,8 +71,14 @@ fn finished(child: std::process::Child) -> Result<SnapshotId, String> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let summary: Value =
         serde_json::from_str(stdout.lines().last().expect("backup output")).expect("json");
-    Ok(SnapshotId(
-        summary["snapshot"].as_u64().expect("snapshot id"),
+    Ok((
+        SnapshotId(summary["snapshot"].as_u64().expect("snapshot id")),
+        summary["upload"]["resent_bytes"]
+            .as_u64()
+            .expect("resent bytes"),
+        summary["upload"]["sent_bytes"]
+            .as_u64()
+            .expect("sent bytes"),
     ))
 }
 
@@ -107,6 +114,7 @@ fn kill_cycles_lose_nothing_and_commit_each_backup_once() {
     let n = cycles();
     let mut acknowledged: Vec<(SnapshotId, PathBuf)> = Vec::new();
     let mut reruns = 0;
+    let mut total_resent = 0u64;
     for cycle in 0..n {
         let src = tmp.path().join(format!("src{cycle}"));
         make_source(&src, cycle as u64 + 1);
@@ -136,7 +144,7 @@ fn kill_cycles_lose_nothing_and_commit_each_backup_once() {
             std::thread::sleep(Duration::from_millis(10));
         }
         cluster.nodes[victim].kill9();
-        let snap = match finished(child) {
+        let (snap, resent, sent) = match finished(child) {
             Ok(s) => s,
             Err(e) => {
                 println!("cycle {cycle}: backup failed ({}); rerunning", e.trim());
@@ -145,8 +153,9 @@ fn kill_cycles_lose_nothing_and_commit_each_backup_once() {
                     .unwrap_or_else(|e| panic!("cycle {cycle}: the rerun failed too: {e}"))
             }
         };
+        total_resent += resent;
         println!(
-            "cycle {cycle}: killed node {} ({}), snapshot {}",
+            "cycle {cycle}: killed node {} ({}), snapshot {}, sent {} KiB, re-sent {} KiB",
             victim + 1,
             if victim == leader {
                 "leader"
@@ -155,7 +164,9 @@ fn kill_cycles_lose_nothing_and_commit_each_backup_once() {
             } else {
                 "follower"
             },
-            snap.0
+            snap.0,
+            sent >> 10,
+            resent >> 10,
         );
         acknowledged.push((snap, src));
         cluster.nodes[victim].restart();
@@ -190,6 +201,9 @@ fn kill_cycles_lose_nothing_and_commit_each_backup_once() {
         }
         cluster_stats(&conn).await.snapshots as usize - acknowledged.len()
     });
-    println!("cycles={n} reruns={reruns} lost=0 duplicates={duplicates}");
+    println!(
+        "cycles={n} reruns={reruns} lost=0 duplicates={duplicates} resent_kib={}",
+        total_resent >> 10
+    );
     assert_eq!(duplicates, 0, "a backup committed more than one snapshot");
 }

@@ -32,6 +32,7 @@ use crate::error::{ClientError, Result};
 use crate::memory::{cores, MemoryBudget};
 use crate::objects::{ObjectReader, ObjectWriter};
 use crate::progress::Progress;
+use crate::tree_cache::{TreeCache, TreeCacheStats};
 use crate::upload::{UploadStats, Uploader};
 
 /// Which earlier snapshot to compare with.
@@ -62,6 +63,9 @@ pub struct BackupOptions {
     pub tree_part_bytes: usize,
     /// Sizes every buffer and queue of the backup ([`crate::memory`]).
     pub memory: MemoryBudget,
+    /// Where the local copy of the dataset's trees lives ([`crate::tree_cache`]); `None`
+    /// fetches the parent's trees from the cluster.
+    pub tree_cache: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -70,6 +74,8 @@ pub struct BackupSummary {
     pub parent: Option<SnapshotId>,
     pub stats: SnapshotStats,
     pub upload: UploadStats,
+    /// How the parent's trees were read (`None`: no tree cache).
+    pub tree_cache: Option<TreeCacheStats>,
     pub warnings: Vec<String>,
 }
 
@@ -121,7 +127,22 @@ pub async fn backup(conn: &Connection, opts: &BackupOptions) -> Result<BackupSum
         }
     };
     tracing::debug!(elapsed = ?started.elapsed(), parent = ?parent.as_ref().map(|p| p.id), "parent chosen");
-    let reader = ObjectReader::new(conn.clone());
+    let trees = opts.tree_cache.as_ref().map(|dir| {
+        // Named by where the cluster is, whose dataset, of which kind; used only for the
+        // parent's own root (see crate::tree_cache).
+        let key = format!(
+            "{}\0{}\0{}\0{kind:?}",
+            conn.server, opts.client, opts.dataset
+        );
+        let cap = opts.memory.sizing(cores()).tree_cache_bytes;
+        Arc::new(TreeCache::open(
+            dir,
+            &key,
+            parent.as_ref().map(|p| &p.root),
+            cap,
+        ))
+    });
+    let reader = ObjectReader::new(conn.clone()).with_tree_cache(trees.clone());
     let parent_root = match &parent {
         Some(p) => Some((reader.load_tree(&p.root).await?, p.root.clone())),
         None => None,
@@ -197,11 +218,19 @@ pub async fn backup(conn: &Connection, opts: &BackupOptions) -> Result<BackupSum
     };
     let id = commit(conn, &record).await?;
     tracing::debug!(elapsed = ?started.elapsed(), "snapshot committed");
+    let tree_cache = trees.map(|cache| {
+        if let Err(e) = cache.save(&record.root) {
+            // The next backup fetches its parent's trees instead; nothing else is lost.
+            tracing::warn!(error = %e, "could not write the tree cache");
+        }
+        cache.stats()
+    });
     Ok(BackupSummary {
         snapshot: SnapshotId(id),
         parent: parent.map(|p| p.id),
         stats,
         upload,
+        tree_cache,
         warnings: walker
             .warnings
             .into_inner()
@@ -322,7 +351,8 @@ async fn backup_image(
     };
     let w = walker.clone();
     tokio::task::spawn_blocking(move || {
-        ObjectWriter::write_all(&w.chunker, &w.uploader, &tree.encode())
+        let cache = w.reader.tree_cache().map(|c| &**c);
+        ObjectWriter::write_tree(&w.chunker, &w.uploader, cache, &tree.encode())
     })
     .await?
 }

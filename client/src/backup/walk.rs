@@ -344,7 +344,9 @@ impl Walker {
     /// hold more than one part (design: a directory of any size restores and serves as a
     /// parent).
     fn write_tree(&self, tree: Tree) -> Result<ObjectRef> {
-        let write = |bytes: &[u8]| ObjectWriter::write_all(&self.chunker, &self.uploader, bytes);
+        let cache = self.reader.tree_cache().map(|c| &**c);
+        let write =
+            |bytes: &[u8]| ObjectWriter::write_tree(&self.chunker, &self.uploader, cache, bytes);
         // Most directories are small: encode once and be done.
         if tree.entries.len() <= 1024 {
             let bytes = tree.encode();

@@ -42,6 +42,14 @@ pub struct Args {
     /// directories in flight, for links with a long round trip.
     #[arg(long, env = "HASHGRID_MEMORY_BUDGET", default_value_t = MemoryBudget::default())]
     pub memory_budget: MemoryBudget,
+    /// Where to keep the local copy of each dataset's trees, so an unchanged re-backup
+    /// fetches none from the cluster [default: $XDG_CACHE_HOME/hashgrid or ~/.cache/hashgrid].
+    #[arg(long, env = "HASHGRID_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Keep no local cache (overrides --cache-dir): fetch the parent snapshot's trees from
+    /// the cluster.
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
@@ -70,6 +78,13 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
         progress: !global.json,
         tree_part_bytes: hashgrid_proto::limits::TREE_PART_BYTES,
         memory: args.memory_budget,
+        tree_cache: if args.no_cache {
+            None
+        } else {
+            args.cache_dir
+                .clone()
+                .or_else(crate::tree_cache::default_dir)
+        },
     };
     let summary = backup(&conn, &opts).await?;
     for w in &summary.warnings {

@@ -140,6 +140,7 @@ fn churn_image(path: &Path, seed: u64, blocks: u64) -> anyhow::Result<()> {
 
 async fn step(
     conn: &Connection,
+    cache: &Path,
     steps: &mut Vec<BackupSummary>,
     what: &str,
     path: &Path,
@@ -162,6 +163,7 @@ async fn step(
         progress: false,
         tree_part_bytes: hashgrid_proto::limits::TREE_PART_BYTES,
         memory: Default::default(),
+        tree_cache: Some(cache.to_path_buf()),
     };
     let summary = backup(conn, &opts).await?;
     let s = &summary.stats;
@@ -225,9 +227,12 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         HumanBytes(mib * 2)
     );
 
+    // The agent's local cache of each dataset's trees, kept with the demo's other files.
+    let cache = work.join("agent-cache");
     let mut steps = Vec::new();
     step(
         &conn,
+        &cache,
         &mut steps,
         "site A: file tree",
         &tree,
@@ -237,6 +242,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     .await?;
     step(
         &conn,
+        &cache,
         &mut steps,
         "site A: VM image",
         &image,
@@ -246,6 +252,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     .await?;
     step(
         &conn,
+        &cache,
         &mut steps,
         "site A: file tree, unchanged",
         &tree,
@@ -257,6 +264,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     churn_image(&image, 1, 64)?;
     step(
         &conn,
+        &cache,
         &mut steps,
         "site A: file tree, 11 files changed",
         &tree,
@@ -266,6 +274,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     .await?;
     step(
         &conn,
+        &cache,
         &mut steps,
         "site A: VM image, 64 blocks changed",
         &image,
@@ -277,6 +286,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     churn_image(&clone, 2, 32)?;
     step(
         &conn,
+        &cache,
         &mut steps,
         "site B: clone of the VM image",
         &clone,

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{meta, Shared};
-use crate::connection::Connection;
+use crate::connection::{within, Connection};
 use crate::error::{ClientError, Result};
 use crate::objects::check_fault;
 use crate::progress::Progress;
@@ -111,12 +111,13 @@ async fn fetch_and_write(
             epoch: conn.epoch(),
             ids: pack_ids(&order[got..]),
         };
-        let failed = match client.get(request).await {
+        let deadline = conn.timeouts().transfer;
+        let failed = match within(deadline, "fetching chunks", client.get(request)).await {
             Err(s) => Some(s),
             Ok(stream) => {
                 let mut stream = stream.into_inner();
                 loop {
-                    match stream.message().await {
+                    match within(deadline, "fetching chunks", stream.message()).await {
                         Ok(Some(msg)) => writes.push(write_group(
                             msg.chunks,
                             &order,

@@ -91,10 +91,22 @@ impl Route {
 
     /// Every owner that may hold a copy of `partition`'s chunks, this node first when it is
     /// one (no network), then the current owners in preference order, then older owners.
+    ///
+    /// Peers whose last call ran out of time go last (their order otherwise kept): a
+    /// lookup's first wave then asks owners that answer, and a hung one is asked only when
+    /// the others cannot decide (see [`crate::peer::PeerPool::is_suspect`]).
     pub fn read_owners(&self, partition: Partition) -> Vec<NodeId> {
         let mut owners = self.placement.read_owners(partition);
         if let Some(i) = owners.iter().position(|&n| self.is_local(n)) {
             owners[..=i].rotate_right(1);
+        }
+        let suspect = |n: &NodeId| {
+            self.addrs
+                .get(n)
+                .is_some_and(|a| self.ctx.peers.is_suspect(a))
+        };
+        if owners.iter().any(suspect) {
+            owners.sort_by_key(|n| suspect(n));
         }
         owners
     }

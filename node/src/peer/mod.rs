@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hashgrid_proto::limits::{
     CONNECTION_WINDOW_BYTES, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, STREAM_WINDOW_BYTES,
@@ -53,10 +53,18 @@ impl PeerError {
     pub fn is_unreachable(&self) -> bool {
         match self {
             PeerError::BadAddress { .. } | PeerError::Timeout { .. } => true,
-            PeerError::Status { status, .. } => matches!(
-                status.code(),
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
-            ),
+            // A status made from a transport error (it has a source: refused, reset, closed
+            // by a keepalive) is not the peer's answer; tonic reports a connection that
+            // closed under a call as CANCELLED.
+            PeerError::Status { status, .. } => {
+                matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Unknown
+                        | tonic::Code::Cancelled
+                ) || std::error::Error::source(status).is_some()
+            }
         }
     }
 }
@@ -69,6 +77,23 @@ pub struct PeerPool {
     /// system choose.
     dial_from: Option<IpAddr>,
     channels: Mutex<HashMap<String, Channel>>,
+    /// Peers whose last call ran out of time, and when one last did with the full deadline.
+    suspects: Mutex<HashMap<String, Instant>>,
+}
+
+/// How long a suspect peer is given a short deadline before one call gets the full one
+/// again (a slow but live peer proves itself then, and stops being suspect).
+const SUSPECT_FOR: Duration = Duration::from_secs(10);
+
+/// A suspect peer's deadline: a fraction of the full one, not under half a second.
+///
+/// Why: a peer that stopped answering without closing its connections (SIGSTOP, a hung
+/// host, a silent partition) costs every call one full deadline. A coordinator whose
+/// lookups ask that peer first would add the deadline to each lookup wave of a backup;
+/// asked last ([`PeerPool::is_suspect`]) and given a short deadline, it costs almost nothing
+/// until it answers again.
+fn suspect_timeout(full: Duration) -> Duration {
+    (full / 4).max(Duration::from_millis(500)).min(full)
 }
 
 impl PeerPool {
@@ -80,6 +105,7 @@ impl PeerPool {
             timeout,
             dial_from,
             channels: Mutex::new(HashMap::new()),
+            suspects: Mutex::new(HashMap::new()),
         }
     }
 
@@ -121,7 +147,31 @@ impl PeerPool {
         )
     }
 
-    /// Runs one call to `addr` under `timeout` (the pool's default when `None`).
+    fn suspects(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.suspects.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the last call to `addr` ran out of time (and no answer came since).
+    pub fn is_suspect(&self, addr: &str) -> bool {
+        self.suspects().contains_key(addr)
+    }
+
+    /// The deadline of a call with the pool's default timeout to `addr`: short while the
+    /// peer is suspect, the full one every [`SUSPECT_FOR`] (marked by resetting the clock).
+    fn default_timeout(&self, addr: &str) -> Duration {
+        let mut suspects = self.suspects();
+        match suspects.get_mut(addr) {
+            Some(since) if since.elapsed() < SUSPECT_FOR => suspect_timeout(self.timeout),
+            Some(since) => {
+                *since = Instant::now();
+                self.timeout
+            }
+            None => self.timeout,
+        }
+    }
+
+    /// Runs one call to `addr` under `timeout` (the pool's default when `None`: shortened
+    /// while the peer is suspect, see [`suspect_timeout`]).
     pub async fn call<T, F, Fut>(
         &self,
         addr: &str,
@@ -132,18 +182,100 @@ impl PeerPool {
         F: FnOnce(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let timeout = timeout.unwrap_or(self.timeout);
+        let timeout = match timeout {
+            Some(t) => t,
+            None => self.default_timeout(addr),
+        };
         let client = self.client(addr)?;
-        match tokio::time::timeout(timeout, f(client)).await {
-            Ok(Ok(resp)) => Ok(resp.into_inner()),
-            Ok(Err(status)) => Err(PeerError::Status {
-                addr: addr.to_string(),
-                status,
-            }),
-            Err(_) => Err(PeerError::Timeout {
-                addr: addr.to_string(),
-                timeout,
-            }),
+        let result = tokio::time::timeout(timeout, f(client)).await;
+        match result {
+            Err(_) => {
+                self.suspects()
+                    .entry(addr.to_string())
+                    .or_insert_with(Instant::now);
+                tracing::debug!(%addr, ?timeout, "peer call ran out of time; peer suspect");
+                Err(PeerError::Timeout {
+                    addr: addr.to_string(),
+                    timeout,
+                })
+            }
+            Ok(answer) => {
+                let answer =
+                    answer
+                        .map(tonic::Response::into_inner)
+                        .map_err(|status| PeerError::Status {
+                            addr: addr.to_string(),
+                            status,
+                        });
+                // An answer, even a refusal, shows the peer is alive; a broken connection
+                // does not.
+                let alive = answer
+                    .as_ref()
+                    .map_or_else(|e| !e.is_unreachable(), |_| true);
+                if alive && self.suspects().remove(addr).is_some() {
+                    tracing::info!(%addr, "suspect peer answered again");
+                }
+                answer
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hashgrid_proto::pb::HasRequest;
+
+    async fn ask(pool: &PeerPool, addr: &str) -> PeerError {
+        pool.call(addr, None, |mut c| async move {
+            c.owner_has(HasRequest::default()).await
+        })
+        .await
+        .expect_err("nothing answers")
+    }
+
+    /// A peer that accepts connections and never answers (the kernel completes the
+    /// handshake from the listen backlog; nobody reads) costs the full deadline once, then
+    /// the short one, and is asked last meanwhile.
+    #[tokio::test]
+    async fn a_peer_that_ran_out_of_time_is_suspect_and_gets_a_short_deadline() {
+        let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = hung.local_addr().unwrap().to_string();
+        let dir = tempfile::tempdir().unwrap();
+        let secret = ClusterSecret::load_or_create(dir.path(), None, true).unwrap();
+        let full = Duration::from_secs(2);
+        let pool = PeerPool::new(&secret, full, None);
+        assert!(!pool.is_suspect(&addr));
+        match ask(&pool, &addr).await {
+            PeerError::Timeout { timeout, .. } => assert_eq!(timeout, full),
+            e => panic!("expected a timeout, got {e}"),
+        }
+        assert!(pool.is_suspect(&addr));
+        match ask(&pool, &addr).await {
+            PeerError::Timeout { timeout, .. } => assert_eq!(timeout, suspect_timeout(full)),
+            e => panic!("expected a timeout, got {e}"),
+        }
+        assert!(suspect_timeout(full) < full);
+        // A refusal from a live peer would clear it; a broken connection does not.
+        drop(hung);
+        let refused = ask(&pool, &addr).await;
+        assert!(refused.is_unreachable(), "{refused}");
+        assert!(pool.is_suspect(&addr));
+    }
+
+    #[test]
+    fn a_suspect_deadline_is_a_quarter_of_the_full_one_not_under_half_a_second() {
+        assert_eq!(
+            suspect_timeout(Duration::from_secs(5)),
+            Duration::from_millis(1250)
+        );
+        assert_eq!(
+            suspect_timeout(Duration::from_secs(1)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            suspect_timeout(Duration::from_millis(300)),
+            Duration::from_millis(300)
+        );
     }
 }
