@@ -25,7 +25,7 @@ use hashgrid_proto::id::pack_ids;
 use hashgrid_proto::limits::{MAX_CHUNKS_PER_PUT, MAX_IDS_PER_REQUEST};
 use hashgrid_proto::pb::{self, HasRequest, PutRequest};
 use hashgrid_proto::ChunkId;
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
@@ -330,6 +330,17 @@ enum Next {
     Item(Encoded),
     Idle,
     Closed,
+    /// A stream ended: its slot may owe batches nobody will otherwise re-send.
+    StreamEnded,
+}
+
+/// Wakes the batcher when a `Put` stream's reader ends, however it ends (aborted too).
+struct NotifyOnDrop(Arc<Notify>);
+
+impl Drop for NotifyOnDrop {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
 }
 
 /// One `Put` batch, kept until acknowledged so it can be re-sent through another stream
@@ -438,6 +449,7 @@ impl PutStream {
         counters: Arc<Counters>,
         unacked: Unacked,
         fresh_last: bool,
+        ended: Arc<Notify>,
     ) -> Result<PutStream, Status> {
         drop_landed(conn, &counters, &unacked, fresh_last).await;
         let generation = conn.generation();
@@ -456,6 +468,7 @@ impl PutStream {
         let pending = unacked.clone();
         let reader = tokio::spawn(async move {
             let _done = done_tx;
+            let _ended = NotifyOnDrop(ended);
             loop {
                 let reply = match tokio::time::timeout(ack_deadline, replies.message()).await {
                     Ok(reply) => reply?,
@@ -512,6 +525,11 @@ impl PutStream {
         Ok(stream)
     }
 
+    /// Whether the stream's reader has ended (failed, or closed after every batch).
+    fn ended(&self) -> bool {
+        self.done.has_changed().is_err()
+    }
+
     /// Sends one request; `false` when the stream has ended (see [`Self::finish`]).
     async fn send(&self, conn: &Connection, chunks: Vec<pb::Chunk>) -> bool {
         let mut done = self.done.clone();
@@ -563,6 +581,8 @@ impl PutStream {
 /// the retries of its current trouble.
 struct PutSlot {
     stream: Option<PutStream>,
+    /// Notified when any stream of the batcher ends.
+    ended: Arc<Notify>,
     unacked: Unacked,
     backoff: Option<(Backoff, u64)>,
     /// The newest batch of `unacked` was never sent (not a re-send when a stream opens).
@@ -570,9 +590,10 @@ struct PutSlot {
 }
 
 impl PutSlot {
-    fn new() -> Self {
+    fn new(ended: Arc<Notify>) -> Self {
         PutSlot {
             stream: None,
+            ended,
             unacked: Arc::default(),
             backoff: None,
             fresh: false,
@@ -601,6 +622,23 @@ impl PutSlot {
         // No stream yet, or it ended: the new one sends every unacknowledged batch,
         // this one included.
         self.reopen(conn, counters).await
+    }
+
+    /// Replaces a stream that ended while it owed batches (re-sending them), so a failure
+    /// is dealt with when it happens, not when this slot is next given a batch: the
+    /// batches it owes hold memory the walk may be waiting for, and no next batch comes
+    /// while it waits. A stream that ended with nothing owed is only dropped.
+    async fn heal(&mut self, conn: &Connection, counters: &Arc<Counters>) -> Result<()> {
+        if !self.stream.as_ref().is_some_and(PutStream::ended) {
+            return Ok(());
+        }
+        let stream = self.stream.take().expect("checked above");
+        let generation = stream.generation;
+        let status = stream.finish().await;
+        if locked(&self.unacked).is_empty() {
+            return Ok(());
+        }
+        self.retry(conn, counters, status, generation).await
     }
 
     /// Closes the stream once every batch is acknowledged, re-sending while it fails.
@@ -637,14 +675,29 @@ impl PutSlot {
 
     async fn open(&mut self, conn: &Connection, counters: &Arc<Counters>) -> Result<()> {
         let generation = conn.generation();
-        let fresh = std::mem::take(&mut self.fresh);
-        match PutStream::open(conn, counters.clone(), self.unacked.clone(), fresh).await {
-            Ok(stream) => {
-                self.stream = Some(stream);
-                Ok(())
-            }
+        match self.open_stream(conn, counters).await {
+            Ok(()) => Ok(()),
             Err(status) => self.retry(conn, counters, status, generation).await,
         }
+    }
+
+    /// One try at a new stream that sends every batch this slot owes.
+    async fn open_stream(
+        &mut self,
+        conn: &Connection,
+        counters: &Arc<Counters>,
+    ) -> Result<(), Status> {
+        let fresh = std::mem::take(&mut self.fresh);
+        let stream = PutStream::open(
+            conn,
+            counters.clone(),
+            self.unacked.clone(),
+            fresh,
+            self.ended.clone(),
+        )
+        .await?;
+        self.stream = Some(stream);
+        Ok(())
     }
 
     /// Handles a failed stream under the connection's retry policy, then opens a new one.
@@ -666,12 +719,8 @@ impl PutSlot {
             conn.recover("uploading chunks", status, generation, backoff)
                 .await?;
             generation = conn.generation();
-            let fresh = std::mem::take(&mut self.fresh);
-            match PutStream::open(conn, counters.clone(), self.unacked.clone(), fresh).await {
-                Ok(stream) => {
-                    self.stream = Some(stream);
-                    return Ok(());
-                }
+            match self.open_stream(conn, counters).await {
+                Ok(()) => return Ok(()),
                 Err(s) => status = s,
             }
         }
@@ -687,6 +736,7 @@ async fn put_all(
     counters: Arc<Counters>,
 ) -> Result<()> {
     let mut slots: Vec<PutSlot> = Vec::new();
+    let ended = Arc::new(Notify::new());
     let mut rotation = 0usize;
     let mut chunks = Vec::new();
     let mut permits = Vec::new();
@@ -694,15 +744,30 @@ async fn put_all(
     loop {
         // Wait briefly for more once a batch has started, so a stream of small files does
         // not become one request per chunk.
+        // A stream that ends meanwhile is replaced at once (see `PutSlot::heal`).
         let next = if chunks.is_empty() {
-            rx.recv().await.map_or(Next::Closed, Next::Item)
+            tokio::select! {
+                biased;
+                _ = ended.notified() => Next::StreamEnded,
+                e = rx.recv() => e.map_or(Next::Closed, Next::Item),
+            }
         } else {
-            match tokio::time::timeout(BATCH_WAIT, rx.recv()).await {
-                Ok(Some(e)) => Next::Item(e),
-                Ok(None) => Next::Closed,
-                Err(_) => Next::Idle,
+            tokio::select! {
+                biased;
+                _ = ended.notified() => Next::StreamEnded,
+                e = tokio::time::timeout(BATCH_WAIT, rx.recv()) => match e {
+                    Ok(Some(e)) => Next::Item(e),
+                    Ok(None) => Next::Closed,
+                    Err(_) => Next::Idle,
+                },
             }
         };
+        if matches!(next, Next::StreamEnded) {
+            for slot in &mut slots {
+                slot.heal(&conn, &counters).await?;
+            }
+            continue;
+        }
         let closed = matches!(next, Next::Closed);
         let flush = match next {
             Next::Item(e) => {
@@ -711,7 +776,7 @@ async fn put_all(
                 permits.push(e.permit);
                 bytes >= batch_bytes || chunks.len() >= MAX_CHUNKS_PER_PUT
             }
-            Next::Idle | Next::Closed => true,
+            Next::Idle | Next::Closed | Next::StreamEnded => true,
         };
         if !flush || chunks.is_empty() {
             if closed {
@@ -720,7 +785,7 @@ async fn put_all(
             continue;
         }
         if slots.len() < PUT_STREAMS {
-            slots.push(PutSlot::new());
+            slots.push(PutSlot::new(ended.clone()));
         }
         let idx = rotation % slots.len();
         rotation += 1;

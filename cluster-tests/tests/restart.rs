@@ -10,6 +10,36 @@ fn opts(src: &std::path::Path) -> BackupOptions {
     backup_opts(&[src], false, "db01", "files")
 }
 
+/// Starts `hashgrid backup SRC` (with `extra` backup flags) against `node` alone. Without
+/// a node to fail over to, the agent would retry for its whole budget: 2 s here.
+fn spawn_backup(node: &Node, src: &std::path::Path, extra: &[&str]) -> std::process::Child {
+    std::process::Command::new(hashgrid_cluster_tests::bin_dir().join("hashgrid"))
+        .args(["--server", &node.server(), "--retry-budget", "2s"])
+        .args(["--json", "backup"])
+        .args(extra)
+        .arg(src)
+        .arg("--token-file")
+        .arg(node.token_file())
+        .env("HASHGRID_CACHE_DIR", node.dir.join("agent-cache"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until `node` stores more than `bytes` (the upload is under way).
+fn wait_until_stored(rt: &tokio::runtime::Runtime, node: &Node, bytes: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let stored = rt.block_on(async { cluster_stats(&node.connect().await).await.stored_bytes });
+        if stored > bytes {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "upload never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn kill_9_between_backup_and_restore_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
@@ -59,31 +89,10 @@ fn backup_interrupted_by_a_crash_resumes_without_resending() {
     for i in 0..40u64 {
         std::fs::write(src.join(format!("f{i}")), data::random_bytes(i, 3 << 20)).unwrap();
     }
-    let src_s = src.to_str().unwrap().to_string();
     // Run the CLI and kill the node while it uploads.
-    let child = std::process::Command::new(hashgrid_cluster_tests::bin_dir().join("hashgrid"))
-        // Without a node to fail over to, the agent would retry for its whole budget.
-        .args(["--server", &node.server(), "--retry-budget", "2s"])
-        .args(["--json", "backup", &src_s])
-        .arg("--token-file")
-        .arg(node.token_file())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_backup(&node, &src, &[]);
     let rt = runtime();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let stored = rt.block_on(async {
-            let conn = node.connect().await;
-            cluster_stats(&conn).await.stored_bytes
-        });
-        if stored > 20 << 20 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "upload never started");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until_stored(&rt, &node, 20 << 20);
     node.kill9();
     let out = child.wait_with_output().unwrap();
     assert!(
@@ -104,6 +113,59 @@ fn backup_interrupted_by_a_crash_resumes_without_resending() {
             total,
             landed.stored_bytes
         );
+        let target = tmp.path().join("restore");
+        restore_all(&conn, done.snapshot, &target).await;
+        assert_same_tree(&src, &restored(&target, &src));
+    });
+}
+
+/// A backup whose only node stops answering (SIGSTOP) in the middle of its upload fails
+/// with an error once its retries are spent, instead of waiting: every call and stream has
+/// a deadline on the agent's side, and a failed upload stream is replaced (or the backup
+/// fails) at once, not when the walk next hands its slot a batch (with the memory budget
+/// spent on the batches the failed streams owed, the walk never would: that wait hung
+/// `backup_interrupted_by_a_crash_resumes_without_resending` once). After SIGCONT the
+/// next backup completes and restores identical.
+#[test]
+fn a_backup_whose_node_hangs_fails_instead_of_waiting_forever() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = Node::start(&tmp.path().join("node"));
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..24u64 {
+        std::fs::write(
+            src.join(format!("f{i}")),
+            data::random_bytes(100 + i, 4 << 20),
+        )
+        .unwrap();
+    }
+    let child = spawn_backup(&node, &src, &["--memory-budget", "32M"]);
+    let rt = runtime();
+    wait_until_stored(&rt, &node, 8 << 20);
+    node.pause();
+    // Keepalive (10 s) + failover probe + retry budget: well under two minutes. A hang is
+    // what this guards against, so the bound is generous and the process is killed after.
+    let hang_guard = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut child = child;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > hang_guard {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    node.resume();
+    let status = status.expect("the backup hung after its node stopped answering");
+    assert!(
+        !status.success(),
+        "a backup cannot succeed while its node is stopped"
+    );
+    rt.block_on(async {
+        let conn = node.connect().await;
+        let done = backup(&conn, &opts(&src)).await.unwrap();
         let target = tmp.path().join("restore");
         restore_all(&conn, done.snapshot, &target).await;
         assert_same_tree(&src, &restored(&target, &src));

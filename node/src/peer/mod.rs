@@ -182,6 +182,9 @@ impl PeerPool {
         F: FnOnce(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        // Only calls under the peer deadline judge a peer: Raft's own short deadlines run out
+        // on a busy machine without the peer being hung.
+        let judged = timeout.is_none();
         let timeout = match timeout {
             Some(t) => t,
             None => self.default_timeout(addr),
@@ -190,10 +193,12 @@ impl PeerPool {
         let result = tokio::time::timeout(timeout, f(client)).await;
         match result {
             Err(_) => {
-                self.suspects()
-                    .entry(addr.to_string())
-                    .or_insert_with(Instant::now);
-                tracing::debug!(%addr, ?timeout, "peer call ran out of time; peer suspect");
+                if judged {
+                    self.suspects()
+                        .entry(addr.to_string())
+                        .or_insert_with(Instant::now);
+                    tracing::debug!(%addr, ?timeout, "peer call ran out of time; peer suspect");
+                }
                 Err(PeerError::Timeout {
                     addr: addr.to_string(),
                     timeout,

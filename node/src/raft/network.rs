@@ -87,7 +87,19 @@ impl PeerLink {
                 e @ (PeerError::BadAddress { .. } | PeerError::Timeout { .. }) => {
                     RPCError::Unreachable(Unreachable::new(&e))
                 }
-                e if e.is_unreachable() => RPCError::Unreachable(Unreachable::new(&e)),
+                // Raft backs off from an unreachable target: only for a peer that is down or
+                // hung, not for a connection that merely closed under a call (CANCELLED),
+                // which the next append retries at once.
+                PeerError::Status { ref status, .. }
+                    if matches!(
+                        status.code(),
+                        tonic::Code::Unavailable
+                            | tonic::Code::DeadlineExceeded
+                            | tonic::Code::Unknown
+                    ) =>
+                {
+                    RPCError::Unreachable(Unreachable::new(&e))
+                }
                 e => RPCError::Network(NetworkError::new(&e)),
             })?;
         let answer: Result<Resp, RaftError<NodeId, E>> =
