@@ -136,21 +136,28 @@ impl ObjectReader {
         self.trees.as_ref()
     }
 
-    /// The pieces of a manifest object: from the tree cache when it has them all, else
-    /// fetched (and then kept in the cache).
+    /// The pieces of a manifest object: each from the tree cache when it has it, the
+    /// others fetched in one call (and then kept in the cache).
     async fn fetch_manifest(&self, ids: &[ChunkId]) -> Result<Vec<Bytes>> {
         let Some(cache) = &self.trees else {
             return self.fetch(ids).await;
         };
-        let cached: Option<Vec<Bytes>> = ids.iter().map(|id| cache.get(id)).collect();
-        if let Some(pieces) = cached {
-            return Ok(pieces);
+        let mut pieces: Vec<Option<Bytes>> = ids.iter().map(|id| cache.get(id)).collect();
+        let missing: Vec<ChunkId> = ids
+            .iter()
+            .zip(&pieces)
+            .filter(|(_, p)| p.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        if !missing.is_empty() {
+            let mut fetched = missing.iter().zip(self.fetch(&missing).await?);
+            for slot in pieces.iter_mut().filter(|p| p.is_none()) {
+                let (id, p) = fetched.next().expect("one fetched piece per missing id");
+                cache.fetched(*id, p.clone());
+                *slot = Some(p);
+            }
         }
-        let pieces = self.fetch(ids).await?;
-        for (id, p) in ids.iter().zip(&pieces) {
-            cache.fetched(*id, p.clone());
-        }
-        Ok(pieces)
+        Ok(pieces.into_iter().flatten().collect())
     }
 
     /// The plaintexts of `ids`, in order, each checked against its id. A stream that fails

@@ -126,16 +126,34 @@ impl NodeContext {
     /// Waits until this node has applied the map of `epoch` (another node told of it), for
     /// at most the peer deadline; then `Unavailable`.
     pub async fn wait_for_epoch(&self, epoch: u64) -> Result<(), NodeError> {
-        let deadline = tokio::time::Instant::now() + self.peers.timeout();
-        while self.placement()?.epoch() < epoch {
-            if tokio::time::Instant::now() >= deadline {
-                return Err(NodeError::Unavailable(format!(
-                    "this node has not caught up with map epoch {epoch} yet; retry shortly"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let caught_up = self
+            .wait_applied(self.peers.timeout(), || {
+                self.placement().is_ok_and(|p| p.epoch() >= epoch)
+            })
+            .await;
+        if !caught_up {
+            return Err(NodeError::Unavailable(format!(
+                "this node has not caught up with map epoch {epoch} yet; retry shortly"
+            )));
         }
         Ok(())
+    }
+
+    /// Waits until `ready()` holds, checking again each time this node's Raft state moves
+    /// (an entry applied, a heartbeat), for at most `within`; returns whether it held. For
+    /// a follower catching up with what another node already acknowledged.
+    pub async fn wait_applied(&self, within: Duration, mut ready: impl FnMut() -> bool) -> bool {
+        let mut moved = self.raft.metrics();
+        let give_up = tokio::time::Instant::now() + within;
+        loop {
+            if ready() {
+                return true;
+            }
+            match tokio::time::timeout_at(give_up, moved.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return ready(),
+            }
+        }
     }
 
     /// Refuses requests routed by an older map (agents refresh and retry). Epoch 0 means the

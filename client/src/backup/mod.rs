@@ -127,6 +127,8 @@ pub async fn backup(conn: &Connection, opts: &BackupOptions) -> Result<BackupSum
         }
     };
     tracing::debug!(elapsed = ?started.elapsed(), parent = ?parent.as_ref().map(|p| p.id), "parent chosen");
+    let sizing = opts.memory.sizing(cores());
+    tracing::debug!(budget = %opts.memory, ?sizing, "memory sizing");
     let trees = opts.tree_cache.as_ref().map(|dir| {
         // Named by where the cluster is, whose dataset, of which kind; used only for the
         // parent's own root (see crate::tree_cache).
@@ -134,12 +136,11 @@ pub async fn backup(conn: &Connection, opts: &BackupOptions) -> Result<BackupSum
             "{}\0{}\0{}\0{kind:?}",
             conn.server, opts.client, opts.dataset
         );
-        let cap = opts.memory.sizing(cores()).tree_cache_bytes;
         Arc::new(TreeCache::open(
             dir,
             &key,
             parent.as_ref().map(|p| &p.root),
-            cap,
+            sizing.tree_cache_bytes,
         ))
     });
     let reader = ObjectReader::new(conn.clone()).with_tree_cache(trees.clone());
@@ -154,8 +155,6 @@ pub async fn backup(conn: &Connection, opts: &BackupOptions) -> Result<BackupSum
         None
     };
     let progress = Progress::new(opts.progress, total, "backup");
-    let sizing = opts.memory.sizing(cores());
-    tracing::debug!(budget = %opts.memory, ?sizing, "memory sizing");
     let walker = Arc::new(Walker::new(
         Chunker::new(conn.chunker),
         Uploader::start_sized(conn, opts.zstd_level, &sizing),

@@ -191,26 +191,26 @@ impl Catalog for CatalogService {
     ) -> Result<Response<Snapshot>, Status> {
         let who = principal(&req)?;
         let id = SnapshotId(req.into_inner().id);
-        let give_up = tokio::time::Instant::now() + CATCH_UP;
-        loop {
-            {
-                let catalog = self.ctx.catalog.read().unwrap_or_else(|p| p.into_inner());
-                if let Some(s) = catalog.snapshots.get(&id) {
-                    return Self::may_read(&who, &s.client)
-                        .then(|| Response::new(Snapshot::from(s)))
-                        .ok_or_else(|| not_found(id));
-                }
-                // A follower may not have applied a commit another node just acknowledged
-                // (an agent that backs up through one node and restores through another):
-                // an id past the newest it knows is waited for, briefly.
-                let newest = catalog.snapshots.keys().next_back().copied();
-                let may_be_coming =
-                    self.ctx.leader() != Some(self.ctx.node_id) && newest.is_none_or(|n| n < id);
-                if !may_be_coming || tokio::time::Instant::now() >= give_up {
-                    return Err(not_found(id));
-                }
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        // A follower may not have applied a commit another node just acknowledged (an agent
+        // that backs up through one node and restores through another): an id past the
+        // newest it knows is waited for, briefly. The leader has applied all it acknowledged.
+        let known = || {
+            let catalog = self.ctx.catalog.read().unwrap_or_else(|p| p.into_inner());
+            catalog
+                .snapshots
+                .keys()
+                .next_back()
+                .is_some_and(|&n| n >= id)
+        };
+        if !known() && self.ctx.leader() != Some(self.ctx.node_id) {
+            self.ctx.wait_applied(CATCH_UP, known).await;
         }
+        let catalog = self.ctx.catalog.read().unwrap_or_else(|p| p.into_inner());
+        catalog
+            .snapshots
+            .get(&id)
+            .filter(|s| Self::may_read(&who, &s.client))
+            .map(|s| Response::new(Snapshot::from(s)))
+            .ok_or_else(|| not_found(id))
     }
 }
