@@ -13,6 +13,9 @@ BIG_DIR=${BIG_DIR:-/tmp/hashgrid-big}
 BIG_GIB=${BIG_GIB:-50}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/hashgrid-target}
 
+# shellcheck source=bench/node.sh
+source "$REPO_ROOT/bench/node.sh"
+
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 [[ -x /usr/bin/time ]] || { log "/usr/bin/time is required (apt-get install time)"; exit 1; }
 
@@ -36,13 +39,8 @@ log "writing a ${BIG_GIB} GiB image: 1 GiB of random data every 3 GiB"
 "$BIN/hashgrid-testbed" islands "$IMG" --bytes $((BIG_GIB << 30)) --island $((1 << 30)) --every $((3 << 30))
 sync
 
-# The node runs under the harness the tests use: it prints "ADDR PID" once the node serves.
-mkfifo "$BIG_DIR/ready"
-"$BIN/hashgrid-testbed" node "$NODE_DIR" --log "$BIG_DIR/node.log" -- \
-  --listen 127.0.0.1:0 --metrics-listen off >"$BIG_DIR/ready" &
-HARNESS_PID=$!
-read -r ADDR NODE_PID <"$BIG_DIR/ready" || true
-[[ -n ${ADDR:-} ]] || { tail -n 30 "$BIG_DIR/node.log" >&2; log "hashgrid-node did not start"; exit 1; }
+start_node "$BIN/hashgrid-testbed" "$NODE_DIR" "$BIG_DIR/node.log" || { log "hashgrid-node did not start"; exit 1; }
+ADDR=$NODE_ADDR
 HG=("$BIN/hashgrid" --server "http://$ADDR" --token-file "$NODE_DIR/admin.token")
 
 timed() {

@@ -16,6 +16,8 @@ set -euo pipefail
 # ---------------------------------------------------------------------------
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
+# shellcheck source=bench/node.sh
+source "$SCRIPT_DIR/node.sh"
 
 BENCH_QUICK=${BENCH_QUICK:-0}
 if [[ $BENCH_QUICK == 1 ]]; then
@@ -518,22 +520,12 @@ hashgrid_repo() { printf '%s' "$HASHGRID_DATA"; }
 # The node runs under `hashgrid-testbed node`, the harness the tests and the demo use: it
 # prints the address once the node serves and stops the node cleanly on SIGTERM.
 hashgrid_start_node() {
-  mkdir -p "$HASHGRID_DATA"
-  local ready=$RUN_DIR/hashgrid-node.ready
-  rm -f "$ready"
-  mkfifo "$ready"
-  "$TESTBED" node "$HASHGRID_DATA" --log "$LOG_DIR/hashgrid-node.log" \
-    --timeout-secs "$HASHGRID_NODE_TIMEOUT" -- --listen 127.0.0.1:0 --metrics-listen off \
-    >"$ready" 2>>"$LOG_DIR/hashgrid-node.log" &
-  HASHGRID_NODE_PID=$!
-  HASHGRID_ADDR=""
-  read -r HASHGRID_ADDR _ <"$ready" || true
-  rm -f "$ready"
-  if [[ -z $HASHGRID_ADDR ]]; then
+  if ! start_node "$TESTBED" "$HASHGRID_DATA" "$LOG_DIR/hashgrid-node.log" "$HASHGRID_NODE_TIMEOUT"; then
     HASHGRID_NODE_PID=""
-    tail -n 30 "$LOG_DIR/hashgrid-node.log" >&2 || true
     die "hashgrid-node did not start (log: $LOG_DIR/hashgrid-node.log)"
   fi
+  HASHGRID_NODE_PID=$HARNESS_PID
+  HASHGRID_ADDR=$NODE_ADDR
   log "hashgrid-node (harness pid $HASHGRID_NODE_PID) listening on $HASHGRID_ADDR"
 }
 

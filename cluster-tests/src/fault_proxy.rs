@@ -14,7 +14,8 @@
 //! (the dialer learns within one call that the peer is unreachable, as from a stopped
 //! process), and a silent one holds connections open and carries nothing (the dialer learns
 //! nothing until its own deadlines pass, as behind a dropped route). Healing closes the
-//! connections a silent cut held: their streams lost bytes.
+//! connections a silent cut held: their streams lost bytes. A slow link (not a cut) delays
+//! every byte across it: a follower that learns of commits late.
 //!
 //! The proxies run on a runtime of their own, so they keep forwarding while the test
 //! blocks (node start-up waits synchronously) and whatever runtime the test uses.
@@ -24,9 +25,13 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 /// How a cut treats the connections across it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +41,10 @@ pub enum Fault {
     /// Connections are held open and carry nothing: the peer hangs, and only the dialer's
     /// deadlines tell.
     Silence,
+    /// Not a cut: connections carry everything, each byte this much late in each
+    /// direction (a distant or congested peer). Open connections are closed when it is
+    /// set, so every connection across it is slow.
+    Slow(Duration),
 }
 
 /// The pairs of nodes that cannot reach each other, each keyed (smaller, larger).
@@ -233,7 +242,7 @@ async fn forward(
     counters: Arc<Counters>,
 ) {
     let fault = cuts.borrow_and_update().between(src, dst);
-    match fault {
+    let delay = match fault {
         Some(Fault::Refuse) => {
             counters.refused.fetch_add(1, Ordering::Relaxed);
             return;
@@ -242,8 +251,9 @@ async fn forward(
             counters.held.fetch_add(1, Ordering::Relaxed);
             return hold_until_healed(&mut cuts, src, dst).await;
         }
-        None => {}
-    }
+        Some(Fault::Slow(delay)) => Some(delay),
+        None => None,
+    };
     // A node that is down refuses its proxy, and the proxy closes the inbound side: the
     // dialer sees what it would see without a proxy, an unreachable peer.
     let Ok(mut outbound) = TcpStream::connect(upstream).await else {
@@ -251,7 +261,21 @@ async fn forward(
     };
     let _ = inbound.set_nodelay(true);
     let _ = outbound.set_nodelay(true);
-    let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
+    let copy: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = match delay {
+        None => Box::pin(async move {
+            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+        }),
+        Some(delay) => {
+            let (in_read, in_write) = inbound.into_split();
+            let (out_read, out_write) = outbound.into_split();
+            Box::pin(async move {
+                tokio::join!(
+                    copy_late(in_read, out_write, delay),
+                    copy_late(out_read, in_write, delay)
+                );
+            })
+        }
+    };
     tokio::pin!(copy);
     loop {
         tokio::select! {
@@ -261,10 +285,10 @@ async fn forward(
                 if changed.is_err() {
                     return;
                 }
-                let fault = cuts.borrow_and_update().between(src, dst);
-                if let Some(fault) = fault {
+                let now = cuts.borrow_and_update().between(src, dst);
+                if now != fault {
                     counters.severed.fetch_add(1, Ordering::Relaxed);
-                    if fault == Fault::Silence {
+                    if now == Some(Fault::Silence) {
                         // The copy is no longer polled: both sockets stay open, silent.
                         hold_until_healed(&mut cuts, src, dst).await;
                     }
@@ -273,6 +297,33 @@ async fn forward(
             }
         }
     }
+}
+
+/// Copies `from` to `to`, each read passed on `delay` after it arrived, in order, until
+/// `from` ends (then `to` is shut down once the rest is passed on) or `to` fails.
+async fn copy_late(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, delay: Duration) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let read = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            if tx
+                .send((Instant::now() + delay, buf[..n].to_vec()))
+                .is_err()
+            {
+                return;
+            }
+        }
+    };
+    let write = async move {
+        while let Some((due, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(read, write);
 }
 
 /// Waits (holding the caller's sockets open, unread) until no cut lies between `src` and
@@ -284,8 +335,6 @@ async fn hold_until_healed(cuts: &mut watch::Receiver<Cuts>, src: Option<usize>,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpSocket;
 
     /// A network of `n` nodes whose "nodes" are echo servers on their listen addresses.
@@ -358,6 +407,29 @@ mod tests {
             assert!(echoes(&mut dial(&net, node_ip(2), 1).await).await);
         });
         assert_eq!(net.refused(), 2);
+    }
+
+    #[test]
+    fn a_slow_link_carries_everything_late_until_healed() {
+        let net = echo_net(2);
+        let delay = Duration::from_millis(150);
+        block_on(async {
+            let mut before = dial(&net, node_ip(0), 1).await;
+            assert!(echoes(&mut before).await);
+            net.cut(&[0], &[1], Fault::Slow(delay));
+            // The connection open before the link turned slow is closed.
+            assert!(!echoes(&mut before).await);
+            let mut slow = dial(&net, node_ip(0), 1).await;
+            let started = Instant::now();
+            assert!(echoes(&mut slow).await && echoes(&mut slow).await);
+            // Two round trips, each late both ways.
+            assert!(started.elapsed() >= 4 * delay, "{:?}", started.elapsed());
+            // Healing closes the slow connection; a new one is not slowed (not timed here:
+            // a busy machine may take any time).
+            net.heal();
+            assert!(!echoes(&mut slow).await);
+            assert!(echoes(&mut dial(&net, node_ip(0), 1).await).await);
+        });
     }
 
     #[test]

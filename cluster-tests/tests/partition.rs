@@ -62,6 +62,7 @@ fn bounds(fault: Fault) -> (Duration, Duration) {
             silent_lookup_bound() + slack,
             4 * silent_lookup_bound() + slack,
         ),
+        Fault::Slow(_) => unreachable!("a slow link is not a partition"),
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hashgrid_proto::chunker::ChunkerParams;
-use hashgrid_proto::pb::peer::RaftMessage;
+use hashgrid_proto::pb::peer::{RaftMessage, ReadIndexRequest};
 use hashgrid_proto::placement::{ClusterMap, Placement, PlacementHistory};
 use hashgrid_proto::NodeId;
 use openraft::error::{ClientWriteError, RaftError};
@@ -154,6 +154,91 @@ impl NodeContext {
                 Ok(Err(_)) | Err(_) => return ready(),
             }
         }
+    }
+
+    /// The leader's read point ([`Peer::read_index`]): the index of the newest entry it
+    /// committed, once a quorum has confirmed it still leads. `Unavailable` on a node that
+    /// is not the leader, or one that cannot reach a quorum.
+    ///
+    /// [`Peer::read_index`]: hashgrid_proto::pb::peer::peer_server::Peer::read_index
+    pub async fn read_point(&self) -> Result<u64, NodeError> {
+        match self.raft.get_read_log_id().await {
+            Ok((read, _applied)) => Ok(read.map_or(0, |l| l.index)),
+            Err(e) => Err(NodeError::Unavailable(format!(
+                "cannot confirm the catalog's read point here: {e}"
+            ))),
+        }
+    }
+
+    /// Brings this node's catalog up to every write the cluster acknowledged before a read
+    /// that must see them (which snapshots exist: `restore latest` through one node right
+    /// after a backup through another). The leader has applied all it acknowledged; a
+    /// follower asks the leader for its read point and waits until it has applied that far,
+    /// for at most `within` in all. Returns whether it got there: when the leader cannot
+    /// be reached (a partition, an election) the caller answers from what this node has
+    /// applied, which may miss the newest commits, rather than not at all.
+    pub async fn catch_up(&self, within: Duration) -> bool {
+        let start = tokio::time::Instant::now();
+        let give_up = start + within;
+        let Some(leader) = self.leader() else {
+            return false;
+        };
+        if leader == self.node_id {
+            // A leader elected a moment ago may not have applied what its predecessor
+            // acknowledged, and one cut off from its quorum no longer leads.
+            let confirmed = tokio::time::timeout_at(give_up, self.raft.ensure_linearizable());
+            return matches!(confirmed.await, Ok(Ok(_)));
+        }
+        let Some(addr) = self.member_addr(leader) else {
+            return false;
+        };
+        let asked = self
+            .peers
+            .call(&addr, Some(within), |mut c| async move {
+                c.read_index(ReadIndexRequest {}).await
+            })
+            .await;
+        let index = match asked {
+            Ok(r) => r.index,
+            Err(e) => {
+                tracing::debug!(error = %e, leader, "no read point from the leader; answering from this replica");
+                return false;
+            }
+        };
+        let asked = tokio::time::Instant::now();
+        let caught_up = self
+            .wait_applied(give_up.saturating_duration_since(asked), || {
+                self.applied_index() >= index
+            })
+            .await;
+        tracing::debug!(
+            index,
+            caught_up,
+            ask = ?(asked - start),
+            apply = ?asked.elapsed(),
+            "caught up with the leader's read point"
+        );
+        caught_up
+    }
+
+    /// The index of the newest catalog entry this node has applied (0: none).
+    fn applied_index(&self) -> u64 {
+        self.raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map_or(0, |l| l.index)
+    }
+
+    /// The address member `id` serves on, as the catalog's membership records it.
+    pub fn member_addr(&self, id: NodeId) -> Option<String> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())
     }
 
     /// Refuses requests routed by an older map (agents refresh and retry). Epoch 0 means the

@@ -56,13 +56,7 @@ pub async fn admit(ctx: &NodeContext, req: JoinRequest) -> Result<JoinResponse, 
         Some(leader) if leader == ctx.node_id => admit_as_leader(ctx, req).await,
         Some(leader) => {
             let addr = ctx
-                .raft
-                .metrics()
-                .borrow()
-                .membership_config
-                .membership()
-                .get_node(&leader)
-                .map(|n| n.addr.clone())
+                .member_addr(leader)
                 .ok_or_else(|| NodeError::Unavailable("catalog leader address unknown".into()))?;
             ctx.peers
                 .call(

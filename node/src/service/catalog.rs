@@ -33,8 +33,9 @@ use crate::metrics as m;
 /// may carry a thousand source paths).
 const PAGE_BYTES: usize = MAX_MESSAGE_BYTES / 2;
 
-/// Longest a follower waits for a snapshot id past the newest it has applied: a dozen
-/// heartbeats, enough for a commit acknowledged elsewhere to reach it.
+/// Longest a catalog read waits to catch up with the leader ([`NodeContext::catch_up`]): a
+/// round trip to the leader and a dozen heartbeats, enough for a commit acknowledged
+/// elsewhere to reach this node; past it, the node answers from what it has applied.
 const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn not_found(id: SnapshotId) -> Status {
@@ -162,6 +163,10 @@ impl Catalog for CatalogService {
             0 => DEFAULT_LIST_PAGE,
             n => n.min(MAX_LIST_PAGE),
         } as usize;
+        // Every snapshot the cluster acknowledged is listed, whichever node answers (an
+        // agent choosing its parent or `restore latest` right after a backup through another
+        // node); cut off from the leader, this node lists what it has applied.
+        self.ctx.catch_up(CATCH_UP).await;
         let catalog = self.ctx.catalog.read().unwrap_or_else(|p| p.into_inner());
         let mut snapshots: Vec<Snapshot> = Vec::new();
         let mut bytes = 0;
@@ -193,8 +198,8 @@ impl Catalog for CatalogService {
         let id = SnapshotId(req.into_inner().id);
         // A follower may not have applied a commit another node just acknowledged (an agent
         // that backs up through one node and restores through another): an id past the
-        // newest it knows is waited for, briefly. The leader has applied all it acknowledged.
-        let known = || {
+        // newest it knows makes it catch up first.
+        let known = {
             let catalog = self.ctx.catalog.read().unwrap_or_else(|p| p.into_inner());
             catalog
                 .snapshots
@@ -202,8 +207,8 @@ impl Catalog for CatalogService {
                 .next_back()
                 .is_some_and(|&n| n >= id)
         };
-        if !known() && self.ctx.leader() != Some(self.ctx.node_id) {
-            self.ctx.wait_applied(CATCH_UP, known).await;
+        if !known {
+            self.ctx.catch_up(CATCH_UP).await;
         }
         let catalog = self.ctx.catalog.read().unwrap_or_else(|p| p.into_inner());
         catalog

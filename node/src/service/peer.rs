@@ -12,7 +12,7 @@ use futures::Stream;
 use hashgrid_proto::pb::peer::peer_server::Peer;
 use hashgrid_proto::pb::peer::{
     DigestRequest, DigestResponse, JoinRequest, JoinResponse, ListIdsRequest, ListIdsResponse,
-    RaftMessage,
+    RaftMessage, ReadIndexRequest, ReadIndexResponse,
 };
 use hashgrid_proto::pb::{
     GetRequest, GetResponse, HasRequest, HasResponse, PutRequest, PutResponse,
@@ -106,6 +106,14 @@ impl Peer for PeerService {
             Err(WriteAttempt::Failed(e)) => Err(ForwardError::Failed(e.to_string())),
         };
         reply(&answer)
+    }
+
+    async fn read_index(
+        &self,
+        _req: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexResponse>, Status> {
+        let index = self.ctx.read_point().await?;
+        Ok(Response::new(ReadIndexResponse { index }))
     }
 
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
