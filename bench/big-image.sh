@@ -27,10 +27,8 @@ rm -rf "$BIG_DIR"
 mkdir -p "$BIG_DIR"
 IMG=$BIG_DIR/image.raw
 NODE_DIR=$BIG_DIR/node
-HARNESS_PID=""
 cleanup() {
-  [[ -z $HARNESS_PID ]] || kill "$HARNESS_PID" 2>/dev/null || true
-  wait 2>/dev/null || true
+  stop_node
   rm -rf "$BIG_DIR"
 }
 trap cleanup EXIT

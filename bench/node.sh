@@ -24,3 +24,10 @@ start_node() {
     return 1
   fi
 }
+
+# stop_node: stops the node start_node started (if any) and waits for it.
+stop_node() {
+  [[ -z ${HARNESS_PID:-} ]] || kill "$HARNESS_PID" 2>/dev/null || true
+  HARNESS_PID=""
+  wait 2>/dev/null || true
+}

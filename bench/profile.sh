@@ -12,6 +12,7 @@
 #   BENCH_FILES, BENCH_TREE_MIB, BENCH_IMAGE_MIB   data shape (defaults: the full benchmark's)
 #   HASHGRID_BIN  prebuilt binaries (default: cargo build --release into CARGO_TARGET_DIR)
 #   PERF_FREQ     samples per second per core (default 499)
+#   PROFILE_TARGET  where a restore writes (default $PROFILE_DIR/run/restore; removed at exit)
 #
 # A restore creates every file anew: on ext4, inodes freed in the last minute are skipped
 # when new ones are allocated, at a cost of several seconds of kernel time for a tree this
@@ -60,11 +61,10 @@ if [[ ! -e $DATA.done ]]; then
 fi
 
 RUN=$PROFILE_DIR/run
-HARNESS_PID=""
+TARGET=${PROFILE_TARGET:-$RUN/restore}
 cleanup() {
-  [[ -z $HARNESS_PID ]] || kill "$HARNESS_PID" 2>/dev/null || true
-  wait 2>/dev/null || true
-  rm -rf "$RUN/restore"
+  stop_node
+  rm -rf "$TARGET"
 }
 trap cleanup EXIT
 rm -rf "$RUN"
@@ -79,7 +79,7 @@ BACKUP+=("$DATA")
 if [[ $STEP == restore ]]; then
   log "first backup (not profiled)"
   "${BACKUP[@]}" >/dev/null
-  PROFILED=("${HG[@]}" restore latest --dataset profile --target "$RUN/restore" --json)
+  PROFILED=("${HG[@]}" restore latest --dataset profile --target "$TARGET" --json)
 else
   PROFILED=("${BACKUP[@]}")
 fi

@@ -174,9 +174,16 @@ impl Workers {
         [&self.rebalance, &self.repair]
     }
 
-    /// Chunk copies this node knows to be missing and has not restored yet.
+    /// Chunk copies this node knows to be missing and has not restored yet: the larger of
+    /// the two workers' counts, not their sum, because a repair pass covers every partition
+    /// this node owns, the moving ones the rebalance pulls included, so a copy both passes
+    /// found missing would otherwise count twice.
     pub fn under_replicated(&self) -> u64 {
-        self.all().iter().map(|w| w.under_replicated()).sum()
+        self.all()
+            .iter()
+            .map(|w| w.under_replicated())
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -349,4 +356,20 @@ async fn repair_pass(ctx: &Arc<NodeContext>) -> Result<(), NodeError> {
     worker.finish(Ok(under), (report.copied, report.copied_bytes), 0);
     worker.note_errors(&report.errors);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_both_workers_found_missing_counts_once() {
+        let workers = Workers::default();
+        assert_eq!(workers.under_replicated(), 0);
+        workers.rebalance.finish(Ok(3), (0, 0), 0);
+        workers.repair.finish(Ok(5), (0, 0), 0);
+        assert_eq!(workers.under_replicated(), 5);
+        workers.repair.finish(Ok(0), (0, 0), 0);
+        assert_eq!(workers.under_replicated(), 3);
+    }
 }
