@@ -1,8 +1,9 @@
 //! The node's chunk store: chunk metadata in RocksDB, chunk bytes in pack files.
 //!
 //! - `chunk_meta` (RocksDB column family): id -> where the bytes are (pack, offset, length),
-//!   plaintext length, codec, last_seen. Small values with bloom filters and a block cache,
-//!   so `has` answers absent ids without a disk seek and never touches chunk bytes.
+//!   plaintext length, codec, last_seen. Small values with bloom filters (on the table files
+//!   and on the memtable) and a block cache, so `has` answers absent ids without a disk seek
+//!   or a skip-list search and never touches chunk bytes.
 //! - `packs/` ([`crate::pack`]): append-only files of chunk records, written once.
 //! - `store_meta`: counters (chunks, bytes, damaged copies), updated in the same write batch
 //!   as the metadata.
@@ -295,6 +296,11 @@ impl ChunkStore {
         meta_opts.set_block_based_table_factory(&meta_table);
         meta_opts.set_compression_type(DBCompressionType::Lz4);
         meta_opts.set_write_buffer_size(32 << 20);
+        // Most lookups are for ids the node does not hold yet (an agent asks before it
+        // sends, and a put checks again): a bloom filter over the memtable answers those
+        // without searching its skip list, as the table filters do for the files below.
+        meta_opts.set_memtable_whole_key_filtering(true);
+        meta_opts.set_memtable_prefix_bloom_ratio(0.1);
 
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
