@@ -762,21 +762,21 @@ async fn put_all(
                 },
             }
         };
-        if matches!(next, Next::StreamEnded) {
-            for slot in &mut slots {
-                slot.heal(&conn, &counters).await?;
-            }
-            continue;
-        }
         let closed = matches!(next, Next::Closed);
         let flush = match next {
+            Next::StreamEnded => {
+                for slot in &mut slots {
+                    slot.heal(&conn, &counters).await?;
+                }
+                continue;
+            }
             Next::Item(e) => {
                 bytes += e.chunk.data.len();
                 chunks.push(e.chunk);
                 permits.push(e.permit);
                 bytes >= batch_bytes || chunks.len() >= MAX_CHUNKS_PER_PUT
             }
-            Next::Idle | Next::Closed | Next::StreamEnded => true,
+            Next::Idle | Next::Closed => true,
         };
         if !flush || chunks.is_empty() {
             if closed {

@@ -216,7 +216,7 @@ impl NodeContext {
             caught_up,
             ask = ?(asked - start),
             apply = ?asked.elapsed(),
-            "caught up with the leader's read point"
+            "catching up with the leader's read point"
         );
         caught_up
     }
