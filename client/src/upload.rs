@@ -21,7 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use hashgrid_proto::codec::encode;
-use hashgrid_proto::id::pack_ids;
+use hashgrid_proto::id::{bit_set, pack_ids};
 use hashgrid_proto::limits::{MAX_CHUNKS_PER_PUT, MAX_IDS_PER_REQUEST};
 use hashgrid_proto::pb::{self, HasRequest, PutRequest};
 use hashgrid_proto::ChunkId;
@@ -274,10 +274,6 @@ async fn has(
     Ok(resp.present)
 }
 
-fn is_set(bitmap: &[u8], i: usize) -> bool {
-    bitmap.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
-}
-
 /// One `Has` round trip: returns the data chunks the cluster lacks.
 async fn lookup(
     conn: Connection,
@@ -288,7 +284,7 @@ async fn lookup(
     let present = has(&conn, "looking up chunks", &ids, &counters).await?;
     let mut missing = Vec::new();
     for (i, item) in items.into_iter().enumerate() {
-        if is_set(&present, i) {
+        if bit_set(&present, i) {
             counters.present.fetch_add(1, Ordering::Relaxed);
             continue;
         }
@@ -391,7 +387,7 @@ async fn drop_landed(conn: &Connection, counters: &Counters, unacked: &Unacked, 
             group
                 .iter()
                 .enumerate()
-                .filter(|(i, _)| is_set(&present, *i))
+                .filter(|(i, _)| bit_set(&present, *i))
                 .map(|(_, id)| *id),
         );
     }

@@ -411,6 +411,23 @@ pub async fn put_chunks(
         .ok_or_else(|| tonic::Status::internal("no reply"))
 }
 
+/// Asks the node behind `conn` which of `ids` are present (the agent's `Has`).
+pub async fn has_chunks(
+    conn: &Connection,
+    ids: &[hashgrid_proto::ChunkId],
+) -> Result<Vec<bool>, tonic::Status> {
+    let reply = conn
+        .chunks
+        .clone()
+        .has(hashgrid_proto::pb::HasRequest {
+            epoch: conn.epoch(),
+            ids: hashgrid_proto::id::pack_ids(ids),
+        })
+        .await?
+        .into_inner();
+    Ok(hashgrid_proto::id::from_bitmap(&reply.present, ids.len()))
+}
+
 /// A size-limited tmpfs mounted for a test (a disk that fills up), unmounted on drop.
 pub struct Tmpfs {
     path: PathBuf,

@@ -1,17 +1,18 @@
 //! A minority partition (issue 10, test 6): five nodes (R=3, W=2, five catalog voters)
 //! behind fault proxies are split 2|3. A commit through the minority fails UNAVAILABLE
-//! within 5 s; a commit through the majority succeeds within 10 s; after healing, every
-//! node lists the same snapshots, and the snapshot committed during the cut restores
-//! byte-identical through a node that was in the minority. Both kinds of cut run: one that
+//! within 5 s; a backup and a commit through the majority succeed within 10 s; after
+//! healing, every node lists the same snapshots, every copy the cut put on a fallback is
+//! handed to its owners, and the snapshots restore byte-identical through a node that was
+//! in the minority with two of the majority's nodes killed. Both kinds of cut run: one that
 //! refuses connections (peers look stopped) and a silent one (peers hang, so the peer
 //! timeout, 3 s here, decides).
 //!
-//! Writes need W copies on a chunk's *current* owners (no hinted handoff), so during the
-//! cut the majority can store only chunks whose partition keeps W owners on its side; with
-//! 5 nodes and R=3 about 3 partitions in 10 have two owners in the minority. The majority's
-//! snapshot is therefore built from chunks placed on its side (chosen with the cluster's
-//! placement), and a chunk placed mostly in the minority is shown to fail UNAVAILABLE.
+//! With 5 nodes and R=3 about 3 partitions in 10 have two owners in the minority, so the
+//! majority reaches W copies of their chunks only with the sloppy quorum: the missing copy
+//! goes to a fallback (the next member on the ring) and is handed off after healing. The
+//! majority's backup is checked to hold such chunks, and one is written on its own.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hashgrid::catalog::{for_each_page, ListQuery};
@@ -21,9 +22,10 @@ use hashgrid_cluster_tests::cluster::{members_in, Cluster, TEST_NODE_ARGS};
 use hashgrid_cluster_tests::data::many_files;
 use hashgrid_cluster_tests::fault_proxy::Fault;
 use hashgrid_cluster_tests::manifests::{file, meta, try_commit, upload_chunk, upload_tree};
-use hashgrid_cluster_tests::{backup_opts, put_chunks, restore_all, runtime};
+use hashgrid_cluster_tests::{
+    assert_same_tree, backup_opts, has_chunks, put_chunks, restore_all, restored, runtime,
+};
 use hashgrid_proto::codec::{encode_chunk, DEFAULT_ZSTD_LEVEL};
-use hashgrid_proto::manifest::{Entry, ObjectRef, Tree};
 use hashgrid_proto::placement::{MemberState, Placement};
 use hashgrid_proto::{pb, ChunkId, NodeId, SnapshotId};
 
@@ -52,8 +54,8 @@ fn silent_lookup_bound() -> Duration {
 }
 
 /// How long the minority may take to refuse a commit (its first lookup fails it), and the
-/// majority to upload and commit (two uploads and the commit check's two levels: four
-/// lookups), each with scheduling slack.
+/// majority to back up a small tree (the data's and the trees' lookups and uploads, then
+/// the commit check's lookups: about four rounds), each with scheduling slack.
 fn bounds(fault: Fault) -> (Duration, Duration) {
     let slack = Duration::from_millis(1500);
     match fault {
@@ -106,17 +108,6 @@ fn first_placed<T>(make: impl Fn(u64) -> (T, ChunkId), wanted: impl Fn(&ChunkId)
         .expect("some candidate lands in a suitable partition")
 }
 
-/// A root tree of one file named `name`, and the id of its one chunk.
-fn one_file_tree(name: String, content: ChunkId, len: u32) -> ((String, Vec<Entry>), ChunkId) {
-    let entries = vec![file(name.as_bytes(), meta(0o644), content, len)];
-    let mut tree = Tree {
-        entries: entries.clone(),
-    };
-    tree.sort();
-    let id = ChunkId::of(&tree.encode());
-    ((name, entries), id)
-}
-
 #[test]
 fn refused_connections_minority_fails_majority_commits_healing_converges() {
     split_two_three(Fault::Refuse);
@@ -130,12 +121,14 @@ fn silent_cut_minority_fails_majority_commits_healing_converges() {
 fn split_two_three(fault: Fault) {
     println!("cut: {fault:?}");
     let tmp = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start_proxied(tmp.path(), 5, 3, 2);
+    let mut cluster = Cluster::start_proxied(tmp.path(), 5, 3, 2);
     let net = cluster.net.as_ref().expect("proxied cluster");
     let minority_src = tmp.path().join("minority");
     many_files(&minority_src, 2, 10, 1);
+    let majority_src = tmp.path().join("majority");
+    many_files(&majority_src, 4, 50, 2);
 
-    runtime().block_on(async {
+    let (snapshot, stranded_id) = runtime().block_on(async {
         cluster
             .wait_for("5 active members, 5 voters, a leader", SETTLE, |all| {
                 all.len() == 5
@@ -146,6 +139,9 @@ fn split_two_three(fault: Fault) {
                     })
             })
             .await;
+        // A quiet cluster (no partition still moving after the joins): what the cut misses
+        // is then caught up by repair and hand-off alone.
+        settled(&cluster, 0, 3);
         let leader = cluster.leader().await.expect("a leader");
         println!("catalog leader before the cut: node {}", leader + 1);
         let conns: Vec<Connection> =
@@ -170,31 +166,22 @@ fn split_two_three(fault: Fault) {
         let id = upload_chunk(minority, before.clone()).await;
         let root = upload_tree(minority, vec![file(b"before", meta(0o644), id, 21)]).await;
 
-        // What the majority will store during the cut: chunks with W owners on its side,
-        // and one with only one owner there.
-        let on_majority = |id: &ChunkId| owners_among(&placement, id, &majority_ids) >= W;
-        let content = first_placed(
-            |k| {
-                let b = format!("written by the majority during the cut, #{k}").into_bytes();
-                let id = ChunkId::of(&b);
-                (b, id)
-            },
-            on_majority,
-        );
-        let content_id = ChunkId::of(&content);
-        let len = content.len() as u32;
-        let (name, entries) = first_placed(
-            |k| one_file_tree(format!("during-the-cut-{k}"), content_id, len),
-            on_majority,
-        );
-        let tree_id = one_file_tree(name.clone(), content_id, len).1;
+        // The majority's data: small files, one chunk each, about 3 in 10 of them placed
+        // with two owners in the minority (so W copies need a fallback during the cut).
+        let mostly_minority = |id: &ChunkId| owners_among(&placement, id, &majority_ids) < W;
+        let stranded_files = files_under(&majority_src)
+            .iter()
+            .filter(|f| mostly_minority(&ChunkId::of(&std::fs::read(f).unwrap())))
+            .count();
+        println!("{stranded_files} of the majority's files have two owners in the minority");
+        assert!(stranded_files > 10, "the data exercises the fallbacks");
         let stranded = first_placed(
             |k| {
                 let b = format!("placed mostly in the minority, #{k}").into_bytes();
                 let id = ChunkId::of(&b);
                 (b, id)
             },
-            |id| !on_majority(id),
+            mostly_minority,
         );
 
         net.cut(&MINORITY, &MAJORITY, fault);
@@ -231,29 +218,43 @@ fn split_two_three(fault: Fault) {
         let err = failed.expect_err("a backup through the minority must fail");
         println!("minority backup: {err} after {backup_elapsed:?}");
         assert!(is_unavailable(&err), "{err:?}");
+        // The minority may store the chunks (on the owners and fallbacks on its side) before
+        // the commit fails, so a backup there takes as long as one in the majority.
         assert!(
-            backup_elapsed <= bounds(fault).0,
+            backup_elapsed <= bounds(fault).1,
             "the minority took {backup_elapsed:?} to fail a backup"
         );
 
         let started = Instant::now();
-        let stored = upload_chunk(majority, content.clone()).await;
-        let root = upload_tree(majority, entries).await;
-        assert_eq!((stored, &root), (content_id, &ObjectRef(vec![tree_id])));
-        let committed = try_commit(majority, &root).await;
+        let backed_up = hashgrid::backup::backup(
+            majority,
+            &backup_opts(&[&majority_src], false, "agent", "majority"),
+        )
+        .await;
         let majority_elapsed = started.elapsed();
-        println!("majority upload + commit: {committed:?} after {majority_elapsed:?}");
-        let committed = committed.expect("a commit through the majority succeeds");
+        let backed_up = match backed_up {
+            Ok(b) => b,
+            Err(e) => {
+                cluster.dump_logs();
+                panic!("a backup through the majority failed after {majority_elapsed:?}: {e}");
+            }
+        };
+        println!(
+            "majority backup: {} chunks sent, in {majority_elapsed:?}",
+            backed_up.upload.sent_chunks
+        );
         assert!(
             majority_elapsed <= bounds(fault).1,
-            "the majority took {majority_elapsed:?} to commit"
+            "the majority took {majority_elapsed:?} to back up {} files",
+            files_under(&majority_src).len()
         );
 
-        let chunk = encode_chunk(ChunkId::of(&stranded), &stranded.into(), DEFAULT_ZSTD_LEVEL);
+        let stranded_id = ChunkId::of(&stranded);
+        let chunk = encode_chunk(stranded_id, &stranded.clone().into(), DEFAULT_ZSTD_LEVEL);
         let put = put_chunks(majority, vec![chunk]).await;
-        let status =
-            put.expect_err("a chunk with one owner on the majority side cannot get W copies");
-        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        put.expect("a chunk with one owner on the majority side gets W copies with a fallback");
+        let present = has_chunks(majority, &[stranded_id]).await.expect("lookup");
+        assert_eq!(present, [true], "a copy on a fallback counts toward W");
         println!(
             "proxies: {} connections refused, {} held, {} severed by the cut",
             net.refused(),
@@ -270,7 +271,7 @@ fn split_two_three(fault: Fault) {
             if same
                 && lists[0]
                     .as_ref()
-                    .is_some_and(|ids| ids.contains(&committed.id))
+                    .is_some_and(|ids| ids.contains(&backed_up.snapshot))
             {
                 break lists;
             }
@@ -287,12 +288,85 @@ fn split_two_three(fault: Fault) {
         );
         assert_eq!(
             lists[0].as_deref(),
-            Some(&[committed.id][..]),
+            Some(&[backed_up.snapshot][..]),
             "only the majority's snapshot may exist"
         );
 
-        let target = tmp.path().join("restore");
-        restore_all(minority, committed.id, &target).await;
-        assert_eq!(std::fs::read(target.join(name)).unwrap(), content);
+        (backed_up.snapshot, stranded_id)
     });
+
+    // The copies the fallbacks took reach their owners: nothing under-replicated, and each
+    // chunk on exactly R members (the fallbacks released theirs).
+    let handing = Instant::now();
+    let chunks = settled(&cluster, MINORITY[0], 3);
+    println!(
+        "handed off {:?} later: {chunks} chunks, each on 3 members",
+        handing.elapsed()
+    );
+
+    // Two of the majority's nodes killed: every chunk written during the cut has a copy on
+    // its owners in the minority, not only on the majority's fallbacks.
+    for k in [MAJORITY[0], MAJORITY[1]] {
+        cluster.nodes[k].kill9();
+    }
+    runtime().block_on(async {
+        let minority = cluster.connect(MINORITY[0]).await;
+        let target = tmp.path().join("restore");
+        restore_all(&minority, snapshot, &target).await;
+        assert_same_tree(&majority_src, &restored(&target, &majority_src));
+        let present = has_chunks(&minority, &[stranded_id]).await.expect("lookup");
+        assert_eq!(present, [true], "the stranded chunk reached its owners");
+    });
+}
+
+/// Every file under `dir`.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// Waits until `cluster status` through node `via` shows nothing under-replicated or
+/// moving, every member's workers idle after a pass, and each member's chunk count stable
+/// with a total that is a multiple of `r`; returns that total over `r`.
+fn settled(cluster: &Cluster, via: usize, r: u64) -> u64 {
+    let deadline = Instant::now() + SETTLE;
+    let mut last: Option<Vec<u64>> = None;
+    loop {
+        let s = cluster.cli_json(via, &["cluster", "status"]);
+        let members = s["members"].as_array().expect("members");
+        let counts: Vec<u64> = members
+            .iter()
+            .map(|m| m["chunks"].as_u64().unwrap_or(u64::MAX))
+            .collect();
+        let idle = members.iter().all(|m| {
+            m["state"] == "active"
+                && m["workers"].as_array().is_some_and(|w| {
+                    w.iter()
+                        .all(|w| w["state"] == "idle" && w["passes"].as_u64() > Some(0))
+                })
+        });
+        let total: u64 = counts.iter().sum();
+        if s["under_replicated"] == 0
+            && s["moving"] == 0
+            && idle
+            && last.as_ref() == Some(&counts)
+            && total.is_multiple_of(r)
+        {
+            return total / r;
+        }
+        if Instant::now() > deadline {
+            cluster.dump_logs();
+            panic!("not settled within {SETTLE:?}; last status:\n{s:#}");
+        }
+        last = Some(counts);
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }

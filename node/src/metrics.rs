@@ -13,6 +13,7 @@ pub const REJECTED: &str = "hashgrid_chunk_rejected_total";
 pub const GET_CHUNKS: &str = "hashgrid_chunk_get_total";
 pub const GET_BYTES: &str = "hashgrid_chunk_get_bytes_total";
 pub const REPAIRED_ON_LOOKUP: &str = "hashgrid_chunk_repaired_on_lookup_total";
+pub const FALLBACK_COPIES: &str = "hashgrid_chunk_fallback_copies_total";
 pub const SNAPSHOTS_COMMITTED: &str = "hashgrid_catalog_snapshots_committed_total";
 pub const STORE_CHUNKS: &str = "hashgrid_store_chunks";
 pub const STORE_BYTES: &str = "hashgrid_store_stored_bytes";
@@ -40,6 +41,11 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
         "Chunks asked for, by result (served/missing/damaged)"
     );
     describe_counter!(GET_BYTES, "Encoded bytes served");
+    describe_counter!(
+        FALLBACK_COPIES,
+        "Chunk copies written to a fallback member because too few owners could take them \
+         (held there until handed to the owners)"
+    );
     describe_counter!(
         REPAIRED_ON_LOOKUP,
         "Copies of under-replicated chunks written to their owners when a lookup found them"

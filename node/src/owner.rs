@@ -95,6 +95,7 @@ pub async fn has(ctx: &NodeContext, ids: Vec<ChunkId>) -> Result<Vec<bool>, Node
 
 /// Stores chunks that were already verified, durably, before returning.
 pub async fn store(ctx: &NodeContext, chunks: Vec<VerifiedChunk>) -> Result<PutOutcome, NodeError> {
+    note_held_for_others(ctx, chunks.iter().map(|c| &c.id));
     let store = ctx.store.clone();
     let outcome = blocking(move || Ok(store.put(chunks)?)).await?;
     record_put(&ctx.store, outcome);
@@ -109,13 +110,28 @@ pub async fn verify_and_store(
     check_put_count(chunks.len())?;
     let max_len = ctx.chunker()?.max_size;
     let store = ctx.store.clone();
-    let outcome = blocking(move || {
+    let (outcome, ids) = blocking(move || {
         let verified = verify_batch(chunks, max_len)?;
-        Ok(store.put(verified)?)
+        let ids: Vec<ChunkId> = verified.iter().map(|c| c.id).collect();
+        Ok((store.put(verified)?, ids))
     })
     .await?;
+    note_held_for_others(ctx, ids.iter());
     record_put(&ctx.store, outcome);
     Ok(outcome)
+}
+
+/// A copy stored here of a chunk this node does not own under the current map (it stands
+/// in for unreachable owners, see [`crate::coordinator::write`]) is due to be handed off:
+/// tells the rebalance worker to run a hand-off pass.
+fn note_held_for_others<'a>(ctx: &NodeContext, mut ids: impl Iterator<Item = &'a ChunkId>) {
+    let Ok(placement) = ctx.placement() else {
+        return;
+    };
+    let current = placement.current();
+    if ids.any(|id| !current.owners_of(id).contains(&ctx.node_id)) {
+        ctx.workers.hand_off_due();
+    }
 }
 
 fn record_put(store: &ChunkStore, outcome: PutOutcome) {
@@ -236,38 +252,11 @@ impl ReplyBatcher {
     }
 }
 
-/// The `HasResponse` bitmap of `found`: bit (i % 8) of byte (i / 8) set when id i is present.
-pub fn to_bitmap(found: &[bool]) -> Vec<u8> {
-    let mut out = vec![0u8; found.len().div_ceil(8)];
-    for (i, &f) in found.iter().enumerate() {
-        if f {
-            out[i / 8] |= 1 << (i % 8);
-        }
-    }
-    out
-}
-
-/// Reads `n` answers back from a bitmap (missing bytes count as absent).
-pub fn from_bitmap(bits: &[u8], n: usize) -> Vec<bool> {
-    (0..n)
-        .map(|i| bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0))
-        .collect()
-}
+pub use hashgrid_proto::id::{from_bitmap, to_bitmap};
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bitmap_round_trips() {
-        let found = [
-            true, false, false, true, true, false, true, false, true, true,
-        ];
-        let bits = to_bitmap(&found);
-        assert_eq!(bits.len(), 2);
-        assert_eq!(from_bitmap(&bits, found.len()), found);
-        assert_eq!(from_bitmap(&[], 3), [false; 3]);
-    }
 
     #[test]
     fn a_batch_with_one_bad_chunk_is_refused_whole() {

@@ -62,7 +62,8 @@ pub enum QuorumError {
     },
 }
 
-fn describe(failed: &[(NodeId, NodeError)]) -> String {
+/// `node N: error; ...` for the owners that failed.
+pub fn describe(failed: &[(NodeId, NodeError)]) -> String {
     failed
         .iter()
         .map(|(n, e)| format!("node {n}: {e}"))

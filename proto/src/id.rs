@@ -90,6 +90,27 @@ pub fn unpack_ids(packed: &[u8]) -> Result<Vec<ChunkId>, DecodeError> {
         .collect())
 }
 
+/// The `HasResponse` bitmap of `found`: bit (i % 8) of byte (i / 8) set when id i is present.
+pub fn to_bitmap(found: &[bool]) -> Vec<u8> {
+    let mut out = vec![0u8; found.len().div_ceil(8)];
+    for (i, &f) in found.iter().enumerate() {
+        if f {
+            out[i / 8] |= 1 << (i % 8);
+        }
+    }
+    out
+}
+
+/// Whether answer `i` of a `HasResponse` bitmap is "present" (missing bytes count as absent).
+pub fn bit_set(bitmap: &[u8], i: usize) -> bool {
+    bitmap.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
+}
+
+/// Reads `n` answers back from a `HasResponse` bitmap.
+pub fn from_bitmap(bitmap: &[u8], n: usize) -> Vec<bool> {
+    (0..n).map(|i| bit_set(bitmap, i)).collect()
+}
+
 /// A node's identity in the cluster map and the Raft group (openraft wants a plain integer).
 pub type NodeId = u64;
 
@@ -122,6 +143,17 @@ impl FromStr for SnapshotId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bitmap_round_trips() {
+        let found = [
+            true, false, false, true, true, false, true, false, true, true,
+        ];
+        let bits = to_bitmap(&found);
+        assert_eq!(bits.len(), 2);
+        assert_eq!(from_bitmap(&bits, found.len()), found);
+        assert_eq!(from_bitmap(&[], 3), [false; 3]);
+    }
 
     #[test]
     fn id_is_blake3_of_plaintext() {

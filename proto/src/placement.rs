@@ -134,6 +134,9 @@ pub struct Placement {
     write_quorum: usize,
     /// `owners[p]` lists partition p's owners, preferred first.
     owners: Vec<Vec<NodeId>>,
+    /// `fallbacks[p]`: the next active members clockwise after p's owners, at most
+    /// `replication` of them (see [`Placement::fallbacks`]).
+    fallbacks: Vec<Vec<NodeId>>,
 }
 
 impl Placement {
@@ -153,19 +156,27 @@ impl Placement {
             }),
         );
         let replication = usize::from(map.replication);
-        let owners = (0..1u32 << map.partition_bits)
+        let (owners, fallbacks) = (0..1u32 << map.partition_bits)
             .map(|p| {
                 let candidates: Vec<(NodeId, &str)> =
                     ring.calc_candidates(&p).map(|n| (n.key, n.value)).collect();
-                spread_over_zones(&candidates, replication)
+                let owners = spread_over_zones(&candidates, replication);
+                let fallbacks = candidates
+                    .iter()
+                    .map(|&(id, _)| id)
+                    .filter(|id| !owners.contains(id))
+                    .take(replication)
+                    .collect();
+                (owners, fallbacks)
             })
-            .collect();
+            .unzip();
         Ok(Placement {
             epoch: map.epoch,
             partition_bits: map.partition_bits,
             replication,
             write_quorum: usize::from(map.write_quorum),
             owners,
+            fallbacks,
         })
     }
 
@@ -201,6 +212,15 @@ impl Placement {
 
     pub fn owners_of(&self, id: &ChunkId) -> &[NodeId] {
         self.owners(self.partition_of(id))
+    }
+
+    /// Where copies of `partition`'s chunks go when too few of its owners can take them
+    /// (a sloppy quorum, as in Dynamo): the active members that follow the owners on the
+    /// ring, in ring order, none of them an owner, at most R. A copy on a fallback counts
+    /// toward W until the fallback has handed it to the owners; empty when every active
+    /// member is an owner.
+    pub fn fallbacks(&self, partition: Partition) -> &[NodeId] {
+        &self.fallbacks[partition.0 as usize]
     }
 }
 
@@ -506,6 +526,37 @@ mod tests {
             assert_eq!(owners.len(), 3);
             assert_eq!(owners.iter().collect::<HashSet<_>>().len(), 3);
         }
+    }
+
+    #[test]
+    fn fallbacks_follow_the_owners_and_are_none_of_them() {
+        let m = map(5, 5, 3);
+        let p = Placement::new(&m).unwrap();
+        let mut as_fallback: HashMap<NodeId, u32> = HashMap::new();
+        for part in (0..p.partitions()).map(Partition) {
+            let (owners, fallbacks) = (p.owners(part), p.fallbacks(part));
+            assert_eq!(fallbacks.len(), 2, "5 members, 3 owners: the other 2");
+            assert!(fallbacks.iter().all(|f| !owners.contains(f)));
+            assert_ne!(fallbacks[0], fallbacks[1]);
+            for &f in fallbacks {
+                *as_fallback.entry(f).or_default() += 1;
+            }
+        }
+        // Every member stands in for others: hinted copies spread over the cluster.
+        assert_eq!(as_fallback.len(), 5);
+        // Deterministic, like the owners: every node picks the same fallbacks.
+        let again = Placement::new(&m).unwrap();
+        assert!((0..p.partitions())
+            .map(Partition)
+            .all(|part| p.fallbacks(part) == again.fallbacks(part)));
+        // Ten members, R = 3: at most R fallbacks, enough to stand in for every owner.
+        let big = Placement::new(&map(10, 10, 3)).unwrap();
+        assert!((0..big.partitions())
+            .map(Partition)
+            .all(|part| big.fallbacks(part).len() == 3));
+        // No member beyond the owners: no fallback.
+        let three = Placement::new(&map(3, 3, 3)).unwrap();
+        assert!(three.fallbacks(Partition(0)).is_empty());
     }
 
     #[test]

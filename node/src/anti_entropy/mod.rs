@@ -17,7 +17,7 @@
 
 pub mod workers;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use hashgrid_proto::id::{pack_ids, unpack_ids};
@@ -409,23 +409,30 @@ pub struct HandoffReport {
     pub released: u64,
     /// Partitions left for a later pass (an owner could not be reached).
     pub incomplete: u64,
+    /// Chunks held in those partitions: copies not on all their owners yet.
+    pub pending: u64,
     pub errors: Vec<String>,
 }
 
-/// For every partition this node holds chunks of but does not own under the current map:
-/// makes sure every current owner holds each chunk (writing it to those that lack it), then
-/// releases the chunk from this node's index. Run only once no older map is in transition,
-/// so no reader still counts on this node for those partitions.
+/// For every partition this node holds chunks of but does not own under the current map
+/// (moved away, or copies it took as a fallback for unreachable owners): makes sure every
+/// current owner holds each chunk (writing it to those that lack it), then releases the
+/// chunk from this node's index. Run only once no older map is in transition, so no reader
+/// still counts on this node for those partitions. An owner that cannot be reached leaves
+/// its partitions for a later pass, and is not asked again in this one (a hung owner would
+/// otherwise cost a deadline per partition).
 pub async fn hand_off(route: &Route) -> Result<HandoffReport, NodeError> {
     let ctx = route.ctx().clone();
     let current = route.placement.current();
     let bits = current.partition_bits();
     let mut report = HandoffReport::default();
+    let mut down: HashSet<NodeId> = HashSet::new();
     for p in (0..current.partitions()).map(Partition) {
         let owners = current.owners(p);
         if owners.contains(&ctx.node_id) {
             continue;
         }
+        let mut left = owners.iter().any(|o| down.contains(o));
         let mut after: Option<ChunkId> = None;
         loop {
             let store = ctx.store.clone();
@@ -439,36 +446,50 @@ pub async fn hand_off(route: &Route) -> Result<HandoffReport, NodeError> {
                 break;
             }
             after = page.last().copied();
-            match hand_off_page(route, owners, page).await {
-                Ok((handed, released)) => {
-                    report.handed += handed;
-                    report.released += released;
+            let held = page.len() as u64;
+            if left {
+                report.pending += held;
+            } else {
+                match hand_off_page(route, owners, page, &mut down).await {
+                    Ok((handed, released)) => {
+                        report.handed += handed;
+                        report.released += released;
+                    }
+                    Err(e) if e.is_retryable() => {
+                        report.errors.push(format!("partition {}: {e}", p.0));
+                        report.pending += held;
+                        left = true;
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) if e.is_retryable() => {
-                    report.errors.push(format!("partition {}: {e}", p.0));
-                    report.incomplete += 1;
-                    break;
-                }
-                Err(e) => return Err(e),
             }
             if done {
                 break;
             }
         }
+        report.incomplete += u64::from(left);
     }
     Ok(report)
 }
 
-/// Hands off one page of ids of a partition owned by `owners`.
+/// Hands off one page of ids of a partition owned by `owners`; an owner that fails joins
+/// `down`.
 async fn hand_off_page(
     route: &Route,
     owners: &[NodeId],
     ids: Vec<ChunkId>,
+    down: &mut HashSet<NodeId>,
 ) -> Result<(u64, u64), NodeError> {
     let ctx = route.ctx();
     let mut handed = 0u64;
     for &owner_id in owners {
-        let has = route.owner_has(owner_id, ids.clone()).await?;
+        let has = match route.owner_has(owner_id, ids.clone()).await {
+            Ok(has) => has,
+            Err(e) => {
+                down.insert(owner_id);
+                return Err(e);
+            }
+        };
         let lacking: Vec<ChunkId> = ids
             .iter()
             .zip(&has)
@@ -496,7 +517,10 @@ async fn hand_off_page(
                 continue;
             }
             handed += chunks.len() as u64;
-            route.owner_put(owner_id, Arc::new(chunks)).await?;
+            if let Err(e) = route.owner_put(owner_id, Arc::new(chunks)).await {
+                down.insert(owner_id);
+                return Err(e);
+            }
         }
     }
     // Every owner now holds every good copy of this page (a damaged local copy already left

@@ -5,14 +5,21 @@
 //!   moving partitions it now owns from every node that owned them under any map still
 //!   known, then reports to the catalog that it holds everything it owns under the current
 //!   epoch. When every active member has, the older maps are retired; then it hands off
-//!   the partitions it holds but no longer owns and releases their index entries.
+//!   the partitions it holds but no longer owns and releases their index entries. It hands
+//!   off again whenever this node stored copies as a fallback for unreachable owners, and
+//!   every few seconds while an owner is still unreachable; until then those copies count
+//!   as under-replicated.
 //! - **repair** runs a full pass over the partitions this node owns, comparing with their
-//!   other current owners, soon after the node starts (a restarted node catches up) and then
-//!   every `--repair-interval-secs`.
+//!   other current owners, soon after the node starts (a restarted node catches up), then
+//!   every `--repair-interval-secs`, and as soon as a member this node lost contact with
+//!   answers again, or another member that lost contact with it asks (`RepairSoon`): a
+//!   healed partition, a node back from a crash.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hashgrid_proto::pb::peer::RepairSoonRequest;
 use hashgrid_proto::pb::WorkerStatus;
 use hashgrid_proto::placement::{MemberState, Partition};
 
@@ -25,6 +32,10 @@ use crate::metrics as m;
 
 /// How often the rebalance worker looks for a map change to act on.
 const REBALANCE_POLL: Duration = Duration::from_millis(500);
+/// The pause after a hand-off pass that found an owner unreachable.
+const HAND_OFF_RETRY: Duration = Duration::from_secs(2);
+/// How often the repair worker looks for a reason to run before its interval is up.
+const REPAIR_PROBE: Duration = Duration::from_secs(2);
 /// The first repair pass after the node is ready.
 const FIRST_REPAIR: Duration = Duration::from_secs(1);
 
@@ -158,6 +169,11 @@ impl Worker {
 pub struct Workers {
     pub rebalance: Worker,
     pub repair: Worker,
+    /// Set when this node stored a copy of a chunk it does not own (as a fallback): the
+    /// rebalance worker runs a hand-off pass even though the map did not change.
+    hand_off_due: AtomicBool,
+    /// Set by another member's `RepairSoon`: the repair worker runs a pass soon.
+    repair_due: AtomicBool,
 }
 
 impl Default for Workers {
@@ -165,11 +181,33 @@ impl Default for Workers {
         Workers {
             rebalance: Worker::new("rebalance"),
             repair: Worker::new("repair"),
+            hand_off_due: AtomicBool::new(false),
+            repair_due: AtomicBool::new(false),
         }
     }
 }
 
 impl Workers {
+    /// Asks for a hand-off pass: this node stored copies that belong to other owners.
+    pub fn hand_off_due(&self) {
+        self.hand_off_due.store(true, Ordering::Release);
+    }
+
+    /// Whether a hand-off pass was asked for since the last call.
+    fn take_hand_off_due(&self) -> bool {
+        self.hand_off_due.swap(false, Ordering::AcqRel)
+    }
+
+    /// Asks for a repair pass soon (another member lost contact with this one).
+    pub fn repair_due(&self) {
+        self.repair_due.store(true, Ordering::Release);
+    }
+
+    /// Whether a repair pass was asked for since the last call.
+    fn take_repair_due(&self) -> bool {
+        self.repair_due.swap(false, Ordering::AcqRel)
+    }
+
     pub fn all(&self) -> [&Worker; 2] {
         [&self.rebalance, &self.repair]
     }
@@ -225,7 +263,11 @@ async fn run_rebalance(ctx: Arc<NodeContext>) {
                     tokio::time::sleep(REBALANCE_POLL * 4).await;
                 }
             }
-        } else if handed_off != Some(epoch) {
+        } else {
+            let due = ctx.workers.take_hand_off_due();
+            if handed_off == Some(epoch) && !due {
+                continue;
+            }
             worker.begin(0);
             let before = worker.copied();
             match hand_off(&route).await {
@@ -239,16 +281,24 @@ async fn run_rebalance(ctx: Arc<NodeContext>) {
                         );
                     }
                     let done = r.incomplete == 0;
-                    worker.finish(Ok(0), (0, 0), r.released);
+                    worker.finish(Ok(r.pending), (0, 0), r.released);
                     worker.note_errors(&r.errors);
                     crate::owner::publish_store_gauges(&ctx.store);
                     if done {
                         handed_off = Some(epoch);
+                    } else {
+                        // An owner is unreachable: pass again a little later, not every poll
+                        // (and not never: an earlier complete pass of this epoch must not
+                        // stand for this one).
+                        handed_off = None;
+                        tokio::time::sleep(HAND_OFF_RETRY).await;
                     }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "hand-off failed");
                     worker.finish(Err(e.to_string()), before, 0);
+                    handed_off = None;
+                    tokio::time::sleep(HAND_OFF_RETRY).await;
                 }
             }
         }
@@ -318,7 +368,53 @@ async fn run_repair(ctx: Arc<NodeContext>, every: Duration) {
         if let Err(e) = repair_pass(&ctx).await {
             tracing::warn!(error = %e, "repair pass failed");
         }
-        tokio::time::sleep(every).await;
+        until_next_repair(&ctx, every).await;
+    }
+}
+
+/// Waits out the repair interval, or less: every [`REPAIR_PROBE`] it checks whether another
+/// member asked for a pass (`RepairSoon`), and probes the members a call of this node lost
+/// contact with ([`crate::peer::PeerPool::lost_contact`]) with a `RepairSoon` of its own.
+/// The first that answers ends the wait, and has been asked for a pass too. So after a
+/// partition heals, or a node comes back, both sides pull the copies they missed within
+/// seconds, rather than at the next interval.
+async fn until_next_repair(ctx: &Arc<NodeContext>, every: Duration) {
+    let until = tokio::time::Instant::now() + every;
+    loop {
+        let now = tokio::time::Instant::now();
+        if now >= until {
+            return;
+        }
+        tokio::time::sleep(REPAIR_PROBE.min(until - now)).await;
+        if ctx.workers.take_repair_due() {
+            tracing::info!("a member asked for a repair pass");
+            return;
+        }
+        let Ok(map) = ctx.map() else {
+            continue;
+        };
+        let mut regained = false;
+        for addr in ctx.peers.lost_contact() {
+            let member = map.members.iter().find(|m| m.addr == addr);
+            if member.is_none_or(|m| m.state == MemberState::Removed) {
+                ctx.peers.regained(&addr);
+                continue;
+            }
+            let probe = ctx
+                .peers
+                .call(&addr, None, |mut c| async move {
+                    c.repair_soon(RepairSoonRequest {}).await
+                })
+                .await;
+            if probe.is_ok() {
+                ctx.peers.regained(&addr);
+                tracing::info!(%addr, "a member this node had lost contact with answers again");
+                regained = true;
+            }
+        }
+        if regained {
+            return;
+        }
     }
 }
 

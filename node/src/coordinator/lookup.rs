@@ -9,6 +9,12 @@
 //! owners of a partition failed that W copies could not be counted fails `UNAVAILABLE`, and
 //! so does one whose id has fewer than W copies counted while the current owners that
 //! failed could hold the rest: an unreachable owner is not an owner without the chunk.
+//!
+//! When owners failed, the partition's fallbacks are asked too: copies a write could not
+//! place on unreachable owners went there ([`super::write`]), and they count toward W
+//! until handed off. What stays undecided is answered by [`Presence`]: an agent's lookup
+//! calls it absent (the agent sends the chunk and the write finds room for it), the commit
+//! check fails `UNAVAILABLE` (it must not call a stored chunk missing).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,8 +34,25 @@ use crate::service::blocking;
 /// and keeps one owner call (at most 32 chunks of 256 KiB) under the message limit.
 pub(super) const REPAIR_GROUP: usize = 32;
 
-/// Which of `ids` are present (on W owners, after repairing under-replicated ones).
-pub async fn lookup(route: &Route, ids: Vec<ChunkId>) -> Result<Vec<bool>, NodeError> {
+/// What a lookup answers for an id it cannot decide (fewer than W copies counted, and
+/// owners that failed might hold the rest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Presence {
+    /// Absent: for an agent's `Has`. At worst the chunk is sent and stored again (it merges
+    /// with the copies already there); failing would stop the backup.
+    Upload,
+    /// `UNAVAILABLE`: for the commit check, which must not refuse a snapshot for a chunk
+    /// that is stored, nor accept one for a chunk that is not.
+    Strict,
+}
+
+/// Which of `ids` are present (on W owners or their fallbacks, after repairing
+/// under-replicated ones).
+pub async fn lookup(
+    route: &Route,
+    ids: Vec<ChunkId>,
+    presence: Presence,
+) -> Result<Vec<bool>, NodeError> {
     if route.is_local_only() {
         return owner::has(route.ctx(), ids).await;
     }
@@ -39,7 +62,7 @@ pub async fn lookup(route: &Route, ids: Vec<ChunkId>) -> Result<Vec<bool>, NodeE
     let results = join_all(
         groups
             .into_iter()
-            .map(|(owners, idx)| lookup_group(route, &ids, owners, idx, w)),
+            .map(|(owners, idx)| lookup_group(route, &ids, owners, idx, w, presence)),
     )
     .await;
     let mut present = vec![false; ids.len()];
@@ -63,6 +86,7 @@ async fn lookup_group(
     owners: Vec<NodeId>,
     idx: Vec<usize>,
     w: usize,
+    presence: Presence,
 ) -> Result<Vec<(usize, bool)>, NodeError> {
     if owners.len() < w {
         return Err(QuorumError::TooFewOwners {
@@ -116,6 +140,19 @@ async fn lookup_group(
         // Absent is decided only when even the owners that failed could not make W copies.
         undecided.retain(|&j| holders[j].len() < w && holders[j].len() + unknown[j] + unasked >= w);
     }
+    // Copies that unreachable owners could not take are on the fallbacks.
+    let short: Vec<usize> = (0..group.len())
+        .filter(|&j| holders[j].len() < w && unknown[j] > 0)
+        .collect();
+    if !short.is_empty() {
+        ask_fallbacks(route, &group, &short, &mut holders).await;
+    }
+    let too_many_failed = failed.len() > owners.len() - w;
+    // Fewer than W copies counted, but enough current owners failed that W may exist:
+    // "absent" would be a guess.
+    let undecided = |holders: &[Vec<NodeId>], j: usize| {
+        holders[j].len() < w && (too_many_failed || holders[j].len() + unknown[j] >= w)
+    };
     let unavailable = |failed: Vec<(NodeId, NodeError)>| -> NodeError {
         QuorumError::NotReached {
             what: "lookup",
@@ -126,7 +163,7 @@ async fn lookup_group(
         }
         .into()
     };
-    if failed.len() > owners.len() - w {
+    if presence == Presence::Strict && (0..group.len()).any(|j| undecided(&holders, j)) {
         return Err(unavailable(failed));
     }
     let under: Vec<usize> = (0..group.len())
@@ -135,17 +172,52 @@ async fn lookup_group(
     for batch in under.chunks(REPAIR_GROUP) {
         repair(route, &group, batch, &mut holders, &lacking).await;
     }
-    // Fewer than W copies counted, but enough current owners failed that W may exist: "absent"
-    // would be a guess (and a commit check would call a stored chunk missing), so the
-    // answer is unavailable, as when too many owners of the group failed.
-    if (0..group.len()).any(|j| holders[j].len() < w && holders[j].len() + unknown[j] >= w) {
-        return Err(unavailable(failed));
-    }
     Ok(idx
         .into_iter()
         .zip(holders)
         .map(|(i, h)| (i, h.len() >= w))
         .collect())
+}
+
+/// Asks the fallbacks of the ids at `short` (each id's partition's, see
+/// [`Route::fallbacks`]) which of them they hold, all at once; each that does joins the id's
+/// holders. A fallback that fails adds nothing.
+async fn ask_fallbacks(
+    route: &Route,
+    group: &[ChunkId],
+    short: &[usize],
+    holders: &mut [Vec<NodeId>],
+) {
+    let current = route.placement.current();
+    let mut asked: HashMap<NodeId, Vec<usize>> = HashMap::new();
+    for &j in short {
+        for node in route.fallbacks(current.partition_of(&group[j])) {
+            asked.entry(node).or_default().push(j);
+        }
+    }
+    let nodes: Vec<NodeId> = asked.keys().copied().collect();
+    let timeout = route.ctx().peers.timeout();
+    let answers = call_owners(
+        "lookup on a fallback",
+        &nodes,
+        0,
+        Wait::All,
+        timeout,
+        |node| {
+            let route = route.clone();
+            let wanted: Vec<ChunkId> = asked[&node].iter().map(|&j| group[j]).collect();
+            async move { route.owner_has(node, wanted).await }
+        },
+    )
+    .await;
+    let Ok(answers) = answers else { return };
+    for (node, found) in answers.ok {
+        for (&j, f) in asked[&node].iter().zip(found) {
+            if f && !holders[j].contains(&node) {
+                holders[j].push(node);
+            }
+        }
+    }
 }
 
 /// Copies the chunks at `batch` from one of their holders to the current owners that lack

@@ -100,15 +100,29 @@ impl Route {
         if let Some(i) = owners.iter().position(|&n| self.is_local(n)) {
             owners[..=i].rotate_right(1);
         }
+        self.suspects_last(&mut owners);
+        owners
+    }
+
+    /// The members that stand in for `partition`'s owners when too few of them can take a
+    /// copy ([`hashgrid_proto::placement::Placement::fallbacks`]), in ring order with
+    /// suspect peers last. This node is one of them only when the ring says so.
+    pub fn fallbacks(&self, partition: Partition) -> Vec<NodeId> {
+        let mut fallbacks = self.placement.current().fallbacks(partition).to_vec();
+        self.suspects_last(&mut fallbacks);
+        fallbacks
+    }
+
+    /// Moves peers whose last call ran out of time to the end (a stable sort).
+    fn suspects_last(&self, nodes: &mut [NodeId]) {
         let suspect = |n: &NodeId| {
             self.addrs
                 .get(n)
                 .is_some_and(|a| self.ctx.peers.is_suspect(a))
         };
-        if owners.iter().any(suspect) {
-            owners.sort_by_key(|n| suspect(n));
+        if nodes.iter().any(suspect) {
+            nodes.sort_by_key(|n| suspect(n));
         }
-        owners
     }
 
     /// `node`'s state in the map this request routes by (`None`: not a member).

@@ -1,10 +1,10 @@
 //! Reads (`Get`): one reply per id, in order, each chunk from the first owner that serves a
 //! verified copy. Ids are read in groups; in each round every unserved id is asked of its
 //! next owner (this node first when it owns the chunk, then the current owners, then older
-//! ones), all owners of a round at once through the quorum helper. A copy that is missing or
-//! damaged on one owner is read from the next; only when no owner serves it does the reply
-//! carry a fault (damaged when some owner had a copy that failed verification). A damaged
-//! copy is rewritten from the good one in the background.
+//! ones, then the partition's fallbacks), all owners of a round at once through the quorum
+//! helper. A copy that is missing or damaged on one owner is read from the next; only when
+//! no owner serves it does the reply carry a fault (damaged when some owner had a copy that
+//! failed verification). A damaged copy is rewritten from the good one in the background.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -53,9 +53,19 @@ pub async fn read(route: Route, ids: Vec<ChunkId>, tx: mpsc::Sender<Result<GetRe
 /// Reads one group, failing over between owners; one reply per id.
 async fn read_group(route: &Route, ids: Vec<ChunkId>) -> Vec<pb::Chunk> {
     let current = route.placement.current();
+    // Owners first; the fallbacks last, for copies written there while owners were down.
     let candidates: Vec<Vec<NodeId>> = ids
         .iter()
-        .map(|id| route.read_owners(current.partition_of(id)))
+        .map(|id| {
+            let p = current.partition_of(id);
+            let mut nodes = route.read_owners(p);
+            for f in route.fallbacks(p) {
+                if !nodes.contains(&f) {
+                    nodes.push(f);
+                }
+            }
+            nodes
+        })
         .collect();
     let mut replies: Vec<Option<pb::Chunk>> = vec![None; ids.len()];
     let mut damaged_on: Vec<Vec<NodeId>> = vec![Vec::new(); ids.len()];

@@ -25,8 +25,11 @@ pub struct ClusterChunks {
 
 impl ChunkSource for ClusterChunks {
     fn present(&self, ids: &[ChunkId]) -> Result<Vec<bool>, NodeError> {
-        self.runtime
-            .block_on(lookup::lookup(&self.route, ids.to_vec()))
+        self.runtime.block_on(lookup::lookup(
+            &self.route,
+            ids.to_vec(),
+            lookup::Presence::Strict,
+        ))
     }
 
     fn read(&self, ids: &[ChunkId]) -> Result<Vec<Option<Bytes>>, NodeError> {

@@ -2,6 +2,14 @@
 //! chunk and acknowledged when W of them have it durably. The agent's bytes cross the WAN
 //! once; the coordinator forwards them to the owners. The owners beyond the first W still get
 //! their copy (the quorum helper lets their calls finish in the background).
+//!
+//! When fewer than W owners can take a copy (they are down, cut off, or their disks are
+//! full), the missing copies go to the partition's fallbacks, the members that follow the
+//! owners on the ring (a sloppy quorum with hinted hand-off, as in Dynamo): a backup in a
+//! majority partition, or with two of five nodes down, goes on instead of failing for the
+//! ~3 in 10 chunks placed mostly on the unreachable side. A fallback keeps its copy in its
+//! ordinary store, where it counts toward W for lookups and reads, until its hand-off pass
+//! ([`crate::anti_entropy::hand_off`]) has written the chunk to every owner.
 
 use std::sync::Arc;
 
@@ -11,8 +19,9 @@ use hashgrid_proto::pb::{PutRequest, PutResponse};
 use super::{group_by_owners, Route};
 use crate::chunk_store::{PutOutcome, VerifiedChunk};
 use crate::error::NodeError;
+use crate::metrics as m;
 use crate::owner;
-use crate::quorum::{call_owners, QuorumError, Wait};
+use crate::quorum::{call_owners, describe, QuorumError, Wait};
 use crate::service::blocking;
 
 /// Verifies and stores one `Put` batch; answers once every chunk is durable on W owners.
@@ -70,33 +79,130 @@ async fn replicate_once(route: &Route, chunks: &[VerifiedChunk]) -> Result<PutOu
     let calls = groups.into_iter().map(|(owners, idx)| {
         let batch = Arc::new(idx.iter().map(|&i| chunks[i].clone()).collect::<Vec<_>>());
         async move {
-            let answers = call_owners("write", &owners, w, Wait::Quorum, timeout, |node| {
+            let put = call_owners("write", &owners, w, Wait::Quorum, timeout, |node| {
                 let route = route.clone();
                 let batch = batch.clone();
                 async move { route.owner_put(node, batch).await }
             })
-            .await
-            .map_err(newer_map_or)?;
+            .await;
+            let answers = match put {
+                Ok(answers) => answers,
+                Err(e) => match fallback_need(route, &batch, &e, w) {
+                    Some(need) => return stand_in(route, &batch, need, &e).await,
+                    None => return Err(newer_map_or(e)),
+                },
+            };
             for (node, e) in &answers.failed {
                 tracing::warn!(%node, error = %e, "an owner missed a write (it stays under-replicated until repaired)");
             }
-            let most = answers
-                .ok
-                .iter()
-                .map(|(_, o)| *o)
-                .max_by_key(|o| (o.stored, o.stored_bytes))
-                .unwrap_or_default();
-            Ok::<_, NodeError>(most)
+            Ok::<_, NodeError>(most_stored(answers.ok.iter().map(|(_, o)| *o)))
         }
     });
+    sum(join_all(calls).await)
+}
+
+/// The outcomes of a request's groups added up, or the first group's failure.
+fn sum(groups: Vec<Result<PutOutcome, NodeError>>) -> Result<PutOutcome, NodeError> {
     let mut total = PutOutcome::default();
-    for outcome in join_all(calls).await {
+    for outcome in groups {
         let o = outcome?;
         total.stored += o.stored;
         total.existing += o.existing;
         total.stored_bytes += o.stored_bytes;
     }
     Ok(total)
+}
+
+/// The outcome of the copy that stored most of a group (each chunk counted once).
+fn most_stored(outcomes: impl Iterator<Item = PutOutcome>) -> PutOutcome {
+    outcomes
+        .max_by_key(|o| (o.stored, o.stored_bytes))
+        .unwrap_or_default()
+}
+
+/// How many copies of `batch` the fallbacks must take after its owners missed the quorum
+/// with `e`: `None` when they cannot help (owners know a newer map, which the write
+/// follows instead, or no chunk of the batch has a fallback: every member is an owner).
+fn fallback_need(
+    route: &Route,
+    batch: &[VerifiedChunk],
+    e: &QuorumError,
+    w: usize,
+) -> Option<usize> {
+    let QuorumError::NotReached {
+        answered, failed, ..
+    } = e
+    else {
+        return None;
+    };
+    let current = route.placement.current();
+    let stale = failed
+        .iter()
+        .any(|(_, f)| matches!(f, NodeError::StaleEpoch { .. }));
+    let any_fallback = batch
+        .iter()
+        .any(|c| !current.fallbacks(current.partition_of(&c.id)).is_empty());
+    (!stale && any_fallback).then(|| w - answered)
+}
+
+/// Writes the `need` copies of `batch` that its owners could not take (their quorum failed
+/// with `cause`) to the chunks' fallbacks, in ring order, a wave of `need` at a time until
+/// enough have stored them. Fails `UNAVAILABLE` when the fallbacks run out first.
+async fn stand_in(
+    route: &Route,
+    batch: &[VerifiedChunk],
+    need: usize,
+    cause: &QuorumError,
+) -> Result<PutOutcome, NodeError> {
+    let current = route.placement.current();
+    let groups = group_by_owners(route, batch.iter().map(|c| c.id), |p| route.fallbacks(p));
+    let timeout = route.ctx().peers.timeout();
+    let calls = groups.into_iter().map(|(fallbacks, idx)| {
+        let chunks = Arc::new(idx.iter().map(|&i| batch[i].clone()).collect::<Vec<_>>());
+        async move {
+            let mut missing = need;
+            let mut next = 0;
+            let mut outcomes = Vec::new();
+            let mut refused = Vec::new();
+            while missing > 0 && next < fallbacks.len() {
+                let wave = &fallbacks[next..(next + missing).min(fallbacks.len())];
+                next += wave.len();
+                // Quorum 0: every fallback of the wave is waited for, and what it could not
+                // take the next wave asks of the fallbacks after it.
+                let answers =
+                    call_owners("write to a fallback", wave, 0, Wait::All, timeout, |node| {
+                        let route = route.clone();
+                        let chunks = chunks.clone();
+                        async move { route.owner_put(node, chunks).await }
+                    })
+                    .await?;
+                missing -= answers.ok.len().min(missing);
+                outcomes.extend(answers.ok.into_iter().map(|(_, o)| o));
+                refused.extend(answers.failed);
+            }
+            if missing > 0 {
+                let why = if refused.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", describe(&refused))
+                };
+                return Err(NodeError::Unavailable(format!(
+                    "{cause}; and the fallbacks could not take the {missing} missing cop(ies) \
+                     of {} chunk(s){why}",
+                    chunks.len(),
+                )));
+            }
+            metrics::counter!(m::FALLBACK_COPIES).increment((chunks.len() * need) as u64);
+            tracing::debug!(
+                chunks = chunks.len(),
+                copies = need,
+                partition = current.partition_of(&chunks[0].id).0,
+                "owners unreachable: copies written to fallbacks"
+            );
+            Ok::<_, NodeError>(most_stored(outcomes.into_iter()))
+        }
+    });
+    sum(join_all(calls).await)
 }
 
 /// A quorum missed because owners know a newer map is a stale epoch (the newest they

@@ -4,7 +4,7 @@
 
 pub mod secret;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -69,6 +69,22 @@ impl PeerError {
     }
 }
 
+impl PeerError {
+    /// Did the connection fail under the call (refused, reset, closed): a transport error,
+    /// not an answer, even a refusal, from the peer? Timeouts are judged in
+    /// [`PeerPool::call`], where the deadline is known.
+    pub fn lost_contact(&self) -> bool {
+        match self {
+            PeerError::BadAddress { .. } => false,
+            PeerError::Timeout { .. } => true,
+            PeerError::Status { status, .. } => {
+                status.code() == tonic::Code::Cancelled
+                    || std::error::Error::source(status).is_some()
+            }
+        }
+    }
+}
+
 /// gRPC clients to the other members, by address.
 pub struct PeerPool {
     interceptor: SecretInterceptor,
@@ -79,6 +95,10 @@ pub struct PeerPool {
     channels: Mutex<HashMap<String, Channel>>,
     /// Peers whose last call ran out of time, and when one last did with the full deadline.
     suspects: Mutex<HashMap<String, Instant>>,
+    /// Peers a call lost contact with (see [`PeerError::lost_contact`]) since the repair
+    /// worker last heard from them: it probes them and, once one answers, both sides run a
+    /// repair pass (copies written while they were apart are pulled by whoever missed them).
+    lost: Mutex<HashSet<String>>,
 }
 
 /// How long a suspect peer is given a short deadline before one call gets the full one
@@ -106,6 +126,7 @@ impl PeerPool {
             dial_from,
             channels: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashMap::new()),
+            lost: Mutex::new(HashSet::new()),
         }
     }
 
@@ -151,6 +172,21 @@ impl PeerPool {
         self.suspects.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn lost(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The peers a call lost contact with and that the repair worker has not heard from
+    /// since ([`PeerPool::regained`]).
+    pub fn lost_contact(&self) -> Vec<String> {
+        self.lost().iter().cloned().collect()
+    }
+
+    /// The repair worker heard from `addr` again (or it left the cluster).
+    pub fn regained(&self, addr: &str) {
+        self.lost().remove(addr);
+    }
+
     /// Whether the last call to `addr` ran out of time (and no answer came since).
     pub fn is_suspect(&self, addr: &str) -> bool {
         self.suspects().contains_key(addr)
@@ -194,6 +230,7 @@ impl PeerPool {
         match result {
             Err(_) => {
                 if judged {
+                    self.lost().insert(addr.to_string());
                     self.suspects()
                         .entry(addr.to_string())
                         .or_insert_with(Instant::now);
@@ -214,6 +251,9 @@ impl PeerPool {
                         });
                 // An answer, even a refusal, shows the peer is alive; a broken connection
                 // does not.
+                if answer.as_ref().is_err_and(PeerError::lost_contact) {
+                    self.lost().insert(addr.to_string());
+                }
                 let alive = answer
                     .as_ref()
                     .map_or_else(|e| !e.is_unreachable(), |_| true);

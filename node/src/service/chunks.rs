@@ -68,7 +68,7 @@ impl Chunks for ChunksService {
         let req = req.into_inner();
         let route = self.route(req.epoch)?;
         let ids = owner::ids_of(&req.ids)?;
-        let found = lookup::lookup(&route, ids).await?;
+        let found = lookup::lookup(&route, ids, lookup::Presence::Upload).await?;
         let hits = found.iter().filter(|&&f| f).count() as u64;
         metrics::counter!(m::HAS_IDS, "result" => "present").increment(hits);
         metrics::counter!(m::HAS_IDS, "result" => "absent").increment(found.len() as u64 - hits);

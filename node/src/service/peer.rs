@@ -12,7 +12,7 @@ use futures::Stream;
 use hashgrid_proto::pb::peer::peer_server::Peer;
 use hashgrid_proto::pb::peer::{
     DigestRequest, DigestResponse, JoinRequest, JoinResponse, ListIdsRequest, ListIdsResponse,
-    RaftMessage, ReadIndexRequest, ReadIndexResponse,
+    RaftMessage, ReadIndexRequest, ReadIndexResponse, RepairSoonRequest, RepairSoonResponse,
 };
 use hashgrid_proto::pb::{
     GetRequest, GetResponse, HasRequest, HasResponse, PutRequest, PutResponse,
@@ -114,6 +114,14 @@ impl Peer for PeerService {
     ) -> Result<Response<ReadIndexResponse>, Status> {
         let index = self.ctx.read_point().await?;
         Ok(Response::new(ReadIndexResponse { index }))
+    }
+
+    async fn repair_soon(
+        &self,
+        _req: Request<RepairSoonRequest>,
+    ) -> Result<Response<RepairSoonResponse>, Status> {
+        self.ctx.workers.repair_due();
+        Ok(Response::new(RepairSoonResponse {}))
     }
 
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
