@@ -97,56 +97,56 @@ async fn lookup_group(
         .into());
     }
     let group: Vec<ChunkId> = idx.iter().map(|&i| ids[i]).collect();
-    let timeout = route.ctx().peers.timeout();
     let current = route.placement.current();
-    let mut holders: Vec<Vec<NodeId>> = vec![Vec::new(); group.len()];
-    let mut lacking: Vec<Vec<NodeId>> = vec![Vec::new(); group.len()];
-    // Current owners that were asked about an id and failed: each may hold a copy nobody
-    // counted. Owners under older maps are left out: while a move is unfinished they are
-    // every member, and a lookup would fail whenever any member is unreachable.
-    let mut unknown: Vec<usize> = vec![0; group.len()];
+    let mut t = Tally::new(group.len());
+    // Owners whose last call ran out of time are not waited for while others can decide:
+    // they count as unknown from the start (a silent partition would otherwise cost every
+    // lookup their deadline). The commit check asks them last, if it must.
+    let (live, hung): (Vec<NodeId>, Vec<NodeId>) =
+        owners.iter().partition(|&&n| !route.is_suspect(n));
+    for (j, id) in group.iter().enumerate() {
+        t.unknown[j] = current
+            .owners_of(id)
+            .iter()
+            .filter(|n| hung.contains(n))
+            .count();
+    }
     let mut undecided: Vec<usize> = (0..group.len()).collect();
-    let mut failed = Vec::new();
     let mut asked = 0;
-    while !undecided.is_empty() && asked < owners.len() {
+    while !undecided.is_empty() && asked < live.len() {
         let wave_len = if asked == 0 { w } else { 1 };
-        let wave = &owners[asked..(asked + wave_len).min(owners.len())];
+        let wave = &live[asked..(asked + wave_len).min(live.len())];
         asked += wave.len();
-        let wanted: Vec<ChunkId> = undecided.iter().map(|&j| group[j]).collect();
-        // Quorum 0: every owner of the wave is waited for (under its deadline); what a
-        // failed owner could not say is decided by the owners after it.
-        let answers = call_owners("lookup", wave, 0, Wait::All, timeout, |node| {
-            let route = route.clone();
-            let wanted = wanted.clone();
-            async move { route.owner_has(node, wanted).await }
-        })
-        .await?;
-        for (node, _) in &answers.failed {
-            for &j in &undecided {
-                unknown[j] += usize::from(current.owners_of(&group[j]).contains(node));
-            }
-        }
-        failed.extend(answers.failed);
-        for (node, found) in &answers.ok {
-            for (&j, &f) in undecided.iter().zip(found) {
-                if f {
-                    holders[j].push(*node);
-                } else if current.owners_of(&group[j]).contains(node) {
-                    lacking[j].push(*node);
-                }
-            }
-        }
-        let unasked = owners.len() - asked;
+        t.ask(route, wave, &group, &undecided, false).await?;
+        let unasked = live.len() - asked;
         // Absent is decided only when even the owners that failed could not make W copies.
-        undecided.retain(|&j| holders[j].len() < w && holders[j].len() + unknown[j] + unasked >= w);
+        undecided.retain(|&j| {
+            t.holders[j].len() < w && t.holders[j].len() + t.unknown[j] + unasked >= w
+        });
     }
     // Copies that unreachable owners could not take are on the fallbacks.
-    let short: Vec<usize> = (0..group.len())
-        .filter(|&j| holders[j].len() < w && unknown[j] > 0)
-        .collect();
-    if !short.is_empty() {
-        ask_fallbacks(route, &group, &short, &mut holders).await;
+    let short = |t: &Tally| -> Vec<usize> {
+        (0..group.len())
+            .filter(|&j| t.holders[j].len() < w && t.unknown[j] > 0)
+            .collect()
+    };
+    let first_short = short(&t);
+    if !first_short.is_empty() {
+        ask_fallbacks(route, &group, &first_short, &mut t.holders).await;
     }
+    if presence == Presence::Strict && !hung.is_empty() {
+        let left = short(&t);
+        if !left.is_empty() {
+            asked += hung.len();
+            t.ask(route, &hung, &group, &left, true).await?;
+        }
+    }
+    let Tally {
+        mut holders,
+        lacking,
+        unknown,
+        failed,
+    } = t;
     let too_many_failed = failed.len() > owners.len() - w;
     // Fewer than W copies counted, but enough current owners failed that W may exist:
     // "absent" would be a guess.
@@ -177,6 +177,77 @@ async fn lookup_group(
         .zip(holders)
         .map(|(i, h)| (i, h.len() >= w))
         .collect())
+}
+
+/// What the owners said about a group's ids, by index into the group.
+struct Tally {
+    /// Nodes holding a copy.
+    holders: Vec<Vec<NodeId>>,
+    /// Current owners that answered "absent" (targets of a repair on lookup).
+    lacking: Vec<Vec<NodeId>>,
+    /// Current owners that were not asked or failed: each may hold a copy nobody counted.
+    /// Owners under older maps are left out: while a move is unfinished they are every
+    /// member, and a lookup would fail whenever any member is unreachable.
+    unknown: Vec<usize>,
+    failed: Vec<(NodeId, NodeError)>,
+}
+
+impl Tally {
+    fn new(n: usize) -> Self {
+        Tally {
+            holders: vec![Vec::new(); n],
+            lacking: vec![Vec::new(); n],
+            unknown: vec![0; n],
+            failed: Vec::new(),
+        }
+    }
+
+    /// Asks every node of `wave` at once about the ids at `js`, each under its deadline,
+    /// and counts the answers. `counted` says the wave's owners were already counted as
+    /// unknown (hung owners, asked last): one that answers stops being unknown, one that
+    /// fails is not counted twice.
+    async fn ask(
+        &mut self,
+        route: &Route,
+        wave: &[NodeId],
+        group: &[ChunkId],
+        js: &[usize],
+        counted: bool,
+    ) -> Result<(), NodeError> {
+        let current = route.placement.current();
+        let wanted: Vec<ChunkId> = js.iter().map(|&j| group[j]).collect();
+        let timeout = route.ctx().peers.timeout();
+        // Quorum 0: every node of the wave is waited for (under its deadline); what a
+        // failed one could not say is decided by the ones after it.
+        let answers = call_owners("lookup", wave, 0, Wait::All, timeout, |node| {
+            let route = route.clone();
+            let wanted = wanted.clone();
+            async move { route.owner_has(node, wanted).await }
+        })
+        .await?;
+        if !counted {
+            for (node, _) in &answers.failed {
+                for &j in js {
+                    self.unknown[j] += usize::from(current.owners_of(&group[j]).contains(node));
+                }
+            }
+        }
+        self.failed.extend(answers.failed);
+        for (node, found) in &answers.ok {
+            for (&j, &f) in js.iter().zip(found) {
+                let owner = current.owners_of(&group[j]).contains(node);
+                if owner && counted {
+                    self.unknown[j] = self.unknown[j].saturating_sub(1);
+                }
+                if f {
+                    self.holders[j].push(*node);
+                } else if owner {
+                    self.lacking[j].push(*node);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Asks the fallbacks of the ids at `short` (each id's partition's, see

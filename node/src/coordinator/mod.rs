@@ -113,15 +113,18 @@ impl Route {
         fallbacks
     }
 
+    /// Whether `node`'s last call ran out of time, with no answer since
+    /// ([`crate::peer::PeerPool::is_suspect`]).
+    pub fn is_suspect(&self, node: NodeId) -> bool {
+        self.addrs
+            .get(&node)
+            .is_some_and(|a| self.ctx.peers.is_suspect(a))
+    }
+
     /// Moves peers whose last call ran out of time to the end (a stable sort).
     fn suspects_last(&self, nodes: &mut [NodeId]) {
-        let suspect = |n: &NodeId| {
-            self.addrs
-                .get(n)
-                .is_some_and(|a| self.ctx.peers.is_suspect(a))
-        };
-        if nodes.iter().any(suspect) {
-            nodes.sort_by_key(|n| suspect(n));
+        if nodes.iter().any(|&n| self.is_suspect(n)) {
+            nodes.sort_by_key(|&n| self.is_suspect(n));
         }
     }
 

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use futures::future::join_all;
 use hashgrid_proto::pb::{PutRequest, PutResponse};
+use hashgrid_proto::NodeId;
 
 use super::{group_by_owners, Route};
 use crate::chunk_store::{PutOutcome, VerifiedChunk};
@@ -79,6 +80,14 @@ async fn replicate_once(route: &Route, chunks: &[VerifiedChunk]) -> Result<PutOu
     let calls = groups.into_iter().map(|(owners, idx)| {
         let batch = Arc::new(idx.iter().map(|&i| chunks[i].clone()).collect::<Vec<_>>());
         async move {
+            let hung: Vec<NodeId> = owners
+                .iter()
+                .copied()
+                .filter(|&n| route.is_suspect(n))
+                .collect();
+            if owners.len() - hung.len() < w && has_fallback(route, &batch) {
+                return write_around(route, &owners, &hung, batch, w).await;
+            }
             let put = call_owners("write", &owners, w, Wait::Quorum, timeout, |node| {
                 let route = route.clone();
                 let batch = batch.clone();
@@ -120,6 +129,67 @@ fn most_stored(outcomes: impl Iterator<Item = PutOutcome>) -> PutOutcome {
         .unwrap_or_default()
 }
 
+/// Whether some chunk of `batch` has a fallback (not every member is an owner).
+fn has_fallback(route: &Route, batch: &[VerifiedChunk]) -> bool {
+    let current = route.placement.current();
+    batch
+        .iter()
+        .any(|c| !current.fallbacks(current.partition_of(&c.id)).is_empty())
+}
+
+/// Writes a group whose owners include hung ones (suspect: their last call ran out of time,
+/// see [`crate::peer::PeerPool::is_suspect`]) and too few others to make W. The hung owners
+/// get their copy in the background, under their deadline; the others are written and the
+/// fallbacks take the copies they cannot, without first waiting out the hung owners'
+/// deadlines (which would cost every write group behind a silent partition that long).
+async fn write_around(
+    route: &Route,
+    owners: &[NodeId],
+    hung: &[NodeId],
+    batch: Arc<Vec<VerifiedChunk>>,
+    w: usize,
+) -> Result<PutOutcome, NodeError> {
+    for &node in hung {
+        let route = route.clone();
+        let batch = batch.clone();
+        tokio::spawn(async move {
+            if let Err(e) = route.owner_put(node, batch).await {
+                tracing::debug!(%node, error = %e, "a hung owner missed a write");
+            }
+        });
+    }
+    let live: Vec<NodeId> = owners
+        .iter()
+        .copied()
+        .filter(|n| !hung.contains(n))
+        .collect();
+    let timeout = route.ctx().peers.timeout();
+    let answers = call_owners("write", &live, 0, Wait::All, timeout, |node| {
+        let route = route.clone();
+        let batch = batch.clone();
+        async move { route.owner_put(node, batch).await }
+    })
+    .await?;
+    let mut failed = answers.failed;
+    failed.extend(hung.iter().map(|&n| {
+        (
+            n,
+            NodeError::Unavailable("suspect: its last call ran out of time".into()),
+        )
+    }));
+    let cause = QuorumError::NotReached {
+        what: "write",
+        owners: owners.len(),
+        needed: w,
+        answered: answers.ok.len(),
+        failed,
+    };
+    match fallback_need(route, &batch, &cause, w) {
+        Some(need) => stand_in(route, &batch, need, &cause).await,
+        None => Err(newer_map_or(cause)),
+    }
+}
+
 /// How many copies of `batch` the fallbacks must take after its owners missed the quorum
 /// with `e`: `None` when they cannot help (owners know a newer map, which the write
 /// follows instead, or no chunk of the batch has a fallback: every member is an owner).
@@ -135,14 +205,10 @@ fn fallback_need(
     else {
         return None;
     };
-    let current = route.placement.current();
     let stale = failed
         .iter()
         .any(|(_, f)| matches!(f, NodeError::StaleEpoch { .. }));
-    let any_fallback = batch
-        .iter()
-        .any(|c| !current.fallbacks(current.partition_of(&c.id)).is_empty());
-    (!stale && any_fallback).then(|| w - answered)
+    (!stale && has_fallback(route, batch)).then(|| w - answered)
 }
 
 /// Writes the `need` copies of `batch` that its owners could not take (their quorum failed
