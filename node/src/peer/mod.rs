@@ -70,9 +70,12 @@ impl PeerError {
 }
 
 impl PeerError {
-    /// Did the connection fail under the call (refused, reset, closed): a transport error,
-    /// not an answer, even a refusal, from the peer? Timeouts are judged in
-    /// [`PeerPool::call`], where the deadline is known.
+    /// Did the call lose contact with the peer: a transport error (refused, reset, closed)
+    /// or no answer in time, rather than an answer, even a refusal? Stricter than
+    /// [`PeerError::is_unreachable`], which also takes a peer's own UNAVAILABLE answer (no
+    /// leader, no quorum) for a reason to try elsewhere. [`PeerPool::call`] records only the
+    /// timeouts of calls under the peer deadline (Raft's short deadlines run out on a busy
+    /// machine with the peer alive).
     pub fn lost_contact(&self) -> bool {
         match self {
             PeerError::BadAddress { .. } => false,
