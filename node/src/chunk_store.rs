@@ -5,8 +5,9 @@
 //!   and on the memtable) and a block cache, so `has` answers absent ids without a disk seek
 //!   or a skip-list search and never touches chunk bytes.
 //! - `packs/` ([`crate::pack`]): append-only files of chunk records, written once.
-//! - `store_meta`: counters (chunks, bytes, damaged copies), updated in the same write batch
-//!   as the metadata.
+//! - `store_meta`: counters (chunks, bytes, damaged copies) and the id set's digests per id
+//!   prefix ([`digests`], what anti-entropy compares), updated in the same write batch as the
+//!   metadata.
 //!
 //! Guarantees: an insert is durable before it returns (pack bytes synced, then metadata
 //! written with a synced WAL); a stored chunk is never overwritten (a second insert only
@@ -31,7 +32,9 @@ use thiserror::Error;
 use crate::durable;
 use crate::pack::{Location, PackFiles, RecordHeader, SyncData, HEADER_LEN};
 
+pub mod digests;
 mod writer;
+use digests::{Digests, LoadError};
 use writer::{DropReason, DropRequest, PutRequest, Request, Writer};
 
 const CF_META: &str = "chunk_meta";
@@ -61,6 +64,8 @@ pub enum StoreError {
     },
     #[error("chunk store: corrupt metadata for chunk {id}")]
     CorruptMeta { id: ChunkId },
+    #[error("chunk store: corrupt digest table entry {key:?}")]
+    CorruptDigests { key: String },
     #[error("chunk store: pack files: {0}")]
     Pack(String),
     #[error("chunk store: out of disk space ({0}); free space or add capacity, then retry")]
@@ -158,6 +163,18 @@ pub struct StoredChunk {
     pub data: Bytes,
 }
 
+impl StoredChunk {
+    /// The chunk as one to store elsewhere: its copy was verified against `id` when read.
+    pub fn into_verified(self, id: ChunkId) -> VerifiedChunk {
+        VerifiedChunk {
+            id,
+            plain_len: self.plain_len,
+            codec: self.codec,
+            data: self.data,
+        }
+    }
+}
+
 /// What a read found for one id.
 #[derive(Clone, Debug)]
 pub enum ChunkRead {
@@ -249,6 +266,7 @@ pub struct ChunkStore {
     writer: Option<SyncSender<Request>>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
     counters: Arc<Mutex<StoreCounters>>,
+    digests: Arc<Digests>,
     /// Held shared by `has` from reading metadata to refreshing `last_seen`, and exclusively
     /// while damaged copies are dropped, so a refresh cannot write back an entry just dropped.
     fence: Arc<RwLock<()>>,
@@ -325,13 +343,22 @@ impl ChunkStore {
             .map_err(rocks(&db, "read counters"))?
             .and_then(|b| StoreCounters::decode(&b))
             .unwrap_or_default();
+        let digests =
+            Digests::load(&db, cf(&db, CF_STORE), cf(&db, CF_META)).map_err(|e| match e {
+                LoadError::Rocks(source) => open_err(source),
+                LoadError::Corrupt(key) => StoreError::CorruptDigests {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                },
+            })?;
         let db = Arc::new(db);
         let counters = Arc::new(Mutex::new(counters));
+        let digests = Arc::new(digests);
         let fence = Arc::new(RwLock::new(()));
         let (writer, writer_thread) = Writer {
             db: db.clone(),
             packs: packs.clone(),
             counters: counters.clone(),
+            digests: digests.clone(),
             fence: fence.clone(),
         }
         .spawn()?;
@@ -341,6 +368,7 @@ impl ChunkStore {
             writer: Some(writer),
             writer_thread: Some(writer_thread),
             counters,
+            digests,
             fence,
         })
     }
@@ -509,22 +537,13 @@ impl ChunkStore {
         Ok(out)
     }
 
-    /// How many ids the store holds in `[start, end)` and a digest of them: BLAKE3 of the
-    /// ids in id order. Two stores holding the same ids in a range have the same digest;
-    /// anti-entropy compares these before exchanging any id list.
-    pub fn range_digest(
-        &self,
-        start: &[u8; 32],
-        end: Option<&[u8; 32]>,
-    ) -> Result<(u64, [u8; 32]), StoreError> {
-        let mut hasher = blake3::Hasher::new();
-        let mut count = 0u64;
-        self.scan_range(start, end, |id| {
-            hasher.update(id.as_bytes());
-            count += 1;
-            true
-        })?;
-        Ok((count, *hasher.finalize().as_bytes()))
+    /// How many ids the store holds in `partition` of `2^bits` (`bits` in `1..=16`) and a
+    /// digest of them ([`digests`]): two stores holding the same ids in a partition have the
+    /// same digest. Anti-entropy compares these before exchanging any id list. Reads a table
+    /// kept in memory: no scan, whatever the store holds.
+    pub fn partition_digest(&self, bits: u8, partition: u32) -> (u64, [u8; 32]) {
+        let d = self.digests.partition(bits, partition);
+        (d.count, d.hash())
     }
 
     /// Up to `limit` ids in `[start, end)` after `after` (from `start` when `None`), in id
@@ -761,17 +780,29 @@ mod tests {
             .copied()
             .filter(|i| i.as_bytes()[0] < 0x80)
             .collect();
-        let (count, digest) = store.range_digest(&[0u8; 32], Some(&mid)).unwrap();
+        // Partition 0 of 2 is the lower half. Another store holding only those ids, put in
+        // another order, has the same digest of it.
+        let (count, digest) = store.partition_digest(1, 0);
         assert_eq!(count, low.len() as u64);
-        let mut h = blake3::Hasher::new();
-        low.iter().for_each(|i| {
-            h.update(i.as_bytes());
-        });
-        assert_eq!(digest, *h.finalize().as_bytes());
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = ChunkStore::open(other_dir.path(), 8 << 20).unwrap();
+        let mut low_chunks: Vec<VerifiedChunk> = chunks
+            .iter()
+            .filter(|c| low.contains(&c.id))
+            .cloned()
+            .collect();
+        low_chunks.reverse();
+        for pair in low_chunks.chunks(2) {
+            other.put(pair.to_vec()).unwrap();
+        }
+        assert_eq!(other.partition_digest(1, 0), (count, digest));
+        assert_eq!(other.partition_digest(1, 1).0, 0);
         assert_eq!(
-            store.range_digest(&mid, None).unwrap().0,
+            store.partition_digest(1, 1).0,
             (ids.len() - low.len()) as u64
         );
+        other.release(&low[..1]).unwrap();
+        assert_ne!(other.partition_digest(1, 0).1, digest, "one id fewer");
 
         let mut listed = Vec::new();
         let mut after = None;
@@ -802,7 +833,7 @@ mod tests {
             after.reclaimable_bytes,
             low.len() as u64 * (5 + HEADER_LEN as u64)
         );
-        assert_eq!(store.range_digest(&[0u8; 32], Some(&mid)).unwrap().0, 0);
+        assert_eq!(store.partition_digest(1, 0), (0, [0u8; 32]));
         assert!(store.has(&low).unwrap().iter().all(|h| !h));
     }
 
@@ -825,6 +856,41 @@ mod tests {
             }
         );
         assert_eq!(store.has(&[ChunkId::of(b"one")]).unwrap(), vec![true]);
+    }
+
+    #[test]
+    fn digests_survive_reopen_and_are_built_for_older_stores() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks: Vec<VerifiedChunk> = (0..50u8).map(|i| chunk(&[i + 1; 7])).collect();
+        let digests = |store: &ChunkStore| -> Vec<(u64, [u8; 32])> {
+            (0..16).map(|p| store.partition_digest(4, p)).collect()
+        };
+        let before = {
+            let store = ChunkStore::open(dir.path(), 8 << 20).unwrap();
+            store.put(chunks[..30].to_vec()).unwrap();
+            store.put(chunks[20..].to_vec()).unwrap();
+            store.release(&[chunks[3].id]).unwrap();
+            let d = digests(&store);
+            assert_eq!(d.iter().map(|(n, _)| n).sum::<u64>(), 49);
+            d
+        };
+        {
+            let store = ChunkStore::open(dir.path(), 8 << 20).unwrap();
+            assert_eq!(digests(&store), before, "read back as written");
+            // As a store from before the table existed: no table at all.
+            let keys: Vec<Box<[u8]>> = store
+                .db
+                .iterator_cf(store.cf(CF_STORE), rocksdb::IteratorMode::Start)
+                .map(|kv| kv.unwrap().0)
+                .filter(|k| k.starts_with(b"digest"))
+                .collect();
+            assert!(keys.len() > 1);
+            for k in keys {
+                store.db.delete_cf(store.cf(CF_STORE), k).unwrap();
+            }
+        }
+        let store = ChunkStore::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(digests(&store), before, "built from the index");
     }
 
     #[test]

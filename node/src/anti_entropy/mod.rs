@@ -7,9 +7,10 @@
 //! node re-replicate) and hand-off (a node that no longer owns a partition makes sure every
 //! current owner has its chunks, then takes them out of its index).
 //!
-//! Per partition, the owners first compare digests (BLAKE3 of the held ids in id order, see
-//! [`ChunkStore::range_digest`]), in batches of partitions per call, so owners that agree
-//! exchange 45 bytes per partition and nothing else. Only a partition whose digests differ
+//! Per partition, the owners first compare digests (the count and a sum of the held ids,
+//! kept up to date by the store with every insert and drop, see
+//! [`ChunkStore::partition_digest`]), in batches of partitions per call, so owners that agree
+//! exchange 45 bytes per partition and nothing else, and a pass reads no index to find out. Only a partition whose digests differ
 //! is listed (its ids, page by page) and the missing chunks read from the source: the
 //! receiving node verifies every chunk before it stores it, as it does for an agent's.
 //! Pulling, not pushing: each node is responsible for its own copies, so a node that comes
@@ -29,7 +30,7 @@ use hashgrid_proto::pb::{self, ChunkFault};
 use hashgrid_proto::placement::{partition_range, MemberState, Partition};
 use hashgrid_proto::{ChunkId, DecodeError, NodeId};
 
-use crate::chunk_store::{ChunkStore, StoreError};
+use crate::chunk_store::{ChunkRead, ChunkStore, StoreError};
 use crate::context::NodeContext;
 use crate::coordinator::Route;
 use crate::error::NodeError;
@@ -50,18 +51,13 @@ pub struct Digest {
     pub hash: [u8; 32],
 }
 
-/// The local store's digests of `partitions` (blocking: scans the index).
-fn local_digests(
-    store: &ChunkStore,
-    bits: u8,
-    partitions: &[Partition],
-) -> Result<Vec<Digest>, StoreError> {
+/// The local store's digests of `partitions` (from its table in memory: no scan).
+fn local_digests(store: &ChunkStore, bits: u8, partitions: &[Partition]) -> Vec<Digest> {
     partitions
         .iter()
         .map(|&p| {
-            let (start, end) = partition_range(bits, p);
-            let (count, hash) = store.range_digest(&start, end.as_ref())?;
-            Ok(Digest { count, hash })
+            let (count, hash) = store.partition_digest(bits, p.0);
+            Digest { count, hash }
         })
         .collect()
 }
@@ -125,20 +121,16 @@ pub async fn serve_digest(
         .iter()
         .map(|&p| check_partition(bits, p))
         .collect::<Result<Vec<_>, _>>()?;
-    let store = ctx.store.clone();
-    let digests = blocking(move || {
-        let d = local_digests(&store, bits, &parts)?;
-        Ok(parts
-            .into_iter()
-            .zip(d)
-            .map(|(p, d)| PartitionDigest {
-                partition: p.0,
-                count: d.count,
-                digest: d.hash.to_vec(),
-            })
-            .collect())
-    })
-    .await?;
+    let d = local_digests(&ctx.store, bits, &parts);
+    let digests = parts
+        .into_iter()
+        .zip(d)
+        .map(|(p, d)| PartitionDigest {
+            partition: p.0,
+            count: d.count,
+            digest: d.hash.to_vec(),
+        })
+        .collect();
     Ok(DigestResponse { digests })
 }
 
@@ -294,9 +286,7 @@ pub async fn pull(
         progress(partitions.len(), &report);
         return Ok(report);
     }
-    let store = ctx.store.clone();
-    let parts = partitions.to_vec();
-    let mine = blocking(move || Ok(local_digests(&store, bits, &parts)?)).await?;
+    let mine = local_digests(&ctx.store, bits, partitions);
     let mine: HashMap<Partition, Digest> = partitions.iter().copied().zip(mine).collect();
 
     // Which (partition, source) pairs differ, asking each source about all its partitions.
@@ -502,15 +492,8 @@ async fn hand_off_page(
                 .iter()
                 .zip(reads)
                 .filter_map(|(id, r)| match r {
-                    crate::chunk_store::ChunkRead::Found(c) => {
-                        Some(crate::chunk_store::VerifiedChunk {
-                            id: *id,
-                            plain_len: c.plain_len,
-                            codec: c.codec,
-                            data: c.data,
-                        })
-                    }
-                    _ => None,
+                    ChunkRead::Found(c) => Some(c.into_verified(*id)),
+                    ChunkRead::Missing | ChunkRead::Damaged => None,
                 })
                 .collect();
             if chunks.is_empty() {

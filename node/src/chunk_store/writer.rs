@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use hashgrid_proto::ChunkId;
 use rocksdb::{WriteBatch, WriteOptions, DB};
 
+use super::digests::{Delta, Digests};
 use super::{
     cf, metas, now_secs, pack_err, rocks, ChunkMeta, PutOutcome, StoreCounters, StoreError,
     VerifiedChunk, CF_META, CF_STORE, KEY_COUNTERS, TOUCH_INTERVAL_SECS,
@@ -54,6 +55,7 @@ pub(super) struct Writer {
     pub(super) db: Arc<DB>,
     pub(super) packs: Arc<PackFiles>,
     pub(super) counters: Arc<Mutex<StoreCounters>>,
+    pub(super) digests: Arc<Digests>,
     pub(super) fence: Arc<RwLock<()>>,
 }
 
@@ -117,20 +119,24 @@ impl Writer {
         *self.counters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Writes `batch` with the counters `next` in it, synced, then publishes `next`.
+    /// Writes `batch` with the counters `next` and the digest changes `delta` in it, synced,
+    /// then publishes both.
     fn commit(
         &self,
         mut batch: WriteBatch,
         next: StoreCounters,
+        delta: Delta<'_>,
         op: &'static str,
     ) -> Result<(), StoreError> {
         batch.put_cf(cf(&self.db, CF_STORE), KEY_COUNTERS, next.encode());
+        delta.write(&mut batch, cf(&self.db, CF_STORE));
         let mut sync = WriteOptions::default();
         sync.set_sync(true);
         self.db
             .write_opt(batch, &sync)
             .map_err(rocks(&self.db, op))?;
         *self.counters.lock().unwrap_or_else(|p| p.into_inner()) = next;
+        self.digests.apply(delta);
         Ok(())
     }
 
@@ -198,6 +204,7 @@ impl Writer {
                     }
                 })?;
             let mut next = self.counters();
+            let mut delta = self.digests.delta();
             for (chunk, location) in new_chunks.iter().zip(locations) {
                 let meta = ChunkMeta {
                     location,
@@ -209,8 +216,9 @@ impl Writer {
                 next.chunks += 1;
                 next.stored_bytes += chunk.data.len() as u64;
                 next.plain_bytes += u64::from(chunk.plain_len);
+                delta.add(&chunk.id);
             }
-            self.commit(batch, next, "write chunk metadata")?;
+            self.commit(batch, next, delta, "write chunk metadata")?;
         } else if !batch.is_empty() {
             db.write(batch).map_err(rocks(db, "touch last_seen"))?;
         }
@@ -229,6 +237,7 @@ impl Writer {
         let ids: Vec<ChunkId> = copies.iter().map(|(id, _)| *id).collect();
         let current = metas(db, &ids)?;
         let mut next = self.counters();
+        let mut delta = self.digests.delta();
         let mut batch = WriteBatch::default();
         let mut dropped = 0u64;
         let mut seen = HashSet::with_capacity(copies.len());
@@ -237,6 +246,7 @@ impl Writer {
                 continue;
             }
             batch.delete_cf(cf(db, CF_META), id.as_bytes());
+            delta.remove(id);
             next.chunks = next.chunks.saturating_sub(1);
             next.stored_bytes = next
                 .stored_bytes
@@ -251,10 +261,12 @@ impl Writer {
         if dropped > 0 {
             match why {
                 DropReason::Damaged => {
-                    self.commit(batch, next, "drop damaged chunks")?;
+                    self.commit(batch, next, delta, "drop damaged chunks")?;
                     metrics::counter!(m::STORE_DAMAGED).increment(dropped);
                 }
-                DropReason::Released => self.commit(batch, next, "release moved chunks")?,
+                DropReason::Released => {
+                    self.commit(batch, next, delta, "release moved chunks")?;
+                }
             }
         }
         Ok(dropped)
