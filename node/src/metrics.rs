@@ -25,6 +25,8 @@ pub const WORKER_RUNNING: &str = "hashgrid_worker_running";
 pub const WORKER_COPIED: &str = "hashgrid_worker_copied_chunks_total";
 pub const WORKER_COPIED_BYTES: &str = "hashgrid_worker_copied_bytes_total";
 pub const WORKER_RELEASED: &str = "hashgrid_worker_released_chunks_total";
+/// Ids other owners listed to this node because a range's digests differed.
+pub const ANTI_ENTROPY_LISTED: &str = "hashgrid_anti_entropy_listed_ids_total";
 
 /// Starts the exporter's HTTP listener on the current Tokio runtime.
 pub fn install(addr: SocketAddr) -> anyhow::Result<()> {

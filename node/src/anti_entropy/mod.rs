@@ -30,10 +30,12 @@ use hashgrid_proto::pb::{self, ChunkFault};
 use hashgrid_proto::placement::{partition_range, MemberState, Partition};
 use hashgrid_proto::{ChunkId, DecodeError, NodeId};
 
+use crate::chunk_store::digests::BUCKET_BITS;
 use crate::chunk_store::{ChunkRead, ChunkStore, StoreError};
 use crate::context::NodeContext;
 use crate::coordinator::Route;
 use crate::error::NodeError;
+use crate::metrics as m;
 use crate::owner;
 use crate::service::blocking;
 
@@ -82,15 +84,17 @@ fn local_ids(
 }
 
 /// The partition count a peer asks with must be ours (it is fixed at cluster init).
+/// The bits a digest or list request names: the cluster's partition bits, or more, up to
+/// [`BUCKET_BITS`], for the sub-ranges of a partition (see [`differing_ranges`]).
 fn check_bits(ctx: &NodeContext, bits: u32) -> Result<u8, NodeError> {
     let ours = ctx.placement()?.current().partition_bits();
-    if bits != u32::from(ours) {
+    if bits < u32::from(ours) || bits > u32::from(BUCKET_BITS) {
         return Err(NodeError::Decode(DecodeError::invalid(
             "partition bits",
-            format!("asked with {bits}, this cluster has {ours}"),
+            format!("asked with {bits}, this cluster has {ours} (sub-ranges up to {BUCKET_BITS})"),
         )));
     }
-    Ok(ours)
+    Ok(bits as u8)
 }
 
 fn check_partition(bits: u8, p: u32) -> Result<Partition, NodeError> {
@@ -235,6 +239,7 @@ async fn peer_ids(
             .await
             .map_err(|e| NodeError::Unavailable(e.to_string()))?;
         let page = unpack_ids(&reply.ids)?;
+        metrics::counter!(m::ANTI_ENTROPY_LISTED).increment(page.len() as u64);
         if let Some(last) = page.last() {
             after = last.as_bytes().to_vec();
         }
@@ -246,6 +251,42 @@ async fn peer_ids(
     }
 }
 
+/// The ranges of partition `p` (of `2^bits`) to list from `source`, whose digest of `p`
+/// differs from ours: the sub-ranges at [`BUCKET_BITS`] whose digests differ (16 of them
+/// per partition at 12 bits; the store keeps their digests), so a pass that finds a few
+/// chunks missing lists a sixteenth of the partition or less, not all of it. A source that
+/// cannot answer for sub-ranges (a node from before they existed) has the whole partition
+/// listed.
+async fn differing_ranges(
+    route: &Route,
+    source: NodeId,
+    bits: u8,
+    p: Partition,
+) -> Vec<(u8, Partition)> {
+    if bits >= BUCKET_BITS {
+        return vec![(bits, p)];
+    }
+    let shift = BUCKET_BITS - bits;
+    let subs: Vec<Partition> = ((p.0 << shift)..((p.0 + 1) << shift))
+        .map(Partition)
+        .collect();
+    match peer_digests(route, source, BUCKET_BITS, &subs).await {
+        Ok(theirs) => {
+            let mine = local_digests(&route.ctx().store, BUCKET_BITS, &subs);
+            subs.into_iter()
+                .zip(theirs)
+                .zip(mine)
+                .filter(|((_, t), m)| t.count > 0 && t != m)
+                .map(|((s, _), _)| (BUCKET_BITS, s))
+                .collect()
+        }
+        Err(e) => {
+            tracing::debug!(%source, partition = p.0, error = %e, "no sub-range digests; listing the partition");
+            vec![(bits, p)]
+        }
+    }
+}
+
 /// What a pull did.
 #[derive(Debug, Default)]
 pub struct PullReport {
@@ -253,6 +294,8 @@ pub struct PullReport {
     pub copied_bytes: u64,
     /// Ids some source listed that no source could provide a good copy of.
     pub not_copied: u64,
+    /// Ids the sources listed, in the ranges whose digests differed.
+    pub listed: u64,
     /// Per partition, the sources that could not be asked (unreachable, refusing).
     pub unreachable: BTreeMap<Partition, Vec<NodeId>>,
     /// The local count of ids per pulled partition, after the pull.
@@ -312,47 +355,65 @@ pub async fn pull(
     for (done, &p) in partitions.iter().enumerate() {
         let mut count = mine[&p].count;
         if let Some(sources) = differing.get(&p) {
-            let store = ctx.store.clone();
-            let mut held: BTreeSet<ChunkId> = blocking(move || Ok(local_ids(&store, bits, p)?))
-                .await?
-                .into_iter()
-                .collect();
+            // Our ids, read a range at a time as some source's list needs them.
+            let mut held: BTreeSet<ChunkId> = BTreeSet::new();
+            let mut read: HashSet<(u8, Partition)> = HashSet::new();
             let mut wanted: BTreeSet<ChunkId> = BTreeSet::new();
             for &source in sources {
-                let listed = match peer_ids(route, source, bits, p).await {
-                    Ok(ids) => ids,
-                    Err(e) => {
-                        report.errors.push(format!("node {source}: {e}"));
-                        report.unreachable.entry(p).or_default().push(source);
-                        continue;
-                    }
+                // Holding nothing there (a refill), every range differs: list it whole.
+                let ranges = if mine[&p].count == 0 {
+                    vec![(bits, p)]
+                } else {
+                    differing_ranges(route, source, bits, p).await
                 };
-                let missing: Vec<ChunkId> =
-                    listed.into_iter().filter(|id| !held.contains(id)).collect();
-                wanted.extend(missing.iter().copied());
-                for batch in missing.chunks(COPY_BATCH) {
-                    match copy_from(route, source, batch.to_vec()).await {
-                        Ok((ids, stored, bytes)) => {
-                            report.copied += stored;
-                            report.copied_bytes += bytes;
-                            for id in ids {
-                                wanted.remove(&id);
-                                held.insert(id);
-                            }
-                        }
-                        Err(e) if e.is_retryable() => {
-                            report
-                                .errors
-                                .push(format!("copying from node {source}: {e}"));
+                for (range_bits, range) in ranges {
+                    if !read.contains(&(bits, p)) && read.insert((range_bits, range)) {
+                        let store = ctx.store.clone();
+                        held.extend(
+                            blocking(move || Ok(local_ids(&store, range_bits, range)?)).await?,
+                        );
+                    }
+                    let listed = match peer_ids(route, source, range_bits, range).await {
+                        Ok(ids) => ids,
+                        Err(e) => {
+                            report.errors.push(format!("node {source}: {e}"));
                             report.unreachable.entry(p).or_default().push(source);
                             break;
                         }
-                        Err(e) => return Err(e),
+                    };
+                    report.listed += listed.len() as u64;
+                    let missing: Vec<ChunkId> =
+                        listed.into_iter().filter(|id| !held.contains(id)).collect();
+                    wanted.extend(missing.iter().copied());
+                    let mut failed = false;
+                    for batch in missing.chunks(COPY_BATCH) {
+                        match copy_from(route, source, batch.to_vec()).await {
+                            Ok((ids, stored, bytes)) => {
+                                report.copied += stored;
+                                report.copied_bytes += bytes;
+                                for id in ids {
+                                    wanted.remove(&id);
+                                    held.insert(id);
+                                }
+                            }
+                            Err(e) if e.is_retryable() => {
+                                report
+                                    .errors
+                                    .push(format!("copying from node {source}: {e}"));
+                                report.unreachable.entry(p).or_default().push(source);
+                                failed = true;
+                                break;
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    if failed {
+                        break;
                     }
                 }
             }
             report.not_copied += wanted.len() as u64;
-            count = held.len() as u64;
+            count = ctx.store.partition_digest(bits, p.0).0;
         }
         report.local_counts.insert(p, count);
         progress(done + 1, &report);

@@ -446,6 +446,7 @@ async fn repair_pass(ctx: &Arc<NodeContext>) -> Result<(), NodeError> {
         tracing::info!(
             chunks = report.copied,
             bytes = report.copied_bytes,
+            listed = report.listed,
             "repair copied missing chunks"
         );
     }
