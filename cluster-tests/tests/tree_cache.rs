@@ -26,6 +26,10 @@ async fn same_as_source(conn: &Connection, s: &BackupSummary, src: &Path, target
 }
 
 /// The one cache file under `cache`.
+/// Where a tree cache file names its snapshot's first root id: after the magic (8 bytes)
+/// and the number of root pieces (4).
+const HEADER_ROOT: usize = 12;
+
 fn cache_file(cache: &Path) -> PathBuf {
     let files: Vec<PathBuf> = std::fs::read_dir(cache.join("trees"))
         .expect("cache dir")
@@ -61,11 +65,21 @@ fn an_unchanged_backup_reads_its_parent_trees_from_the_cache() {
         assert!(stats.hits >= 53, "{stats:?}");
         same_as_source(&conn, &second, &src, &tmp.path().join("restore2")).await;
 
-        // A damaged entry is fetched from the node instead; the result is the same.
+        // A damaged entry is fetched from the node instead; the result is the same. The
+        // entry damaged is the root tree's (the first id of the header), which every backup
+        // reads: the file's entries come in no fixed order, and the last may be one an
+        // unchanged backup never asks for.
         let file = cache_file(&cache);
         let mut bytes = std::fs::read(&file).unwrap();
-        let at = bytes.len() - 5;
-        bytes[at] ^= 0x40;
+        let root = bytes[HEADER_ROOT..HEADER_ROOT + 32].to_vec();
+        let entry = HEADER_ROOT
+            + 32
+            + bytes[HEADER_ROOT + 32..]
+                .windows(32)
+                .position(|w| w == root)
+                .expect("the root tree's entry");
+        // The entry: id (32 bytes), length (4), the tree's bytes.
+        bytes[entry + 32 + 4] ^= 0x40;
         std::fs::write(&file, &bytes).unwrap();
         let third = run(&conn, &src, &cache, ParentChoice::Latest).await;
         let stats = third.tree_cache.unwrap();
