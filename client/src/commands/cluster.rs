@@ -138,7 +138,7 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<()> {
                             "partitions_done": w.partitions_done,
                             "partitions_total": w.partitions_total,
                             "chunks_copied": w.chunks_copied, "bytes_copied": w.bytes_copied,
-                            "chunks_released": w.chunks_released,
+                            "chunks_released": w.chunks_released, "ids_listed": w.ids_listed,
                             "under_replicated": w.under_replicated,
                             "last_error": w.last_error, "last_pass_unix": w.last_pass_unix,
                         })

@@ -49,9 +49,19 @@ struct Status {
     chunks_copied: u64,
     bytes_copied: u64,
     chunks_released: u64,
+    /// Ids other owners listed to this worker, where range digests differed.
+    ids_listed: u64,
     last_error: String,
     last_pass_unix: u64,
     under_replicated: u64,
+}
+
+/// A worker's running totals before a pass, which the pass's report adds to.
+#[derive(Clone, Copy)]
+struct Totals {
+    chunks: u64,
+    bytes: u64,
+    listed: u64,
 }
 
 /// One named worker's status, shared between the worker and the services that report it.
@@ -88,17 +98,22 @@ impl Worker {
         });
     }
 
-    fn progress(&self, done: usize, report: &PullReport, before: (u64, u64)) {
+    fn progress(&self, done: usize, report: &PullReport, before: Totals) {
         self.update(|s| {
             s.done = done as u32;
-            s.chunks_copied = before.0 + report.copied;
-            s.bytes_copied = before.1 + report.copied_bytes;
+            s.chunks_copied = before.chunks + report.copied;
+            s.bytes_copied = before.bytes + report.copied_bytes;
+            s.ids_listed = before.listed + report.listed;
         });
     }
 
-    fn copied(&self) -> (u64, u64) {
+    fn totals(&self) -> Totals {
         let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        (s.chunks_copied, s.bytes_copied)
+        Totals {
+            chunks: s.chunks_copied,
+            bytes: s.bytes_copied,
+            listed: s.ids_listed,
+        }
     }
 
     /// Ends a pass: `Ok` with the copies still missing, or the error that stopped it.
@@ -151,6 +166,7 @@ impl Worker {
             chunks_copied: s.chunks_copied,
             bytes_copied: s.bytes_copied,
             chunks_released: s.chunks_released,
+            ids_listed: s.ids_listed,
             last_error: s.last_error.clone(),
             last_pass_unix: s.last_pass_unix,
             under_replicated: s.under_replicated,
@@ -269,7 +285,6 @@ async fn run_rebalance(ctx: Arc<NodeContext>) {
                 continue;
             }
             worker.begin(0);
-            let before = worker.copied();
             match hand_off(&route).await {
                 Ok(r) => {
                     if r.released > 0 || r.handed > 0 {
@@ -296,7 +311,7 @@ async fn run_rebalance(ctx: Arc<NodeContext>) {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "hand-off failed");
-                    worker.finish(Err(e.to_string()), before, 0);
+                    worker.finish(Err(e.to_string()), (0, 0), 0);
                     handed_off = None;
                     tokio::time::sleep(HAND_OFF_RETRY).await;
                 }
@@ -353,7 +368,7 @@ async fn tracked_pull(
     sources_of: impl Fn(Partition) -> Vec<hashgrid_proto::NodeId>,
 ) -> Result<PullReport, NodeError> {
     worker.begin(parts.len());
-    let before = worker.copied();
+    let before = worker.totals();
     pull(route, parts, sources_of, |done, r| {
         worker.progress(done, r, before)
     })
