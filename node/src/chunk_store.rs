@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use hashgrid_proto::codec::{verify_with, ChunkError};
+use hashgrid_proto::codec::{decode_verified, ChunkError};
 use hashgrid_proto::{pb, ChunkId};
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Options, WriteBatch, DB,
@@ -464,7 +464,7 @@ impl ChunkStore {
 
     /// Reads the copy `meta` points at and checks that the record header in front of it names
     /// the same id, lengths and codec, and that it decodes to the plaintext its id names
-    /// ([`verify_with`]). The inner error says what is wrong with the copy; the outer one
+    /// ([`decode_verified`]). The inner error says what is wrong with the copy; the outer one
     /// is a failure of the node (a resource short for now), which says nothing about it.
     fn read_verified(
         &self,
@@ -501,7 +501,7 @@ impl ChunkStore {
             data: record.slice(HEADER_LEN..),
             ..Default::default()
         };
-        if let Err(e) = verify_with(&chunk, max_plain_len, |_| ()) {
+        if let Err(e) = decode_verified(&chunk, max_plain_len) {
             return Ok(Err(Damage::Content(e)));
         }
         Ok(Ok(StoredChunk {

@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use hashgrid_proto::codec::{is_zero, verify_with, ChunkError};
+use hashgrid_proto::codec::{decode_verified, is_zero, ChunkError};
 use hashgrid_proto::id::unpack_ids;
 use hashgrid_proto::limits::{MAX_CHUNKS_PER_PUT, MAX_IDS_PER_REQUEST, TARGET_BATCH_BYTES};
 use hashgrid_proto::pb::{self, GetResponse};
@@ -56,8 +56,8 @@ pub fn verify_batch(chunks: Vec<pb::Chunk>, max_len: u32) -> Result<Vec<Verified
     chunks
         .into_iter()
         .map(|c| {
-            let (id, zero) = verify_with(&c, max_len, is_zero)?;
-            if zero {
+            let (id, plain) = decode_verified(&c, max_len)?;
+            if is_zero(&plain) {
                 return Err(ChunkError::AllZero { id });
             }
             Ok(VerifiedChunk {

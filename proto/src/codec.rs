@@ -72,8 +72,6 @@ thread_local! {
         const { RefCell::new(Vec::new()) };
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         const { RefCell::new(None) };
-    /// [`verify_with`]'s plaintext buffer (as large as the largest chunk this thread saw).
-    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Below this a chunk is compressed without probing first.
@@ -162,48 +160,6 @@ fn check_canonical(codec: pb::Codec, data: &[u8], plain_len: u32) -> Result<(), 
 /// and the encoded bytes must be no more than an honest encoder produces (see [`NonCanonical`]).
 /// Raw chunks are checked in place, without a copy.
 pub fn decode_verified(chunk: &pb::Chunk, max_len: u32) -> Result<(ChunkId, Bytes), ChunkError> {
-    let (id, codec) = check_header(chunk, max_len)?;
-    let plain = match codec {
-        pb::Codec::Raw => chunk.data.clone(),
-        pb::Codec::Zstd => {
-            let mut out = Vec::with_capacity(chunk.plain_len as usize);
-            decompress_into(id, &chunk.data, &mut out)?;
-            Bytes::from(out)
-        }
-    };
-    check_plain(id, &plain, chunk.plain_len)?;
-    Ok((id, plain))
-}
-
-/// [`decode_verified`] for callers that look at the plaintext and drop it (a node storing
-/// or reading a chunk): a compressed chunk decodes into a buffer the thread keeps for the
-/// next one, so verifying allocates nothing and the bytes are still in cache when hashed.
-/// `inspect` sees the verified plaintext; it must not verify another chunk itself.
-pub fn verify_with<R>(
-    chunk: &pb::Chunk,
-    max_len: u32,
-    inspect: impl FnOnce(&[u8]) -> R,
-) -> Result<(ChunkId, R), ChunkError> {
-    let (id, codec) = check_header(chunk, max_len)?;
-    match codec {
-        pb::Codec::Raw => {
-            check_plain(id, &chunk.data, chunk.plain_len)?;
-            Ok((id, inspect(&chunk.data)))
-        }
-        pb::Codec::Zstd => SCRATCH.with(|cell| {
-            let mut plain = cell.borrow_mut();
-            plain.clear();
-            plain.reserve(chunk.plain_len as usize);
-            decompress_into(id, &chunk.data, &mut plain)?;
-            check_plain(id, &plain, chunk.plain_len)?;
-            Ok((id, inspect(&plain)))
-        }),
-    }
-}
-
-/// The checks before any decoding: a well-formed id, a plaintext within `max_len`, a known
-/// codec, canonical encoded bytes.
-fn check_header(chunk: &pb::Chunk, max_len: u32) -> Result<(ChunkId, pb::Codec), ChunkError> {
     let id = ChunkId::from_slice(&chunk.id).map_err(|e| ChunkError::Malformed(e.to_string()))?;
     if chunk.plain_len > max_len {
         return Err(ChunkError::TooLarge {
@@ -220,41 +176,35 @@ fn check_header(chunk: &pb::Chunk, max_len: u32) -> Result<(ChunkId, pb::Codec),
     };
     check_canonical(codec, &chunk.data, chunk.plain_len)
         .map_err(|why| ChunkError::NonCanonical { id, why })?;
-    Ok((id, codec))
-}
-
-/// Decompresses one zstd frame into `out`, from its start, within its capacity (reserved by
-/// the caller for the declared length): a frame that decodes to more than that fails, and
-/// [`check_plain`] refuses any length but the declared one, so `out` never grows.
-fn decompress_into(id: ChunkId, data: &[u8], out: &mut Vec<u8>) -> Result<(), ChunkError> {
-    DECOMPRESSOR
-        .with(|cell| {
-            let mut d = cell.borrow_mut();
-            if d.is_none() {
-                *d = Some(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?);
-            }
-            d.as_mut()
-                .expect("set above")
-                .decompress_to_buffer(data, out)
-                .map(drop)
-                .map_err(|e| e.to_string())
-        })
-        .map_err(|reason| ChunkError::Corrupt { id, reason })
-}
-
-/// The plaintext has the declared length and hashes to the id.
-fn check_plain(id: ChunkId, plain: &[u8], plain_len: u32) -> Result<(), ChunkError> {
-    if plain.len() != plain_len as usize {
-        return Err(ChunkError::Corrupt {
-            id,
-            reason: format!("decodes to {} bytes, declared {plain_len}", plain.len()),
-        });
+    let corrupt = |reason: String| ChunkError::Corrupt { id, reason };
+    let plain = match codec {
+        pb::Codec::Raw => chunk.data.clone(),
+        pb::Codec::Zstd => DECOMPRESSOR
+            .with(|cell| {
+                let mut d = cell.borrow_mut();
+                if d.is_none() {
+                    *d = Some(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?);
+                }
+                d.as_mut()
+                    .expect("set above")
+                    .decompress(&chunk.data, chunk.plain_len as usize)
+                    .map_err(|e| e.to_string())
+            })
+            .map(Bytes::from)
+            .map_err(corrupt)?,
+    };
+    if plain.len() != chunk.plain_len as usize {
+        return Err(corrupt(format!(
+            "decodes to {} bytes, declared {}",
+            plain.len(),
+            chunk.plain_len
+        )));
     }
-    let actual = ChunkId::of(plain);
+    let actual = ChunkId::of(&plain);
     if actual != id {
         return Err(ChunkError::WrongHash { id, actual });
     }
-    Ok(())
+    Ok((id, plain))
 }
 
 /// Is every byte zero? Such runs become holes instead of chunks.
@@ -280,37 +230,6 @@ mod tests {
         assert_eq!(c.codec, pb::Codec::Zstd as i32);
         assert!(c.data.len() < plain.len() / 10);
         assert_eq!(decode_verified(&c, 1 << 20).unwrap().1, plain);
-    }
-
-    #[test]
-    fn verify_with_reuses_its_buffer_and_checks_what_decode_checks() {
-        let big = b"0123456789".repeat(50_000);
-        let small = b"abc".repeat(1000);
-        let mut raw = vec![0u8; 4096];
-        blake3::Hasher::new().finalize_xof().fill(&mut raw);
-        for plain in [&big[..], &small[..], &raw[..], &big[..]] {
-            let c = chunk(plain, 3);
-            let (id, seen) = verify_with(&c, 1 << 20, <[u8]>::to_vec).unwrap();
-            assert_eq!((id, &seen[..]), (ChunkId::of(plain), plain));
-        }
-        // The buffer now has room for 500,000 bytes: a frame that decodes to more than its
-        // chunk declares still fails, as a wrong hash does.
-        let mut lying = chunk(&big, 3);
-        lying.plain_len = small.len() as u32;
-        assert!(matches!(
-            verify_with(&lying, 1 << 20, |_| ()),
-            Err(ChunkError::Corrupt { .. })
-        ));
-        let mut other = chunk(&small, 3);
-        other.id = ChunkId::of(b"another").as_bytes().to_vec();
-        assert!(matches!(
-            verify_with(&other, 1 << 20, |_| ()),
-            Err(ChunkError::WrongHash { .. })
-        ));
-        assert!(matches!(
-            verify_with(&chunk(&big, 3), 1000, |_| ()),
-            Err(ChunkError::TooLarge { .. })
-        ));
     }
 
     #[test]
