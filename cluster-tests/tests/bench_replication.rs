@@ -1,7 +1,8 @@
 //! Benchmark, one node against three (R = 3, W = 2), in the same run: ingest of new data
 //! through one coordinator, lookups through it (present and absent ids), restore through it,
-//! and the bytes the agent sent against what the nodes stored. Prints figures; asserts only
-//! correctness (timings depend on the machine).
+//! and the bytes the agent sent against what the nodes stored, with peak resident memory
+//! beside the times (each node's and the benchmark process's, which is the agent). Prints
+//! figures; asserts only correctness (timings depend on the machine).
 //!
 //! `cargo test --release --workspace --test bench_replication -- --ignored --nocapture`;
 //! `HASHGRID_BENCH_MIB` sets the data size (default 256).
@@ -16,7 +17,7 @@ use hashgrid::Connection;
 use hashgrid_cluster_tests::cluster::{members_in, Cluster};
 use hashgrid_cluster_tests::damage::stored_ids;
 use hashgrid_cluster_tests::{
-    assert_same_tree, backup_opts, cluster_stats, data, restore_all, restored, runtime,
+    assert_same_tree, backup_opts, cluster_stats, data, peak_rss, restore_all, restored, runtime,
 };
 use hashgrid_proto::id::pack_ids;
 use hashgrid_proto::pb::{self, HasRequest};
@@ -92,6 +93,11 @@ struct Figures {
     sent: u64,
     stored_new: u64,
     stored_all_nodes: u64,
+    /// The largest node's peak resident memory over the whole run.
+    node_peak_rss: u64,
+    /// The benchmark process's (the agent's) peak so far: the one-node run's agent work
+    /// comes before the three-node run's, so the later figure covers both.
+    agent_peak_rss: u64,
 }
 
 fn run(root: &Path, src: &Path, nodes: usize, r: u8, w: u8) -> Figures {
@@ -132,6 +138,13 @@ fn run(root: &Path, src: &Path, nodes: usize, r: u8, w: u8) -> Figures {
         for i in 0..nodes {
             stored_all_nodes += cluster_stats(&cluster.connect(i).await).await.stored_bytes;
         }
+        let node_peak_rss = cluster
+            .nodes
+            .iter()
+            .filter_map(|n| peak_rss(n.pid() as u32))
+            .max()
+            .expect("the nodes' memory");
+        let agent_peak_rss = peak_rss(std::process::id()).expect("the agent's memory");
         let mb = logical as f64 / 1e6;
         Figures {
             ingest_mbs: mb / ingest,
@@ -142,6 +155,8 @@ fn run(root: &Path, src: &Path, nodes: usize, r: u8, w: u8) -> Figures {
             sent: summary.upload.sent_bytes,
             stored_new: summary.upload.stored_bytes,
             stored_all_nodes,
+            node_peak_rss,
+            agent_peak_rss,
         }
     })
 }
@@ -160,7 +175,7 @@ fn bench_one_node_against_three() {
     let three = run(&tmp.path().join("three"), &src, 3, 3, 2);
     println!("replication benchmark, {mib} MiB of new data (half random, half text)");
     println!(
-        "{:<22} {:>12} {:>14} {:>14} {:>12} {:>12} {:>12} {:>12} {:>14}",
+        "{:<22} {:>12} {:>14} {:>14} {:>12} {:>12} {:>12} {:>12} {:>14} {:>13} {:>14}",
         "cluster",
         "ingest MB/s",
         "absent ids/s",
@@ -169,11 +184,13 @@ fn bench_one_node_against_three() {
         "logical B",
         "sent B",
         "new B",
-        "stored B (all)"
+        "stored B (all)",
+        "node RSS MiB",
+        "agent RSS MiB"
     );
     for (name, f) in [("1 node, R=1 W=1", &one), ("3 nodes, R=3 W=2", &three)] {
         println!(
-            "{:<22} {:>12.1} {:>14.0} {:>14.0} {:>12.1} {:>12} {:>12} {:>12} {:>14}",
+            "{:<22} {:>12.1} {:>14.0} {:>14.0} {:>12.1} {:>12} {:>12} {:>12} {:>14} {:>13} {:>14}",
             name,
             f.ingest_mbs,
             f.absent_per_s,
@@ -182,7 +199,9 @@ fn bench_one_node_against_three() {
             f.logical,
             f.sent,
             f.stored_new,
-            f.stored_all_nodes
+            f.stored_all_nodes,
+            f.node_peak_rss >> 20,
+            f.agent_peak_rss >> 20
         );
     }
     println!(

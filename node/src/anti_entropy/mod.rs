@@ -10,9 +10,11 @@
 //! Per partition, the owners first compare digests (the count and a sum of the held ids,
 //! kept up to date by the store with every insert and drop, see
 //! [`ChunkStore::partition_digest`]), in batches of partitions per call, so owners that agree
-//! exchange 45 bytes per partition and nothing else, and a pass reads no index to find out. Only a partition whose digests differ
-//! is listed (its ids, page by page) and the missing chunks read from the source: the
-//! receiving node verifies every chunk before it stores it, as it does for an agent's.
+//! exchange 45 bytes per partition and nothing else, and a pass reads no index to find out.
+//! Where a partition's digests differ, its 16-bit sub-ranges are compared the same way and
+//! only those that differ are listed (ids, page by page); the missing chunks are read from
+//! the source, and the receiving node verifies every chunk before it stores it, as it does
+//! for an agent's.
 //! Pulling, not pushing: each node is responsible for its own copies, so a node that comes
 //! back knows what to fetch without anyone tracking what it missed.
 
@@ -83,7 +85,6 @@ fn local_ids(
     }
 }
 
-/// The partition count a peer asks with must be ours (it is fixed at cluster init).
 /// The bits a digest or list request names: the cluster's partition bits, or more, up to
 /// [`BUCKET_BITS`], for the sub-ranges of a partition (see [`differing_ranges`]).
 fn check_bits(ctx: &NodeContext, bits: u32) -> Result<u8, NodeError> {
