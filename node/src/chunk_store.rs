@@ -1,7 +1,7 @@
 //! The node's chunk store: chunk metadata in RocksDB, chunk bytes in pack files.
 //!
 //! - `chunk_meta` (RocksDB column family): id -> where the bytes are (pack, offset, length),
-//!   plaintext length, codec, last_seen. Small values with bloom filters (on the table files
+//!   plaintext length, codec, last_seen, a checksum of the encoded bytes. Small values with bloom filters (on the table files
 //!   and on the memtable) and a block cache, so `has` answers absent ids without a disk seek
 //!   or a skip-list search and never touches chunk bytes.
 //! - `packs/` ([`crate::pack`]): append-only files of chunk records, written once.
@@ -11,9 +11,10 @@
 //!
 //! Guarantees: an insert is durable before it returns (pack bytes synced, then metadata
 //! written with a synced WAL); a stored chunk is never overwritten (a second insert only
-//! refreshes `last_seen`); presence means a verified copy: every read decodes the copy and
-//! checks it against its id and its pack record header, and a copy that fails leaves the
-//! index (so `has` answers absent and the next insert stores a fresh copy). Otherwise chunks
+//! refreshes `last_seen`); presence means a verified copy: a chunk is decoded and checked
+//! against its id before it is stored, and every read checks the record header and that the
+//! bytes are the ones verified (a checksum taken then, see [`Check`]; `verify` decodes and
+//! hashes every copy again), and a copy that fails leaves the index (so `has` answers absent and the next insert stores a fresh copy). Otherwise chunks
 //! leave only by GC (a later issue), which relies on `last_seen` as PBS relies on atime.
 
 use std::path::Path;
@@ -45,8 +46,36 @@ const KEY_COUNTERS: &[u8] = b"counters";
 /// into a write each. GC's grace period must exceed it (PBS uses the same trick with atime).
 pub const TOUCH_INTERVAL_SECS: u64 = 3600;
 
-const META_VERSION: u8 = 1;
-const META_LEN: usize = 30;
+/// Entries written before the stored-bytes checksum (30 bytes); still read.
+const META_V1: u8 = 1;
+const META_V1_LEN: usize = 30;
+/// Entries with the checksum of the encoded bytes ([`stored_sum`]) at the end.
+const META_V2: u8 = 2;
+const META_V2_LEN: usize = 38;
+
+/// The checksum of a copy's encoded bytes that the index keeps (XXH3, 64 bits). It is taken
+/// from the bytes that were just decoded and hashed against the chunk's id, before they are
+/// written, so a later read whose bytes have this checksum reads the verified bytes: disk
+/// corruption, a truncated or overwritten pack, a misplaced offset all change it. Checking it
+/// costs a few percent of decoding and hashing the copy again (see [`Check`]).
+pub fn stored_sum(encoded: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(encoded)
+}
+
+/// How much of a stored copy a read checks. A copy that fails either check leaves the index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// The record header, and the encoded bytes against the checksum taken when they were
+    /// verified ([`stored_sum`]): the bytes read are the bytes verified when stored. A copy
+    /// stored before checksums were kept is decoded and hashed (as [`Check::Full`]). For
+    /// readers that decode and hash what they get anyway: agents restoring, owners receiving
+    /// a copy (they verify before storing), manifest walks.
+    Stored,
+    /// The record header, then the copy decoded and its BLAKE3 compared with its id, whatever
+    /// the index holds: what `verify` does, and what catches a fault no checksum of the
+    /// stored bytes could (a copy written wrong before the checksum existed).
+    Full,
+}
 
 #[derive(Clone, Debug, Error)]
 pub enum StoreError {
@@ -112,24 +141,39 @@ pub struct ChunkMeta {
     pub plain_len: u32,
     pub codec: i32,
     pub last_seen: u64,
+    /// [`stored_sum`] of the encoded bytes; `None` in entries written before it was kept.
+    pub sum: Option<u64>,
 }
 
 impl ChunkMeta {
-    fn encode(&self) -> [u8; META_LEN] {
-        let mut out = [0u8; META_LEN];
-        out[0] = META_VERSION;
+    /// An entry without a checksum keeps the first version's shape (a `last_seen` refresh
+    /// rewrites the entry as it was read).
+    fn encode(&self) -> Vec<u8> {
+        let mut out = vec![
+            0u8;
+            if self.sum.is_some() {
+                META_V2_LEN
+            } else {
+                META_V1_LEN
+            }
+        ];
+        out[0] = if self.sum.is_some() { META_V2 } else { META_V1 };
         out[1..5].copy_from_slice(&self.location.pack.to_le_bytes());
         out[5..13].copy_from_slice(&self.location.offset.to_le_bytes());
         out[13..17].copy_from_slice(&self.location.len.to_le_bytes());
         out[17..21].copy_from_slice(&self.plain_len.to_le_bytes());
         out[21] = self.codec as u8;
         out[22..30].copy_from_slice(&self.last_seen.to_le_bytes());
+        if let Some(sum) = self.sum {
+            out[30..38].copy_from_slice(&sum.to_le_bytes());
+        }
         out
     }
 
     fn decode(id: &ChunkId, b: &[u8]) -> Result<Self, StoreError> {
-        if b.len() != META_LEN || b[0] != META_VERSION {
-            return Err(StoreError::CorruptMeta { id: *id });
+        match (b.first(), b.len()) {
+            (Some(&META_V1), META_V1_LEN) | (Some(&META_V2), META_V2_LEN) => {}
+            _ => return Err(StoreError::CorruptMeta { id: *id }),
         }
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
         let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
@@ -142,6 +186,7 @@ impl ChunkMeta {
             plain_len: u32_at(17),
             codec: i32::from(b[21]),
             last_seen: u64_at(22),
+            sum: (b[0] == META_V2).then(|| u64_at(30)),
         })
     }
 }
@@ -153,24 +198,45 @@ pub struct VerifiedChunk {
     pub plain_len: u32,
     pub codec: i32,
     pub data: Bytes,
+    /// [`stored_sum`] of `data`, taken right after it was verified.
+    pub sum: u64,
 }
 
-/// A chunk as stored, verified when read, ready to send.
+impl VerifiedChunk {
+    /// A chunk whose encoded bytes `data` were just checked against `id`; call it right
+    /// after the check, so the checksum the index keeps is of the bytes that passed.
+    pub fn new(id: ChunkId, plain_len: u32, codec: i32, data: Bytes) -> Self {
+        let sum = stored_sum(&data);
+        VerifiedChunk {
+            id,
+            plain_len,
+            codec,
+            data,
+            sum,
+        }
+    }
+}
+
+/// A chunk as stored, checked when read (see [`Check`]), ready to send.
 #[derive(Clone, Debug)]
 pub struct StoredChunk {
     pub plain_len: u32,
     pub codec: i32,
     pub data: Bytes,
+    /// [`stored_sum`] of `data`.
+    pub sum: u64,
 }
 
 impl StoredChunk {
-    /// The chunk as one to store elsewhere: its copy was verified against `id` when read.
+    /// The chunk as one to store elsewhere: its bytes were verified against `id` when stored
+    /// and are checked to be those bytes when read.
     pub fn into_verified(self, id: ChunkId) -> VerifiedChunk {
         VerifiedChunk {
             id,
             plain_len: self.plain_len,
             codec: self.codec,
             data: self.data,
+            sum: self.sum,
         }
     }
 }
@@ -199,6 +265,8 @@ pub enum Damage {
         found: RecordHeader,
         expected: RecordHeader,
     },
+    #[error("the encoded bytes' checksum is {found:016x}, the index kept {expected:016x}")]
+    Checksum { found: u64, expected: u64 },
     #[error(transparent)]
     Content(ChunkError),
 }
@@ -421,11 +489,16 @@ impl ChunkStore {
             .map_err(|_| StoreError::Thread("chunk writer stopped".into()))
     }
 
-    /// Reads chunks, verifying each copy (see [`ChunkStore::read_verified`]); `max_plain_len`
-    /// is the cluster's largest chunk. Copies that fail are dropped from the index (durably,
-    /// before this returns), counted and logged, and reported `Damaged`. CPU-bound: call it
-    /// from a blocking thread.
-    pub fn get(&self, ids: &[ChunkId], max_plain_len: u32) -> Result<Vec<ChunkRead>, StoreError> {
+    /// Reads chunks, checking each copy as `check` says (see [`ChunkStore::read_checked`]);
+    /// `max_plain_len` is the cluster's largest chunk. Copies that fail are dropped from the
+    /// index (durably, before this returns), counted and logged, and reported `Damaged`.
+    /// CPU-bound: call it from a blocking thread.
+    pub fn get(
+        &self,
+        ids: &[ChunkId],
+        max_plain_len: u32,
+        check: Check,
+    ) -> Result<Vec<ChunkRead>, StoreError> {
         let mut out = Vec::with_capacity(ids.len());
         let mut damaged = Vec::new();
         for (id, meta) in ids.iter().zip(metas(&self.db, ids)?) {
@@ -433,7 +506,7 @@ impl ChunkStore {
                 out.push(ChunkRead::Missing);
                 continue;
             };
-            match self.read_verified(id, &meta, max_plain_len)? {
+            match self.read_checked(id, &meta, max_plain_len, check)? {
                 Ok(chunk) => out.push(ChunkRead::Found(chunk)),
                 Err(damage) => {
                     tracing::warn!(
@@ -463,14 +536,17 @@ impl ChunkStore {
     }
 
     /// Reads the copy `meta` points at and checks that the record header in front of it names
-    /// the same id, lengths and codec, and that it decodes to the plaintext its id names
-    /// ([`decode_verified`]). The inner error says what is wrong with the copy; the outer one
-    /// is a failure of the node (a resource short for now), which says nothing about it.
-    fn read_verified(
+    /// the same id, lengths and codec; then that the encoded bytes have the checksum the
+    /// index kept ([`Check::Stored`]) or decode to the plaintext the id names
+    /// ([`decode_verified`], [`Check::Full`], and entries without a checksum). The inner
+    /// error says what is wrong with the copy; the outer one is a failure of the node (a
+    /// resource short for now), which says nothing about it.
+    fn read_checked(
         &self,
         id: &ChunkId,
         meta: &ChunkMeta,
         max_plain_len: u32,
+        check: Check,
     ) -> Result<Result<StoredChunk, Damage>, StoreError> {
         let len = meta.location.len;
         if len as usize > zstd::zstd_safe::compress_bound(max_plain_len as usize) {
@@ -494,20 +570,33 @@ impl ChunkStore {
             }
             Some(_) => {}
         }
-        let chunk = pb::Chunk {
-            id: id.as_bytes().to_vec(),
-            plain_len: meta.plain_len,
-            codec: meta.codec,
-            data: record.slice(HEADER_LEN..),
-            ..Default::default()
-        };
-        if let Err(e) = decode_verified(&chunk, max_plain_len) {
-            return Ok(Err(Damage::Content(e)));
+        let data = record.slice(HEADER_LEN..);
+        let sum = stored_sum(&data);
+        if let Some(expected) = meta.sum {
+            if sum != expected {
+                return Ok(Err(Damage::Checksum {
+                    found: sum,
+                    expected,
+                }));
+            }
+        }
+        if check == Check::Full || meta.sum.is_none() {
+            let chunk = pb::Chunk {
+                id: id.as_bytes().to_vec(),
+                plain_len: meta.plain_len,
+                codec: meta.codec,
+                data: data.clone(),
+                ..Default::default()
+            };
+            if let Err(e) = decode_verified(&chunk, max_plain_len) {
+                return Ok(Err(Damage::Content(e)));
+            }
         }
         Ok(Ok(StoredChunk {
-            plain_len: chunk.plain_len,
-            codec: chunk.codec,
-            data: chunk.data,
+            plain_len: meta.plain_len,
+            codec: meta.codec,
+            data,
+            sum,
         }))
     }
 
@@ -665,23 +754,23 @@ mod tests {
     const MAX: u32 = 1 << 20;
 
     fn chunk(plain: &[u8]) -> VerifiedChunk {
-        VerifiedChunk {
-            id: ChunkId::of(plain),
-            plain_len: plain.len() as u32,
-            codec: 0,
-            data: Bytes::copy_from_slice(plain),
-        }
+        VerifiedChunk::new(
+            ChunkId::of(plain),
+            plain.len() as u32,
+            0,
+            Bytes::copy_from_slice(plain),
+        )
     }
 
     fn zstd_chunk(plain: &[u8]) -> VerifiedChunk {
         let (codec, data) = hashgrid_proto::codec::encode(&Bytes::copy_from_slice(plain), 3);
         assert_eq!(codec, hashgrid_proto::codec::Codec::Zstd);
-        VerifiedChunk {
-            id: ChunkId::of(plain),
-            plain_len: plain.len() as u32,
-            codec: pb::Codec::Zstd as i32,
+        VerifiedChunk::new(
+            ChunkId::of(plain),
+            plain.len() as u32,
+            pb::Codec::Zstd as i32,
             data,
-        }
+        )
     }
 
     fn found(read: &ChunkRead) -> &[u8] {
@@ -720,7 +809,7 @@ mod tests {
         let out = store.put(vec![a.clone(), z.clone()]).unwrap();
         assert_eq!((out.stored, out.existing), (2, 0));
         assert_eq!(store.has(&[a.id, b.id]).unwrap(), vec![true, false]);
-        let got = store.get(&[a.id, b.id, z.id], MAX).unwrap();
+        let got = store.get(&[a.id, b.id, z.id], MAX, Check::Stored).unwrap();
         assert_eq!(found(&got[0]), b"alpha");
         assert!(matches!(got[1], ChunkRead::Missing));
         assert_eq!(found(&got[2]), &z.data[..]);
@@ -736,7 +825,10 @@ mod tests {
         evil.data = Bytes::from_static(b"other");
         let out = store.put(vec![evil]).unwrap();
         assert_eq!((out.stored, out.existing), (0, 1));
-        assert_eq!(found(&store.get(&[a.id], MAX).unwrap()[0]), b"alpha");
+        assert_eq!(
+            found(&store.get(&[a.id], MAX, Check::Stored).unwrap()[0]),
+            b"alpha"
+        );
         assert_eq!(store.counters().chunks, 1);
     }
 
@@ -921,13 +1013,13 @@ mod tests {
             // `has` reads metadata only.
             assert_eq!(store.has(&[a.id]).unwrap(), vec![true]);
             // Asked for twice in one read: dropped and counted once.
-            let got = store.get(&[a.id, b.id, a.id], MAX).unwrap();
+            let got = store.get(&[a.id, b.id, a.id], MAX, Check::Stored).unwrap();
             assert!(matches!(got[0], ChunkRead::Damaged), "{:?}", got[0]);
             assert_eq!(found(&got[1]), b"bravo");
             assert!(matches!(got[2], ChunkRead::Damaged));
             assert_eq!(store.has(&[a.id, b.id]).unwrap(), vec![false, true]);
             assert!(matches!(
-                store.get(&[a.id], MAX).unwrap()[0],
+                store.get(&[a.id], MAX, Check::Stored).unwrap()[0],
                 ChunkRead::Missing
             ));
         }
@@ -947,8 +1039,110 @@ mod tests {
         // The next upload of the chunk stores a fresh copy, which reads back whole.
         let out = store.put(vec![a.clone()]).unwrap();
         assert_eq!((out.stored, out.existing), (1, 0));
-        assert_eq!(found(&store.get(&[a.id], MAX).unwrap()[0]), &a.data[..]);
+        assert_eq!(
+            found(&store.get(&[a.id], MAX, Check::Stored).unwrap()[0]),
+            &a.data[..]
+        );
         assert_eq!(store.counters().chunks, 2);
+    }
+
+    #[test]
+    fn both_checks_find_a_flipped_byte_but_only_a_full_check_finds_a_copy_stored_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), 8 << 20).unwrap();
+        let (a, b) = (zstd_chunk(&b"alpha ".repeat(900)), chunk(b"bravo"));
+        // A copy whose bytes do not decode to its id but whose checksum is of those bytes:
+        // what a fault before the checksum was taken would leave (it cannot come through
+        // `verify_batch`).
+        let mut wrong = chunk(b"charlie");
+        wrong.data = Bytes::from_static(b"CHARLIE");
+        wrong.sum = stored_sum(&wrong.data);
+        store
+            .put(vec![a.clone(), b.clone(), wrong.clone()])
+            .unwrap();
+        for check in [Check::Stored, Check::Full] {
+            let got = store.get(&[a.id, b.id], MAX, check).unwrap();
+            assert_eq!(found(&got[0]), &a.data[..], "{check:?}");
+            assert_eq!(found(&got[1]), b"bravo");
+            if let ChunkRead::Found(c) = &got[0] {
+                assert_eq!(c.sum, a.sum);
+            }
+        }
+        assert_eq!(
+            found(&store.get(&[wrong.id], MAX, Check::Stored).unwrap()[0]),
+            b"CHARLIE",
+            "the stored check takes the bytes for the ones verified"
+        );
+        assert!(matches!(
+            store.get(&[wrong.id], MAX, Check::Full).unwrap()[0],
+            ChunkRead::Damaged
+        ));
+        flip(dir.path(), location(&store, &a.id), 7);
+        flip(dir.path(), location(&store, &b.id), 1);
+        let got = store.get(&[a.id], MAX, Check::Stored).unwrap();
+        assert!(matches!(got[0], ChunkRead::Damaged), "{:?}", got[0]);
+        let got = store.get(&[b.id], MAX, Check::Full).unwrap();
+        assert!(matches!(got[0], ChunkRead::Damaged), "{:?}", got[0]);
+        assert_eq!(store.counters().damaged, 3);
+        assert_eq!(store.counters().chunks, 0);
+    }
+
+    #[test]
+    fn entries_written_before_checksums_are_read_and_decoded_on_every_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), 8 << 20).unwrap();
+        let (a, b) = (zstd_chunk(&b"alpha ".repeat(900)), chunk(b"bravo"));
+        store.put(vec![a.clone(), b.clone()]).unwrap();
+        // Rewrite both entries as the first version wrote them: 30 bytes, no checksum.
+        for c in [&a, &b] {
+            let meta = ChunkMeta {
+                sum: None,
+                ..metas(&store.db, &[c.id]).unwrap()[0].unwrap()
+            };
+            let old = meta.encode();
+            assert_eq!((old.len(), old[0]), (META_V1_LEN, META_V1));
+            store
+                .db
+                .put_cf(store.cf(CF_META), c.id.as_bytes(), &old)
+                .unwrap();
+        }
+        let got = store.get(&[a.id, b.id], MAX, Check::Stored).unwrap();
+        assert_eq!(found(&got[0]), &a.data[..]);
+        assert_eq!(found(&got[1]), b"bravo");
+        if let ChunkRead::Found(c) = &got[1] {
+            assert_eq!(c.sum, b.sum, "the checksum is taken on the way");
+        }
+        // A damaged old copy is found by decoding it, whichever check was asked for.
+        flip(dir.path(), location(&store, &a.id), 7);
+        let got = store.get(&[a.id], MAX, Check::Stored).unwrap();
+        assert!(matches!(got[0], ChunkRead::Damaged), "{:?}", got[0]);
+        // Refreshing `last_seen` keeps an old entry's shape.
+        let meta = metas(&store.db, &[b.id]).unwrap()[0].unwrap();
+        assert_eq!(meta.sum, None);
+        let refreshed = ChunkMeta {
+            last_seen: 1,
+            ..meta
+        };
+        assert_eq!(
+            ChunkMeta::decode(&b.id, &refreshed.encode()).unwrap(),
+            refreshed
+        );
+        let new = ChunkMeta {
+            sum: Some(7),
+            ..refreshed
+        };
+        assert_eq!(new.encode().len(), META_V2_LEN);
+        assert_eq!(ChunkMeta::decode(&b.id, &new.encode()).unwrap(), new);
+        for bad in [
+            &new.encode()[..30],
+            &refreshed.encode()[..29],
+            &[3u8; 38][..],
+        ] {
+            assert!(matches!(
+                ChunkMeta::decode(&b.id, bad),
+                Err(StoreError::CorruptMeta { .. })
+            ));
+        }
     }
 
     #[test]
@@ -963,7 +1157,7 @@ mod tests {
             flip(dir.path(), location(&store, &c.id), at);
         }
         let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
-        let got = store.get(&ids, MAX).unwrap();
+        let got = store.get(&ids, MAX, Check::Stored).unwrap();
         assert!(
             got.iter().all(|r| matches!(r, ChunkRead::Damaged)),
             "{got:?}"
@@ -987,7 +1181,7 @@ mod tests {
             .set_len(loc.offset + 2)
             .unwrap();
         assert!(matches!(
-            store.get(&[a.id], MAX).unwrap()[0],
+            store.get(&[a.id], MAX, Check::Stored).unwrap()[0],
             ChunkRead::Damaged
         ));
         drop(store);
@@ -997,7 +1191,7 @@ mod tests {
         store.put(vec![a.clone()]).unwrap();
         std::fs::remove_file(pack_path(&dir.path().join("packs"), 1)).unwrap();
         assert!(matches!(
-            store.get(&[a.id], MAX).unwrap()[0],
+            store.get(&[a.id], MAX, Check::Stored).unwrap()[0],
             ChunkRead::Damaged
         ));
         assert_eq!(store.has(&[a.id]).unwrap(), vec![false]);
@@ -1025,7 +1219,9 @@ mod tests {
             );
         }
         let store = ChunkStore::open(dir.path(), 8 << 20).unwrap();
-        let got = store.get(&[one.id, two.id, three.id], MAX).unwrap();
+        let got = store
+            .get(&[one.id, two.id, three.id], MAX, Check::Stored)
+            .unwrap();
         assert_eq!(found(&got[0]), b"one");
         assert!(matches!(got[1], ChunkRead::Missing));
         assert_eq!(found(&got[2]), b"three");

@@ -24,7 +24,7 @@ use hashgrid_proto::manifest::{
 use hashgrid_proto::{pb, ChunkId, DecodeError};
 use thiserror::Error;
 
-use crate::chunk_store::{ChunkRead, ChunkStore};
+use crate::chunk_store::{Check, ChunkRead, ChunkStore};
 use crate::error::NodeError;
 
 /// Directories nested deeper than this make a snapshot invalid (restore handles thousands;
@@ -51,8 +51,8 @@ pub trait ChunkSource {
     fn read(&self, ids: &[ChunkId]) -> Result<Vec<Option<Bytes>>, NodeError>;
 }
 
-/// The node's own chunk store as a [`ChunkSource`]: presence from the index, reads verified
-/// (so a bad copy met on the way leaves the index).
+/// The node's own chunk store as a [`ChunkSource`]: presence from the index, reads checked
+/// and decoded against their ids (so a bad copy met on the way leaves the index).
 pub struct LocalChunks<'a> {
     pub store: &'a ChunkStore,
     /// The cluster's largest chunk.
@@ -66,7 +66,7 @@ impl ChunkSource for LocalChunks<'_> {
 
     fn read(&self, ids: &[ChunkId]) -> Result<Vec<Option<Bytes>>, NodeError> {
         self.store
-            .get(ids, self.max_plain_len)?
+            .get(ids, self.max_plain_len, Check::Stored)?
             .into_iter()
             .zip(ids)
             .map(|(read, id)| match read {
@@ -78,7 +78,20 @@ impl ChunkSource for LocalChunks<'_> {
                         data: c.data,
                         ..Default::default()
                     };
-                    Ok(Some(decode_verified(&chunk, self.max_plain_len)?.1))
+                    match decode_verified(&chunk, self.max_plain_len) {
+                        Ok((_, plain)) => Ok(Some(plain)),
+                        // The bytes are the stored ones but do not decode to the id: a
+                        // copy stored wrong. Read it again with the full check, which
+                        // drops it from the index.
+                        Err(_) => {
+                            match self.store.get(&[*id], self.max_plain_len, Check::Full)?[..] {
+                                [ChunkRead::Found(_)] => Err(NodeError::Internal(format!(
+                                    "chunk {id} decoded once and not once"
+                                ))),
+                                _ => Ok(None),
+                            }
+                        }
+                    }
                 }
                 ChunkRead::Missing | ChunkRead::Damaged => Ok(None),
             })

@@ -21,7 +21,7 @@ use hashgrid_proto::ChunkId;
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use crate::chunk_store::{ChunkRead, ChunkStore, PutOutcome, VerifiedChunk};
+use crate::chunk_store::{Check, ChunkRead, ChunkStore, PutOutcome, VerifiedChunk};
 use crate::context::NodeContext;
 use crate::error::NodeError;
 use crate::metrics as m;
@@ -60,12 +60,7 @@ pub fn verify_batch(chunks: Vec<pb::Chunk>, max_len: u32) -> Result<Vec<Verified
             if is_zero(&plain) {
                 return Err(ChunkError::AllZero { id });
             }
-            Ok(VerifiedChunk {
-                id,
-                plain_len: c.plain_len,
-                codec: c.codec,
-                data: c.data,
-            })
+            Ok(VerifiedChunk::new(id, c.plain_len, c.codec, c.data))
         })
         .collect::<Result<Vec<_>, ChunkError>>()
         .map_err(|e| {
@@ -148,12 +143,14 @@ pub fn publish_store_gauges(store: &ChunkStore) {
     metrics::gauge!(m::STORE_RECLAIMABLE).set(counters.reclaimable_bytes as f64);
 }
 
-/// Reads `ids` from the local store, verifying each copy; a copy that fails leaves the
-/// index and comes back as [`ChunkRead::Damaged`].
+/// Reads `ids` from the local store, checking that each copy's bytes are the ones verified
+/// when it was stored ([`Check::Stored`]: whoever receives them, an agent or another owner,
+/// decodes and hashes them anyway); a copy that fails leaves the index and comes back as
+/// [`ChunkRead::Damaged`].
 pub async fn read(ctx: &NodeContext, ids: Vec<ChunkId>) -> Result<Vec<ChunkRead>, NodeError> {
     let max_len = ctx.chunker()?.max_size;
     let store = ctx.store.clone();
-    let reads = blocking(move || Ok(store.get(&ids, max_len)?)).await?;
+    let reads = blocking(move || Ok(store.get(&ids, max_len, Check::Stored)?)).await?;
     let count = |what: fn(&ChunkRead) -> bool| reads.iter().filter(|r| what(r)).count() as u64;
     let missing = count(|r| matches!(r, ChunkRead::Missing));
     let damaged = count(|r| matches!(r, ChunkRead::Damaged));

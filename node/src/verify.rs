@@ -24,7 +24,7 @@ use tokio::sync::mpsc::Sender;
 use tonic::Status;
 
 use crate::catalog::{Command, CommandResult};
-use crate::chunk_store::ChunkRead;
+use crate::chunk_store::{Check, ChunkRead};
 use crate::context::NodeContext;
 use crate::coordinator::source::ClusterChunks;
 use crate::coordinator::Route;
@@ -195,7 +195,10 @@ fn scan<S: ChunkSource>(
         let page = store.ids_after(after.as_ref(), SCAN_PAGE)?;
         let Some(last) = page.last() else { break };
         after = Some(*last);
-        for (id, read) in page.iter().zip(store.get(&page, max_plain_len)?) {
+        for (id, read) in page
+            .iter()
+            .zip(store.get(&page, max_plain_len, Check::Full)?)
+        {
             if matches!(read, ChunkRead::Damaged) {
                 p.bad_chunks += 1;
                 if bad.len() < MISSING_EXAMPLES {

@@ -211,6 +211,7 @@ impl Writer {
                     plain_len: chunk.plain_len,
                     codec: chunk.codec,
                     last_seen: now,
+                    sum: Some(chunk.sum),
                 };
                 batch.put_cf(cf(db, CF_META), chunk.id.as_bytes(), meta.encode());
                 next.chunks += 1;
