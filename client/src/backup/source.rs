@@ -278,12 +278,23 @@ pub fn list_dir(
     })
 }
 
+/// Bytes of directory entries read per `getdents64` call: most directories in one call.
+const DIRENT_BUF: usize = 32 * 1024;
+
+/// The names in directory `fd`, read through `fd` itself (from its start). `Dir::read_from`
+/// would reopen the directory (`openat(fd, ".")`, `fcntl`, `close`) and grow its buffer from
+/// 768 bytes: three system calls more per directory, and a fourth for most (on the
+/// benchmark's 69,000-file tree, 5,500 of an unchanged backup's 107,000 calls).
 fn read_names(fd: &OwnedFd) -> Result<Vec<Vec<u8>>, Fault> {
+    rustix::fs::seek(fd, rustix::fs::SeekFrom::Start(0))?;
+    let mut buf = Vec::with_capacity(DIRENT_BUF);
     let mut names = Vec::new();
-    for item in rustix::fs::Dir::read_from(fd)? {
-        let name = item?.file_name().to_bytes().to_vec();
+    let mut entries = rustix::fs::RawDir::new(fd, buf.spare_capacity_mut());
+    while let Some(item) = entries.next() {
+        let item = item?;
+        let name = item.file_name().to_bytes();
         if name != b"." && name != b".." {
-            names.push(name);
+            names.push(name.to_vec());
         }
     }
     Ok(names)
