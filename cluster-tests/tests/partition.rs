@@ -333,8 +333,8 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Waits until `cluster status` through node `via` shows nothing under-replicated or
-/// moving, every member's workers idle after a pass, and each member's chunk count stable
+/// Waits until `cluster status` through node `via` shows nothing under-replicated, awaiting
+/// hand-off or moving, every member's workers idle after a pass, and each member's chunk count stable
 /// with a total that is a multiple of `r`; returns that total over `r`.
 fn settled(cluster: &Cluster, via: usize, r: u64) -> u64 {
     let deadline = Instant::now() + SETTLE;
@@ -355,6 +355,7 @@ fn settled(cluster: &Cluster, via: usize, r: u64) -> u64 {
         });
         let total: u64 = counts.iter().sum();
         if s["under_replicated"] == 0
+            && s["hand_off_pending"] == 0
             && s["moving"] == 0
             && idle
             && last.as_ref() == Some(&counts)

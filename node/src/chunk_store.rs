@@ -635,6 +635,12 @@ impl ChunkStore {
         (d.count, d.hash())
     }
 
+    /// How many ids the store holds in partition `partition` of `bits` bits, from the same
+    /// table (no index read).
+    pub fn partition_count(&self, bits: u8, partition: u32) -> u64 {
+        self.digests.partition(bits, partition).count
+    }
+
     /// Up to `limit` ids in `[start, end)` after `after` (from `start` when `None`), in id
     /// order, and whether the range has no more.
     pub fn ids_in_range(

@@ -122,6 +122,7 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<()> {
     let answered = || stats.iter().flatten();
     let under_replicated: u64 = answered().map(|x| x.under_replicated).sum();
     let reclaimable: u64 = answered().map(|x| x.reclaimable_bytes).sum();
+    let hand_off_pending: u64 = answered().map(|x| x.hand_off_pending).sum();
     let moving = answered().map(|x| x.moving).max().unwrap_or(0);
     if global.json {
         let members: Vec<_> = map
@@ -152,6 +153,7 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<()> {
                     "stored_bytes": st.as_ref().map(|x| x.stored_bytes),
                     "reclaimable_bytes": st.as_ref().map(|x| x.reclaimable_bytes),
                     "under_replicated": st.as_ref().map(|x| x.under_replicated),
+                    "hand_off_pending": st.as_ref().map(|x| x.hand_off_pending),
                     "workers": workers,
                 })
             })
@@ -164,6 +166,7 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<()> {
             "write_quorum": map.write_quorum,
             "moving": moving,
             "under_replicated": under_replicated,
+            "hand_off_pending": hand_off_pending,
             "reclaimable_bytes": reclaimable,
             "members": members,
         }));
@@ -179,7 +182,7 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<()> {
         );
         outln!(
             "partitions moving {moving}, chunk copies under-replicated {under_replicated}, \
-             reclaimable {}",
+             chunks awaiting hand-off {hand_off_pending}, reclaimable {}",
             HumanBytes(reclaimable)
         );
     }

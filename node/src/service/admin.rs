@@ -111,10 +111,11 @@ impl Admin for AdminService {
         principal(&req)?;
         let counters = self.ctx.store.counters();
         // Before the catalog lock: placement() takes it too.
-        let moving = self
-            .ctx
-            .placement()
-            .map_or(0, |p| p.moving().count() as u64);
+        let placement = self.ctx.placement().ok();
+        let moving = placement.as_ref().map_or(0, |p| p.moving().count() as u64);
+        let hand_off_pending = placement.as_ref().map_or(0, |p| {
+            crate::anti_entropy::hand_off_pending(&self.ctx.store, p.current(), self.ctx.node_id)
+        });
         let catalog = self.ctx.catalog.read().unwrap_or_else(|p| p.into_inner());
         let mut clients: BTreeMap<&str, ClientStats> = BTreeMap::new();
         let mut logical = 0u64;
@@ -141,6 +142,7 @@ impl Admin for AdminService {
             under_replicated: self.ctx.workers.under_replicated(),
             moving,
             workers: self.ctx.workers.all().iter().map(|w| w.to_pb()).collect(),
+            hand_off_pending,
         }))
     }
 }
