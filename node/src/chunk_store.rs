@@ -1,9 +1,10 @@
 //! The node's chunk store: chunk metadata in RocksDB, chunk bytes in pack files.
 //!
 //! - `chunk_meta` (RocksDB column family): id -> where the bytes are (pack, offset, length),
-//!   plaintext length, codec, last_seen, a checksum of the encoded bytes. Small values with bloom filters (on the table files
-//!   and on the memtable) and a block cache, so `has` answers absent ids without a disk seek
-//!   or a skip-list search and never touches chunk bytes.
+//!   plaintext length, codec, last_seen, a checksum of the encoded bytes. Small values with
+//!   bloom filters (on the table files and on the memtable) and a block cache, so `has`
+//!   answers absent ids without a disk seek or a skip-list search and never touches chunk
+//!   bytes.
 //! - `packs/` ([`crate::pack`]): append-only files of chunk records, written once.
 //! - `store_meta`: counters (chunks, bytes, damaged copies) and the id set's digests per id
 //!   prefix ([`digests`], what anti-entropy compares), updated in the same write batch as the
@@ -14,8 +15,9 @@
 //! refreshes `last_seen`); presence means a verified copy: a chunk is decoded and checked
 //! against its id before it is stored, and every read checks the record header and that the
 //! bytes are the ones verified (a checksum taken then, see [`Check`]; `verify` decodes and
-//! hashes every copy again), and a copy that fails leaves the index (so `has` answers absent and the next insert stores a fresh copy). Otherwise chunks
-//! leave only by GC (a later issue), which relies on `last_seen` as PBS relies on atime.
+//! hashes every copy again), and a copy that fails leaves the index (so `has` answers absent
+//! and the next insert stores a fresh copy). Otherwise chunks leave only by GC (a later
+//! issue), which relies on `last_seen` as PBS relies on atime.
 
 use std::path::Path;
 use std::sync::mpsc::{sync_channel, SyncSender};
