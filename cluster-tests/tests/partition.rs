@@ -334,8 +334,8 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Waits until `cluster status` through node `via` shows nothing under-replicated, awaiting
-/// hand-off or moving, every member's workers idle after a pass, and each member's chunk count stable
-/// with a total that is a multiple of `r`; returns that total over `r`.
+/// hand-off or moving, every member's workers idle after a pass, and each member's chunk
+/// count stable with a total that is a multiple of `r`; returns that total over `r`.
 fn settled(cluster: &Cluster, via: usize, r: u64) -> u64 {
     let deadline = Instant::now() + SETTLE;
     let mut last: Option<Vec<u64>> = None;

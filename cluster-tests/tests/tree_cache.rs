@@ -25,11 +25,11 @@ async fn same_as_source(conn: &Connection, s: &BackupSummary, src: &Path, target
     assert_same_tree(src, &restored(target, src));
 }
 
-/// The one cache file under `cache`.
 /// Where a tree cache file names its snapshot's first root id: after the magic (8 bytes)
 /// and the number of root pieces (4).
 const HEADER_ROOT: usize = 12;
 
+/// The one cache file under `cache`.
 fn cache_file(cache: &Path) -> PathBuf {
     let files: Vec<PathBuf> = std::fs::read_dir(cache.join("trees"))
         .expect("cache dir")

@@ -596,3 +596,59 @@ pub fn is_removed(route: &Route, node: NodeId) -> bool {
         .member_state(node)
         .is_none_or(|s| s == MemberState::Removed)
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use hashgrid_proto::placement::{ClusterMap, Member};
+
+    use super::*;
+    use crate::chunk_store::VerifiedChunk;
+
+    /// Five active members, R = 3: each owns about 3/5 of the partitions.
+    fn placement() -> Placement {
+        Placement::new(&ClusterMap {
+            epoch: 2,
+            partition_bits: 12,
+            replication: 3,
+            write_quorum: 2,
+            members: (1..=5)
+                .map(|id| Member {
+                    id,
+                    addr: format!("10.0.0.{id}:7420"),
+                    zone: String::new(),
+                    weight: 1,
+                    state: MemberState::Active,
+                })
+                .collect(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn hand_off_pending_counts_the_chunks_of_partitions_the_node_does_not_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), 8 << 20).unwrap();
+        let p = placement();
+        assert_eq!(hand_off_pending(&store, &p, 1), 0, "an empty store");
+        let chunks: Vec<VerifiedChunk> = (0..300u32)
+            .map(|i| {
+                let plain = Bytes::from(format!("chunk {i}").into_bytes());
+                VerifiedChunk::new(ChunkId::of(&plain), plain.len() as u32, 0, plain)
+            })
+            .collect();
+        store.put(chunks.clone()).unwrap();
+        let foreign: Vec<ChunkId> = chunks
+            .iter()
+            .map(|c| c.id)
+            .filter(|id| !p.owners_of(id).contains(&1))
+            .collect();
+        assert!(!foreign.is_empty() && foreign.len() < chunks.len());
+        assert_eq!(hand_off_pending(&store, &p, 1), foreign.len() as u64);
+        // A member owning none of them (not in the map) would hand off all of them.
+        assert_eq!(hand_off_pending(&store, &p, 99), chunks.len() as u64);
+        // Once handed off (released from the index), nothing is pending.
+        store.release(&foreign).unwrap();
+        assert_eq!(hand_off_pending(&store, &p, 1), 0);
+    }
+}
