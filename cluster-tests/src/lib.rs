@@ -67,6 +67,8 @@ pub struct NodeOpts {
     pub advertise: Option<SocketAddr>,
     /// The local address its calls to other nodes leave from (`--dial-from`).
     pub dial_from: Option<IpAddr>,
+    /// Where it serves Prometheus metrics (`--metrics-listen`); off when `None`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl NodeOpts {
@@ -75,7 +77,8 @@ impl NodeOpts {
             "--listen".into(),
             listen.into(),
             "--metrics-listen".into(),
-            "off".into(),
+            self.metrics_listen
+                .map_or_else(|| "off".into(), |a| a.to_string()),
         ];
         for seed in &self.join {
             a.extend(["--join".into(), seed.clone()]);
@@ -194,6 +197,17 @@ impl Node {
 
     pub fn pid(&self) -> i32 {
         self.process.pid().expect("running")
+    }
+
+    /// The sum of every series of the Prometheus metric `name` the node serves (all label
+    /// sets), `None` when it serves none. Needs [`NodeOpts::metrics_listen`].
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let addr = self
+            .opts
+            .metrics_listen
+            .expect("a node with a metrics listener");
+        let text = scrape(addr).unwrap_or_else(|e| panic!("scrape {addr}: {e}"));
+        metric_sum(&text, name)
     }
 
     pub fn is_running(&self) -> bool {
@@ -546,5 +560,61 @@ impl Node {
             peak_rss,
             peak_fds,
         }
+    }
+}
+
+/// The body of `GET /metrics` from a Prometheus listener.
+fn scrape(addr: SocketAddr) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    match response.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.") && head.contains(" 200 ") => {
+            Ok(body.to_string())
+        }
+        _ => Err(std::io::Error::other(format!(
+            "not a metrics page: {:.200}",
+            response
+        ))),
+    }
+}
+
+/// The sum of the samples of metric `name` in a Prometheus text page.
+fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let samples: Vec<f64> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = if rest.starts_with('{') {
+                rest.rsplit_once('}')?.1
+            } else if rest.starts_with(' ') {
+                rest
+            } else {
+                return None; // another metric whose name starts with this one
+            };
+            value.split_whitespace().next()?.parse().ok()
+        })
+        .collect();
+    (!samples.is_empty()).then(|| samples.iter().sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metric_sum;
+
+    #[test]
+    fn a_metric_is_summed_over_its_label_sets_and_not_confused_with_a_longer_name() {
+        let page = "# HELP x_total y\n# TYPE x_total counter\nx_total{a=\"1\"} 2\n\
+                    x_total{a=\"}\"} 3.5\nx_total_more 100\nx 7\n";
+        assert_eq!(metric_sum(page, "x_total"), Some(5.5));
+        assert_eq!(metric_sum(page, "x"), Some(7.0));
+        assert_eq!(metric_sum(page, "y"), None);
     }
 }

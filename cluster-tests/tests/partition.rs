@@ -44,13 +44,16 @@ fn peer_timeout() -> Duration {
 }
 
 /// How long one lookup may take behind a silent cut. A lookup asks a partition's owners
-/// (the current ones, then those of older maps: up to all 5 nodes) in waves, W and then one
-/// more at a time, and a hung owner costs a whole peer timeout per wave: up to 5 - W + 1
-/// waves. This, not the 5 s, is what the code guarantees today (measured: 3-9 s
-/// at a 3 s peer timeout); asking the next owners before a hung one times out would bring
-/// it down to one peer timeout.
+/// (the current ones, then those of older maps: up to all 5 nodes) W at first, and one more
+/// whenever none has answered for a quarter of the peer timeout (`PeerPool::hedge_after`),
+/// so the owners cost at most the hedges and one peer timeout; then, when owners failed, it
+/// asks the partition's fallbacks, which costs one more peer timeout when one of them is
+/// behind the cut (measured: 6.0-6.8 s at a 3 s peer timeout; before the hedge, each wave
+/// that met a hung owner cost a whole timeout: up to 4 of them). Asking the fallbacks
+/// beside the owners would bring it down to about one peer timeout.
 fn silent_lookup_bound() -> Duration {
-    (5 - W as u32 + 1) * peer_timeout()
+    let hedge = peer_timeout() / 4;
+    2 * peer_timeout() + (5 - W as u32) * hedge
 }
 
 /// How long the minority may take to refuse a commit (its first lookup fails it), and the
@@ -262,6 +265,30 @@ fn split_two_three(fault: Fault) {
             net.severed()
         );
 
+        // What an operator sees during the cut: the majority's coordinator lost contact
+        // with the minority (its repair worker is due, and says with whom), and copies wait
+        // on fallbacks for hand-off, in `cluster status` and in Prometheus.
+        let s = cluster.cli_json(MAJORITY[0], &["cluster", "status"]);
+        let repair = repair_worker(&s, ids[MAJORITY[0]]);
+        let minority_addrs: Vec<String> = MINORITY
+            .iter()
+            .map(|&i| cluster.nodes[i].addr.clone())
+            .collect();
+        let waiting: Vec<String> = repair["waiting_for"]
+            .as_array()
+            .expect("waiting_for")
+            .iter()
+            .map(|a| a.as_str().expect("an address").to_string())
+            .collect();
+        assert_eq!(repair["state"], "due", "{repair:#}");
+        assert!(
+            !waiting.is_empty() && waiting.iter().all(|a| minority_addrs.contains(a)),
+            "the coordinator waits for the minority's members {minority_addrs:?}: {repair:#}"
+        );
+        assert!(s["hand_off_pending"].as_u64() > Some(0), "{s:#}");
+        wait_metric(&cluster, &MAJORITY, HAND_OFF_GAUGE, |v| v > 0.0);
+        wait_metric(&cluster, &[MAJORITY[0]], OUT_OF_CONTACT_GAUGE, |v| v > 0.0);
+
         net.heal();
         let healed = Instant::now();
         let deadline = healed + SETTLE;
@@ -303,6 +330,10 @@ fn split_two_three(fault: Fault) {
         "handed off {:?} later: {chunks} chunks, each on 3 members",
         handing.elapsed()
     );
+    wait_metric(&cluster, &[0, 1, 2, 3, 4], HAND_OFF_GAUGE, |v| v == 0.0);
+    wait_metric(&cluster, &[0, 1, 2, 3, 4], OUT_OF_CONTACT_GAUGE, |v| {
+        v == 0.0
+    });
 
     // Two of the majority's nodes killed: every chunk written during the cut has a copy on
     // its owners in the minority, not only on the majority's fallbacks.
@@ -317,6 +348,45 @@ fn split_two_three(fault: Fault) {
         let present = has_chunks(&minority, &[stranded_id]).await.expect("lookup");
         assert_eq!(present, [true], "the stranded chunk reached its owners");
     });
+}
+
+const HAND_OFF_GAUGE: &str = "hashgrid_hand_off_pending_chunks";
+const OUT_OF_CONTACT_GAUGE: &str = "hashgrid_peers_out_of_contact";
+
+/// Waits until the Prometheus gauge `name`, summed over the nodes in `which`, satisfies
+/// `wanted` (gauges are refreshed every 0.5 s, the out-of-contact one every 2 s).
+fn wait_metric(cluster: &Cluster, which: &[usize], name: &str, wanted: impl Fn(f64) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let sum: f64 = which
+            .iter()
+            .map(|&i| cluster.nodes[i].metric(name).unwrap_or(0.0))
+            .sum();
+        if wanted(sum) {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("{name} over nodes {which:?} is still {sum}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Member `id`'s repair worker in a `cluster status --json`.
+fn repair_worker(s: &serde_json::Value, id: NodeId) -> serde_json::Value {
+    let member = s["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .find(|m| m["id"].as_u64() == Some(id))
+        .unwrap_or_else(|| panic!("member {id} listed: {s:#}"));
+    member["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .find(|w| w["name"] == "repair")
+        .expect("a repair worker")
+        .clone()
 }
 
 /// Every file under `dir`.
@@ -334,8 +404,10 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Waits until `cluster status` through node `via` shows nothing under-replicated, awaiting
-/// hand-off or moving, every member's workers idle after a pass, and each member's chunk
-/// count stable with a total that is a multiple of `r`; returns that total over `r`.
+/// hand-off or moving, every member's workers idle after a pass (a repair worker that lost
+/// contact with a member, or regained it and has not run its pass since, shows `due`), and
+/// each member's chunk count stable with a total that is a multiple of `r`; returns that
+/// total over `r`.
 fn settled(cluster: &Cluster, via: usize, r: u64) -> u64 {
     let deadline = Instant::now() + SETTLE;
     let mut last: Option<Vec<u64>> = None;

@@ -77,8 +77,9 @@ fn chunks_by_member(s: &Value) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Waits until the cluster is quiet: no partition moving, nothing under-replicated, every
-/// member that should answer answering with idle workers, and `cond` true of the status.
+/// Waits until the cluster is quiet: no partition moving, nothing under-replicated or
+/// awaiting hand-off, every member that should answer answering with idle workers, and
+/// `cond` true of the status.
 fn wait_quiet(
     cluster: &Cluster,
     via: usize,
@@ -90,6 +91,7 @@ fn wait_quiet(
         let s = status(cluster, via);
         let quiet = s["moving"] == 0
             && s["under_replicated"] == 0
+            && s["hand_off_pending"] == 0
             && members(&s).iter().all(|m| {
                 m["map_state"] == "removed"
                     || (m["state"] != "down"

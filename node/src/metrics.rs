@@ -20,6 +20,8 @@ pub const STORE_BYTES: &str = "hashgrid_store_stored_bytes";
 pub const STORE_DAMAGED: &str = "hashgrid_store_damaged_chunks_total";
 pub const STORE_RECLAIMABLE: &str = "hashgrid_store_reclaimable_bytes";
 pub const PARTITIONS_MOVING: &str = "hashgrid_cluster_partitions_moving";
+pub const PEERS_OUT_OF_CONTACT: &str = "hashgrid_peers_out_of_contact";
+pub const HAND_OFF_PENDING: &str = "hashgrid_hand_off_pending_chunks";
 pub const WORKER_UNDER_REPLICATED: &str = "hashgrid_worker_under_replicated_chunks";
 pub const WORKER_RUNNING: &str = "hashgrid_worker_running";
 pub const WORKER_COPIED: &str = "hashgrid_worker_copied_chunks_total";
@@ -66,6 +68,14 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
     describe_gauge!(
         PARTITIONS_MOVING,
         "Partitions whose owners are still changing after a map change"
+    );
+    describe_gauge!(
+        HAND_OFF_PENDING,
+        "Chunks held in partitions this node does not own (fallback copies, partitions moved away) until handed to their owners"
+    );
+    describe_gauge!(
+        PEERS_OUT_OF_CONTACT,
+        "Members a call lost contact with and that have not answered since (a repair pass runs when one does)"
     );
     describe_gauge!(
         WORKER_UNDER_REPLICATED,

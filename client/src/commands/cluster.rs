@@ -142,6 +142,7 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<()> {
                             "chunks_released": w.chunks_released, "ids_listed": w.ids_listed,
                             "under_replicated": w.under_replicated,
                             "last_error": w.last_error, "last_pass_unix": w.last_pass_unix,
+                            "waiting_for": w.waiting_for,
                         })
                     })
                     .collect();
@@ -203,6 +204,11 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<()> {
             .flat_map(|x| &x.workers)
             .map(|w| match w.state.as_str() {
                 "running" => format!("{} {}/{}", w.name, w.partitions_done, w.partitions_total),
+                "due" if !w.waiting_for.is_empty() => format!(
+                    "{} due (out of contact with {})",
+                    w.name,
+                    w.waiting_for.join(" ")
+                ),
                 state => format!("{} {state}", w.name),
             })
             .collect();

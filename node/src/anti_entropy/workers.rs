@@ -15,7 +15,7 @@
 //!   answers again, or another member that lost contact with it asks (`RepairSoon`): a
 //!   healed partition, a node back from a crash.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -155,7 +155,7 @@ impl Worker {
         }
     }
 
-    pub fn to_pb(&self) -> WorkerStatus {
+    fn to_pb(&self) -> WorkerStatus {
         let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
         WorkerStatus {
             name: self.name.into(),
@@ -170,6 +170,7 @@ impl Worker {
             last_error: s.last_error.clone(),
             last_pass_unix: s.last_pass_unix,
             under_replicated: s.under_replicated,
+            waiting_for: Vec::new(),
         }
     }
 
@@ -188,8 +189,14 @@ pub struct Workers {
     /// Set when this node stored a copy of a chunk it does not own (as a fallback): the
     /// rebalance worker runs a hand-off pass even though the map did not change.
     hand_off_due: AtomicBool,
-    /// Set by another member's `RepairSoon`: the repair worker runs a pass soon.
-    repair_due: AtomicBool,
+    /// Reasons for a repair pass so far (another member's `RepairSoon`, or a member this
+    /// node lost contact with answering again), counted: a pass that starts after the n-th
+    /// covers the first n.
+    repair_asked: AtomicU64,
+    /// The `repair_asked` count the repair loop has acted on (it stops waiting when behind).
+    repair_seen: AtomicU64,
+    /// The `repair_asked` count as of the start of the last repair pass that completed.
+    repair_covered: AtomicU64,
 }
 
 impl Default for Workers {
@@ -198,7 +205,9 @@ impl Default for Workers {
             rebalance: Worker::new("rebalance"),
             repair: Worker::new("repair"),
             hand_off_due: AtomicBool::new(false),
-            repair_due: AtomicBool::new(false),
+            repair_asked: AtomicU64::new(0),
+            repair_seen: AtomicU64::new(0),
+            repair_covered: AtomicU64::new(0),
         }
     }
 }
@@ -214,14 +223,42 @@ impl Workers {
         self.hand_off_due.swap(false, Ordering::AcqRel)
     }
 
-    /// Asks for a repair pass soon (another member lost contact with this one).
+    /// Asks for a repair pass soon (another member lost contact with this one, or this
+    /// node regained contact with a member).
     pub fn repair_due(&self) {
-        self.repair_due.store(true, Ordering::Release);
+        self.repair_asked.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Whether a repair pass was asked for since the last call.
     fn take_repair_due(&self) -> bool {
-        self.repair_due.swap(false, Ordering::AcqRel)
+        let asked = self.repair_asked.load(Ordering::Acquire);
+        self.repair_seen.swap(asked, Ordering::AcqRel) != asked
+    }
+
+    /// Whether a repair pass was asked for that no completed pass has covered yet.
+    fn repair_pending(&self) -> bool {
+        self.repair_asked.load(Ordering::Acquire) > self.repair_covered.load(Ordering::Acquire)
+    }
+
+    /// Every worker's status. `out_of_contact` are the members this node lost contact with
+    /// ([`crate::peer::PeerPool::lost_contact`]): an idle repair worker shows `due` while
+    /// there are any, or while a pass was asked for and has not completed, because copies
+    /// written while they were apart are only pulled by that pass; until it ends, the
+    /// worker's under-replicated figure is from before the loss, and a status that read it
+    /// as settled would be wrong.
+    pub fn to_pb(&self, out_of_contact: Vec<String>) -> Vec<WorkerStatus> {
+        let mut all: Vec<WorkerStatus> = self.all().iter().map(|w| w.to_pb()).collect();
+        let repair = all
+            .iter_mut()
+            .find(|w| w.name == self.repair.name)
+            .expect("the repair worker is listed");
+        if repair.state != "off" {
+            if repair.state == "idle" && (self.repair_pending() || !out_of_contact.is_empty()) {
+                repair.state = "due".into();
+            }
+            repair.waiting_for = out_of_contact;
+        }
+        all
     }
 
     pub fn all(&self) -> [&Worker; 2] {
@@ -265,6 +302,8 @@ async fn run_rebalance(ctx: Arc<NodeContext>) {
         };
         let epoch = route.epoch();
         metrics::gauge!(m::PARTITIONS_MOVING).set(route.placement.moving().count() as f64);
+        let pending = super::hand_off_pending(&ctx.store, route.placement.current(), ctx.node_id);
+        metrics::gauge!(m::HAND_OFF_PENDING).set(pending as f64);
         let worker = &ctx.workers.rebalance;
         if !route.placement.older().is_empty() {
             let active = route.member_state(ctx.node_id) == Some(MemberState::Active);
@@ -422,11 +461,16 @@ async fn until_next_repair(ctx: &Arc<NodeContext>, every: Duration) {
                 })
                 .await;
             if probe.is_ok() {
+                // Asked before the member leaves the lost set, so that the status shows
+                // the pass as due without a gap.
+                ctx.workers.repair_due();
+                ctx.workers.take_repair_due();
                 ctx.peers.regained(&addr);
                 tracing::info!(%addr, "a member this node had lost contact with answers again");
                 regained = true;
             }
         }
+        metrics::gauge!(m::PEERS_OUT_OF_CONTACT).set(ctx.peers.lost_contact().len() as f64);
         if regained {
             return;
         }
@@ -435,6 +479,7 @@ async fn until_next_repair(ctx: &Arc<NodeContext>, every: Duration) {
 
 /// One pass over every partition this node owns, against its other current owners.
 async fn repair_pass(ctx: &Arc<NodeContext>) -> Result<(), NodeError> {
+    let asked = ctx.workers.repair_asked.load(Ordering::Acquire);
     let route = Route::new(ctx)?;
     let worker = &ctx.workers.repair;
     let current = route.placement.current();
@@ -465,6 +510,9 @@ async fn repair_pass(ctx: &Arc<NodeContext>) -> Result<(), NodeError> {
             "repair copied missing chunks"
         );
     }
+    ctx.workers
+        .repair_covered
+        .fetch_max(asked, Ordering::AcqRel);
     worker.finish(Ok(under), (report.copied, report.copied_bytes), 0);
     worker.note_errors(&report.errors);
     Ok(())
@@ -483,5 +531,45 @@ mod tests {
         assert_eq!(workers.under_replicated(), 5);
         workers.repair.finish(Ok(0), (0, 0), 0);
         assert_eq!(workers.under_replicated(), 3);
+    }
+
+    fn repair_state(workers: &Workers, out_of_contact: &[&str]) -> String {
+        let all = workers.to_pb(out_of_contact.iter().map(|a| a.to_string()).collect());
+        all.into_iter().find(|w| w.name == "repair").unwrap().state
+    }
+
+    #[test]
+    fn repair_is_due_while_a_member_is_out_of_contact_and_until_a_pass_after_it_answers() {
+        let workers = Workers::default();
+        assert_eq!(repair_state(&workers, &[]), "idle");
+        assert_eq!(repair_state(&workers, &["10.0.0.2:7421"]), "due");
+        let all = workers.to_pb(vec!["10.0.0.2:7421".into()]);
+        assert_eq!(all[1].waiting_for, ["10.0.0.2:7421"]);
+        assert!(all[0].waiting_for.is_empty(), "only repair waits");
+
+        // The member answered (or asked): due until a pass that started after it ends.
+        workers.repair_due();
+        assert!(workers.take_repair_due());
+        assert!(!workers.take_repair_due(), "one ask wakes the loop once");
+        assert_eq!(repair_state(&workers, &[]), "due");
+        let started = workers.repair_asked.load(Ordering::Acquire);
+        workers.repair_due(); // asked again while the pass runs
+        workers.repair_covered.fetch_max(started, Ordering::AcqRel);
+        workers.repair.finish(Ok(0), (0, 0), 0);
+        assert_eq!(
+            repair_state(&workers, &[]),
+            "due",
+            "the second ask is not covered"
+        );
+        let started = workers.repair_asked.load(Ordering::Acquire);
+        workers.repair_covered.fetch_max(started, Ordering::AcqRel);
+        assert_eq!(repair_state(&workers, &[]), "idle");
+
+        // A pass that is running or failed shows that, not due; an off worker stays off.
+        workers.repair_due();
+        workers.repair.begin(4);
+        assert_eq!(repair_state(&workers, &[]), "running");
+        workers.repair.update(|s| s.state = "off");
+        assert_eq!(repair_state(&workers, &["10.0.0.2:7421"]), "off");
     }
 }

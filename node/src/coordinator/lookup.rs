@@ -20,7 +20,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::future::join_all;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
 use hashgrid_proto::{pb, ChunkId, NodeId};
+use tokio::task::JoinHandle;
 
 use super::{group_by_owners, Route};
 use crate::chunk_store::VerifiedChunk;
@@ -80,6 +83,10 @@ pub async fn lookup(
 /// more at a time, each time only for the ids still undecided: an id is decided once W
 /// owners hold it, or once the owners not yet asked could no longer bring it to W. In the
 /// common cases (a chunk on every owner, or on none) that costs W lookups per id, not R.
+/// A wave is not waited out when an owner is slow: after [`crate::peer::PeerPool::hedge_after`]
+/// without an answer the next owner is asked beside it, and once every owner is asked, the
+/// fallbacks; so a hung owner that is not yet suspect costs one peer deadline, not one per
+/// wave plus one for the fallbacks.
 async fn lookup_group(
     route: &Route,
     ids: &[ChunkId],
@@ -113,16 +120,54 @@ async fn lookup_group(
     }
     let mut undecided: Vec<usize> = (0..group.len()).collect();
     let mut asked = 0;
-    while !undecided.is_empty() && asked < live.len() {
-        let wave_len = if asked == 0 { w } else { 1 };
-        let wave = &live[asked..(asked + wave_len).min(live.len())];
-        asked += wave.len();
-        t.ask(route, wave, &group, &undecided, false).await?;
+    // Calls under way, and how many of them each id waits on.
+    let mut inflight = FuturesUnordered::new();
+    let mut waits_on = vec![0usize; group.len()];
+    let hedge = route.ctx().peers.hedge_after();
+    // Fallbacks asked early (the ids asked about, the calls), see the hedge below.
+    let mut early_fallbacks: Option<(Vec<usize>, Vec<JoinHandle<OwnerAnswer>>)> = None;
+    loop {
+        if inflight.is_empty() {
+            if undecided.is_empty() || asked >= live.len() {
+                break;
+            }
+            let wave_len = if asked == 0 { w } else { 1 };
+            let wave = &live[asked..(asked + wave_len).min(live.len())];
+            asked += wave.len();
+            for &node in wave {
+                inflight.push(ask_owner(route, node, &group, &undecided, &mut waits_on));
+            }
+        }
+        tokio::select! {
+            Some(answer) = inflight.next() => t.count(route, &group, answer, false, &mut waits_on)?,
+            // An owner of this wave has not answered in a while: ask the next one beside it
+            // rather than after its deadline (the first call to a peer cut off without a
+            // word would otherwise cost each wave a whole peer timeout).
+            // With every owner asked, the fallbacks are asked beside the slow ones: copies
+            // a write could not place on unreachable owners are there.
+            () = tokio::time::sleep(hedge), if asked < live.len() || early_fallbacks.is_none() => {
+                if asked < live.len() {
+                    let node = live[asked];
+                    asked += 1;
+                    tracing::debug!(%node, ?hedge, "lookup: an owner is slow, asking the next beside it");
+                    inflight.push(ask_owner(route, node, &group, &undecided, &mut waits_on));
+                } else {
+                    let calls = ask_fallbacks(route, &group, &undecided);
+                    early_fallbacks = Some((undecided.clone(), calls));
+                }
+            }
+        }
         let unasked = live.len() - asked;
-        // Absent is decided only when even the owners that failed could not make W copies.
+        // Absent is decided only when even the owners that failed, and those still being
+        // asked, could not make W copies.
         undecided.retain(|&j| {
-            t.holders[j].len() < w && t.holders[j].len() + t.unknown[j] + unasked >= w
+            t.holders[j].len() < w && t.holders[j].len() + t.unknown[j] + unasked + waits_on[j] >= w
         });
+        if undecided.is_empty() {
+            // Calls still under way (a slow owner's) run on in their tasks to their
+            // deadline, so the peer pool learns whether that owner is hung.
+            break;
+        }
     }
     // Copies that unreachable owners could not take are on the fallbacks.
     let short = |t: &Tally| -> Vec<usize> {
@@ -132,13 +177,30 @@ async fn lookup_group(
     };
     let first_short = short(&t);
     if !first_short.is_empty() {
-        ask_fallbacks(route, &group, &first_short, &mut t.holders).await;
+        let (covered, mut calls) = early_fallbacks.unwrap_or_default();
+        let mut asked_early = vec![false; group.len()];
+        for j in covered {
+            asked_early[j] = true;
+        }
+        let rest: Vec<usize> = first_short
+            .into_iter()
+            .filter(|&j| !asked_early[j])
+            .collect();
+        if !rest.is_empty() {
+            calls.extend(ask_fallbacks(route, &group, &rest));
+        }
+        count_fallbacks(calls, &mut t.holders).await;
     }
     if presence == Presence::Strict && !hung.is_empty() {
         let left = short(&t);
         if !left.is_empty() {
-            asked += hung.len();
-            t.ask(route, &hung, &group, &left, true).await?;
+            let mut calls: FuturesUnordered<_> = hung
+                .iter()
+                .map(|&node| ask_owner(route, node, &group, &left, &mut waits_on))
+                .collect();
+            while let Some(answer) = calls.next().await {
+                t.count(route, &group, answer, true, &mut waits_on)?;
+            }
         }
     }
     let Tally {
@@ -146,6 +208,7 @@ async fn lookup_group(
         lacking,
         unknown,
         failed,
+        answered,
     } = t;
     let too_many_failed = failed.len() > owners.len() - w;
     // Fewer than W copies counted, but enough current owners failed that W may exist:
@@ -158,7 +221,7 @@ async fn lookup_group(
             what: "lookup",
             owners: owners.len(),
             needed: w,
-            answered: asked - failed.len(),
+            answered,
             failed,
         }
         .into()
@@ -190,6 +253,8 @@ struct Tally {
     /// member, and a lookup would fail whenever any member is unreachable.
     unknown: Vec<usize>,
     failed: Vec<(NodeId, NodeError)>,
+    /// Owners that answered.
+    answered: usize,
 }
 
 impl Tally {
@@ -199,66 +264,109 @@ impl Tally {
             lacking: vec![Vec::new(); n],
             unknown: vec![0; n],
             failed: Vec::new(),
+            answered: 0,
         }
     }
 
-    /// Asks every node of `wave` at once about the ids at `js`, each under its deadline,
-    /// and counts the answers. `counted` says the wave's owners were already counted as
-    /// unknown (hung owners, asked last): one that answers stops being unknown, one that
-    /// fails is not counted twice.
-    async fn ask(
+    /// Counts one owner's answer about the ids at `js`. `counted` says the owner was already
+    /// counted as unknown (a hung owner, asked last): if it answers it stops being unknown,
+    /// if it fails it is not counted twice.
+    fn count(
         &mut self,
         route: &Route,
-        wave: &[NodeId],
         group: &[ChunkId],
-        js: &[usize],
+        answer: Result<OwnerAnswer, tokio::task::JoinError>,
         counted: bool,
+        waits_on: &mut [usize],
     ) -> Result<(), NodeError> {
+        let OwnerAnswer { node, js, found } =
+            answer.map_err(|e| NodeError::Internal(format!("lookup call task: {e}")))?;
         let current = route.placement.current();
-        let wanted: Vec<ChunkId> = js.iter().map(|&j| group[j]).collect();
-        let timeout = route.ctx().peers.timeout();
-        // Quorum 0: every node of the wave is waited for (under its deadline); what a
-        // failed one could not say is decided by the ones after it.
-        let answers = call_owners("lookup", wave, 0, Wait::All, timeout, |node| {
-            let route = route.clone();
-            let wanted = wanted.clone();
-            async move { route.owner_has(node, wanted).await }
-        })
-        .await?;
-        if !counted {
-            for (node, _) in &answers.failed {
-                for &j in js {
-                    self.unknown[j] += usize::from(current.owners_of(&group[j]).contains(node));
-                }
-            }
+        for &j in &js {
+            waits_on[j] -= 1;
         }
-        self.failed.extend(answers.failed);
-        for (node, found) in &answers.ok {
-            for (&j, &f) in js.iter().zip(found) {
-                let owner = current.owners_of(&group[j]).contains(node);
-                if owner && counted {
-                    self.unknown[j] = self.unknown[j].saturating_sub(1);
+        let found = match found {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::debug!(%node, error = %e, "lookup: owner call failed");
+                if !counted {
+                    for &j in &js {
+                        self.unknown[j] +=
+                            usize::from(current.owners_of(&group[j]).contains(&node));
+                    }
                 }
-                if f {
-                    self.holders[j].push(*node);
-                } else if owner {
-                    self.lacking[j].push(*node);
-                }
+                self.failed.push((node, e));
+                return Ok(());
+            }
+        };
+        self.answered += 1;
+        for (&j, &f) in js.iter().zip(&found) {
+            let owner = current.owners_of(&group[j]).contains(&node);
+            if owner && counted {
+                self.unknown[j] = self.unknown[j].saturating_sub(1);
+            }
+            if f {
+                self.holders[j].push(node);
+            } else if owner {
+                self.lacking[j].push(node);
             }
         }
         Ok(())
     }
 }
 
+/// One owner's answer about the ids at `js` of a group.
+struct OwnerAnswer {
+    node: NodeId,
+    js: Vec<usize>,
+    found: Result<Vec<bool>, NodeError>,
+}
+
+/// [`spawn_has`], counted in `waits_on` until [`Tally::count`].
+fn ask_owner(
+    route: &Route,
+    node: NodeId,
+    group: &[ChunkId],
+    js: &[usize],
+    waits_on: &mut [usize],
+) -> JoinHandle<OwnerAnswer> {
+    for &j in js {
+        waits_on[j] += 1;
+    }
+    spawn_has(route, node, group, js.to_vec())
+}
+
+/// Asks `node` which of the ids at `js` it holds, under the peer deadline, in a task of its
+/// own: a lookup that is decided before a slow owner answers leaves the call to finish
+/// there (see [`lookup_group`]), so the peer pool still learns whether the owner is hung.
+fn spawn_has(
+    route: &Route,
+    node: NodeId,
+    group: &[ChunkId],
+    js: Vec<usize>,
+) -> JoinHandle<OwnerAnswer> {
+    let route = route.clone();
+    let wanted: Vec<ChunkId> = js.iter().map(|&j| group[j]).collect();
+    let timeout = route.ctx().peers.timeout();
+    tokio::spawn(async move {
+        let found = match tokio::time::timeout(timeout, route.owner_has(node, wanted)).await {
+            Ok(r) => r,
+            Err(_) => Err(NodeError::Unavailable(format!(
+                "no answer within {timeout:?}"
+            ))),
+        };
+        OwnerAnswer { node, js, found }
+    })
+}
+
 /// Asks the fallbacks of the ids at `short` (each id's partition's, see
-/// [`Route::fallbacks`]) which of them they hold, all at once; each that does joins the id's
-/// holders. A fallback that fails adds nothing.
-async fn ask_fallbacks(
+/// [`Route::fallbacks`]) which of them they hold, all at once, each in a task of its own;
+/// [`count_fallbacks`] adds their answers.
+fn ask_fallbacks(
     route: &Route,
     group: &[ChunkId],
     short: &[usize],
-    holders: &mut [Vec<NodeId>],
-) {
+) -> Vec<JoinHandle<OwnerAnswer>> {
     let current = route.placement.current();
     let mut asked: HashMap<NodeId, Vec<usize>> = HashMap::new();
     for &j in short {
@@ -266,26 +374,33 @@ async fn ask_fallbacks(
             asked.entry(node).or_default().push(j);
         }
     }
-    let nodes: Vec<NodeId> = asked.keys().copied().collect();
-    let timeout = route.ctx().peers.timeout();
-    let answers = call_owners(
-        "lookup on a fallback",
-        &nodes,
-        0,
-        Wait::All,
-        timeout,
-        |node| {
-            let route = route.clone();
-            let wanted: Vec<ChunkId> = asked[&node].iter().map(|&j| group[j]).collect();
-            async move { route.owner_has(node, wanted).await }
-        },
-    )
-    .await;
-    let Ok(answers) = answers else { return };
-    for (node, found) in answers.ok {
-        for (&j, f) in asked[&node].iter().zip(found) {
-            if f && !holders[j].contains(&node) {
-                holders[j].push(node);
+    asked
+        .into_iter()
+        .map(|(node, js)| spawn_has(route, node, group, js))
+        .collect()
+}
+
+/// Waits for the fallbacks' answers: each fallback that holds an id joins its holders. A
+/// fallback that fails adds nothing.
+async fn count_fallbacks(calls: Vec<JoinHandle<OwnerAnswer>>, holders: &mut [Vec<NodeId>]) {
+    for call in calls {
+        let answer = match call.await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "lookup on a fallback: call task failed");
+                continue;
+            }
+        };
+        let found = match answer.found {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::debug!(node = answer.node, error = %e, "lookup on a fallback failed");
+                continue;
+            }
+        };
+        for (&j, f) in answer.js.iter().zip(found) {
+            if f && !holders[j].contains(&answer.node) {
+                holders[j].push(answer.node);
             }
         }
     }

@@ -138,6 +138,13 @@ impl PeerPool {
         self.timeout
     }
 
+    /// How long a call may go unanswered before the caller also asks another peer that
+    /// can answer for it (a lookup's next owner): the deadline a suspect peer gets, since a
+    /// peer that has not answered in that long is probably what a suspect is.
+    pub fn hedge_after(&self) -> Duration {
+        suspect_timeout(self.timeout)
+    }
+
     /// A client for the member at `addr` (`host:port`). Connects on first use.
     pub fn client(&self, addr: &str) -> Result<Client, PeerError> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());

@@ -141,7 +141,7 @@ impl Admin for AdminService {
             reclaimable_bytes: counters.reclaimable_bytes,
             under_replicated: self.ctx.workers.under_replicated(),
             moving,
-            workers: self.ctx.workers.all().iter().map(|w| w.to_pb()).collect(),
+            workers: self.ctx.workers.to_pb(self.ctx.peers.lost_contact()),
             hand_off_pending,
         }))
     }
