@@ -102,17 +102,23 @@ fn files_swapped_for_fifos_mid_backup_never_hang_it() {
     // Until one backup met a swapped file (a FIFO, or a new file in the old one's place):
     // each must finish, none may hang on a FIFO.
     let mut replaced_seen = false;
-    for _ in 0..10 {
-        let (_, _, stderr) =
+    let mut last = (0, String::new());
+    for _ in 0..25 {
+        let (code, _, stderr) =
             finish_within(spawn_backup(&node, &src, None), Duration::from_secs(120));
         replaced_seen = stderr.contains("replaced while being backed up");
         if replaced_seen {
             break;
         }
+        last = (code, stderr);
     }
     stop.store(true, Ordering::Relaxed);
     swapper.join().unwrap();
-    assert!(replaced_seen, "no backup met a swapped file");
+    assert!(
+        replaced_seen,
+        "no backup met a swapped file; the last exited {} with:\n{:.4000}",
+        last.0, last.1
+    );
     // Once the tree holds still, it backs up without a warning, the FIFO as a FIFO.
     let (code, summary, stderr) =
         finish_within(spawn_backup(&node, &src, None), Duration::from_secs(120));
