@@ -78,6 +78,21 @@ impl From<QuorumError> for NodeError {
     }
 }
 
+/// One owner call under its deadline: running out of time is `UNAVAILABLE` (retryable), like
+/// an owner that could not be reached. Peer calls carry the peer pool's deadline too; this
+/// one also bounds calls this node answers itself.
+pub async fn within<T>(
+    timeout: Duration,
+    call: impl Future<Output = Result<T, NodeError>>,
+) -> Result<T, NodeError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(r) => r,
+        Err(_) => Err(NodeError::Unavailable(format!(
+            "no answer within {timeout:?}"
+        ))),
+    }
+}
+
 /// Calls `call(owner)` for every owner in `owners` at once, each under `timeout`, and returns
 /// when `quorum` of them answered (see [`Wait`]), or fails with [`QuorumError`] when fewer
 /// than `quorum` can answer.
@@ -105,15 +120,7 @@ where
         .iter()
         .map(|&node| {
             let fut = call(node);
-            async move {
-                let result = match tokio::time::timeout(timeout, fut).await {
-                    Ok(r) => r,
-                    Err(_) => Err(NodeError::Unavailable(format!(
-                        "no answer within {timeout:?}"
-                    ))),
-                };
-                (node, result)
-            }
+            async move { (node, within(timeout, fut).await) }
         })
         .collect();
     let mut answers = Answers {

@@ -30,7 +30,7 @@ use crate::chunk_store::VerifiedChunk;
 use crate::error::NodeError;
 use crate::metrics as m;
 use crate::owner;
-use crate::quorum::{call_owners, QuorumError, Wait};
+use crate::quorum::{call_owners, within, QuorumError, Wait};
 use crate::service::blocking;
 
 /// Under-replicated chunks copied per round of a repair on lookup: bounds the bytes held,
@@ -349,12 +349,7 @@ fn spawn_has(
     let wanted: Vec<ChunkId> = js.iter().map(|&j| group[j]).collect();
     let timeout = route.ctx().peers.timeout();
     tokio::spawn(async move {
-        let found = match tokio::time::timeout(timeout, route.owner_has(node, wanted)).await {
-            Ok(r) => r,
-            Err(_) => Err(NodeError::Unavailable(format!(
-                "no answer within {timeout:?}"
-            ))),
-        };
+        let found = within(timeout, route.owner_has(node, wanted)).await;
         OwnerAnswer { node, js, found }
     })
 }
