@@ -68,7 +68,7 @@ impl Cluster {
     /// [`Cluster::start`] with every node behind its own fault proxy ([`FaultNet`], in
     /// [`Cluster::net`]), so the test can partition the nodes. Agents still reach every
     /// node: `Node::addr` is the proxy's address, and the test's connections are never cut.
-    /// Each node serves Prometheus metrics on its own loopback address ([`Node::metric`]).
+    /// Each node serves Prometheus metrics on its own loopback address.
     pub fn start_proxied(root: &Path, n: usize, replicas: u8, write_quorum: u8) -> Cluster {
         let net = FaultNet::new().expect("fault proxy runtime");
         Self::launch(root, n, replicas, write_quorum, &[], Some(net))
@@ -120,6 +120,11 @@ impl Cluster {
             opts.dial_from = Some(addrs.ip);
             // The node's own loopback address, so the port found free here stays free.
             let metrics = std::net::TcpListener::bind((addrs.ip, 0))
+                .and_then(|l| l.local_addr())
+                .expect("a free port for the metrics listener");
+            opts.metrics_listen = Some(metrics);
+        } else {
+            let metrics = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
                 .and_then(|l| l.local_addr())
                 .expect("a free port for the metrics listener");
             opts.metrics_listen = Some(metrics);

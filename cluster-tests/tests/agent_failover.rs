@@ -7,6 +7,8 @@
 //!   status` through a live node answers within 3 s meanwhile; after SIGCONT every snapshot
 //!   restores byte-identical. Timings are printed next to an undisturbed backup's.
 //! - A backup routed by a map an epoch behind refreshes it and goes on.
+//! - 4 nodes, R = 3, W = 2: a restore while an owner is SIGSTOPped reads around it after a
+//!   hedge, not after the peer deadline.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -408,5 +410,86 @@ fn a_backup_routed_by_a_stale_map_refreshes_it_and_succeeds() {
         let target = tmp.path().join("restore");
         restore_all(&conn, summary.snapshot, &target).await;
         assert_same_tree(&src, &restored(&target, &src));
+    });
+}
+
+/// Reads go around an owner that stopped answering before any call found it out: 4 nodes,
+/// R = 3, W = 2 (the coordinator owns 3 in 4 partitions and reads the rest from the other
+/// owners), a peer deadline of 8 s. A restore through one node while another (neither the
+/// catalog leader nor the coordinator) is SIGSTOPped takes the undisturbed restore's time
+/// plus about a hedge (a quarter of the deadline), not a whole deadline; the coordinator's
+/// `hashgrid_peer_calls_hedged_total{call="read"}` shows it asked beside the stopped node.
+#[test]
+fn a_restore_reads_around_an_owner_that_stopped_answering() {
+    const PEER_TIMEOUT: Duration = Duration::from_secs(8);
+    const HEDGED: &str = "hashgrid_peer_calls_hedged_total{call=\"read\"}";
+    let tmp = tempfile::tempdir().unwrap();
+    let timeout_ms = PEER_TIMEOUT.as_millis().to_string();
+    let cluster = Cluster::start_with(
+        &tmp.path().join("cluster"),
+        4,
+        3,
+        2,
+        &["--peer-timeout-ms", &timeout_ms],
+    );
+    let src = tmp.path().join("src");
+    const MIB: usize = 32;
+    make_source(&src, 9, MIB);
+    let rt = runtime();
+    rt.block_on(async {
+        cluster
+            .wait_for(
+                "4 active members and a leader",
+                Duration::from_secs(60),
+                |all| {
+                    all.len() == 4
+                        && all.iter().all(|s| {
+                            members_in(s, pb::MemberState::Active).len() == 4 && s.raft_leader != 0
+                        })
+                },
+            )
+            .await;
+        let leader = cluster.leader().await.expect("a leader");
+        let coordinator = (0..4).find(|&i| i != leader).unwrap();
+        let victim = (0..4).find(|&i| i != leader && i != coordinator).unwrap();
+        let conn = cluster.connect(coordinator).await;
+        let summary = backup(&conn, &backup_opts(&[&src], false, "c", "reads"))
+            .await
+            .expect("backup");
+        let restore = |name: &str| {
+            let target = tmp.path().join(name);
+            let conn = conn.clone();
+            let src = src.clone();
+            async move {
+                let started = Instant::now();
+                restore_all(&conn, summary.snapshot, &target).await;
+                let took = started.elapsed();
+                assert_same_tree(&src, &restored(&target, &src));
+                took
+            }
+        };
+        let normal = restore("undisturbed").await;
+        let hedged_before = cluster.nodes[coordinator].metric(HEDGED).unwrap_or(0.0);
+        cluster.nodes[victim].pause();
+        let took = restore("paused").await;
+        cluster.nodes[victim].resume();
+        let hedged = cluster.nodes[coordinator].metric(HEDGED).unwrap_or(0.0) - hedged_before;
+        eprintln!(
+            "restore of {MIB} MiB through node {} with node {} stopped: {:.2} s (undisturbed \
+             {:.2} s, peer deadline {PEER_TIMEOUT:?}); {hedged} read call(s) hedged",
+            coordinator + 1,
+            victim + 1,
+            took.as_secs_f64(),
+            normal.as_secs_f64(),
+        );
+        assert!(
+            hedged > 0.0,
+            "no read was hedged: the stopped node was never asked first"
+        );
+        assert!(
+            took < normal + PEER_TIMEOUT / 2,
+            "the restore took {took:?} with a node stopped (undisturbed {normal:?}): it waited \
+             for the stopped node instead of reading around it"
+        );
     });
 }

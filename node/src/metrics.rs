@@ -14,6 +14,7 @@ pub const GET_CHUNKS: &str = "hashgrid_chunk_get_total";
 pub const GET_BYTES: &str = "hashgrid_chunk_get_bytes_total";
 pub const REPAIRED_ON_LOOKUP: &str = "hashgrid_chunk_repaired_on_lookup_total";
 pub const FALLBACK_COPIES: &str = "hashgrid_chunk_fallback_copies_total";
+pub const HEDGED_CALLS: &str = "hashgrid_peer_calls_hedged_total";
 pub const SNAPSHOTS_COMMITTED: &str = "hashgrid_catalog_snapshots_committed_total";
 pub const STORE_CHUNKS: &str = "hashgrid_store_chunks";
 pub const STORE_BYTES: &str = "hashgrid_store_stored_bytes";
@@ -49,6 +50,11 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
         FALLBACK_COPIES,
         "Chunk copies written to a fallback member because too few owners could take them \
          (held there until handed to the owners)"
+    );
+    describe_counter!(
+        HEDGED_CALLS,
+        "Peer calls not answered within a quarter of the peer deadline, for which another member \
+         was asked beside the slow one, by call (lookup/read/write to a fallback)"
     );
     describe_counter!(
         REPAIRED_ON_LOOKUP,

@@ -165,6 +165,83 @@ where
     Ok(answers)
 }
 
+/// Asks `candidates` in their order until `need` of them answered: `need` at once, then the
+/// next one for each call that fails, and the next one beside the slow ones whenever `hedge`
+/// passes without an answer (a peer that stopped answering without closing its connections
+/// would otherwise cost a whole `timeout` before the next is asked). Returns when `need`
+/// answered or every candidate was asked and answered or failed; the caller checks
+/// `ok.len()`. Calls still running then finish in the background, each under `timeout` (an
+/// extra copy on a spare member is harmless, and the peer pool learns whether the slow one
+/// is hung).
+pub async fn call_hedged<T, F, Fut>(
+    what: &'static str,
+    candidates: &[NodeId],
+    need: usize,
+    timeout: Duration,
+    hedge: Duration,
+    mut call: F,
+) -> Answers<T>
+where
+    F: FnMut(NodeId) -> Fut,
+    Fut: Future<Output = Result<T, NodeError>> + Send + 'static,
+    T: Send + 'static,
+{
+    let mut answers = Answers {
+        ok: Vec::with_capacity(need),
+        failed: Vec::new(),
+    };
+    let mut pending = FuturesUnordered::new();
+    let mut asked = 0;
+    let mut ask = |pending: &mut FuturesUnordered<_>, asked: &mut usize| {
+        let node = candidates[*asked];
+        *asked += 1;
+        let fut = call(node);
+        pending.push(tokio::spawn(
+            async move { (node, within(timeout, fut).await) },
+        ));
+    };
+    while asked < need.min(candidates.len()) {
+        ask(&mut pending, &mut asked);
+    }
+    while answers.ok.len() < need && !pending.is_empty() {
+        let hedging = asked < candidates.len();
+        tokio::select! {
+            Some(joined) = pending.next() => match joined {
+                Ok((node, Ok(v))) => answers.ok.push((node, v)),
+                Ok((node, Err(e))) => {
+                    tracing::debug!(%node, error = %e, what, "call failed; asking the next");
+                    answers.failed.push((node, e));
+                    if asked < candidates.len() {
+                        ask(&mut pending, &mut asked);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, what, "call task failed");
+                    if asked < candidates.len() {
+                        ask(&mut pending, &mut asked);
+                    }
+                }
+            },
+            () = tokio::time::sleep(hedge), if hedging => {
+                tracing::debug!(?hedge, what, "a call is slow; asking the next beside it");
+                metrics::counter!(crate::metrics::HEDGED_CALLS, "call" => what).increment(1);
+                ask(&mut pending, &mut asked);
+            }
+        }
+    }
+    if !pending.is_empty() {
+        // Enough answered; the slow calls run on in their tasks.
+        tokio::spawn(async move {
+            while let Some(joined) = pending.next().await {
+                if let Ok((node, Err(e))) = joined {
+                    tracing::debug!(%node, error = %e, what, "call failed after enough answered");
+                }
+            }
+        });
+    }
+    answers
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -281,5 +358,76 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    const HEDGE: Duration = Duration::from_millis(50);
+
+    #[tokio::test]
+    async fn hedged_calls_ask_the_next_beside_a_hung_one_without_waiting_its_deadline() {
+        let start = std::time::Instant::now();
+        // 3 hangs: after the hedge, 1 is asked beside it.
+        let answers = call_hedged(
+            "write",
+            &[3, 1, 2],
+            1,
+            Duration::from_secs(60),
+            HEDGE,
+            one_of_each,
+        )
+        .await;
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(answers.ok.iter().map(|a| a.0).collect::<Vec<_>>(), [1]);
+        assert!(answers.failed.is_empty());
+    }
+
+    #[tokio::test]
+    async fn hedged_calls_ask_the_next_for_each_that_fails() {
+        // 2 and 1 are asked at once; 2 fails, so 3 is asked (no hedge needed), and it hangs
+        // to its deadline: one answer of the two needed.
+        let hedge = Duration::from_secs(60);
+        let answers = call_hedged("write", &[2, 1, 3], 2, DEADLINE, hedge, one_of_each).await;
+        assert_eq!(answers.ok.iter().map(|a| a.0).collect::<Vec<_>>(), [1]);
+        let mut failed: Vec<_> = answers.failed.iter().map(|f| f.0).collect();
+        failed.sort_unstable();
+        assert_eq!(failed, [2, 3]);
+        // Only the first `need` are asked when they answer.
+        let asked = Arc::new(AtomicUsize::new(0));
+        let answers = call_hedged("write", &[1, 1, 1], 2, DEADLINE, hedge, |n| {
+            asked.fetch_add(1, Ordering::SeqCst);
+            async move { Ok(n) }
+        })
+        .await;
+        assert_eq!(answers.ok.len(), 2);
+        assert_eq!(asked.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn hedged_calls_left_running_finish_in_the_background() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(3);
+        let answers = call_hedged(
+            "write",
+            &[3, 1],
+            1,
+            Duration::from_secs(60),
+            HEDGE,
+            |node| {
+                let tx = tx.clone();
+                async move {
+                    if node == 3 {
+                        tokio::time::sleep(HEDGE * 4).await;
+                    }
+                    tx.send(node).await.unwrap();
+                    Ok(node)
+                }
+            },
+        )
+        .await;
+        assert_eq!(answers.ok.iter().map(|a| a.0).collect::<Vec<_>>(), [1]);
+        assert_eq!(rx.recv().await, Some(1));
+        assert_eq!(rx.recv().await, Some(3), "the slow call still ran");
     }
 }

@@ -146,6 +146,7 @@ async fn lookup_group(
             // With every owner asked, the fallbacks are asked beside the slow ones: copies
             // a write could not place on unreachable owners are there.
             () = tokio::time::sleep(hedge), if asked < live.len() || early_fallbacks.is_none() => {
+                metrics::counter!(m::HEDGED_CALLS, "call" => "lookup").increment(1);
                 if asked < live.len() {
                     let node = live[asked];
                     asked += 1;

@@ -92,9 +92,10 @@ impl Route {
     /// Every owner that may hold a copy of `partition`'s chunks, this node first when it is
     /// one (no network), then the current owners in preference order, then older owners.
     ///
-    /// Peers whose last call ran out of time go last (their order otherwise kept): a
-    /// lookup's first wave then asks owners that answer, and a hung one is asked only when
-    /// the others cannot decide (see [`crate::peer::PeerPool::is_suspect`]).
+    /// Peers whose last call ran out of time, or that leave a call unanswered past the
+    /// hedge, go last (their order otherwise kept): a lookup's first wave then asks owners
+    /// that answer, and a hung one is asked only when the others cannot decide (see
+    /// [`crate::peer::PeerPool::is_suspect`] and [`crate::peer::PeerPool::is_lagging`]).
     pub fn read_owners(&self, partition: Partition) -> Vec<NodeId> {
         let mut owners = self.placement.read_owners(partition);
         if let Some(i) = owners.iter().position(|&n| self.is_local(n)) {
@@ -106,7 +107,7 @@ impl Route {
 
     /// The members that stand in for `partition`'s owners when too few of them can take a
     /// copy ([`hashgrid_proto::placement::Placement::fallbacks`]), in ring order with
-    /// suspect peers last. This node is one of them only when the ring says so.
+    /// suspect and lagging peers last. This node is one of them only when the ring says so.
     pub fn fallbacks(&self, partition: Partition) -> Vec<NodeId> {
         let mut fallbacks = self.placement.current().fallbacks(partition).to_vec();
         self.suspects_last(&mut fallbacks);
@@ -121,10 +122,18 @@ impl Route {
             .is_some_and(|a| self.ctx.peers.is_suspect(a))
     }
 
-    /// Moves peers whose last call ran out of time to the end (a stable sort).
+    /// Whether `node` is suspect, or has a call under way that has gone unanswered past
+    /// the hedge ([`crate::peer::PeerPool::is_lagging`]): asked last by reads and lookups.
+    fn is_slow(&self, node: NodeId) -> bool {
+        self.addrs
+            .get(&node)
+            .is_some_and(|a| self.ctx.peers.is_suspect(a) || self.ctx.peers.is_lagging(a))
+    }
+
+    /// Moves suspect and lagging peers to the end (a stable sort).
     fn suspects_last(&self, nodes: &mut [NodeId]) {
-        if nodes.iter().any(|&n| self.is_suspect(n)) {
-            nodes.sort_by_key(|&n| self.is_suspect(n));
+        if nodes.iter().any(|&n| self.is_slow(n)) {
+            nodes.sort_by_cached_key(|&n| self.is_slow(n));
         }
     }
 

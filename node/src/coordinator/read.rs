@@ -1,14 +1,18 @@
 //! Reads (`Get`): one reply per id, in order, each chunk from the first owner that serves a
-//! verified copy. Ids are read in groups; in each round every unserved id is asked of its
-//! next owner (this node first when it owns the chunk, then the current owners, then older
-//! ones, then the partition's fallbacks), all owners of a round at once through the quorum
-//! helper. A copy that is missing or damaged on one owner is read from the next; only when
-//! no owner serves it does the reply carry a fault (damaged when some owner had a copy that
-//! failed verification). A damaged copy is rewritten from the good one in the background.
+//! verified copy. Ids are read in groups; each id is asked of its candidates in turn (this
+//! node first when it owns the chunk, then the current owners, then older ones, then the
+//! partition's fallbacks), the calls of a group grouped by node and under way at once. A
+//! copy that is missing or damaged on one owner is read from the next, and an owner slow to
+//! answer has the next asked beside it; only when no owner serves a chunk does the reply
+//! carry a fault (damaged when some owner had a copy that failed verification). A damaged
+//! copy is rewritten from the good one in the background.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use hashgrid_proto::pb::{self, GetResponse};
 use hashgrid_proto::{ChunkId, NodeId};
@@ -18,8 +22,9 @@ use tonic::Status;
 use super::lookup::REPAIR_GROUP;
 use super::Route;
 use crate::error::NodeError;
+use crate::metrics as m;
 use crate::owner::{self, ReplyBatcher};
-use crate::quorum::{call_owners, Wait};
+use crate::quorum::within;
 use crate::service::blocking;
 
 /// Ids per read group: big enough that one round trip carries a few MiB.
@@ -51,6 +56,14 @@ pub async fn read(route: Route, ids: Vec<ChunkId>, tx: mpsc::Sender<Result<GetRe
 }
 
 /// Reads one group, failing over between owners; one reply per id.
+///
+/// Each id is asked of its first candidate (the calls grouped by node, each in a task of
+/// its own); an id a node did not serve (missing, damaged, or the call failed) is asked of
+/// its next candidate as soon as no call for it is left. A call without an answer after
+/// [`crate::peer::PeerPool::hedge_after`] has its ids asked of their next candidates beside
+/// it, so an owner that stopped answering without closing its connections (SIGSTOP, a
+/// silent partition) costs a read that long, not a whole peer deadline; the slow call runs
+/// on in its task to its deadline, so the peer pool learns whether the owner is hung.
 async fn read_group(route: &Route, ids: Vec<ChunkId>) -> Vec<pb::Chunk> {
     let current = route.placement.current();
     // Owners first; the fallbacks last, for copies written there while owners were down.
@@ -67,43 +80,60 @@ async fn read_group(route: &Route, ids: Vec<ChunkId>) -> Vec<pb::Chunk> {
             nodes
         })
         .collect();
-    let mut replies: Vec<Option<pb::Chunk>> = vec![None; ids.len()];
-    let mut damaged_on: Vec<Vec<NodeId>> = vec![Vec::new(); ids.len()];
-    let rounds = candidates.iter().map(Vec::len).max().unwrap_or(0);
-    let timeout = route.ctx().peers.timeout();
-    for round in 0..rounds {
-        let mut asked: HashMap<NodeId, Vec<usize>> = HashMap::new();
-        for (j, owners) in candidates.iter().enumerate() {
-            if replies[j].is_none() {
-                if let Some(&node) = owners.get(round) {
-                    asked.entry(node).or_default().push(j);
+    let mut state = ReadState {
+        ids: &ids,
+        candidates: &candidates,
+        replies: vec![None; ids.len()],
+        damaged_on: vec![Vec::new(); ids.len()],
+        next: vec![0; ids.len()],
+        waits_on: vec![0; ids.len()],
+        inflight: FuturesUnordered::new(),
+        unhedged: HashMap::new(),
+        calls: 0,
+    };
+    let hedge = route.ctx().peers.hedge_after();
+    state.ask_next(route, 0..ids.len());
+    while !state.inflight.is_empty() {
+        // The oldest call not hedged yet decides when the next hedge is due.
+        let due = state
+            .unhedged
+            .values()
+            .map(|(started, _)| *started + hedge)
+            .min();
+        tokio::select! {
+            Some(answer) = state.inflight.next() => {
+                let retry = state.count(answer);
+                state.ask_next(route, retry);
+            }
+            () = sleep_until_or_never(due) => {
+                let now = Instant::now();
+                let slow: Vec<u64> = state
+                    .unhedged
+                    .iter()
+                    .filter(|(_, (started, _))| *started + hedge <= now)
+                    .map(|(&call, _)| call)
+                    .collect();
+                for call in slow {
+                    let Some((_, js)) = state.unhedged.remove(&call) else { continue };
+                    let unserved: Vec<usize> =
+                        js.into_iter().filter(|&j| state.replies[j].is_none()).collect();
+                    if state.ask_next(route, unserved) > 0 {
+                        tracing::debug!(?hedge, "read: an owner is slow, asking the next beside it");
+                        metrics::counter!(m::HEDGED_CALLS, "call" => "read").increment(1);
+                    }
                 }
             }
         }
-        if asked.is_empty() {
+        if state.replies.iter().all(Option::is_some) {
+            // Calls still under way (a slow owner's) run on in their tasks.
             break;
         }
-        let nodes: Vec<NodeId> = asked.keys().copied().collect();
-        let answers = call_owners("read", &nodes, 0, Wait::All, timeout, |node| {
-            let route = route.clone();
-            let wanted = asked[&node].iter().map(|&j| ids[j]).collect();
-            async move { route.owner_get(node, wanted).await }
-        })
-        .await;
-        let Ok(answers) = answers else { continue };
-        for (node, e) in &answers.failed {
-            tracing::warn!(%node, error = %e, "reading from an owner failed; trying the next");
-        }
-        for (node, chunks) in answers.ok {
-            for (&j, c) in asked[&node].iter().zip(chunks) {
-                match pb::ChunkFault::try_from(c.fault) {
-                    Ok(pb::ChunkFault::None) => replies[j] = Some(c),
-                    Ok(pb::ChunkFault::Damaged) => damaged_on[j].push(node),
-                    _ => {}
-                }
-            }
-        }
     }
+    let ReadState {
+        replies,
+        damaged_on,
+        ..
+    } = state;
     heal_damaged(route, &replies, &damaged_on);
     ids.iter()
         .zip(replies)
@@ -123,6 +153,112 @@ async fn read_group(route: &Route, ids: Vec<ChunkId>) -> Vec<pb::Chunk> {
             })
         })
         .collect()
+}
+
+/// Sleeps until `due`, or forever when nothing is due.
+async fn sleep_until_or_never(due: Option<Instant>) {
+    match due {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One owner's answer to a read of the ids at `js` of a group.
+struct ReadAnswer {
+    call: u64,
+    node: NodeId,
+    js: Vec<usize>,
+    chunks: Result<Vec<pb::Chunk>, NodeError>,
+}
+
+/// Where the read of one group stands.
+struct ReadState<'a> {
+    ids: &'a [ChunkId],
+    /// Per id, the nodes that may serve it, in the order they are asked.
+    candidates: &'a [Vec<NodeId>],
+    replies: Vec<Option<pb::Chunk>>,
+    /// Per id, the nodes whose copy failed verification.
+    damaged_on: Vec<Vec<NodeId>>,
+    /// Per id, the index of the next candidate to ask.
+    next: Vec<usize>,
+    /// Per id, the calls under way that include it.
+    waits_on: Vec<usize>,
+    /// The calls under way. Each runs in a task of its own: dropping its handle here (the
+    /// group is read) leaves it running to its deadline.
+    inflight: FuturesUnordered<BoxFuture<'static, ReadAnswer>>,
+    /// Calls under way whose ids were not yet asked of anyone else: when each started, and
+    /// its ids.
+    unhedged: HashMap<u64, (Instant, Vec<usize>)>,
+    calls: u64,
+}
+
+impl ReadState<'_> {
+    /// Asks the next candidate of each id in `js` that has one, one call per node; returns
+    /// how many calls it made.
+    fn ask_next(&mut self, route: &Route, js: impl IntoIterator<Item = usize>) -> usize {
+        let mut by_node: HashMap<NodeId, Vec<usize>> = HashMap::new();
+        for j in js {
+            if let Some(&node) = self.candidates[j].get(self.next[j]) {
+                self.next[j] += 1;
+                self.waits_on[j] += 1;
+                by_node.entry(node).or_default().push(j);
+            }
+        }
+        let timeout = route.ctx().peers.timeout();
+        let made = by_node.len();
+        for (node, js) in by_node {
+            let call = self.calls;
+            self.calls += 1;
+            self.unhedged.insert(call, (Instant::now(), js.clone()));
+            let route = route.clone();
+            let wanted: Vec<ChunkId> = js.iter().map(|&j| self.ids[j]).collect();
+            let task =
+                tokio::spawn(async move { within(timeout, route.owner_get(node, wanted)).await });
+            self.inflight.push(Box::pin(async move {
+                let chunks = task
+                    .await
+                    .unwrap_or_else(|e| Err(NodeError::Internal(format!("read call task: {e}"))));
+                ReadAnswer {
+                    call,
+                    node,
+                    js,
+                    chunks,
+                }
+            }));
+        }
+        made
+    }
+
+    /// Takes in one call's answer; returns the ids it did not serve that no other call is
+    /// reading (to be asked of their next candidates).
+    fn count(&mut self, answer: ReadAnswer) -> Vec<usize> {
+        self.unhedged.remove(&answer.call);
+        for &j in &answer.js {
+            self.waits_on[j] -= 1;
+        }
+        match answer.chunks {
+            Ok(chunks) => {
+                for (&j, c) in answer.js.iter().zip(chunks) {
+                    if self.replies[j].is_some() {
+                        continue;
+                    }
+                    match pb::ChunkFault::try_from(c.fault) {
+                        Ok(pb::ChunkFault::None) => self.replies[j] = Some(c),
+                        Ok(pb::ChunkFault::Damaged) => self.damaged_on[j].push(answer.node),
+                        _ => {}
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(node = answer.node, error = %e, "reading from an owner failed; trying the next");
+            }
+        }
+        answer
+            .js
+            .into_iter()
+            .filter(|&j| self.replies[j].is_none() && self.waits_on[j] == 0)
+            .collect()
+    }
 }
 
 /// Rewrites, in the background, the copies found damaged on owners, from the good copies

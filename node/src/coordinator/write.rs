@@ -22,7 +22,7 @@ use crate::chunk_store::{PutOutcome, VerifiedChunk};
 use crate::error::NodeError;
 use crate::metrics as m;
 use crate::owner;
-use crate::quorum::{call_owners, describe, QuorumError, Wait};
+use crate::quorum::{call_hedged, call_owners, describe, QuorumError, Wait};
 use crate::service::blocking;
 
 /// Verifies and stores one `Put` batch; answers once every chunk is durable on W owners.
@@ -212,8 +212,9 @@ fn fallback_need(
 }
 
 /// Writes the `need` copies of `batch` that its owners could not take (their quorum failed
-/// with `cause`) to the chunks' fallbacks, in ring order, a wave of `need` at a time until
-/// enough have stored them. Fails `UNAVAILABLE` when the fallbacks run out first.
+/// with `cause`) to the chunks' fallbacks, in ring order, until enough have stored them: a
+/// fallback that fails, or is slow to answer, has the next one asked ([`call_hedged`]).
+/// Fails `UNAVAILABLE` when the fallbacks run out first.
 async fn stand_in(
     route: &Route,
     batch: &[VerifiedChunk],
@@ -223,29 +224,26 @@ async fn stand_in(
     let current = route.placement.current();
     let groups = group_by_owners(route, batch.iter().map(|c| c.id), |p| route.fallbacks(p));
     let timeout = route.ctx().peers.timeout();
+    let hedge = route.ctx().peers.hedge_after();
     let calls = groups.into_iter().map(|(fallbacks, idx)| {
         let chunks = Arc::new(idx.iter().map(|&i| batch[i].clone()).collect::<Vec<_>>());
         async move {
-            let mut missing = need;
-            let mut next = 0;
-            let mut outcomes = Vec::new();
-            let mut refused = Vec::new();
-            while missing > 0 && next < fallbacks.len() {
-                let wave = &fallbacks[next..(next + missing).min(fallbacks.len())];
-                next += wave.len();
-                // Quorum 0: every fallback of the wave is waited for, and what it could not
-                // take the next wave asks of the fallbacks after it.
-                let answers =
-                    call_owners("write to a fallback", wave, 0, Wait::All, timeout, |node| {
-                        let route = route.clone();
-                        let chunks = chunks.clone();
-                        async move { route.owner_put(node, chunks).await }
-                    })
-                    .await?;
-                missing -= answers.ok.len().min(missing);
-                outcomes.extend(answers.ok.into_iter().map(|(_, o)| o));
-                refused.extend(answers.failed);
-            }
+            let answers = call_hedged(
+                "write to a fallback",
+                &fallbacks,
+                need,
+                timeout,
+                hedge,
+                |node| {
+                    let route = route.clone();
+                    let chunks = chunks.clone();
+                    async move { route.owner_put(node, chunks).await }
+                },
+            )
+            .await;
+            let missing = need - answers.ok.len().min(need);
+            let refused = answers.failed;
+            let outcomes = answers.ok.into_iter().map(|(_, o)| o);
             if missing > 0 {
                 let why = if refused.is_empty() {
                     String::new()
@@ -265,7 +263,7 @@ async fn stand_in(
                 partition = current.partition_of(&chunks[0].id).0,
                 "owners unreachable: copies written to fallbacks"
             );
-            Ok::<_, NodeError>(most_stored(outcomes.into_iter()))
+            Ok::<_, NodeError>(most_stored(outcomes))
         }
     });
     sum(join_all(calls).await)

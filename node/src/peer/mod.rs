@@ -7,7 +7,7 @@ pub mod secret;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hashgrid_proto::limits::{
@@ -102,6 +102,9 @@ pub struct PeerPool {
     /// worker last heard from them: it probes them and, once one answers, both sides run a
     /// repair pass (copies written while they were apart are pulled by whoever missed them).
     lost: Mutex<HashSet<String>>,
+    /// Per peer, the calls under the peer deadline now going unanswered for longer than
+    /// [`PeerPool::hedge_after`] (see [`PeerPool::is_lagging`]).
+    lagging: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 /// How long a suspect peer is given a short deadline before one call gets the full one
@@ -130,6 +133,7 @@ impl PeerPool {
             channels: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashMap::new()),
             lost: Mutex::new(HashSet::new()),
+            lagging: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -202,6 +206,15 @@ impl PeerPool {
         self.suspects().contains_key(addr)
     }
 
+    /// Whether a call to `addr` has now gone unanswered for longer than
+    /// [`PeerPool::hedge_after`]. Callers that choose whom to ask first put such a peer
+    /// last (its deadline is untouched): a peer that stopped answering is otherwise asked
+    /// first by every read and lookup that starts before its first call runs out of time,
+    /// each paying a hedge (a restore reads its trees, then its files: two hedges or more).
+    pub fn is_lagging(&self, addr: &str) -> bool {
+        lock(&self.lagging).get(addr).is_some_and(|&n| n > 0)
+    }
+
     /// The deadline of a call with the pool's default timeout to `addr`: short while the
     /// peer is suspect, the full one every [`SUSPECT_FOR`] (marked by resetting the clock).
     fn default_timeout(&self, addr: &str) -> Duration {
@@ -236,7 +249,12 @@ impl PeerPool {
             None => self.default_timeout(addr),
         };
         let client = self.client(addr)?;
-        let result = tokio::time::timeout(timeout, f(client)).await;
+        let call = f(client);
+        let result = if judged {
+            self.watched(addr, timeout, call).await
+        } else {
+            tokio::time::timeout(timeout, call).await
+        };
         match result {
             Err(_) => {
                 if judged {
@@ -276,6 +294,61 @@ impl PeerPool {
     }
 }
 
+impl PeerPool {
+    /// `call` under `timeout`, counted as lagging ([`PeerPool::is_lagging`]) from
+    /// [`PeerPool::hedge_after`] until it ends, however it ends (dropped too).
+    async fn watched<Fut: Future>(
+        &self,
+        addr: &str,
+        timeout: Duration,
+        call: Fut,
+    ) -> Result<Fut::Output, tokio::time::error::Elapsed> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        tokio::pin!(call);
+        let hedge = self.hedge_after();
+        if hedge < timeout {
+            if let Ok(answer) = tokio::time::timeout(hedge, &mut call).await {
+                return Ok(answer);
+            }
+            let _lag = Lag::start(&self.lagging, addr);
+            return tokio::time::timeout_at(deadline, call).await;
+        }
+        tokio::time::timeout_at(deadline, call).await
+    }
+}
+
+/// One call counted in [`PeerPool::is_lagging`] while it lives.
+struct Lag {
+    lagging: Arc<Mutex<HashMap<String, usize>>>,
+    addr: String,
+}
+
+impl Lag {
+    fn start(lagging: &Arc<Mutex<HashMap<String, usize>>>, addr: &str) -> Lag {
+        *lock(lagging).entry(addr.to_string()).or_default() += 1;
+        Lag {
+            lagging: lagging.clone(),
+            addr: addr.to_string(),
+        }
+    }
+}
+
+impl Drop for Lag {
+    fn drop(&mut self) {
+        let mut lagging = lock(&self.lagging);
+        if let Some(n) = lagging.get_mut(&self.addr) {
+            *n -= 1;
+            if *n == 0 {
+                lagging.remove(&self.addr);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,17 +362,23 @@ mod tests {
         .expect_err("nothing answers")
     }
 
-    /// A peer that accepts connections and never answers (the kernel completes the
-    /// handshake from the listen backlog; nobody reads) costs the full deadline once, then
-    /// the short one, and is asked last meanwhile.
-    #[tokio::test]
-    async fn a_peer_that_ran_out_of_time_is_suspect_and_gets_a_short_deadline() {
+    /// A pool with deadline `timeout`, and a peer that accepts connections and never
+    /// answers (the kernel completes the handshake from the listen backlog; nobody reads),
+    /// hung while its listener lives.
+    fn pool_and_hung_peer(timeout: Duration) -> (PeerPool, std::net::TcpListener, String) {
         let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = hung.local_addr().unwrap().to_string();
         let dir = tempfile::tempdir().unwrap();
         let secret = ClusterSecret::load_or_create(dir.path(), None, true).unwrap();
+        (PeerPool::new(&secret, timeout, None), hung, addr)
+    }
+
+    /// A peer that never answers costs the full deadline once, then
+    /// the short one, and is asked last meanwhile.
+    #[tokio::test]
+    async fn a_peer_that_ran_out_of_time_is_suspect_and_gets_a_short_deadline() {
         let full = Duration::from_secs(2);
-        let pool = PeerPool::new(&secret, full, None);
+        let (pool, hung, addr) = pool_and_hung_peer(full);
         assert!(!pool.is_suspect(&addr));
         match ask(&pool, &addr).await {
             PeerError::Timeout { timeout, .. } => assert_eq!(timeout, full),
@@ -331,6 +410,31 @@ mod tests {
         assert_eq!(
             suspect_timeout(Duration::from_millis(300)),
             Duration::from_millis(300)
+        );
+    }
+
+    /// A call to a peer that does not answer makes the peer lagging from the hedge until the
+    /// call ends (here: dropped by its caller), without a shorter deadline.
+    #[tokio::test]
+    async fn a_call_unanswered_past_the_hedge_makes_its_peer_lagging_until_it_ends() {
+        let (pool, _hung, addr) = pool_and_hung_peer(Duration::from_secs(8));
+        let pool = Arc::new(pool);
+        assert_eq!(pool.hedge_after(), Duration::from_secs(2));
+        let call = tokio::spawn({
+            let pool = pool.clone();
+            let addr = addr.clone();
+            async move { ask(&pool, &addr).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!pool.is_lagging(&addr), "lagging before the hedge");
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert!(pool.is_lagging(&addr), "not lagging after the hedge");
+        assert!(!pool.is_suspect(&addr), "suspect before its deadline");
+        call.abort();
+        let _ = call.await;
+        assert!(
+            !pool.is_lagging(&addr),
+            "still lagging after the call ended"
         );
     }
 }
