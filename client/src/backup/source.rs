@@ -247,6 +247,12 @@ pub struct Listing {
     pub xattrs: Vec<Xattr>,
 }
 
+/// The names in directory `fd` (`.` and `..` left out), unsorted. `path` names the
+/// directory in messages.
+pub fn list_names(fd: &OwnedFd, path: &std::path::Path) -> Result<Vec<Vec<u8>>, SourceError> {
+    read_names(fd).map_err(|e| e.at(path.to_path_buf()))
+}
+
 /// Lists directory `fd` (all of it, or only `names`), with `lstat` data of each entry taken
 /// relative to `fd`. `path` names the directory in messages.
 pub fn list_dir(
@@ -256,7 +262,7 @@ pub fn list_dir(
 ) -> Result<Listing, SourceError> {
     let names = match names {
         Some(n) => n,
-        None => read_names(fd).map_err(|e| e.at(path.to_path_buf()))?,
+        None => list_names(fd, path)?,
     };
     let (xattrs, mut skipped) = match xattrs::of_fd(fd) {
         Ok(x) => (x, Vec::new()),
