@@ -7,7 +7,7 @@ pub mod secret;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hashgrid_proto::limits::{
@@ -104,7 +104,7 @@ pub struct PeerPool {
     lost: Mutex<HashSet<String>>,
     /// Per peer, the calls under the peer deadline now going unanswered for longer than
     /// [`PeerPool::hedge_after`] (see [`PeerPool::is_lagging`]).
-    lagging: Arc<Mutex<HashMap<String, usize>>>,
+    lagging: Mutex<HashMap<String, usize>>,
 }
 
 /// How long a suspect peer is given a short deadline before one call gets the full one
@@ -133,7 +133,7 @@ impl PeerPool {
             channels: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashMap::new()),
             lost: Mutex::new(HashSet::new()),
-            lagging: Arc::new(Mutex::new(HashMap::new())),
+            lagging: Mutex::new(HashMap::new()),
         }
     }
 
@@ -292,9 +292,7 @@ impl PeerPool {
             }
         }
     }
-}
 
-impl PeerPool {
     /// `call` under `timeout`, counted as lagging ([`PeerPool::is_lagging`]) from
     /// [`PeerPool::hedge_after`] until it ends, however it ends (dropped too).
     async fn watched<Fut: Future>(
@@ -318,28 +316,25 @@ impl PeerPool {
 }
 
 /// One call counted in [`PeerPool::is_lagging`] while it lives.
-struct Lag {
-    lagging: Arc<Mutex<HashMap<String, usize>>>,
-    addr: String,
+struct Lag<'a> {
+    lagging: &'a Mutex<HashMap<String, usize>>,
+    addr: &'a str,
 }
 
-impl Lag {
-    fn start(lagging: &Arc<Mutex<HashMap<String, usize>>>, addr: &str) -> Lag {
+impl<'a> Lag<'a> {
+    fn start(lagging: &'a Mutex<HashMap<String, usize>>, addr: &'a str) -> Lag<'a> {
         *lock(lagging).entry(addr.to_string()).or_default() += 1;
-        Lag {
-            lagging: lagging.clone(),
-            addr: addr.to_string(),
-        }
+        Lag { lagging, addr }
     }
 }
 
-impl Drop for Lag {
+impl Drop for Lag<'_> {
     fn drop(&mut self) {
-        let mut lagging = lock(&self.lagging);
-        if let Some(n) = lagging.get_mut(&self.addr) {
+        let mut lagging = lock(self.lagging);
+        if let Some(n) = lagging.get_mut(self.addr) {
             *n -= 1;
             if *n == 0 {
-                lagging.remove(&self.addr);
+                lagging.remove(self.addr);
             }
         }
     }
@@ -351,6 +346,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use hashgrid_proto::pb::HasRequest;
 
