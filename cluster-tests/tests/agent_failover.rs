@@ -9,6 +9,8 @@
 //! - A backup routed by a map an epoch behind refreshes it and goes on.
 //! - 4 nodes, R = 3, W = 2: a restore while an owner is SIGSTOPped reads around it after a
 //!   hedge, not after the peer deadline.
+//! - 5 nodes, R = 3, W = 2: a backup with one node killed and another SIGSTOPped writes the
+//!   copies the two cannot take to fallbacks after a hedge, not after the peer deadline.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -156,15 +158,17 @@ struct Run {
     status_took: Option<Duration>,
 }
 
+/// Waits until every node sees every node active and a leader.
 async fn settled(cluster: &Cluster) {
+    let n = cluster.nodes.len();
     cluster
         .wait_for(
-            "3 active members and a leader",
+            &format!("{n} active members and a leader"),
             Duration::from_secs(60),
             |all| {
-                all.len() == cluster.nodes.len()
+                all.len() == n
                     && all.iter().all(|s| {
-                        members_in(s, pb::MemberState::Active).len() == 3 && s.raft_leader != 0
+                        members_in(s, pb::MemberState::Active).len() == n && s.raft_leader != 0
                     })
             },
         )
@@ -437,18 +441,7 @@ fn a_restore_reads_around_an_owner_that_stopped_answering() {
     make_source(&src, 9, MIB);
     let rt = runtime();
     rt.block_on(async {
-        cluster
-            .wait_for(
-                "4 active members and a leader",
-                Duration::from_secs(60),
-                |all| {
-                    all.len() == 4
-                        && all.iter().all(|s| {
-                            members_in(s, pb::MemberState::Active).len() == 4 && s.raft_leader != 0
-                        })
-                },
-            )
-            .await;
+        settled(&cluster).await;
         let leader = cluster.leader().await.expect("a leader");
         let coordinator = (0..4).find(|&i| i != leader).unwrap();
         let victim = (0..4).find(|&i| i != leader && i != coordinator).unwrap();
@@ -491,5 +484,93 @@ fn a_restore_reads_around_an_owner_that_stopped_answering() {
             "the restore took {took:?} with a node stopped (undisturbed {normal:?}): it waited \
              for the stopped node instead of reading around it"
         );
+    });
+}
+
+#[test]
+fn a_backup_writes_around_a_dead_owner_and_one_that_stopped_answering() {
+    const PEER_TIMEOUT: Duration = Duration::from_secs(8);
+    const HEDGED: [&str; 2] = [
+        "hashgrid_peer_calls_hedged_total{call=\"lookup\"}",
+        "hashgrid_peer_calls_hedged_total{call=\"write\"}",
+    ];
+    const FALLBACK_COPIES: &str = "hashgrid_chunk_fallback_copies_total";
+    const MIB: usize = 32;
+    let tmp = tempfile::tempdir().unwrap();
+    let timeout_ms = PEER_TIMEOUT.as_millis().to_string();
+    let mut cluster = Cluster::start_with(
+        &tmp.path().join("cluster"),
+        5,
+        3,
+        2,
+        &["--peer-timeout-ms", &timeout_ms],
+    );
+    let rt = runtime();
+    let (coordinator, dead, hung) = rt.block_on(async {
+        settled(&cluster).await;
+        let leader = cluster.leader().await.expect("a leader");
+        let others: Vec<usize> = (0..5).filter(|&i| i != leader).collect();
+        (others[0], others[1], others[2])
+    });
+    // Writes whose owners include the dead node get its copy from a fallback at once
+    // (refused connections); the baseline is taken with it dead, so the figure below is
+    // what the stopped one costs.
+    cluster.nodes[dead].kill9();
+    rt.block_on(async {
+        let conn = cluster.connect(coordinator).await;
+        let run = |name: &'static str, seed: u64| {
+            let src = tmp.path().join(name);
+            make_source(&src, seed, MIB);
+            let conn = conn.clone();
+            async move {
+                let started = Instant::now();
+                let summary = backup(&conn, &backup_opts(&[&src], false, "c", name))
+                    .await
+                    .expect("backup");
+                (src, summary, started.elapsed())
+            }
+        };
+        let (_, _, normal) = run("one-dead", 21).await;
+        let counters = || {
+            let node = &cluster.nodes[coordinator];
+            let hedged: f64 = HEDGED.iter().filter_map(|m| node.metric(m)).sum();
+            (hedged, node.metric(FALLBACK_COPIES).unwrap_or(0.0))
+        };
+        let before = counters();
+        cluster.nodes[hung].pause();
+        let (src, summary, took) = run("one-dead-one-stopped", 22).await;
+        let after = counters();
+        let (hedged, fallback_copies) = (after.0 - before.0, after.1 - before.1);
+        eprintln!(
+            "backup of {MIB} MiB through node {} with node {} dead and node {} stopped: {:.2} s \
+             (with only the dead one {:.2} s, peer deadline {PEER_TIMEOUT:?}); {hedged} lookup \
+             or write call(s) hedged, {fallback_copies} cop(ies) written to fallbacks",
+            coordinator + 1,
+            dead + 1,
+            hung + 1,
+            took.as_secs_f64(),
+            normal.as_secs_f64(),
+        );
+        assert!(
+            hedged > 0.0,
+            "no call waited on the stopped node: it owned none of the chunks written?"
+        );
+        assert!(
+            fallback_copies > 0.0,
+            "no copy went to a fallback with two of five nodes out"
+        );
+        assert!(
+            took < normal + PEER_TIMEOUT / 2,
+            "the backup took {took:?} with a node dead and one stopped ({normal:?} with only \
+             the dead one): its writes waited for the stopped owner's deadline"
+        );
+        // Restored byte-identical, read around the stopped node, then once it is back.
+        let target = tmp.path().join("restored-while-stopped");
+        restore_all(&conn, summary.snapshot, &target).await;
+        assert_same_tree(&src, &restored(&target, &src));
+        cluster.nodes[hung].resume();
+        let target = tmp.path().join("restored");
+        restore_all(&conn, summary.snapshot, &target).await;
+        assert_same_tree(&src, &restored(&target, &src));
     });
 }

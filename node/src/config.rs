@@ -103,6 +103,12 @@ pub struct NodeConfig {
     #[arg(long, env = "HASHGRID_PEER_TIMEOUT_MS", default_value_t = 5000)]
     pub peer_timeout_ms: u64,
 
+    /// Most node-to-node calls this node has under way to one peer at once; further calls
+    /// to it fail at once (and go to another member) until some end. Bounds what a peer
+    /// that stopped answering holds of this node's memory until its calls run out of time.
+    #[arg(long, env = "HASHGRID_PEER_MAX_CALLS", default_value_t = crate::peer::MAX_CALLS_PER_PEER)]
+    pub peer_max_calls: usize,
+
     /// Seconds between repair passes, in which this node compares each partition it owns
     /// with the partition's other owners and copies what it lacks. A pass also runs soon
     /// after the node starts. 0 turns repair off (for tests of other mechanisms; a node

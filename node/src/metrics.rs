@@ -15,6 +15,7 @@ pub const GET_BYTES: &str = "hashgrid_chunk_get_bytes_total";
 pub const REPAIRED_ON_LOOKUP: &str = "hashgrid_chunk_repaired_on_lookup_total";
 pub const FALLBACK_COPIES: &str = "hashgrid_chunk_fallback_copies_total";
 pub const HEDGED_CALLS: &str = "hashgrid_peer_calls_hedged_total";
+pub const PEER_CALLS_SHED: &str = "hashgrid_peer_calls_shed_total";
 pub const SNAPSHOTS_COMMITTED: &str = "hashgrid_catalog_snapshots_committed_total";
 pub const STORE_CHUNKS: &str = "hashgrid_store_chunks";
 pub const STORE_BYTES: &str = "hashgrid_store_stored_bytes";
@@ -54,7 +55,14 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
     describe_counter!(
         HEDGED_CALLS,
         "Peer calls not answered within a quarter of the peer deadline, for which another member \
-         was asked beside the slow one, by call (lookup/read/write to a fallback)"
+         was asked beside the slow one, by call (lookup, read: the next owner; write: an owner \
+         slow to store, its copy written to a fallback beside it; write to a fallback: the next \
+         fallback)"
+    );
+    describe_counter!(
+        PEER_CALLS_SHED,
+        "Peer calls not sent because the peer already had its cap of calls from this node \
+         unanswered (--peer-max-calls): it is slow or hung, and another member was asked"
     );
     describe_counter!(
         REPAIRED_ON_LOOKUP,

@@ -10,10 +10,11 @@
 //! deadline), for lookups that must count copies.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use hashgrid_proto::NodeId;
 
 use crate::error::NodeError;
@@ -23,6 +24,12 @@ use crate::error::NodeError;
 pub enum Wait {
     /// At the quorum; the other calls finish in the background.
     Quorum,
+    /// At the quorum, or once the given time passed without it: the owners that have not
+    /// answered by then are counted failed ([`NodeError::Unavailable`]) though their calls go
+    /// on in the background under their deadlines, so the caller can ask others (a write's
+    /// fallbacks) beside an owner that stopped answering without closing its connections,
+    /// instead of waiting out its whole deadline.
+    QuorumWithin(Duration),
     /// When every owner answered or failed.
     All,
 }
@@ -95,7 +102,7 @@ pub async fn within<T>(
 
 /// Calls `call(owner)` for every owner in `owners` at once, each under `timeout`, and returns
 /// when `quorum` of them answered (see [`Wait`]), or fails with [`QuorumError`] when fewer
-/// than `quorum` can answer.
+/// than `quorum` can answer (or, with [`Wait::QuorumWithin`], have answered in time).
 pub async fn call_owners<T, F, Fut>(
     what: &'static str,
     owners: &[NodeId],
@@ -127,7 +134,41 @@ where
         ok: Vec::with_capacity(owners.len()),
         failed: Vec::new(),
     };
-    while let Some((node, result)) = pending.next().await {
+    // With `QuorumWithin`, when to stop waiting for the quorum (the sleep below is only
+    // polled then).
+    let give_up = match wait {
+        Wait::QuorumWithin(after) => Some((after, tokio::time::Instant::now() + after)),
+        Wait::Quorum | Wait::All => None,
+    };
+    loop {
+        let (node, result) = tokio::select! {
+            next = pending.next() => match next {
+                Some(answer) => answer,
+                None => break,
+            },
+            () = tokio::time::sleep_until(give_up.map_or_else(tokio::time::Instant::now, |g| g.1)),
+                if give_up.is_some() =>
+            {
+                let after = give_up.map(|g| g.0).unwrap_or_default();
+                metrics::counter!(crate::metrics::HEDGED_CALLS, "call" => what).increment(1);
+                let answered: Vec<NodeId> = answers
+                    .ok
+                    .iter()
+                    .map(|a| a.0)
+                    .chain(answers.failed.iter().map(|f| f.0))
+                    .collect();
+                for &node in owners.iter().filter(|n| !answered.contains(n)) {
+                    tracing::debug!(%node, ?after, what, "owner slow to answer; asking others beside it");
+                    answers.failed.push((
+                        node,
+                        NodeError::Unavailable(format!(
+                            "no answer within {after:?} (still asked, in the background)"
+                        )),
+                    ));
+                }
+                break;
+            }
+        };
         match result {
             Ok(v) => answers.ok.push((node, v)),
             Err(e) => {
@@ -138,7 +179,7 @@ where
         if answers.ok.len() + pending.len() < quorum {
             break;
         }
-        if wait == Wait::Quorum && answers.ok.len() >= quorum {
+        if wait != Wait::All && answers.ok.len() >= quorum {
             break;
         }
     }
@@ -196,9 +237,14 @@ where
         let node = candidates[*asked];
         *asked += 1;
         let fut = call(node);
-        pending.push(tokio::spawn(
-            async move { (node, within(timeout, fut).await) },
-        ));
+        pending.push(tokio::spawn(async move {
+            // A call that panics is that candidate failing, listed with the others.
+            let answer = AssertUnwindSafe(within(timeout, fut))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| Err(NodeError::Internal(format!("{what}: the call panicked"))));
+            (node, answer)
+        }));
     };
     while asked < need.min(candidates.len()) {
         ask(&mut pending, &mut asked);
@@ -216,10 +262,10 @@ where
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, what, "call task failed");
-                    if asked < candidates.len() {
-                        ask(&mut pending, &mut asked);
-                    }
+                    // Only a cancelled task gets here (panics are caught above): the
+                    // runtime is shutting down.
+                    tracing::debug!(error = %e, what, "call task cancelled");
+                    break;
                 }
             },
             () = tokio::time::sleep(hedge), if hedging => {
@@ -339,6 +385,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn quorum_within_gives_up_on_a_hung_owner_at_its_time_not_its_deadline() {
+        let start = std::time::Instant::now();
+        let after = Duration::from_millis(50);
+        let err = call_owners(
+            "write",
+            &OWNERS,
+            2,
+            Wait::QuorumWithin(after),
+            Duration::from_secs(60),
+            one_of_each,
+        )
+        .await
+        .unwrap_err();
+        assert!(start.elapsed() >= after);
+        assert!(start.elapsed() < Duration::from_secs(5));
+        let QuorumError::NotReached {
+            answered, failed, ..
+        } = &err
+        else {
+            panic!("{err}");
+        };
+        assert_eq!(*answered, 1);
+        let mut failed: Vec<_> = failed.iter().map(|f| f.0).collect();
+        failed.sort_unstable();
+        assert_eq!(failed, [2, 3], "the hung owner is counted failed");
+        // A quorum reached in time is answered as with `Wait::Quorum`.
+        let answers = call_owners(
+            "write",
+            &OWNERS,
+            1,
+            Wait::QuorumWithin(Duration::from_secs(60)),
+            Duration::from_secs(60),
+            one_of_each,
+        )
+        .await
+        .unwrap();
+        assert_eq!(answers.ok.iter().map(|a| a.0).collect::<Vec<_>>(), [1]);
+    }
+
+    #[tokio::test]
     async fn fewer_owners_than_the_quorum_is_refused_up_front() {
         let err = call_owners(
             "put",
@@ -403,6 +489,26 @@ mod tests {
         .await;
         assert_eq!(answers.ok.len(), 2);
         assert_eq!(asked.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_hedged_call_that_panics_is_listed_failed_and_the_next_asked() {
+        let answers = call_hedged(
+            "write",
+            &[2, 1],
+            1,
+            DEADLINE,
+            Duration::from_secs(60),
+            |node| async move {
+                assert_ne!(node, 2, "this candidate's call panics");
+                Ok(node)
+            },
+        )
+        .await;
+        assert_eq!(answers.ok.iter().map(|a| a.0).collect::<Vec<_>>(), [1]);
+        assert_eq!(answers.failed.len(), 1);
+        assert_eq!(answers.failed[0].0, 2);
+        assert!(matches!(answers.failed[0].1, NodeError::Internal(_)));
     }
 
     #[tokio::test]

@@ -98,11 +98,10 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         config.cluster_secret_file.as_deref(),
         creating || has_cluster,
     )?;
-    let peers = Arc::new(PeerPool::new(
-        &secret,
-        config.peer_timeout(),
-        config.dial_from,
-    ));
+    let peers = Arc::new(
+        PeerPool::new(&secret, config.peer_timeout(), config.dial_from)
+            .with_max_calls(config.peer_max_calls),
+    );
     let raft = Raft::new(
         node_id,
         Arc::new(raft::config(&config).validate()?),

@@ -84,9 +84,10 @@ pub async fn lookup(
 /// owners hold it, or once the owners not yet asked could no longer bring it to W. In the
 /// common cases (a chunk on every owner, or on none) that costs W lookups per id, not R.
 /// A wave is not waited out when an owner is slow: after [`crate::peer::PeerPool::hedge_after`]
-/// without an answer the next owner is asked beside it, and once every owner is asked, the
-/// fallbacks; so a hung owner that is not yet suspect costs one peer deadline, not one per
-/// wave plus one for the fallbacks.
+/// without an answer every owner not yet asked and the fallbacks are asked beside it, and an
+/// agent's lookup ([`Presence::Upload`]) answers once they have, without the owners that were
+/// slow; so a hung owner that is not yet suspect costs an agent's lookup one hedge, not its
+/// deadline, and once it is lagging ([`crate::peer::PeerPool::is_lagging`]) nothing.
 async fn lookup_group(
     route: &Route,
     ids: &[ChunkId],
@@ -106,11 +107,13 @@ async fn lookup_group(
     let group: Vec<ChunkId> = idx.iter().map(|&i| ids[i]).collect();
     let current = route.placement.current();
     let mut t = Tally::new(group.len());
-    // Owners whose last call ran out of time are not waited for while others can decide:
-    // they count as unknown from the start (a silent partition would otherwise cost every
-    // lookup their deadline). The commit check asks them last, if it must.
+    // Owners whose last call ran out of time, or that have a call unanswered past the
+    // hedge, are not waited for while others can decide: they count as unknown from the
+    // start (a silent partition would otherwise cost every lookup their deadline, and every
+    // lookup started before the first call to a hung owner runs out a hedge). The commit
+    // check asks them last, if it must.
     let (live, hung): (Vec<NodeId>, Vec<NodeId>) =
-        owners.iter().partition(|&&n| !route.is_suspect(n));
+        owners.iter().partition(|&&n| !route.is_hanging(n));
     for (j, id) in group.iter().enumerate() {
         t.unknown[j] = current
             .owners_of(id)
@@ -120,12 +123,16 @@ async fn lookup_group(
     }
     let mut undecided: Vec<usize> = (0..group.len()).collect();
     let mut asked = 0;
-    // Calls under way, and how many of them each id waits on.
+    // Calls under way (and to whom), and how many of them each id waits on.
     let mut inflight = FuturesUnordered::new();
+    let mut pending: Vec<NodeId> = Vec::new();
     let mut waits_on = vec![0usize; group.len()];
     let hedge = route.ctx().peers.hedge_after();
     // Fallbacks asked early (the ids asked about, the calls), see the hedge below.
     let mut early_fallbacks: Option<(Vec<usize>, Vec<JoinHandle<OwnerAnswer>>)> = None;
+    // The owners whose calls were still under way when the hedge passed (`None`: it has
+    // not).
+    let mut slow: Option<Vec<NodeId>> = None;
     loop {
         if inflight.is_empty() {
             if undecided.is_empty() || asked >= live.len() {
@@ -136,27 +143,49 @@ async fn lookup_group(
             asked += wave.len();
             for &node in wave {
                 inflight.push(ask_owner(route, node, &group, &undecided, &mut waits_on));
+                pending.push(node);
             }
         }
         tokio::select! {
-            Some(answer) = inflight.next() => t.count(route, &group, answer, false, &mut waits_on)?,
-            // An owner of this wave has not answered in a while: ask the next one beside it
-            // rather than after its deadline (the first call to a peer cut off without a
-            // word would otherwise cost each wave a whole peer timeout).
-            // With every owner asked, the fallbacks are asked beside the slow ones: copies
-            // a write could not place on unreachable owners are there.
-            () = tokio::time::sleep(hedge), if asked < live.len() || early_fallbacks.is_none() => {
-                metrics::counter!(m::HEDGED_CALLS, "call" => "lookup").increment(1);
-                if asked < live.len() {
-                    let node = live[asked];
-                    asked += 1;
-                    tracing::debug!(%node, ?hedge, "lookup: an owner is slow, asking the next beside it");
-                    inflight.push(ask_owner(route, node, &group, &undecided, &mut waits_on));
-                } else {
-                    let calls = ask_fallbacks(route, &group, &undecided);
-                    early_fallbacks = Some((undecided.clone(), calls));
+            Some(answer) = inflight.next() => {
+                if let Ok(a) = &answer {
+                    if let Some(at) = pending.iter().position(|&n| n == a.node) {
+                        pending.swap_remove(at);
+                    }
                 }
+                t.count(route, &group, answer, false, &mut waits_on)?;
             }
+            // An owner has not answered in a while: ask every owner not asked yet and the
+            // fallbacks (copies a write could not place on unreachable owners are there)
+            // beside it, rather than after its deadline (the first call to a peer cut off
+            // without a word would otherwise cost each wave a whole peer timeout).
+            () = tokio::time::sleep(hedge), if slow.is_none() => {
+                metrics::counter!(m::HEDGED_CALLS, "call" => "lookup").increment(1);
+                tracing::debug!(slow = ?pending, ?hedge, "lookup: owners slow, asking the others beside them");
+                slow = Some(pending.clone());
+                for &node in &live[asked..] {
+                    inflight.push(ask_owner(route, node, &group, &undecided, &mut waits_on));
+                    pending.push(node);
+                }
+                asked = live.len();
+                early_fallbacks = Some((undecided.clone(), ask_fallbacks(route, &group, &undecided, presence)));
+            }
+        }
+        // An agent's lookup does not wait out owners that were slow at the hedge once every
+        // other call is answered: they count as unknown, and what stays undecided is absent
+        // (at worst the agent sends a chunk again) rather than the backup held for their
+        // deadline. Their calls run on in their tasks, so the peer pool learns whether they
+        // are hung. The commit check waits for them.
+        let only_slow_left = slow
+            .as_ref()
+            .is_some_and(|slow| !pending.is_empty() && pending.iter().all(|n| slow.contains(n)));
+        if presence == Presence::Upload && only_slow_left {
+            tracing::debug!(slow = ?pending, "lookup: answering without the slow owners");
+            for (unknown, waits) in t.unknown.iter_mut().zip(waits_on.iter_mut()) {
+                *unknown += std::mem::take(waits);
+            }
+            inflight = FuturesUnordered::new();
+            pending.clear();
         }
         let unasked = live.len() - asked;
         // Absent is decided only when even the owners that failed, and those still being
@@ -188,9 +217,10 @@ async fn lookup_group(
             .filter(|&j| !asked_early[j])
             .collect();
         if !rest.is_empty() {
-            calls.extend(ask_fallbacks(route, &group, &rest));
+            calls.extend(ask_fallbacks(route, &group, &rest, presence));
         }
-        count_fallbacks(calls, &mut t.holders).await;
+        let within = (presence == Presence::Upload).then_some(hedge);
+        count_fallbacks(calls, &mut t.holders, within).await;
     }
     if presence == Presence::Strict && !hung.is_empty() {
         let left = short(&t);
@@ -358,15 +388,22 @@ fn spawn_has(
 /// Asks the fallbacks of the ids at `short` (each id's partition's, see
 /// [`Route::fallbacks`]) which of them they hold, all at once, each in a task of its own;
 /// [`count_fallbacks`] adds their answers.
+/// An agent's lookup ([`Presence::Upload`]) leaves out fallbacks that hang
+/// ([`Route::is_hanging`]): it would not wait for their answer anyway (see
+/// [`count_fallbacks`]).
 fn ask_fallbacks(
     route: &Route,
     group: &[ChunkId],
     short: &[usize],
+    presence: Presence,
 ) -> Vec<JoinHandle<OwnerAnswer>> {
     let current = route.placement.current();
     let mut asked: HashMap<NodeId, Vec<usize>> = HashMap::new();
     for &j in short {
         for node in route.fallbacks(current.partition_of(&group[j])) {
+            if presence == Presence::Upload && route.is_hanging(node) {
+                continue;
+            }
             asked.entry(node).or_default().push(j);
         }
     }
@@ -377,10 +414,27 @@ fn ask_fallbacks(
 }
 
 /// Waits for the fallbacks' answers: each fallback that holds an id joins its holders. A
-/// fallback that fails adds nothing.
-async fn count_fallbacks(calls: Vec<JoinHandle<OwnerAnswer>>, holders: &mut [Vec<NodeId>]) {
+/// fallback that fails adds nothing, and so does one that has not answered `within` (when
+/// given: an agent's lookup, which calls what it cannot count absent, does not wait out a
+/// hung fallback's deadline; the call runs on in its task).
+async fn count_fallbacks(
+    calls: Vec<JoinHandle<OwnerAnswer>>,
+    holders: &mut [Vec<NodeId>],
+    within: Option<std::time::Duration>,
+) {
+    let deadline = within.map(|d| tokio::time::Instant::now() + d);
     for call in calls {
-        let answer = match call.await {
+        let joined = match deadline {
+            Some(at) => match tokio::time::timeout_at(at, call).await {
+                Ok(joined) => joined,
+                Err(_) => {
+                    tracing::debug!("lookup: a fallback is slow; answering without it");
+                    continue;
+                }
+            },
+            None => call.await,
+        };
+        let answer = match joined {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(error = %e, "lookup on a fallback: call task failed");

@@ -122,12 +122,28 @@ impl Route {
             .is_some_and(|a| self.ctx.peers.is_suspect(a))
     }
 
-    /// Whether `node` is suspect, or has a call under way that has gone unanswered past
-    /// the hedge ([`crate::peer::PeerPool::is_lagging`]): asked last by reads and lookups.
-    fn is_slow(&self, node: NodeId) -> bool {
-        self.addrs
-            .get(&node)
-            .is_some_and(|a| self.ctx.peers.is_suspect(a) || self.ctx.peers.is_lagging(a))
+    /// Whether calls to `node` hang: it is suspect, or has a call under way that has gone
+    /// unanswered past the hedge ([`crate::peer::PeerPool::is_lagging`]). Lookups do not
+    /// wait for such an owner, nor ask such a fallback.
+    pub fn is_hanging(&self, node: NodeId) -> bool {
+        self.addrs.get(&node).is_some_and(|a| {
+            let peers = &self.ctx.peers;
+            peers.is_suspect(a) || peers.is_lagging(a)
+        })
+    }
+
+    /// Whether `node` hangs ([`Route::is_hanging`]) or lost its connection on its last call
+    /// ([`crate::peer::PeerPool::is_down`]): asked last by reads and lookups, and written
+    /// around by writes that have fallbacks. Why the down ones too: a write whose owners
+    /// are one down and one hung would otherwise wait a hedge for the hung one, every time,
+    /// before its fallback copy. (Lookups still ask a down owner, last: it fails at once if
+    /// it is still down, and one that came back is found lacking copies and repaired.)
+    pub fn is_slow(&self, node: NodeId) -> bool {
+        self.is_hanging(node)
+            || self
+                .addrs
+                .get(&node)
+                .is_some_and(|a| self.ctx.peers.is_down(a))
     }
 
     /// Moves suspect and lagging peers to the end (a stable sort).

@@ -77,18 +77,26 @@ async fn replicate_once(route: &Route, chunks: &[VerifiedChunk]) -> Result<PutOu
         route.placement.current().owners(p).to_vec()
     });
     let timeout = route.ctx().peers.timeout();
+    let hedge = route.ctx().peers.hedge_after();
     let calls = groups.into_iter().map(|(owners, idx)| {
         let batch = Arc::new(idx.iter().map(|&i| chunks[i].clone()).collect::<Vec<_>>());
         async move {
             let hung: Vec<NodeId> = owners
                 .iter()
                 .copied()
-                .filter(|&n| route.is_suspect(n))
+                .filter(|&n| route.is_slow(n))
                 .collect();
             if owners.len() - hung.len() < w && has_fallback(route, &batch) {
                 return write_around(route, &owners, &hung, batch, w).await;
             }
-            let put = call_owners("write", &owners, w, Wait::Quorum, timeout, |node| {
+            // With fallbacks to turn to, an owner that has not answered after the hedge
+            // does not hold the group up: its copy goes to a fallback beside it.
+            let wait = if has_fallback(route, &batch) {
+                Wait::QuorumWithin(hedge)
+            } else {
+                Wait::Quorum
+            };
+            let put = call_owners("write", &owners, w, wait, timeout, |node| {
                 let route = route.clone();
                 let batch = batch.clone();
                 async move { route.owner_put(node, batch).await }
@@ -138,7 +146,10 @@ fn has_fallback(route: &Route, batch: &[VerifiedChunk]) -> bool {
 }
 
 /// Writes a group whose owners include hung ones (suspect: their last call ran out of time,
-/// see [`crate::peer::PeerPool::is_suspect`]) and too few others to make W. The hung owners
+/// see [`crate::peer::PeerPool::is_suspect`]; or lagging: a call to them has gone unanswered
+/// past the hedge, see [`crate::peer::PeerPool::is_lagging`]) and too few others to make W.
+/// A lagging owner may only be slow (a long fsync): then the fallbacks' copies are extra,
+/// handed back by their hand-off pass, a cost paid only while an owner is that slow. The hung owners
 /// get their copy in the background, under their deadline; the others are written and the
 /// fallbacks take the copies they cannot, without first waiting out the hung owners'
 /// deadlines (which would cost every write group behind a silent partition that long).
@@ -174,7 +185,9 @@ async fn write_around(
     failed.extend(hung.iter().map(|&n| {
         (
             n,
-            NodeError::Unavailable("suspect: its last call ran out of time".into()),
+            NodeError::Unavailable(
+                "slow: its last call ran out of time, or one is unanswered past the hedge".into(),
+            ),
         )
     }));
     let cause = QuorumError::NotReached {

@@ -45,6 +45,10 @@ pub enum PeerError {
     Timeout { addr: String, timeout: Duration },
     #[error("peer {addr}: {status}")]
     Status { addr: String, status: tonic::Status },
+    /// Not sent: the peer already has its cap of calls from this node under way (see
+    /// [`PeerPool::with_max_calls`]), so it is slow or hung; ask another.
+    #[error("peer {addr} already has {in_flight} calls from this node unanswered; not asked")]
+    Shed { addr: String, in_flight: usize },
 }
 
 impl PeerError {
@@ -52,7 +56,9 @@ impl PeerError {
     /// say nothing about the request and may be retried elsewhere.
     pub fn is_unreachable(&self) -> bool {
         match self {
-            PeerError::BadAddress { .. } | PeerError::Timeout { .. } => true,
+            PeerError::BadAddress { .. } | PeerError::Timeout { .. } | PeerError::Shed { .. } => {
+                true
+            }
             // A status made from a transport error (it has a source: refused, reset, closed
             // by a keepalive) is not the peer's answer; tonic reports a connection that
             // closed under a call as CANCELLED.
@@ -78,7 +84,7 @@ impl PeerError {
     /// machine with the peer alive).
     pub fn lost_contact(&self) -> bool {
         match self {
-            PeerError::BadAddress { .. } => false,
+            PeerError::BadAddress { .. } | PeerError::Shed { .. } => false,
             PeerError::Timeout { .. } => true,
             PeerError::Status { status, .. } => {
                 status.code() == tonic::Code::Cancelled
@@ -105,7 +111,20 @@ pub struct PeerPool {
     /// Per peer, the calls under the peer deadline now going unanswered for longer than
     /// [`PeerPool::hedge_after`] (see [`PeerPool::is_lagging`]).
     lagging: Mutex<HashMap<String, usize>>,
+    /// Peers whose last call lost its connection, none answered since ([`PeerPool::is_down`]).
+    down: Mutex<HashSet<String>>,
+    /// Per peer, the calls under the peer deadline now under way, at most `max_calls`.
+    in_flight: Mutex<HashMap<String, usize>>,
+    max_calls: usize,
 }
+
+/// How many calls under the peer deadline one node has under way to one peer, at most, by
+/// default. Why a cap: a peer that stopped answering without closing its connections keeps
+/// every call sent to it (and the chunk bytes a write holds) until its deadline, and hedged
+/// reads and writes send the slow peer its share too, so without one a busy coordinator's
+/// memory grows with its request rate times the deadline. A live peer answers far more
+/// calls than this in a deadline; its HTTP/2 server takes 200 streams at once anyway.
+pub const MAX_CALLS_PER_PEER: usize = 256;
 
 /// How long a suspect peer is given a short deadline before one call gets the full one
 /// again (a slow but live peer proves itself then, and stops being suspect).
@@ -134,7 +153,17 @@ impl PeerPool {
             suspects: Mutex::new(HashMap::new()),
             lost: Mutex::new(HashSet::new()),
             lagging: Mutex::new(HashMap::new()),
+            down: Mutex::new(HashSet::new()),
+            in_flight: Mutex::new(HashMap::new()),
+            max_calls: MAX_CALLS_PER_PEER,
         }
+    }
+
+    /// At most `max_calls` calls under the peer deadline under way to one peer (at least
+    /// one); further calls fail at once with [`PeerError::Shed`] until some end.
+    pub fn with_max_calls(mut self, max_calls: usize) -> Self {
+        self.max_calls = max_calls.max(1);
+        self
     }
 
     /// The deadline of one peer call.
@@ -201,6 +230,14 @@ impl PeerPool {
         self.lost().remove(addr);
     }
 
+    /// Whether a call to `addr` lost its connection (refused, reset, closed under it) and
+    /// none has been answered since: the peer is probably down. Its calls fail at once
+    /// rather than hang, so its deadline is untouched; callers that choose whom to ask put
+    /// it last, and writes go around it (see [`crate::coordinator::Route::is_slow`]).
+    pub fn is_down(&self, addr: &str) -> bool {
+        lock(&self.down).contains(addr)
+    }
+
     /// Whether the last call to `addr` ran out of time (and no answer came since).
     pub fn is_suspect(&self, addr: &str) -> bool {
         self.suspects().contains_key(addr)
@@ -249,6 +286,21 @@ impl PeerPool {
             None => self.default_timeout(addr),
         };
         let client = self.client(addr)?;
+        let _in_flight = if judged {
+            let started = Counted::start_within(&self.in_flight, addr, self.max_calls);
+            match started {
+                Some(counted) => Some(counted),
+                None => {
+                    metrics::counter!(crate::metrics::PEER_CALLS_SHED).increment(1);
+                    return Err(PeerError::Shed {
+                        addr: addr.to_string(),
+                        in_flight: self.max_calls,
+                    });
+                }
+            }
+        } else {
+            None
+        };
         let call = f(client);
         let result = if judged {
             self.watched(addr, timeout, call).await
@@ -281,12 +333,16 @@ impl PeerPool {
                 // does not.
                 if answer.as_ref().is_err_and(PeerError::lost_contact) {
                     self.lost().insert(addr.to_string());
+                    lock(&self.down).insert(addr.to_string());
                 }
                 let alive = answer
                     .as_ref()
                     .map_or_else(|e| !e.is_unreachable(), |_| true);
-                if alive && self.suspects().remove(addr).is_some() {
-                    tracing::info!(%addr, "suspect peer answered again");
+                if alive {
+                    if self.suspects().remove(addr).is_some() {
+                        tracing::info!(%addr, "suspect peer answered again");
+                    }
+                    lock(&self.down).remove(addr);
                 }
                 answer
             }
@@ -308,33 +364,49 @@ impl PeerPool {
             if let Ok(answer) = tokio::time::timeout(hedge, &mut call).await {
                 return Ok(answer);
             }
-            let _lag = Lag::start(&self.lagging, addr);
+            let _lag = Counted::start(&self.lagging, addr);
             return tokio::time::timeout_at(deadline, call).await;
         }
         tokio::time::timeout_at(deadline, call).await
     }
 }
 
-/// One call counted in [`PeerPool::is_lagging`] while it lives.
-struct Lag<'a> {
-    lagging: &'a Mutex<HashMap<String, usize>>,
+/// One call counted, per peer, in one of the pool's tallies (calls lagging, calls under
+/// way) while it lives: dropped with the call however the call ends.
+struct Counted<'a> {
+    tally: &'a Mutex<HashMap<String, usize>>,
     addr: &'a str,
 }
 
-impl<'a> Lag<'a> {
-    fn start(lagging: &'a Mutex<HashMap<String, usize>>, addr: &'a str) -> Lag<'a> {
-        *lock(lagging).entry(addr.to_string()).or_default() += 1;
-        Lag { lagging, addr }
+impl<'a> Counted<'a> {
+    fn start(tally: &'a Mutex<HashMap<String, usize>>, addr: &'a str) -> Counted<'a> {
+        *lock(tally).entry(addr.to_string()).or_default() += 1;
+        Counted { tally, addr }
+    }
+
+    /// Counts the call unless `addr` already has `max` counted.
+    fn start_within(
+        tally: &'a Mutex<HashMap<String, usize>>,
+        addr: &'a str,
+        max: usize,
+    ) -> Option<Counted<'a>> {
+        let mut counts = lock(tally);
+        let n = counts.entry(addr.to_string()).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Counted { tally, addr })
     }
 }
 
-impl Drop for Lag<'_> {
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
-        let mut lagging = lock(self.lagging);
-        if let Some(n) = lagging.get_mut(self.addr) {
+        let mut tally = lock(self.tally);
+        if let Some(n) = tally.get_mut(self.addr) {
             *n -= 1;
             if *n == 0 {
-                lagging.remove(self.addr);
+                tally.remove(self.addr);
             }
         }
     }
@@ -408,6 +480,46 @@ mod tests {
             suspect_timeout(Duration::from_millis(300)),
             Duration::from_millis(300)
         );
+    }
+
+    /// Calls over the cap to one peer are not sent; the cap frees as calls end.
+    #[tokio::test]
+    async fn calls_over_the_cap_to_a_hung_peer_fail_at_once_until_some_end() {
+        let (pool, _hung, addr) = pool_and_hung_peer(Duration::from_secs(60));
+        let pool = Arc::new(pool.with_max_calls(2));
+        let in_flight = |pool: &PeerPool| lock(&pool.in_flight).get(&addr).copied();
+        let calls: Vec<_> = (0..2)
+            .map(|_| {
+                let pool = pool.clone();
+                let addr = addr.clone();
+                tokio::spawn(async move { ask(&pool, &addr).await })
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        while in_flight(&pool) != Some(2) {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "calls not started"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let started = std::time::Instant::now();
+        match ask(&pool, &addr).await {
+            e @ PeerError::Shed { in_flight: 2, .. } => {
+                assert!(e.is_unreachable() && !e.lost_contact(), "{e}")
+            }
+            e => panic!("expected the call to be shed, got {e}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(
+            !pool.is_suspect(&addr),
+            "a shed call says nothing of the peer"
+        );
+        for call in calls {
+            call.abort();
+            let _ = call.await;
+        }
+        assert_eq!(in_flight(&pool), None, "ended calls still counted");
     }
 
     /// A call to a peer that does not answer makes the peer lagging from the hedge until the
