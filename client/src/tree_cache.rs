@@ -11,9 +11,18 @@
 //!   would. A parent deleted, marked damaged or replaced by another backup (from another
 //!   host, say) has another root or is not chosen: the file is ignored and rewritten.
 //! - Every chunk is checked against its id before use; a damaged one is fetched instead.
-//! - The file is replaced atomically (written beside, then renamed) and only after the
-//!   snapshot committed; a file that does not parse is ignored. It is not synced: after a
-//!   crash it may be empty or partly written, which those two checks make harmless.
+//! - The file is written only after the snapshot committed: replaced atomically (written
+//!   beside, then renamed), or, when the backup changed few trees, appended to (the new
+//!   trees, then the new root; see [`TreeCache::save`]). Only chunks before the file's last
+//!   complete root record count, and a file that does not parse is ignored. It is not
+//!   synced: after a crash it may be empty or partly written, which those checks make
+//!   harmless (the next backup fetches its parent's trees and rewrites the file).
+//!
+//! The file: `HGTREES2`, then records, each a tag byte: `C` a chunk (id, u32 length, bytes),
+//! `R` a root (u32 count, ids), which says the chunks before it are the trees of the snapshot
+//! with that root. Chunks of older roots left in the file are never asked for (the walk asks
+//! only for the trees under the parent's root); they are dropped when the file is rewritten,
+//! which happens once they are a quarter of what the backup used.
 //!
 //! Bounded: a cache is loaded and kept only while it fits in its byte cap (a share of the
 //! agent's memory budget); a dataset whose trees are larger fetches them as before.
@@ -28,8 +37,15 @@ use bytes::Bytes;
 use hashgrid_proto::manifest::ObjectRef;
 use hashgrid_proto::ChunkId;
 
-const MAGIC: &[u8; 8] = b"HGTREES1";
+const MAGIC: &[u8; 8] = b"HGTREES2";
 const ID_LEN: usize = 32;
+const TAG_CHUNK: u8 = b'C';
+const TAG_ROOT: u8 = b'R';
+
+/// Bytes a chunk of `len` bytes takes in the file (and counts against the cap).
+fn record_len(len: usize) -> usize {
+    1 + ID_LEN + 4 + len
+}
 
 /// Where the agent keeps its caches when not told: `$XDG_CACHE_HOME/hashgrid`, else
 /// `$HOME/.cache/hashgrid`; `None` when neither is set.
@@ -58,6 +74,8 @@ pub struct TreeCache {
     loaded: HashMap<ChunkId, Bytes>,
     /// The root the file describes, when it was loaded.
     loaded_root: Option<ObjectRef>,
+    /// Where the loaded file's last complete root record ends (what an append keeps).
+    loaded_len: u64,
     /// A loaded chunk failed its check: the file must be rewritten.
     damaged: AtomicBool,
     /// The chunks of the trees this backup used or wrote: the next file.
@@ -82,19 +100,21 @@ impl TreeCache {
     pub fn open(dir: &Path, key: &str, parent_root: Option<&ObjectRef>, cap: usize) -> Self {
         let name = blake3::hash(key.as_bytes()).to_hex();
         let path = dir.join("trees").join(&name[..32]);
-        let (loaded, loaded_root) = match parent_root.map(|root| (load(&path, root, cap), root)) {
-            Some((Ok(chunks), root)) => (chunks, Some(root.clone())),
-            Some((Err(why), _)) => {
-                tracing::debug!(path = %path.display(), why, "tree cache not used");
-                (HashMap::new(), None)
-            }
-            None => (HashMap::new(), None),
-        };
+        let (loaded, loaded_root, loaded_len) =
+            match parent_root.map(|root| (load(&path, root, cap), root)) {
+                Some((Ok((chunks, len)), root)) => (chunks, Some(root.clone()), len),
+                Some((Err(why), _)) => {
+                    tracing::debug!(path = %path.display(), why, "tree cache not used");
+                    (HashMap::new(), None, 0)
+                }
+                None => (HashMap::new(), None, 0),
+            };
         tracing::debug!(path = %path.display(), chunks = loaded.len(), "tree cache");
         TreeCache {
             path,
             loaded,
             loaded_root,
+            loaded_len,
             damaged: AtomicBool::new(false),
             kept: Mutex::new(Kept::default()),
             cap,
@@ -132,7 +152,7 @@ impl TreeCache {
         if kept.overflow || kept.chunks.contains_key(&id) {
             return;
         }
-        kept.bytes += ID_LEN + 4 + plain.len();
+        kept.bytes += record_len(plain.len());
         if kept.bytes > self.cap {
             tracing::debug!(cap = self.cap, "trees over the cache's cap; not cached");
             kept.overflow = true;
@@ -153,8 +173,10 @@ impl TreeCache {
     /// committed). Over the cap, the old file is removed instead: it no longer describes the
     /// latest snapshot. When the file already holds exactly these trees (an unchanged
     /// re-backup: the same root, every tree served from the file and none damaged), it is
-    /// only touched, not rewritten: on a 69,000-file tree that is 8 MiB written and synced
-    /// less per unchanged backup.
+    /// only touched, not rewritten: on a 69,000-file tree that is 8 MiB written less per
+    /// unchanged backup. When it holds most of them (a backup that changed a few files, or
+    /// only the metadata of a directory above the backed-up path), the new trees and the
+    /// new root are appended to it, so the write tracks the change, not the tree's size.
     pub fn save(&self, root: &ObjectRef) -> std::io::Result<()> {
         let kept = std::mem::take(&mut *self.kept());
         if kept.overflow {
@@ -174,6 +196,9 @@ impl TreeCache {
                 .open(&self.path)?
                 .set_modified(std::time::SystemTime::now());
         }
+        if self.appendable(&kept, root) {
+            return self.append(&kept, root);
+        }
         let dir = self
             .path
             .parent()
@@ -186,22 +211,71 @@ impl TreeCache {
         {
             let mut out = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
             out.write_all(MAGIC)?;
-            out.write_all(&(root.0.len() as u32).to_le_bytes())?;
-            for id in &root.0 {
-                out.write_all(id.as_bytes())?;
-            }
-            out.write_all(&(kept.chunks.len() as u32).to_le_bytes())?;
-            for (id, plain) in &kept.chunks {
-                out.write_all(id.as_bytes())?;
-                out.write_all(&(plain.len() as u32).to_le_bytes())?;
-                out.write_all(plain)?;
-            }
+            write_records(&mut out, kept.chunks.iter(), root)?;
             out.flush()?;
         }
         tmp.persist(&self.path).map_err(|e| e.error)?;
         prune(dir);
         Ok(())
     }
+
+    /// Whether this backup's trees can be appended to the loaded file: it was loaded (it
+    /// described the parent) and nothing in it was damaged, the chunks in it this backup
+    /// did not use are at most a quarter of what it used, and it stays within the cap.
+    fn appendable(&self, kept: &Kept, root: &ObjectRef) -> bool {
+        if self.loaded_root.is_none() || self.damaged.load(Ordering::Relaxed) {
+            return false;
+        }
+        let unused = bytes_not_in(&self.loaded, &kept.chunks);
+        let added = bytes_not_in(&kept.chunks, &self.loaded);
+        let root_len = 1 + 4 + root.0.len() * ID_LEN;
+        unused <= kept.bytes / 4 && self.loaded_len as usize + added + root_len <= self.cap
+    }
+
+    /// Appends the trees this backup kept that the file lacks, then `root`, after the
+    /// loaded file's last root record (anything after it, left by a crash, is cut off).
+    fn append(&self, kept: &Kept, root: &ObjectRef) -> std::io::Result<()> {
+        use std::io::{Seek, SeekFrom};
+        let mut file = std::fs::File::options().write(true).open(&self.path)?;
+        file.set_len(self.loaded_len)?;
+        file.seek(SeekFrom::End(0))?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        let added = kept
+            .chunks
+            .iter()
+            .filter(|(id, _)| !self.loaded.contains_key(*id));
+        write_records(&mut out, added, root)?;
+        out.flush()?;
+        Ok(())
+    }
+}
+
+/// The bytes the chunks of `a` that `b` lacks take in the file.
+fn bytes_not_in(a: &HashMap<ChunkId, Bytes>, b: &HashMap<ChunkId, Bytes>) -> usize {
+    a.iter()
+        .filter(|(id, _)| !b.contains_key(*id))
+        .map(|(_, plain)| record_len(plain.len()))
+        .sum()
+}
+
+/// Chunk records for `chunks`, then the record of `root`.
+fn write_records<'a>(
+    out: &mut impl Write,
+    chunks: impl Iterator<Item = (&'a ChunkId, &'a Bytes)>,
+    root: &ObjectRef,
+) -> std::io::Result<()> {
+    for (id, plain) in chunks {
+        out.write_all(&[TAG_CHUNK])?;
+        out.write_all(id.as_bytes())?;
+        out.write_all(&(plain.len() as u32).to_le_bytes())?;
+        out.write_all(plain)?;
+    }
+    out.write_all(&[TAG_ROOT])?;
+    out.write_all(&(root.0.len() as u32).to_le_bytes())?;
+    for id in &root.0 {
+        out.write_all(id.as_bytes())?;
+    }
+    Ok(())
 }
 
 /// Files of datasets not backed up for this long are removed (a dataset, server address
@@ -223,8 +297,14 @@ fn prune(dir: &Path) {
     }
 }
 
-/// The chunks of the file at `path` when it describes `root`; why not otherwise.
-fn load(path: &Path, root: &ObjectRef, cap: usize) -> Result<HashMap<ChunkId, Bytes>, String> {
+/// The chunks of the file at `path`, and where its last complete root record ends, when
+/// that root is `root`; why not otherwise. Records after the last root (a crash in an
+/// append) are left out.
+fn load(
+    path: &Path,
+    root: &ObjectRef,
+    cap: usize,
+) -> Result<(HashMap<ChunkId, Bytes>, u64), String> {
     let len = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
     if len > cap as u64 {
         return Err(format!("{len} bytes, over the cap of {cap}"));
@@ -234,23 +314,59 @@ fn load(path: &Path, root: &ObjectRef, cap: usize) -> Result<HashMap<ChunkId, By
     if r.take(MAGIC.len())? != MAGIC[..] {
         return Err("not a tree cache".into());
     }
-    let pieces = r.u32()? as usize;
-    if pieces != root.0.len() {
-        return Err("describes another snapshot".into());
-    }
-    for id in &root.0 {
-        if r.take(ID_LEN)? != id.as_bytes()[..] {
-            return Err("describes another snapshot".into());
+    let mut chunks = HashMap::new();
+    // The chunks read since the last root record, and that root's end and ids.
+    let mut since_root: Vec<(ChunkId, Bytes)> = Vec::new();
+    let mut last: Option<(u64, Vec<Bytes>)> = None;
+    while r.at < r.data.len() {
+        let Ok(record) = read_record(&mut r) else {
+            break;
+        };
+        match record {
+            Record::Chunk(id, plain) => since_root.push((id, plain)),
+            Record::Root(ids) => {
+                chunks.extend(since_root.drain(..));
+                last = Some((r.at as u64, ids));
+            }
         }
     }
-    let count = r.u32()? as usize;
-    let mut chunks = HashMap::with_capacity(count.min(len as usize / (ID_LEN + 4)));
-    for _ in 0..count {
-        let id = ChunkId::from_slice(&r.take(ID_LEN)?).map_err(|e| e.to_string())?;
-        let n = r.u32()? as usize;
-        chunks.insert(id, r.take(n)?);
+    let (end, ids) = last.ok_or("no complete root record")?;
+    let same = ids.len() == root.0.len()
+        && ids
+            .iter()
+            .zip(&root.0)
+            .all(|(a, b)| a[..] == b.as_bytes()[..]);
+    if !same {
+        return Err("describes another snapshot".into());
     }
-    Ok(chunks)
+    Ok((chunks, end))
+}
+
+enum Record {
+    Chunk(ChunkId, Bytes),
+    Root(Vec<Bytes>),
+}
+
+fn read_record(r: &mut Reader) -> Result<Record, String> {
+    let tag = r.take(1)?[0];
+    match tag {
+        TAG_CHUNK => {
+            let id = ChunkId::from_slice(&r.take(ID_LEN)?).map_err(|e| e.to_string())?;
+            let n = r.u32()? as usize;
+            Ok(Record::Chunk(id, r.take(n)?))
+        }
+        TAG_ROOT => {
+            let n = r.u32()? as usize;
+            if n > r.data.len() / ID_LEN {
+                return Err("truncated".into());
+            }
+            let ids = (0..n)
+                .map(|_| r.take(ID_LEN))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Record::Root(ids))
+        }
+        other => Err(format!("unknown record {other}")),
+    }
 }
 
 struct Reader {
@@ -285,11 +401,11 @@ mod tests {
         (ChunkId::of(&b), b)
     }
 
-    /// Flips a bit 3 bytes from the end of the file at `path` (inside its last chunk) and
-    /// returns the damaged bytes.
+    /// Flips a bit 3 bytes before the last root record (of one id) of the file at `path`
+    /// (inside the chunk before it) and returns the damaged bytes.
     fn flip_near_end(path: &Path) -> Vec<u8> {
         let mut bytes = std::fs::read(path).unwrap();
-        let at = bytes.len() - 3;
+        let at = bytes.len() - (1 + 4 + ID_LEN) - 3;
         bytes[at] ^= 1;
         std::fs::write(path, &bytes).unwrap();
         bytes
@@ -333,7 +449,9 @@ mod tests {
         let path = c.path.clone();
         let mut bytes = flip_near_end(&path);
         let damaged = TreeCache::open(dir.path(), "k", Some(&root), 1 << 20);
+        assert_eq!(damaged.loaded.len(), 1, "the file parses");
         assert_eq!(damaged.get(&a), None);
+        // Cut inside the root record: no complete root, nothing used.
         bytes.truncate(bytes.len() - 10);
         std::fs::write(&path, &bytes).unwrap();
         let truncated = TreeCache::open(dir.path(), "k", Some(&root), 1 << 20);
@@ -341,7 +459,7 @@ mod tests {
     }
 
     #[test]
-    fn an_unchanged_backup_touches_the_file_and_any_other_rewrites_it() {
+    fn an_unchanged_backup_touches_the_file_and_one_that_used_few_of_its_trees_rewrites_it() {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let ((a, pa), (b, _), root) = save_two(dir.path(), "tree a, long enough to find", "b");
@@ -379,6 +497,84 @@ mod tests {
         damaged.save(&root).unwrap();
         let healed = TreeCache::open(dir.path(), "k", Some(&root), 1 << 20);
         assert_eq!(healed.get(&a), Some(pa));
+    }
+
+    /// Trees of `n` bytes each, named by `seed` and their index.
+    fn trees(seed: &str, count: usize, n: usize) -> Vec<(ChunkId, Bytes)> {
+        (0..count)
+            .map(|i| chunk(&format!("{seed} {i} {}", "x".repeat(n))))
+            .collect()
+    }
+
+    #[test]
+    fn a_backup_that_changed_few_trees_appends_them_and_a_crash_in_an_append_is_harmless() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cap = 1 << 20;
+        let base = trees("tree", 20, 100);
+        let root1 = ObjectRef(vec![base[0].0]);
+        let first = TreeCache::open(dir.path(), "k", None, cap);
+        for (id, plain) in &base {
+            first.keep(*id, plain.clone());
+        }
+        first.save(&root1).unwrap();
+        let path = first.path.clone();
+        let ino = std::fs::metadata(&path).unwrap().ino();
+        let len1 = std::fs::metadata(&path).unwrap().len();
+
+        // One tree changed (and so the root): the new one and the new root are appended.
+        let changed = chunk("the changed root tree");
+        let root2 = ObjectRef(vec![changed.0]);
+        let second = TreeCache::open(dir.path(), "k", Some(&root1), cap);
+        for (id, _) in &base[1..] {
+            assert!(second.get(id).is_some());
+        }
+        second.keep(changed.0, changed.1.clone());
+        second.save(&root2).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.ino(), ino, "appended, not rewritten");
+        let appended = meta.len() - len1;
+        assert_eq!(
+            appended as usize,
+            record_len(changed.1.len()) + 1 + 4 + ID_LEN
+        );
+        let third = TreeCache::open(dir.path(), "k", Some(&root2), cap);
+        assert_eq!(third.get(&changed.0), Some(changed.1.clone()));
+        for (id, plain) in &base[1..] {
+            assert_eq!(third.get(id).as_ref(), Some(plain));
+        }
+        let old = TreeCache::open(dir.path(), "k", Some(&root1), cap);
+        assert!(
+            old.loaded.is_empty(),
+            "the file now describes the second snapshot"
+        );
+
+        // An append cut short by a crash: the records after the last root are ignored, and
+        // the next append writes over them.
+        let mut f = std::fs::File::options().append(true).open(&path).unwrap();
+        f.write_all(&[TAG_CHUNK, 1, 2, 3]).unwrap();
+        drop(f);
+        let after_crash = TreeCache::open(dir.path(), "k", Some(&root2), cap);
+        assert_eq!(after_crash.loaded.len(), base.len() + 1);
+        assert_eq!(after_crash.loaded_len, len1 + appended);
+        for (id, _) in base[1..].iter().chain([&changed]) {
+            assert!(after_crash.get(id).is_some());
+        }
+        let again = chunk("another root tree");
+        let root3 = ObjectRef(vec![again.0]);
+        after_crash.keep(again.0, again.1.clone());
+        after_crash.save(&root3).unwrap();
+        let fourth = TreeCache::open(dir.path(), "k", Some(&root3), cap);
+        assert_eq!(fourth.get(&again.0), Some(again.1));
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), ino);
+
+        // A backup that used few of the file's trees rewrites it without the others.
+        let fifth = TreeCache::open(dir.path(), "k", Some(&root3), cap);
+        assert!(fifth.get(&base[1].0).is_some());
+        fifth.save(&root3).unwrap();
+        assert_ne!(std::fs::metadata(&path).unwrap().ino(), ino, "rewritten");
+        let sixth = TreeCache::open(dir.path(), "k", Some(&root3), cap);
+        assert_eq!(sixth.loaded.len(), 1);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The agent's local tree cache (issue 11, the unchanged path): an unchanged re-backup reads
 //! its parent's trees from the cache and fetches none from the node; a damaged cache entry
-//! is fetched instead; a cache of another snapshot is not used; every snapshot restores
-//! identical. Real `hashgrid-node` process; the agent in-process and through the CLI.
+//! is fetched instead; a backup that changed a few directories appends their trees to the
+//! file; a cache of another snapshot is not used; every snapshot restores identical. Real `hashgrid-node` process; the agent in-process and through the CLI.
 
 use std::path::{Path, PathBuf};
 
@@ -25,9 +25,16 @@ async fn same_as_source(conn: &Connection, s: &BackupSummary, src: &Path, target
     assert_same_tree(src, &restored(target, src));
 }
 
-/// Where a tree cache file names its snapshot's first root id: after the magic (8 bytes)
-/// and the number of root pieces (4).
-const HEADER_ROOT: usize = 12;
+/// The root id a tree cache file names: its last 32 bytes (it ends with its root record,
+/// and the roots here are of one piece).
+fn cached_root(bytes: &[u8]) -> Vec<u8> {
+    bytes[bytes.len() - 32..].to_vec()
+}
+
+fn inode(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().ino()
+}
 
 /// The one cache file under `cache`.
 fn cache_file(cache: &Path) -> PathBuf {
@@ -71,13 +78,11 @@ fn an_unchanged_backup_reads_its_parent_trees_from_the_cache() {
         // unchanged backup never asks for.
         let file = cache_file(&cache);
         let mut bytes = std::fs::read(&file).unwrap();
-        let root = bytes[HEADER_ROOT..HEADER_ROOT + 32].to_vec();
-        let entry = HEADER_ROOT
-            + 32
-            + bytes[HEADER_ROOT + 32..]
-                .windows(32)
-                .position(|w| w == root)
-                .expect("the root tree's entry");
+        let root = cached_root(&bytes);
+        let entry = bytes
+            .windows(32)
+            .position(|w| w == root)
+            .expect("the root tree's entry");
         // The entry: id (32 bytes), length (4), the tree's bytes.
         bytes[entry + 32 + 4] ^= 0x40;
         std::fs::write(&file, &bytes).unwrap();
@@ -86,11 +91,18 @@ fn an_unchanged_backup_reads_its_parent_trees_from_the_cache() {
         assert!(stats.fetched >= 1 && stats.hits >= 50, "{stats:?}");
         same_as_source(&conn, &third, &src, &tmp.path().join("restore3")).await;
 
-        // A change: new trees for the changed directories, the rest still cached.
+        // A change: new trees for the changed directories, the rest still cached; the file
+        // gets the new trees appended, it is not rewritten.
+        let before = inode(&file);
         std::fs::write(src.join("nested/deeper/dir-0003/new.txt"), b"a new file").unwrap();
         let fourth = run(&conn, &src, &cache, ParentChoice::Latest).await;
         let stats = fourth.tree_cache.unwrap();
         assert_eq!(stats.fetched, 0, "{stats:?}");
+        assert_eq!(
+            inode(&file),
+            before,
+            "the file was rewritten, not appended to"
+        );
         same_as_source(&conn, &fourth, &src, &tmp.path().join("restore4")).await;
 
         // The cache describes the fourth snapshot: a backup against the first (another
