@@ -103,9 +103,10 @@ pub struct NodeConfig {
     #[arg(long, env = "HASHGRID_PEER_TIMEOUT_MS", default_value_t = 5000)]
     pub peer_timeout_ms: u64,
 
-    /// Most node-to-node calls this node has under way to one peer at once; further calls
-    /// to it fail at once (and go to another member) until some end. Bounds what a peer
-    /// that stopped answering holds of this node's memory until its calls run out of time.
+    /// Most node-to-node calls this node has under way to a peer that is lagging (a call to
+    /// it unanswered for a quarter of the peer timeout); further calls to it fail at once
+    /// (and go to another member) until some end. Bounds what a peer that stopped answering
+    /// holds of this node's memory until its calls run out of time.
     #[arg(long, env = "HASHGRID_PEER_MAX_CALLS", default_value_t = crate::peer::MAX_CALLS_PER_PEER)]
     pub peer_max_calls: usize,
 

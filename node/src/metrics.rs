@@ -61,8 +61,9 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
     );
     describe_counter!(
         PEER_CALLS_SHED,
-        "Peer calls not sent because the peer already had its cap of calls from this node \
-         unanswered (--peer-max-calls): it is slow or hung, and another member was asked"
+        "Peer calls not sent because the peer was lagging and already had its cap of calls \
+         from this node unanswered (--peer-max-calls): it is slow or hung, and another member \
+         was asked"
     );
     describe_counter!(
         REPAIRED_ON_LOOKUP,

@@ -45,8 +45,8 @@ pub enum PeerError {
     Timeout { addr: String, timeout: Duration },
     #[error("peer {addr}: {status}")]
     Status { addr: String, status: tonic::Status },
-    /// Not sent: the peer already has its cap of calls from this node under way (see
-    /// [`PeerPool::with_max_calls`]), so it is slow or hung; ask another.
+    /// Not sent: the peer is lagging and already has its cap of calls from this node under
+    /// way (see [`PeerPool::with_max_calls`]), so it is slow or hung; ask another.
     #[error("peer {addr} already has {in_flight} calls from this node unanswered; not asked")]
     Shed { addr: String, in_flight: usize },
 }
@@ -113,17 +113,20 @@ pub struct PeerPool {
     lagging: Mutex<HashMap<String, usize>>,
     /// Peers whose last call lost its connection, none answered since ([`PeerPool::is_down`]).
     down: Mutex<HashSet<String>>,
-    /// Per peer, the calls under the peer deadline now under way, at most `max_calls`.
+    /// Per peer, the calls under the peer deadline now under way (at most `max_calls` more
+    /// are started while the peer is lagging).
     in_flight: Mutex<HashMap<String, usize>>,
     max_calls: usize,
 }
 
-/// How many calls under the peer deadline one node has under way to one peer, at most, by
-/// default. Why a cap: a peer that stopped answering without closing its connections keeps
-/// every call sent to it (and the chunk bytes a write holds) until its deadline, and hedged
-/// reads and writes send the slow peer its share too, so without one a busy coordinator's
-/// memory grows with its request rate times the deadline. A live peer answers far more
-/// calls than this in a deadline; its HTTP/2 server takes 200 streams at once anyway.
+/// How many calls under the peer deadline one node has under way to a lagging peer (one
+/// with a call unanswered past the hedge, see [`PeerPool::is_lagging`]) before it sends it
+/// no more, by default. Why a cap: a peer that stopped answering without closing its
+/// connections keeps every call sent to it (and the chunk bytes a write holds) until its
+/// deadline, and hedged reads and writes send the slow peer its share too, so without one a
+/// busy coordinator's memory grows with its request rate times the deadline. Why only
+/// while lagging: a healthy peer of a large cluster may have more calls than this under
+/// way from a busy coordinator (one per owner group of each request), all answered soon.
 pub const MAX_CALLS_PER_PEER: usize = 256;
 
 /// How long a suspect peer is given a short deadline before one call gets the full one
@@ -159,8 +162,9 @@ impl PeerPool {
         }
     }
 
-    /// At most `max_calls` calls under the peer deadline under way to one peer (at least
-    /// one); further calls fail at once with [`PeerError::Shed`] until some end.
+    /// At most `max_calls` calls under the peer deadline under way to one lagging peer (at
+    /// least one); further calls to it fail at once with [`PeerError::Shed`] until some end
+    /// or it stops lagging.
     pub fn with_max_calls(mut self, max_calls: usize) -> Self {
         self.max_calls = max_calls.max(1);
         self
@@ -287,7 +291,14 @@ impl PeerPool {
         };
         let client = self.client(addr)?;
         let _in_flight = if judged {
-            let started = Counted::start_within(&self.in_flight, addr, self.max_calls);
+            // Only a lagging peer is capped: a busy coordinator in a large cluster has many
+            // calls under way to each healthy peer (one per owner group of every request).
+            let cap = if self.is_lagging(addr) {
+                self.max_calls
+            } else {
+                usize::MAX
+            };
+            let started = Counted::start_within(&self.in_flight, addr, cap);
             match started {
                 Some(counted) => Some(counted),
                 None => {
@@ -482,13 +493,14 @@ mod tests {
         );
     }
 
-    /// Calls over the cap to one peer are not sent; the cap frees as calls end.
+    /// Calls to a lagging peer over the cap are not sent; the cap frees as calls end. A
+    /// peer that is not lagging is not capped.
     #[tokio::test]
     async fn calls_over_the_cap_to_a_hung_peer_fail_at_once_until_some_end() {
-        let (pool, _hung, addr) = pool_and_hung_peer(Duration::from_secs(60));
+        let (pool, _hung, addr) = pool_and_hung_peer(Duration::from_secs(8));
         let pool = Arc::new(pool.with_max_calls(2));
         let in_flight = |pool: &PeerPool| lock(&pool.in_flight).get(&addr).copied();
-        let calls: Vec<_> = (0..2)
+        let calls: Vec<_> = (0..3)
             .map(|_| {
                 let pool = pool.clone();
                 let addr = addr.clone();
@@ -496,21 +508,29 @@ mod tests {
             })
             .collect();
         let started = std::time::Instant::now();
-        while in_flight(&pool) != Some(2) {
+        while in_flight(&pool) != Some(3) {
             assert!(
-                started.elapsed() < Duration::from_secs(30),
+                started.elapsed() < Duration::from_secs(5),
                 "calls not started"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let started = std::time::Instant::now();
+        assert!(
+            !pool.is_lagging(&addr),
+            "3 calls under way before the hedge: not capped"
+        );
+        while !pool.is_lagging(&addr) {
+            assert!(started.elapsed() < Duration::from_secs(20), "not lagging");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let asked = std::time::Instant::now();
         match ask(&pool, &addr).await {
             e @ PeerError::Shed { in_flight: 2, .. } => {
                 assert!(e.is_unreachable() && !e.lost_contact(), "{e}")
             }
             e => panic!("expected the call to be shed, got {e}"),
         }
-        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(asked.elapsed() < Duration::from_secs(5));
         assert!(
             !pool.is_suspect(&addr),
             "a shed call says nothing of the peer"
