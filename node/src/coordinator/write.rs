@@ -146,8 +146,9 @@ fn has_fallback(route: &Route, batch: &[VerifiedChunk]) -> bool {
 }
 
 /// Writes a group whose owners include hung ones (suspect: their last call ran out of time,
-/// see [`crate::peer::PeerPool::is_suspect`]; or lagging: a call to them has gone unanswered
-/// past the hedge, see [`crate::peer::PeerPool::is_lagging`]) and too few others to make W.
+/// see [`crate::peer::PeerPool::is_suspect`]; lagging: a call to them has gone unanswered
+/// past the hedge, see [`crate::peer::PeerPool::is_lagging`]; or down: their last call lost
+/// its connection, see [`crate::peer::PeerPool::is_down`]) and too few others to make W.
 /// A lagging owner may only be slow (a long fsync): then the fallbacks' copies are extra,
 /// handed back by their hand-off pass, a cost paid only while an owner is that slow. The hung owners
 /// get their copy in the background, under their deadline; the others are written and the
@@ -186,7 +187,9 @@ async fn write_around(
         (
             n,
             NodeError::Unavailable(
-                "slow: its last call ran out of time, or one is unanswered past the hedge".into(),
+                "slow or down: its last call ran out of time or lost its connection, or one is \
+                 unanswered past the hedge"
+                    .into(),
             ),
         )
     }));
