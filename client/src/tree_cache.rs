@@ -246,6 +246,9 @@ impl TreeCache {
             .filter(|(id, _)| !self.loaded.contains_key(*id));
         write_records(&mut out, added, root)?;
         out.flush()?;
+        if let Some(dir) = self.path.parent() {
+            prune(dir);
+        }
         Ok(())
     }
 }
