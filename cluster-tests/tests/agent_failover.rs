@@ -21,8 +21,8 @@ use hashgrid::backup::{backup, BackupSummary};
 use hashgrid::{ConnectOptions, Connection};
 use hashgrid_cluster_tests::cluster::{members_in, Cluster};
 use hashgrid_cluster_tests::{
-    assert_same_tree, assert_success, backup_opts, bin_dir, cluster_stats, data, restore_all,
-    restored, runtime, Node,
+    assert_same_tree, assert_success, backup_opts, bin_dir, cluster_stats, data, peak_rss,
+    restore_all, restored, runtime, Node,
 };
 use hashgrid_proto::pb;
 
@@ -541,15 +541,18 @@ fn a_backup_writes_around_a_dead_owner_and_one_that_stopped_answering() {
         let (src, summary, took) = run("one-dead-one-stopped", 22).await;
         let after = counters();
         let (hedged, fallback_copies) = (after.0 - before.0, after.1 - before.1);
+        let coordinator_rss = peak_rss(cluster.nodes[coordinator].pid() as u32).unwrap_or(0);
         eprintln!(
             "backup of {MIB} MiB through node {} with node {} dead and node {} stopped: {:.2} s \
              (with only the dead one {:.2} s, peer deadline {PEER_TIMEOUT:?}); {hedged} lookup \
-             or write call(s) hedged, {fallback_copies} cop(ies) written to fallbacks",
+             or write call(s) hedged, {fallback_copies} cop(ies) written to fallbacks; the \
+             coordinator's peak RSS {} MiB",
             coordinator + 1,
             dead + 1,
             hung + 1,
             took.as_secs_f64(),
             normal.as_secs_f64(),
+            coordinator_rss >> 20,
         );
         assert!(
             hedged > 0.0,

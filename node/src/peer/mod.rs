@@ -391,22 +391,24 @@ struct Counted<'a> {
 
 impl<'a> Counted<'a> {
     fn start(tally: &'a Mutex<HashMap<String, usize>>, addr: &'a str) -> Counted<'a> {
-        *lock(tally).entry(addr.to_string()).or_default() += 1;
-        Counted { tally, addr }
+        Self::start_within(tally, addr, usize::MAX).expect("no cap")
     }
 
-    /// Counts the call unless `addr` already has `max` counted.
+    /// Counts the call unless `addr` already has `max` counted. (Every judged call passes
+    /// here: the address is copied only when the peer has no call counted yet.)
     fn start_within(
         tally: &'a Mutex<HashMap<String, usize>>,
         addr: &'a str,
         max: usize,
     ) -> Option<Counted<'a>> {
         let mut counts = lock(tally);
-        let n = counts.entry(addr.to_string()).or_default();
-        if *n >= max {
-            return None;
+        match counts.get_mut(addr) {
+            Some(n) if *n >= max => return None,
+            Some(n) => *n += 1,
+            None => {
+                counts.insert(addr.to_string(), 1);
+            }
         }
-        *n += 1;
         Some(Counted { tally, addr })
     }
 }
