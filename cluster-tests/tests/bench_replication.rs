@@ -1,11 +1,15 @@
-//! Benchmark, one node against three (R = 3, W = 2), in the same run: ingest of new data
-//! through one coordinator, lookups through it (present and absent ids), restore through it,
-//! and the bytes the agent sent against what the nodes stored, with peak resident memory
-//! beside the times (each node's and the benchmark process's, which is the agent). Prints
+//! Benchmark, one node against three (R = 3, W = 2) and against a wider cluster (eight
+//! nodes, R = 3, W = 2: every partition's owners differ, so one lookup's ids spread over
+//! hundreds of owner sets), in the same run: ingest of new data through one coordinator,
+//! lookups through it (present and absent ids), restore through it, and the bytes the agent
+//! sent against what the nodes stored, with peak resident memory beside the times (each
+//! node's and the benchmark process's, which is the agent), and the owner calls the nodes
+//! served each other during the ingest (`put calls`) and the lookups (`has calls`). Prints
 //! figures; asserts only correctness (timings depend on the machine).
 //!
 //! `cargo test --release --workspace --test bench_replication -- --ignored --nocapture`;
-//! `HASHGRID_BENCH_MIB` sets the data size (default 256).
+//! `HASHGRID_BENCH_MIB` sets the data size (default 256), `HASHGRID_BENCH_WIDE` the wide
+//! cluster's size (default 8; 0 leaves it out).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -93,6 +97,10 @@ struct Figures {
     sent: u64,
     stored_new: u64,
     stored_all_nodes: u64,
+    /// Owner calls the nodes served other nodes' coordinators during the ingest (`OwnerPut`)
+    /// and the lookups (`OwnerHas`).
+    put_calls: f64,
+    has_calls: f64,
     /// The largest node's peak resident memory over the whole run.
     node_peak_rss: u64,
     /// The benchmark process's (the agent's) peak so far: the one-node run's agent work
@@ -113,19 +121,27 @@ fn run(root: &Path, src: &Path, nodes: usize, r: u8, w: u8) -> Figures {
             })
             .await;
         let conn = cluster.connect(0).await;
+        let owner_calls = |call: &str| -> f64 {
+            let name = format!("hashgrid_owner_calls_total{{call=\"{call}\"}}");
+            cluster.nodes.iter().filter_map(|n| n.metric(&name)).sum()
+        };
+        let puts_before = owner_calls("put");
         let start = Instant::now();
         let summary = backup(&conn, &backup_opts(&[src], false, "bench", "data"))
             .await
             .expect("backup");
         let ingest = start.elapsed().as_secs_f64();
         let logical = summary.stats.logical_bytes;
+        let put_calls = owner_calls("put") - puts_before;
 
         let present = stored_ids(&cluster.nodes[0].dir.join("data/chunks/packs"));
         let absent: Vec<ChunkId> = (0..65_536u64)
             .map(|i| ChunkId::of(&i.to_le_bytes()))
             .collect();
+        let has_before = owner_calls("has");
         let absent_per_s = lookups_per_sec(&conn, &absent, false).await;
         let present_per_s = lookups_per_sec(&conn, &present, true).await;
+        let has_calls = owner_calls("has") - has_before;
 
         let target = root.join("restore");
         let start = Instant::now();
@@ -155,6 +171,8 @@ fn run(root: &Path, src: &Path, nodes: usize, r: u8, w: u8) -> Figures {
             sent: summary.upload.sent_bytes,
             stored_new: summary.upload.stored_bytes,
             stored_all_nodes,
+            put_calls,
+            has_calls,
             node_peak_rss,
             agent_peak_rss,
         }
@@ -173,9 +191,17 @@ fn bench_one_node_against_three() {
     make_source(&src, mib);
     let one = run(&tmp.path().join("one"), &src, 1, 1, 1);
     let three = run(&tmp.path().join("three"), &src, 3, 3, 2);
+    let wide_nodes: usize = std::env::var("HASHGRID_BENCH_WIDE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let wide = (wide_nodes > 0).then(|| {
+        let f = run(&tmp.path().join("wide"), &src, wide_nodes, 3, 2);
+        (format!("{wide_nodes} nodes, R=3 W=2"), f)
+    });
     println!("replication benchmark, {mib} MiB of new data (half random, half text)");
     println!(
-        "{:<22} {:>12} {:>14} {:>14} {:>12} {:>12} {:>12} {:>12} {:>14} {:>13} {:>14}",
+        "{:<22} {:>12} {:>14} {:>14} {:>12} {:>12} {:>12} {:>12} {:>14} {:>10} {:>10} {:>13} {:>14}",
         "cluster",
         "ingest MB/s",
         "absent ids/s",
@@ -185,12 +211,21 @@ fn bench_one_node_against_three() {
         "sent B",
         "new B",
         "stored B (all)",
+        "put calls",
+        "has calls",
         "node RSS MiB",
         "agent RSS MiB"
     );
-    for (name, f) in [("1 node, R=1 W=1", &one), ("3 nodes, R=3 W=2", &three)] {
+    let mut rows = vec![
+        ("1 node, R=1 W=1".to_string(), &one),
+        ("3 nodes, R=3 W=2".to_string(), &three),
+    ];
+    if let Some((name, f)) = &wide {
+        rows.push((name.clone(), f));
+    }
+    for (name, f) in rows {
         println!(
-            "{:<22} {:>12.1} {:>14.0} {:>14.0} {:>12.1} {:>12} {:>12} {:>12} {:>14} {:>13} {:>14}",
+            "{:<22} {:>12.1} {:>14.0} {:>14.0} {:>12.1} {:>12} {:>12} {:>12} {:>14} {:>10} {:>10} {:>13} {:>14}",
             name,
             f.ingest_mbs,
             f.absent_per_s,
@@ -200,6 +235,8 @@ fn bench_one_node_against_three() {
             f.sent,
             f.stored_new,
             f.stored_all_nodes,
+            f.put_calls,
+            f.has_calls,
             f.node_peak_rss >> 20,
             f.agent_peak_rss >> 20
         );

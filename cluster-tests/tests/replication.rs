@@ -2,7 +2,9 @@
 //! lands on all three owners; a restore through another node is byte-identical; with one
 //! node killed (-9) backups and restores go on; with two killed, a backup fails UNAVAILABLE
 //! saying how many owners answered; a copy damaged on one owner is read from another; a
-//! lookup that finds fewer than W copies copies the chunk to the owners lacking it.
+//! lookup that finds fewer than W copies copies the chunk to the owners lacking it. In a
+//! cluster wider than R (6 nodes), a lookup asks each owner once, whatever the ids' spread
+//! over owner sets.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -14,7 +16,8 @@ use hashgrid_cluster_tests::damage::{damage_one_of, stored_ids};
 use hashgrid_cluster_tests::{
     assert_same_tree, backup_opts, cluster_stats, data, restore_all, restored, runtime,
 };
-use hashgrid_proto::pb;
+use hashgrid_proto::id::pack_ids;
+use hashgrid_proto::{pb, ChunkId};
 
 const SETTLE: Duration = Duration::from_secs(60);
 
@@ -256,5 +259,98 @@ fn a_lookup_copies_a_chunk_found_on_fewer_than_w_owners_to_the_owners_lacking_it
         }
         let after = chunks_per_node(&cluster, &[0, late]).await;
         assert_eq!(after[1], after[0], "node {late} did not get the copies");
+    });
+}
+
+/// The `has` owner calls every node served so far.
+fn owner_has_calls(cluster: &Cluster) -> f64 {
+    cluster
+        .nodes
+        .iter()
+        .filter_map(|n| n.metric("hashgrid_owner_calls_total{call=\"has\"}"))
+        .sum()
+}
+
+#[test]
+fn a_lookup_in_a_cluster_wider_than_r_asks_each_owner_once() {
+    const NODES: usize = 6;
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(&tmp.path().join("cluster"), NODES, 3, 2);
+    let rt = runtime();
+    let src = tmp.path().join("src");
+    make_source(&src, 7);
+    rt.block_on(async {
+        cluster
+            .wait_for("6 active members and a leader", SETTLE, |all| {
+                all.len() == NODES
+                    && all.iter().all(|s| {
+                        members_in(s, pb::MemberState::Active).len() == NODES && s.raft_leader != 0
+                    })
+            })
+            .await;
+    });
+    // No partition still moving after the joins: a moving partition's old owners are asked
+    // too, in later rounds, about the ids its new owners lack.
+    let deadline = Instant::now() + SETTLE;
+    while cluster.cli_json(0, &["cluster", "status"])["moving"] != 0 {
+        assert!(Instant::now() < deadline, "partitions still moving");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    rt.block_on(async {
+        let conn = cluster.connect(0).await;
+        backup(&conn, &backup_opts(&[&src], false, "c", "d"))
+            .await
+            .expect("backup");
+        // Every chunk on its three owners (the third copy lands just after the reply).
+        let deadline = Instant::now() + SETTLE;
+        let present: Vec<ChunkId> = loop {
+            let mut all: Vec<ChunkId> = (0..NODES)
+                .flat_map(|i| stored_ids(&cluster.nodes[i].dir.join("data/chunks/packs")))
+                .collect();
+            let copies = all.len();
+            all.sort_unstable();
+            all.dedup();
+            if copies == 3 * all.len() {
+                break all;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "copies never reached 3 per chunk"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        // Ids spread over as many owner sets as there are, present ones among them.
+        let mut ids: Vec<ChunkId> = (0..4096 - present.len() as u64)
+            .map(|i| ChunkId::of(&i.to_le_bytes()))
+            .collect();
+        ids.extend(&present);
+        let before = owner_has_calls(&cluster);
+        let answer = conn
+            .chunks
+            .clone()
+            .has(pb::HasRequest {
+                epoch: conn.epoch(),
+                ids: pack_ids(&ids),
+            })
+            .await
+            .expect("lookup")
+            .into_inner()
+            .present;
+        let calls = owner_has_calls(&cluster) - before;
+        for (i, id) in ids.iter().enumerate() {
+            let found = answer[i / 8] & (1 << (i % 8)) != 0;
+            assert_eq!(found, present.contains(id), "id {i} answered wrong");
+        }
+        // One round (W = 2 owners per id: both answer the same) asks each other node once.
+        assert!(
+            calls <= (NODES - 1) as f64,
+            "a lookup of 4096 ids made {calls} owner calls to {} other nodes",
+            NODES - 1
+        );
+        println!(
+            "lookup of {} ids ({} present) through one of {NODES} nodes: {calls} owner calls",
+            ids.len(),
+            present.len()
+        );
     });
 }

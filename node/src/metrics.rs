@@ -16,6 +16,7 @@ pub const REPAIRED_ON_LOOKUP: &str = "hashgrid_chunk_repaired_on_lookup_total";
 pub const FALLBACK_COPIES: &str = "hashgrid_chunk_fallback_copies_total";
 pub const HEDGED_CALLS: &str = "hashgrid_peer_calls_hedged_total";
 pub const PEER_CALLS_SHED: &str = "hashgrid_peer_calls_shed_total";
+pub const OWNER_CALLS: &str = "hashgrid_owner_calls_total";
 pub const SNAPSHOTS_COMMITTED: &str = "hashgrid_catalog_snapshots_committed_total";
 pub const STORE_CHUNKS: &str = "hashgrid_store_chunks";
 pub const STORE_BYTES: &str = "hashgrid_store_stored_bytes";
@@ -64,6 +65,10 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
         "Peer calls not sent because the peer was lagging and already had its cap of calls \
          from this node unanswered (--peer-max-calls): it is slow or hung, and another member \
          was asked"
+    );
+    describe_counter!(
+        OWNER_CALLS,
+        "Owner calls this node served for coordinators on other nodes, by call (has, put, get)"
     );
     describe_counter!(
         REPAIRED_ON_LOOKUP,

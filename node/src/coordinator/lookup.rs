@@ -16,16 +16,18 @@
 //! calls it absent (the agent sends the chunk and the write finds room for it), the commit
 //! check fails `UNAVAILABLE` (it must not call a stored chunk missing).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
+use hashgrid_proto::placement::Partition;
 use hashgrid_proto::{pb, ChunkId, NodeId};
 use tokio::task::JoinHandle;
 
-use super::{group_by_owners, Route};
+use super::{hedge_due, sleep_until_or_never, take_late, Route, Unhedged};
 use crate::chunk_store::VerifiedChunk;
 use crate::error::NodeError;
 use crate::metrics as m;
@@ -36,6 +38,10 @@ use crate::service::blocking;
 /// Under-replicated chunks copied per round of a repair on lookup: bounds the bytes held,
 /// and keeps one owner call (at most 32 chunks of 256 KiB) under the message limit.
 pub(super) const REPAIR_GROUP: usize = 32;
+/// Ids per call of a lookup's share on this node.
+const LOCAL_PART: usize = 1024;
+/// Rounds of a repair on lookup under way at once.
+const REPAIRS_IN_FLIGHT: usize = 4;
 
 /// What a lookup answers for an id it cannot decide (fewer than W copies counted, and
 /// owners that failed might hold the rest).
@@ -51,6 +57,12 @@ pub enum Presence {
 
 /// Which of `ids` are present (on W owners or their fallbacks, after repairing
 /// under-replicated ones).
+///
+/// The ids of one request are looked up together, whatever their partitions: each id has
+/// its own owners and its own progress, and every round of questions is one call per node
+/// with all the ids that node is asked about (as [`super::read`] does). Why not one lookup
+/// per owner set: in a cluster wider than R nearly every partition has an owner set of its
+/// own, and a lookup of 4096 ids became thousands of owner calls of a few ids each.
 pub async fn lookup(
     route: &Route,
     ids: Vec<ChunkId>,
@@ -59,280 +71,381 @@ pub async fn lookup(
     if route.is_local_only() {
         return owner::has(route.ctx(), ids).await;
     }
-    let w = route.write_quorum();
-    let groups = group_by_owners(route, ids.iter().copied(), |p| route.read_owners(p));
-    let ids = Arc::new(ids);
-    let results = join_all(
-        groups
-            .into_iter()
-            .map(|(owners, idx)| lookup_group(route, &ids, owners, idx, w, presence)),
-    )
-    .await;
-    let mut present = vec![false; ids.len()];
-    for group in results {
-        for (i, p) in group? {
-            present[i] = p;
-        }
+    let mut l = Lookup::new(route, &ids, presence)?;
+    l.ask_owners().await?;
+    l.ask_fallbacks().await;
+    if presence == Presence::Strict {
+        l.ask_hung_owners().await?;
     }
-    Ok(present)
+    l.finish().await
 }
 
-/// Looks up the ids at `idx` (which share the owner set `owners`, this node first).
-///
-/// Owners are asked in waves: first W of them (the fewest that can prove presence), then one
-/// more at a time, each time only for the ids still undecided: an id is decided once W
-/// owners hold it, or once the owners not yet asked could no longer bring it to W. In the
-/// common cases (a chunk on every owner, or on none) that costs W lookups per id, not R.
-/// A wave is not waited out when an owner is slow: after [`crate::peer::PeerPool::hedge_after`]
-/// without an answer every owner not yet asked and the fallbacks are asked beside it, and an
-/// agent's lookup ([`Presence::Upload`]) answers once they have, without the owners that were
-/// slow; so a hung owner that is not yet suspect costs an agent's lookup one hedge, not its
-/// deadline, and once it is lagging ([`crate::peer::PeerPool::is_lagging`]) nothing.
-async fn lookup_group(
-    route: &Route,
-    ids: &[ChunkId],
-    owners: Vec<NodeId>,
-    idx: Vec<usize>,
-    w: usize,
-    presence: Presence,
-) -> Result<Vec<(usize, bool)>, NodeError> {
-    if owners.len() < w {
-        return Err(QuorumError::TooFewOwners {
-            what: "lookup",
-            owners: owners.len(),
-            needed: w,
-        }
-        .into());
-    }
-    let group: Vec<ChunkId> = idx.iter().map(|&i| ids[i]).collect();
-    let current = route.placement.current();
-    let mut t = Tally::new(group.len());
-    // Owners whose last call ran out of time, or that have a call unanswered past the
-    // hedge, are not waited for while others can decide: they count as unknown from the
-    // start (a silent partition would otherwise cost every lookup their deadline, and every
-    // lookup started before the first call to a hung owner runs out a hedge). The commit
-    // check asks them last, if it must.
-    let (live, hung): (Vec<NodeId>, Vec<NodeId>) =
-        owners.iter().partition(|&&n| !route.is_hanging(n));
-    for (j, id) in group.iter().enumerate() {
-        t.unknown[j] = current
-            .owners_of(id)
-            .iter()
-            .filter(|n| hung.contains(n))
-            .count();
-    }
-    let mut undecided: Vec<usize> = (0..group.len()).collect();
-    let mut asked = 0;
-    // Calls under way (and to whom), and how many of them each id waits on.
-    let mut inflight = FuturesUnordered::new();
-    let mut pending: Vec<NodeId> = Vec::new();
-    let mut waits_on = vec![0usize; group.len()];
-    let hedge = route.ctx().peers.hedge_after();
-    // Fallbacks asked early (the ids asked about, the calls), see the hedge below.
-    let mut early_fallbacks: Option<(Vec<usize>, Vec<JoinHandle<OwnerAnswer>>)> = None;
-    // The owners whose calls were still under way when the hedge passed (`None`: it has
-    // not).
-    let mut slow: Option<Vec<NodeId>> = None;
-    loop {
-        if inflight.is_empty() {
-            if undecided.is_empty() || asked >= live.len() {
-                break;
-            }
-            let wave_len = if asked == 0 { w } else { 1 };
-            let wave = &live[asked..(asked + wave_len).min(live.len())];
-            asked += wave.len();
-            for &node in wave {
-                inflight.push(ask_owner(route, node, &group, &undecided, &mut waits_on));
-                pending.push(node);
-            }
-        }
-        tokio::select! {
-            Some(answer) = inflight.next() => {
-                if let Ok(a) = &answer {
-                    if let Some(at) = pending.iter().position(|&n| n == a.node) {
-                        pending.swap_remove(at);
-                    }
-                }
-                t.count(route, &group, answer, false, &mut waits_on)?;
-            }
-            // An owner has not answered in a while: ask every owner not asked yet and the
-            // fallbacks (copies a write could not place on unreachable owners are there)
-            // beside it, rather than after its deadline (the first call to a peer cut off
-            // without a word would otherwise cost each wave a whole peer timeout).
-            () = tokio::time::sleep(hedge), if slow.is_none() => {
-                metrics::counter!(m::HEDGED_CALLS, "call" => "lookup").increment(1);
-                tracing::debug!(slow = ?pending, ?hedge, "lookup: owners slow, asking the others beside them");
-                slow = Some(pending.clone());
-                for &node in &live[asked..] {
-                    inflight.push(ask_owner(route, node, &group, &undecided, &mut waits_on));
-                    pending.push(node);
-                }
-                asked = live.len();
-                early_fallbacks = Some((undecided.clone(), ask_fallbacks(route, &group, &undecided, presence)));
-            }
-        }
-        // An agent's lookup does not wait out owners that were slow at the hedge once every
-        // other call is answered: they count as unknown, and what stays undecided is absent
-        // (at worst the agent sends a chunk again) rather than the backup held for their
-        // deadline. Their calls run on in their tasks, so the peer pool learns whether they
-        // are hung. The commit check waits for them.
-        let only_slow_left = slow
-            .as_ref()
-            .is_some_and(|slow| !pending.is_empty() && pending.iter().all(|n| slow.contains(n)));
-        if presence == Presence::Upload && only_slow_left {
-            tracing::debug!(slow = ?pending, "lookup: answering without the slow owners");
-            for (unknown, waits) in t.unknown.iter_mut().zip(waits_on.iter_mut()) {
-                *unknown += std::mem::take(waits);
-            }
-            inflight = FuturesUnordered::new();
-            pending.clear();
-        }
-        let unasked = live.len() - asked;
-        // Absent is decided only when even the owners that failed, and those still being
-        // asked, could not make W copies.
-        undecided.retain(|&j| {
-            t.holders[j].len() < w && t.holders[j].len() + t.unknown[j] + unasked + waits_on[j] >= w
-        });
-        if undecided.is_empty() {
-            // Calls still under way (a slow owner's) run on in their tasks to their
-            // deadline, so the peer pool learns whether that owner is hung.
-            break;
-        }
-    }
-    // Copies that unreachable owners could not take are on the fallbacks.
-    let short = |t: &Tally| -> Vec<usize> {
-        (0..group.len())
-            .filter(|&j| t.holders[j].len() < w && t.unknown[j] > 0)
-            .collect()
-    };
-    let first_short = short(&t);
-    if !first_short.is_empty() {
-        let (covered, mut calls) = early_fallbacks.unwrap_or_default();
-        let mut asked_early = vec![false; group.len()];
-        for j in covered {
-            asked_early[j] = true;
-        }
-        let rest: Vec<usize> = first_short
-            .into_iter()
-            .filter(|&j| !asked_early[j])
-            .collect();
-        if !rest.is_empty() {
-            calls.extend(ask_fallbacks(route, &group, &rest, presence));
-        }
-        let within = (presence == Presence::Upload).then_some(hedge);
-        count_fallbacks(calls, &mut t.holders, within).await;
-    }
-    if presence == Presence::Strict && !hung.is_empty() {
-        let left = short(&t);
-        if !left.is_empty() {
-            let mut calls: FuturesUnordered<_> = hung
-                .iter()
-                .map(|&node| ask_owner(route, node, &group, &left, &mut waits_on))
-                .collect();
-            while let Some(answer) = calls.next().await {
-                t.count(route, &group, answer, true, &mut waits_on)?;
-            }
-        }
-    }
-    let Tally {
-        mut holders,
-        lacking,
-        unknown,
-        failed,
-        answered,
-    } = t;
-    let too_many_failed = failed.len() > owners.len() - w;
-    // Fewer than W copies counted, but enough current owners failed that W may exist:
-    // "absent" would be a guess.
-    let undecided = |holders: &[Vec<NodeId>], j: usize| {
-        holders[j].len() < w && (too_many_failed || holders[j].len() + unknown[j] >= w)
-    };
-    let unavailable = |failed: Vec<(NodeId, NodeError)>| -> NodeError {
-        QuorumError::NotReached {
-            what: "lookup",
-            owners: owners.len(),
-            needed: w,
-            answered,
-            failed,
-        }
-        .into()
-    };
-    if presence == Presence::Strict && (0..group.len()).any(|j| undecided(&holders, j)) {
-        return Err(unavailable(failed));
-    }
-    let under: Vec<usize> = (0..group.len())
-        .filter(|&j| !holders[j].is_empty() && holders[j].len() < w && !lacking[j].is_empty())
-        .collect();
-    for batch in under.chunks(REPAIR_GROUP) {
-        repair(route, &group, batch, &mut holders, &lacking).await;
-    }
-    Ok(idx
-        .into_iter()
-        .zip(holders)
-        .map(|(i, h)| (i, h.len() >= w))
-        .collect())
-}
-
-/// What the owners said about a group's ids, by index into the group.
-struct Tally {
-    /// Nodes holding a copy.
-    holders: Vec<Vec<NodeId>>,
-    /// Current owners that answered "absent" (targets of a repair on lookup).
-    lacking: Vec<Vec<NodeId>>,
-    /// Current owners that were not asked or failed: each may hold a copy nobody counted.
-    /// Owners under older maps are left out: while a move is unfinished they are every
+/// One partition's owners, as a lookup asks them.
+struct Owners {
+    partition: Partition,
+    /// Owners that do not hang ([`Route::is_hanging`]), in the order they are asked
+    /// ([`Route::read_owners`]: this node first, then the current owners, then older ones).
+    live: Vec<NodeId>,
+    /// Owners that hang: counted unknown from the start, asked only by the commit check.
+    hung: Vec<NodeId>,
+    /// The partition's owners under the current map: an id lacking on one of them is
+    /// repaired there, and one that fails or hangs may hold a copy nobody counted. Owners
+    /// under older maps are left out of that: while a move is unfinished they are every
     /// member, and a lookup would fail whenever any member is unreachable.
-    unknown: Vec<usize>,
-    failed: Vec<(NodeId, NodeError)>,
-    /// Owners that answered.
-    answered: usize,
+    current: Vec<NodeId>,
 }
 
-impl Tally {
-    fn new(n: usize) -> Self {
-        Tally {
+impl Owners {
+    fn len(&self) -> usize {
+        self.live.len() + self.hung.len()
+    }
+}
+
+/// Where the lookup of one request stands: per id (by index into the request), what the
+/// owners said and which calls it waits on.
+///
+/// Owners are asked in rounds: first W of an id's owners (the fewest that can prove
+/// presence), then one more per round while it is undecided (a round ends when its calls
+/// have answered or are past the hedge): an id is decided once W owners hold it, or once the owners not yet asked
+/// could no longer bring it to W. In the common cases (a chunk on every owner, or on none)
+/// that costs W lookups per id, not R. A call is not waited out when its owner is slow:
+/// after [`crate::peer::PeerPool::hedge_after`] without an answer, every owner not yet
+/// asked of its undecided ids and their fallbacks are asked beside it, and an agent's
+/// lookup ([`Presence::Upload`]) answers once only such slow calls are left, counting them
+/// unknown; so a hung owner that is not yet suspect costs an agent's lookup one hedge, not
+/// its deadline, and once it is lagging ([`crate::peer::PeerPool::is_lagging`]) nothing.
+struct Lookup<'a> {
+    route: &'a Route,
+    ids: &'a [ChunkId],
+    presence: Presence,
+    w: usize,
+    owners: Vec<Owners>,
+    /// Per id, its partition's entry in `owners`.
+    owners_of: Vec<usize>,
+    /// Per id, the nodes holding a copy.
+    holders: Vec<Vec<NodeId>>,
+    /// Per id, the current owners that answered "absent" (targets of a repair on lookup).
+    lacking: Vec<Vec<NodeId>>,
+    /// Per id, the current owners that hang or failed: each may hold a copy nobody counted.
+    unknown: Vec<usize>,
+    /// Per id, how many of its owners failed to answer.
+    failed_on: Vec<usize>,
+    failed: Vec<(NodeId, NodeError)>,
+    /// The nodes that answered.
+    answered: HashSet<NodeId>,
+    /// Per id, how many of its live owners were asked.
+    next: Vec<usize>,
+    /// Per id, the calls under way that include it, and how many of those are slow.
+    waits_on: Vec<usize>,
+    slow_waits: Vec<usize>,
+    /// The ids not decided yet.
+    open: Vec<usize>,
+    /// Per id, whether its fallbacks were asked; and those calls.
+    fallbacks_asked: Vec<bool>,
+    fallback_calls: Vec<JoinHandle<OwnerAnswer>>,
+    /// The owner calls under way, each in a task of its own: a lookup that is decided
+    /// before a slow owner answers leaves the call to finish there, so the peer pool still
+    /// learns whether the owner is hung.
+    inflight: FuturesUnordered<JoinHandle<OwnerAnswer>>,
+    /// Calls under way not yet past the hedge (when each started, its ids), and those past
+    /// it (its ids).
+    unhedged: Unhedged,
+    slow: HashMap<u64, Vec<usize>>,
+    /// The nodes of calls past the hedge, and the owners passed over because they hang
+    /// (per id: counted unknown; the commit check asks them last).
+    slow_nodes: HashSet<NodeId>,
+    passed_over: Vec<(usize, NodeId)>,
+    /// Which node each call under way asks.
+    call_node: HashMap<u64, NodeId>,
+    calls: u64,
+}
+
+impl<'a> Lookup<'a> {
+    fn new(route: &'a Route, ids: &'a [ChunkId], presence: Presence) -> Result<Self, NodeError> {
+        let w = route.write_quorum();
+        let current = route.placement.current();
+        let mut owners: Vec<Owners> = Vec::new();
+        // Each partition's entry in `owners` (`usize::MAX`: none yet).
+        let mut by_partition = vec![usize::MAX; current.partitions() as usize];
+        let mut owners_of = Vec::with_capacity(ids.len());
+        for id in ids {
+            let p = current.partition_of(id);
+            let at = match by_partition[p.0 as usize] {
+                at if at != usize::MAX => at,
+                _ => {
+                    // Owners whose last call ran out of time, or that have a call
+                    // unanswered past the hedge, are not waited for while others can
+                    // decide (a silent partition would otherwise cost every lookup their
+                    // deadline). The commit check asks them last, if it must.
+                    let (live, hung) = route
+                        .read_owners(p)
+                        .into_iter()
+                        .partition(|&n| !route.is_hanging(n));
+                    let o = Owners {
+                        partition: p,
+                        live,
+                        hung,
+                        current: current.owners_of(id).to_vec(),
+                    };
+                    if o.len() < w {
+                        return Err(QuorumError::TooFewOwners {
+                            what: "lookup",
+                            owners: o.len(),
+                            needed: w,
+                        }
+                        .into());
+                    }
+                    owners.push(o);
+                    by_partition[p.0 as usize] = owners.len() - 1;
+                    owners.len() - 1
+                }
+            };
+            owners_of.push(at);
+        }
+        let unknown = owners_of
+            .iter()
+            .map(|&o| {
+                let o = &owners[o];
+                o.current.iter().filter(|n| o.hung.contains(n)).count()
+            })
+            .collect();
+        let n = ids.len();
+        Ok(Lookup {
+            route,
+            ids,
+            presence,
+            w,
+            owners,
+            owners_of,
             holders: vec![Vec::new(); n],
             lacking: vec![Vec::new(); n],
-            unknown: vec![0; n],
+            unknown,
+            failed_on: vec![0; n],
             failed: Vec::new(),
-            answered: 0,
+            answered: HashSet::new(),
+            next: vec![0; n],
+            waits_on: vec![0; n],
+            slow_waits: vec![0; n],
+            open: (0..n).collect(),
+            fallbacks_asked: vec![false; n],
+            fallback_calls: Vec::new(),
+            inflight: FuturesUnordered::new(),
+            unhedged: HashMap::new(),
+            slow: HashMap::new(),
+            slow_nodes: HashSet::new(),
+            passed_over: Vec::new(),
+            call_node: HashMap::new(),
+            calls: 0,
+        })
+    }
+
+    fn owners(&self, j: usize) -> &Owners {
+        &self.owners[self.owners_of[j]]
+    }
+
+    /// Whether id `j` is still undecided: fewer than W copies counted, and the owners that
+    /// failed, those being asked and those not asked yet could still make W. (Absent is
+    /// decided only when even they could not.)
+    fn undecided(&self, j: usize) -> bool {
+        let held = self.holders[j].len();
+        let unasked = self.owners(j).live.len() - self.next[j];
+        held < self.w && held + self.unknown[j] + unasked + self.waits_on[j] >= self.w
+    }
+
+    /// Asks up to `more` live owners not asked yet of each id in `js`, one call per node.
+    ///
+    /// An owner that hangs by now (the peer pool says so, or a call of this lookup to it
+    /// is past the hedge) is passed over and counted unknown, as the owners that hung
+    /// when the lookup began: each round would otherwise wait another hedge for it (the
+    /// commit check asks it last, in [`Lookup::ask_hung_owners`]).
+    fn ask_next(&mut self, js: impl IntoIterator<Item = usize>, more: usize) {
+        // Per node asked: whether it hangs, and its ids. A few nodes: a list, not a map
+        // (this runs for every id of every lookup).
+        let mut by_node: Vec<(NodeId, bool, Vec<usize>)> = Vec::new();
+        for j in js {
+            let o = &self.owners[self.owners_of[j]];
+            let mut asked = 0;
+            while asked < more && self.next[j] < o.live.len() {
+                let node = o.live[self.next[j]];
+                self.next[j] += 1;
+                let at = match by_node.iter().position(|(n, ..)| *n == node) {
+                    Some(at) => at,
+                    None => {
+                        let hangs = self.slow_nodes.contains(&node) || self.route.is_hanging(node);
+                        by_node.push((node, hangs, Vec::new()));
+                        by_node.len() - 1
+                    }
+                };
+                let (_, hangs, ids) = &mut by_node[at];
+                if *hangs {
+                    self.unknown[j] += usize::from(o.current.contains(&node));
+                    self.passed_over.push((j, node));
+                    continue;
+                }
+                ids.push(j);
+                asked += 1;
+            }
+            self.waits_on[j] += asked;
+        }
+        for (node, _, js) in by_node {
+            // This node's own share is looked up in parts, each on a blocking thread of
+            // its own (no network: more calls cost nothing but a task).
+            let part = if self.route.is_local(node) {
+                LOCAL_PART
+            } else {
+                usize::MAX
+            };
+            for js in js.chunks(part) {
+                let call = self.calls;
+                self.calls += 1;
+                self.unhedged.insert(call, (Instant::now(), js.to_vec()));
+                self.call_node.insert(call, node);
+                self.inflight
+                    .push(spawn_has(self.route, node, self.ids, js.to_vec(), call));
+            }
         }
     }
 
-    /// Counts one owner's answer about the ids at `js`. `counted` says the owner was already
-    /// counted as unknown (a hung owner, asked last): if it answers it stops being unknown,
-    /// if it fails it is not counted twice.
-    fn count(
-        &mut self,
-        route: &Route,
-        group: &[ChunkId],
-        answer: Result<OwnerAnswer, tokio::task::JoinError>,
-        counted: bool,
-        waits_on: &mut [usize],
-    ) -> Result<(), NodeError> {
-        let OwnerAnswer { node, js, found } =
-            answer.map_err(|e| NodeError::Internal(format!("lookup call task: {e}")))?;
-        let current = route.placement.current();
+    /// Asks the owners until every id is decided or waits on nothing more, hedging calls
+    /// that are slow to answer.
+    async fn ask_owners(&mut self) -> Result<(), NodeError> {
+        let hedge = self.route.ctx().peers.hedge_after();
+        self.ask_next(0..self.ids.len(), self.w);
+        loop {
+            let mut open = std::mem::take(&mut self.open);
+            open.retain(|&j| self.undecided(j));
+            self.open = open;
+            // A round ends when no undecided id waits on a call that is neither answered
+            // nor past the hedge: then the next owner of each undecided id is asked, one
+            // call per node for the round (asking as each answer came would split a round
+            // into a call per node per answer). Ids waiting on slow calls only had every
+            // owner left asked at the hedge.
+            if self
+                .open
+                .iter()
+                .all(|&j| self.waits_on[j] == self.slow_waits[j])
+            {
+                let again: Vec<usize> = self
+                    .open
+                    .iter()
+                    .copied()
+                    .filter(|&j| self.waits_on[j] == 0)
+                    .collect();
+                self.ask_next(again, 1);
+            }
+            if self.open.iter().all(|&j| self.waits_on[j] == 0) {
+                // Calls still under way (a slow owner's) run on in their tasks to their
+                // deadline, so the peer pool learns whether that owner is hung.
+                return Ok(());
+            }
+            // An agent's lookup does not wait out owners that were slow at the hedge once
+            // every other call is answered: they count as unknown, and what stays
+            // undecided is absent (at worst the agent sends a chunk again) rather than the
+            // backup held for their deadline. The commit check waits for them.
+            if self.presence == Presence::Upload
+                && self
+                    .open
+                    .iter()
+                    .all(|&j| self.waits_on[j] == self.slow_waits[j])
+            {
+                tracing::debug!(
+                    calls = self.slow.len(),
+                    "lookup: answering without the slow owners"
+                );
+                for &j in &self.open {
+                    self.unknown[j] += std::mem::take(&mut self.waits_on[j]);
+                    self.slow_waits[j] = 0;
+                }
+                return Ok(());
+            }
+            let due = hedge_due(&self.unhedged, hedge);
+            tokio::select! {
+                Some(answer) = self.inflight.next() => {
+                    let answer = answer
+                        .map_err(|e| NodeError::Internal(format!("lookup call task: {e}")))?;
+                    self.count(answer, false);
+                }
+                () = sleep_until_or_never(due) => self.hedge(hedge),
+            }
+        }
+    }
+
+    /// Calls unanswered past the hedge: ask every owner not asked yet of their undecided
+    /// ids, and those ids' fallbacks (copies a write could not place on unreachable owners
+    /// are there), beside them, rather than after their deadline (the first call to a peer
+    /// cut off without a word would otherwise cost each wave a whole peer timeout).
+    fn hedge(&mut self, hedge: Duration) {
+        let mut again = Vec::new();
+        for (call, js) in take_late(&mut self.unhedged, hedge) {
+            if let Some(&node) = self.call_node.get(&call) {
+                self.slow_nodes.insert(node);
+            }
+            for &j in &js {
+                self.slow_waits[j] += 1;
+                if self.undecided(j) {
+                    again.push(j);
+                }
+            }
+            self.slow.insert(call, js);
+        }
+        again.sort_unstable();
+        again.dedup();
+        if again.is_empty() {
+            return;
+        }
+        metrics::counter!(m::HEDGED_CALLS, "call" => "lookup").increment(1);
+        tracing::debug!(
+            ?hedge,
+            ids = again.len(),
+            "lookup: owners slow, asking the others beside them"
+        );
+        self.ask_next(again.iter().copied(), usize::MAX);
+        let early: Vec<usize> = again
+            .into_iter()
+            .filter(|&j| !std::mem::replace(&mut self.fallbacks_asked[j], true))
+            .collect();
+        let calls = self.spawn_fallbacks(&early);
+        self.fallback_calls.extend(calls);
+    }
+
+    /// Counts one owner's answer. `counted` says the owner was already counted as unknown
+    /// (a hung owner, asked last): if it answers it stops being unknown, if it fails it is
+    /// not counted twice.
+    fn count(&mut self, answer: OwnerAnswer, counted: bool) {
+        let OwnerAnswer {
+            call,
+            node,
+            js,
+            found,
+        } = answer;
+        self.call_node.remove(&call);
+        if let Some(slow) = self.slow.remove(&call) {
+            for j in slow {
+                self.slow_waits[j] -= 1;
+            }
+        } else {
+            self.unhedged.remove(&call);
+        }
         for &j in &js {
-            waits_on[j] -= 1;
+            self.waits_on[j] -= 1;
         }
         let found = match found {
             Ok(found) => found,
             Err(e) => {
                 tracing::debug!(%node, error = %e, "lookup: owner call failed");
-                if !counted {
-                    for &j in &js {
-                        self.unknown[j] +=
-                            usize::from(current.owners_of(&group[j]).contains(&node));
+                for &j in &js {
+                    self.failed_on[j] += 1;
+                    if !counted {
+                        self.unknown[j] += usize::from(self.owners(j).current.contains(&node));
                     }
                 }
                 self.failed.push((node, e));
-                return Ok(());
+                return;
             }
         };
-        self.answered += 1;
+        self.answered.insert(node);
         for (&j, &f) in js.iter().zip(&found) {
-            let owner = current.owners_of(&group[j]).contains(&node);
+            let owner = self.owners(j).current.contains(&node);
             if owner && counted {
                 self.unknown[j] = self.unknown[j].saturating_sub(1);
             }
@@ -342,75 +455,173 @@ impl Tally {
                 self.lacking[j].push(node);
             }
         }
+    }
+
+    /// The ids with fewer than W copies counted while some owner may hold one uncounted.
+    fn short(&self) -> Vec<usize> {
+        (0..self.ids.len())
+            .filter(|&j| self.holders[j].len() < self.w && self.unknown[j] > 0)
+            .collect()
+    }
+
+    /// Copies that unreachable owners could not take are on the fallbacks: asks those of
+    /// the ids still short that the hedge did not ask already, and counts every fallback's
+    /// answer. An agent's lookup waits for them at most a hedge.
+    async fn ask_fallbacks(&mut self) {
+        let short = self.short();
+        if short.is_empty() {
+            return;
+        }
+        let rest: Vec<usize> = short
+            .into_iter()
+            .filter(|&j| !std::mem::replace(&mut self.fallbacks_asked[j], true))
+            .collect();
+        let mut calls = std::mem::take(&mut self.fallback_calls);
+        calls.extend(self.spawn_fallbacks(&rest));
+        let within =
+            (self.presence == Presence::Upload).then(|| self.route.ctx().peers.hedge_after());
+        count_fallbacks(calls, &mut self.holders, within).await;
+    }
+
+    /// Asks the fallbacks of the ids at `js` (each id's partition's, see
+    /// [`Route::fallbacks`]) which of them they hold, one call per fallback, each in a task
+    /// of its own. An agent's lookup leaves out fallbacks that hang: it would not wait for
+    /// their answer anyway (see [`count_fallbacks`]).
+    fn spawn_fallbacks(&mut self, js: &[usize]) -> Vec<JoinHandle<OwnerAnswer>> {
+        let mut asked: HashMap<NodeId, Vec<usize>> = HashMap::new();
+        let mut fallbacks_of: HashMap<Partition, Vec<NodeId>> = HashMap::new();
+        for &j in js {
+            let p = self.owners(j).partition;
+            let fallbacks = fallbacks_of
+                .entry(p)
+                .or_insert_with(|| self.route.fallbacks(p));
+            for &node in fallbacks.iter() {
+                let hangs = self.slow_nodes.contains(&node) || self.route.is_hanging(node);
+                if self.presence == Presence::Upload && hangs {
+                    continue;
+                }
+                asked.entry(node).or_default().push(j);
+            }
+        }
+        asked
+            .into_iter()
+            .map(|(node, js)| {
+                let call = self.calls;
+                self.calls += 1;
+                spawn_has(self.route, node, self.ids, js, call)
+            })
+            .collect()
+    }
+
+    /// The commit check must not guess: the ids still short are asked of the owners that
+    /// hang too, and their answers waited for (to their deadline).
+    async fn ask_hung_owners(&mut self) -> Result<(), NodeError> {
+        let short = self.short();
+        let mut is_short = vec![false; self.ids.len()];
+        for &j in &short {
+            is_short[j] = true;
+        }
+        let mut by_node: HashMap<NodeId, Vec<usize>> = HashMap::new();
+        for &j in &short {
+            for &node in &self.owners(j).hung {
+                by_node.entry(node).or_default().push(j);
+            }
+        }
+        for &(j, node) in &self.passed_over {
+            if is_short[j] {
+                by_node.entry(node).or_default().push(j);
+            }
+        }
+        let mut calls: FuturesUnordered<_> = FuturesUnordered::new();
+        for (node, js) in by_node {
+            for &j in &js {
+                self.waits_on[j] += 1;
+            }
+            let call = self.calls;
+            self.calls += 1;
+            calls.push(spawn_has(self.route, node, self.ids, js, call));
+        }
+        while let Some(answer) = calls.next().await {
+            let answer =
+                answer.map_err(|e| NodeError::Internal(format!("lookup call task: {e}")))?;
+            self.count(answer, true);
+        }
         Ok(())
+    }
+
+    /// Decides every id: the commit check fails `UNAVAILABLE` if any is undecided;
+    /// under-replicated ones are repaired; an id is present when W copies are counted.
+    async fn finish(mut self) -> Result<Vec<bool>, NodeError> {
+        let w = self.w;
+        // Fewer than W copies counted, but enough owners failed that W may exist: "absent"
+        // would be a guess.
+        let undecided = |l: &Lookup, j: usize| {
+            let held = l.holders[j].len();
+            let too_many_failed = l.failed_on[j] > l.owners(j).len() - w;
+            held < w && (too_many_failed || held + l.unknown[j] >= w)
+        };
+        if self.presence == Presence::Strict {
+            if let Some(j) = (0..self.ids.len()).find(|&j| undecided(&self, j)) {
+                return Err(QuorumError::NotReached {
+                    what: "lookup",
+                    owners: self.owners(j).len(),
+                    needed: w,
+                    answered: self.answered.len(),
+                    failed: std::mem::take(&mut self.failed),
+                }
+                .into());
+            }
+        }
+        let under: Vec<usize> = (0..self.ids.len())
+            .filter(|&j| {
+                let held = self.holders[j].len();
+                held > 0 && held < w && !self.lacking[j].is_empty()
+            })
+            .collect();
+        let batches: Vec<Vec<usize>> = under.chunks(REPAIR_GROUP).map(<[usize]>::to_vec).collect();
+        let (route, ids, holders, lacking) = (self.route, self.ids, &self.holders, &self.lacking);
+        let repairs: Vec<Vec<(usize, NodeId)>> = futures::stream::iter(batches)
+            .map(|batch| async move { repair(route, ids, &batch, holders, lacking).await })
+            .buffer_unordered(REPAIRS_IN_FLIGHT)
+            .collect()
+            .await;
+        for (j, node) in repairs.into_iter().flatten() {
+            self.holders[j].push(node);
+        }
+        Ok(self.holders.iter().map(|h| h.len() >= w).collect())
     }
 }
 
-/// One owner's answer about the ids at `js` of a group.
+/// One owner's answer about the ids at `js` of a lookup.
 struct OwnerAnswer {
+    call: u64,
     node: NodeId,
     js: Vec<usize>,
     found: Result<Vec<bool>, NodeError>,
 }
 
-/// [`spawn_has`], counted in `waits_on` until [`Tally::count`].
-fn ask_owner(
-    route: &Route,
-    node: NodeId,
-    group: &[ChunkId],
-    js: &[usize],
-    waits_on: &mut [usize],
-) -> JoinHandle<OwnerAnswer> {
-    for &j in js {
-        waits_on[j] += 1;
-    }
-    spawn_has(route, node, group, js.to_vec())
-}
-
 /// Asks `node` which of the ids at `js` it holds, under the peer deadline, in a task of its
 /// own: a lookup that is decided before a slow owner answers leaves the call to finish
-/// there (see [`lookup_group`]), so the peer pool still learns whether the owner is hung.
+/// there (see [`Lookup`]), so the peer pool still learns whether the owner is hung.
 fn spawn_has(
     route: &Route,
     node: NodeId,
-    group: &[ChunkId],
+    ids: &[ChunkId],
     js: Vec<usize>,
+    call: u64,
 ) -> JoinHandle<OwnerAnswer> {
     let route = route.clone();
-    let wanted: Vec<ChunkId> = js.iter().map(|&j| group[j]).collect();
+    let wanted: Vec<ChunkId> = js.iter().map(|&j| ids[j]).collect();
     let timeout = route.ctx().peers.timeout();
     tokio::spawn(async move {
         let found = within(timeout, route.owner_has(node, wanted)).await;
-        OwnerAnswer { node, js, found }
-    })
-}
-
-/// Asks the fallbacks of the ids at `short` (each id's partition's, see
-/// [`Route::fallbacks`]) which of them they hold, all at once, each in a task of its own;
-/// [`count_fallbacks`] adds their answers.
-/// An agent's lookup ([`Presence::Upload`]) leaves out fallbacks that hang
-/// ([`Route::is_hanging`]): it would not wait for their answer anyway (see
-/// [`count_fallbacks`]).
-fn ask_fallbacks(
-    route: &Route,
-    group: &[ChunkId],
-    short: &[usize],
-    presence: Presence,
-) -> Vec<JoinHandle<OwnerAnswer>> {
-    let current = route.placement.current();
-    let mut asked: HashMap<NodeId, Vec<usize>> = HashMap::new();
-    for &j in short {
-        for node in route.fallbacks(current.partition_of(&group[j])) {
-            if presence == Presence::Upload && route.is_hanging(node) {
-                continue;
-            }
-            asked.entry(node).or_default().push(j);
+        OwnerAnswer {
+            call,
+            node,
+            js,
+            found,
         }
-    }
-    asked
-        .into_iter()
-        .map(|(node, js)| spawn_has(route, node, group, js))
-        .collect()
+    })
 }
 
 /// Waits for the fallbacks' answers: each fallback that holds an id joins its holders. A
@@ -457,15 +668,16 @@ async fn count_fallbacks(
 }
 
 /// Copies the chunks at `batch` from one of their holders to the current owners that lack
-/// them; every owner that stored a copy joins the chunk's holders. Failures leave a chunk
-/// under-replicated (and so absent to the agent, which sends it again).
+/// them; returns the copies stored (the id's index, the owner), which join the chunks'
+/// holders. Failures leave a chunk under-replicated (and so absent to the agent, which
+/// sends it again).
 async fn repair(
     route: &Route,
     group: &[ChunkId],
     batch: &[usize],
-    holders: &mut [Vec<NodeId>],
+    holders: &[Vec<NodeId>],
     lacking: &[Vec<NodeId>],
-) {
+) -> Vec<(usize, NodeId)> {
     // Read each chunk from its first holder (this node when it holds it: see read_owners).
     let mut by_source: HashMap<NodeId, Vec<usize>> = HashMap::new();
     for &j in batch {
@@ -497,13 +709,13 @@ async fn repair(
         }
     }
     let Ok(max_len) = route.ctx().chunker().map(|c| c.max_size) else {
-        return;
+        return Vec::new();
     };
     let verified = match blocking(move || owner::verify_batch(good, max_len)).await {
         Ok(v) => v,
         Err(e) => {
             tracing::warn!(error = %e, "repair on lookup: a copy read for repair failed verification");
-            return;
+            return Vec::new();
         }
     };
     // Send each target the chunks it lacks, all targets at once.
@@ -527,14 +739,18 @@ async fn repair(
         async move { route.owner_put(node, chunks).await }
     })
     .await;
-    let Ok(stored) = stored else { return };
-    for (node, _) in stored.ok {
-        for &j in &by_target[&node].0 {
-            holders[j].push(node);
-            metrics::counter!(m::REPAIRED_ON_LOOKUP).increment(1);
-        }
-    }
+    let Ok(stored) = stored else {
+        return Vec::new();
+    };
     for (node, e) in stored.failed {
         tracing::warn!(%node, error = %e, "repair on lookup: storing a copy failed");
     }
+    let mut copies = Vec::new();
+    for (node, _) in stored.ok {
+        for &j in &by_target[&node].0 {
+            copies.push((j, node));
+            metrics::counter!(m::REPAIRED_ON_LOOKUP).increment(1);
+        }
+    }
+    copies
 }

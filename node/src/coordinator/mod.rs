@@ -1,9 +1,11 @@
 //! The coordinator layer: the agent-facing chunk calls (`Has`, `Put`, `Get`) routed to the
 //! owners of each chunk. Every node coordinates; an agent may talk to any one of them.
 //!
-//! - Ids are grouped by partition, and partitions by their owner set, from the placement
-//!   history: writes go to the current owners, lookups and reads to the current owners and
-//!   then to the owners under older maps still in transition.
+//! - Owners come from the placement history: writes go to the current owners, lookups and
+//!   reads to the current owners and then to the owners under older maps still in
+//!   transition. Lookups and reads track each id on its own and ask each node once per
+//!   round, with all the ids it is asked about (in a cluster wider than R nearly every
+//!   partition has an owner set of its own); writes group chunks by owner set.
 //! - This node's own share is served from its store directly ([`crate::owner`]); the other
 //!   owners are reached through the peer service's `Owner*` calls, always through the one
 //!   quorum helper ([`crate::quorum`]) with the peer deadline.
@@ -272,6 +274,43 @@ impl Route {
             )));
         }
         Ok(chunks)
+    }
+}
+
+/// Calls under way that were not hedged yet (by call number: when each started, its ids),
+/// as lookups and reads keep them.
+pub(super) type Unhedged = HashMap<u64, (std::time::Instant, Vec<usize>)>;
+
+/// When the next hedge is due: the oldest call not hedged yet, plus `hedge`.
+pub(super) fn hedge_due(
+    unhedged: &Unhedged,
+    hedge: std::time::Duration,
+) -> Option<std::time::Instant> {
+    unhedged.values().map(|(started, _)| *started + hedge).min()
+}
+
+/// The calls of `unhedged` under way for `hedge` or longer, taken out of it with their ids.
+pub(super) fn take_late(
+    unhedged: &mut Unhedged,
+    hedge: std::time::Duration,
+) -> Vec<(u64, Vec<usize>)> {
+    let now = std::time::Instant::now();
+    let late: Vec<u64> = unhedged
+        .iter()
+        .filter(|(_, (started, _))| *started + hedge <= now)
+        .map(|(&call, _)| call)
+        .collect();
+    late.into_iter()
+        .filter_map(|call| unhedged.remove(&call).map(|(_, js)| (call, js)))
+        .collect()
+}
+
+/// Sleeps until `due`, or forever when nothing is due (a call that is not hedged yet
+/// decides when the next hedge is due; with none, only answers wake the caller).
+pub(super) async fn sleep_until_or_never(due: Option<std::time::Instant>) {
+    match due {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
     }
 }
 

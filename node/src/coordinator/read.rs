@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use super::lookup::REPAIR_GROUP;
-use super::Route;
+use super::{hedge_due, sleep_until_or_never, take_late, Route, Unhedged};
 use crate::error::NodeError;
 use crate::metrics as m;
 use crate::owner::{self, ReplyBatcher};
@@ -95,26 +95,14 @@ async fn read_group(route: &Route, ids: Vec<ChunkId>) -> Vec<pb::Chunk> {
     state.ask_next(route, 0..ids.len());
     while !state.inflight.is_empty() {
         // The oldest call not hedged yet decides when the next hedge is due.
-        let due = state
-            .unhedged
-            .values()
-            .map(|(started, _)| *started + hedge)
-            .min();
+        let due = hedge_due(&state.unhedged, hedge);
         tokio::select! {
             Some(answer) = state.inflight.next() => {
                 let retry = state.count(answer);
                 state.ask_next(route, retry);
             }
             () = sleep_until_or_never(due) => {
-                let now = Instant::now();
-                let slow: Vec<u64> = state
-                    .unhedged
-                    .iter()
-                    .filter(|(_, (started, _))| *started + hedge <= now)
-                    .map(|(&call, _)| call)
-                    .collect();
-                for call in slow {
-                    let Some((_, js)) = state.unhedged.remove(&call) else { continue };
+                for (_, js) in take_late(&mut state.unhedged, hedge) {
                     let unserved: Vec<usize> =
                         js.into_iter().filter(|&j| state.replies[j].is_none()).collect();
                     if state.ask_next(route, unserved) > 0 {
@@ -155,14 +143,6 @@ async fn read_group(route: &Route, ids: Vec<ChunkId>) -> Vec<pb::Chunk> {
         .collect()
 }
 
-/// Sleeps until `due`, or forever when nothing is due.
-async fn sleep_until_or_never(due: Option<Instant>) {
-    match due {
-        Some(t) => tokio::time::sleep_until(t.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// One owner's answer to a read of the ids at `js` of a group.
 struct ReadAnswer {
     call: u64,
@@ -188,7 +168,7 @@ struct ReadState<'a> {
     inflight: FuturesUnordered<BoxFuture<'static, ReadAnswer>>,
     /// Calls under way whose ids were not yet asked of anyone else: when each started, and
     /// its ids.
-    unhedged: HashMap<u64, (Instant, Vec<usize>)>,
+    unhedged: Unhedged,
     calls: u64,
 }
 

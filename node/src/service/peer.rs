@@ -28,6 +28,7 @@ use crate::anti_entropy;
 use crate::catalog::Command;
 use crate::context::{ForwardError, NodeContext, WriteAttempt};
 use crate::membership;
+use crate::metrics as m;
 use crate::owner;
 use crate::peer::secret::METADATA_KEY;
 use crate::raft::codec::{decode, encode};
@@ -136,6 +137,7 @@ impl Peer for PeerService {
     // previous one) must still find the copies. Only writes are refused from an older
     // epoch, so no chunk lands on an owner the current map no longer names.
     async fn owner_has(&self, req: Request<HasRequest>) -> Result<Response<HasResponse>, Status> {
+        metrics::counter!(m::OWNER_CALLS, "call" => "has").increment(1);
         let req = req.into_inner();
         let ids = owner::ids_of(&req.ids)?;
         let found = owner::has(&self.ctx, ids).await?;
@@ -145,6 +147,7 @@ impl Peer for PeerService {
     }
 
     async fn owner_put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        metrics::counter!(m::OWNER_CALLS, "call" => "put").increment(1);
         let req = req.into_inner();
         self.ctx.check_epoch(req.epoch)?;
         let outcome = owner::verify_and_store(&self.ctx, req.chunks).await?;
@@ -179,6 +182,7 @@ impl Peer for PeerService {
         &self,
         req: Request<GetRequest>,
     ) -> Result<Response<Self::OwnerGetStream>, Status> {
+        metrics::counter!(m::OWNER_CALLS, "call" => "get").increment(1);
         let req = req.into_inner();
         let ids = owner::ids_of(&req.ids)?;
         let (tx, rx) = mpsc::channel(2);
