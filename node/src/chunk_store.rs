@@ -476,6 +476,15 @@ impl ChunkStore {
     /// Stores verified chunks atomically and durably. Chunks already present are not
     /// rewritten; their `last_seen` is refreshed.
     pub fn put(&self, chunks: Vec<VerifiedChunk>) -> Result<PutOutcome, StoreError> {
+        Ok(self.put_each(chunks)?.0)
+    }
+
+    /// [`ChunkStore::put`], also saying of each chunk, in order, whether this put stored it
+    /// (`false`: it was held already, or came earlier in the same put).
+    pub fn put_each(
+        &self,
+        chunks: Vec<VerifiedChunk>,
+    ) -> Result<(PutOutcome, Vec<bool>), StoreError> {
         let (reply, outcome) = sync_channel(1);
         self.send(Request::Put(PutRequest { chunks, reply }))?;
         outcome
@@ -821,6 +830,21 @@ mod tests {
         assert_eq!(found(&got[0]), b"alpha");
         assert!(matches!(got[1], ChunkRead::Missing));
         assert_eq!(found(&got[2]), &z.data[..]);
+    }
+
+    #[test]
+    fn a_put_says_which_of_its_chunks_it_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), 8 << 20).unwrap();
+        let (a, b, c) = (chunk(b"alpha"), chunk(b"bravo"), chunk(b"charlie"));
+        store.put(vec![a.clone()]).unwrap();
+        // Held already, new, a repeat within the put, new.
+        let (out, new) = store
+            .put_each(vec![a.clone(), b.clone(), b.clone(), c.clone()])
+            .unwrap();
+        assert_eq!(new, [false, true, false, true]);
+        assert_eq!((out.stored, out.existing), (2, 2));
+        assert_eq!(out.stored_bytes, (b.data.len() + c.data.len()) as u64);
     }
 
     #[test]

@@ -88,32 +88,38 @@ pub async fn has(ctx: &NodeContext, ids: Vec<ChunkId>) -> Result<Vec<bool>, Node
     blocking(move || Ok(store.has(&ids)?)).await
 }
 
-/// Stores chunks that were already verified, durably, before returning.
-pub async fn store(ctx: &NodeContext, chunks: Vec<VerifiedChunk>) -> Result<PutOutcome, NodeError> {
+/// Stores chunks that were already verified, durably, before returning; says of each chunk
+/// whether it was newly stored (see [`ChunkStore::put_each`]).
+pub async fn store(
+    ctx: &NodeContext,
+    chunks: Vec<VerifiedChunk>,
+) -> Result<(PutOutcome, Vec<bool>), NodeError> {
     note_held_for_others(ctx, chunks.iter().map(|c| &c.id));
     let store = ctx.store.clone();
-    let outcome = blocking(move || Ok(store.put(chunks)?)).await?;
+    let (outcome, new) = blocking(move || Ok(store.put_each(chunks)?)).await?;
     record_put(&ctx.store, outcome);
-    Ok(outcome)
+    Ok((outcome, new))
 }
 
-/// Verifies and stores one batch sent by a coordinator.
+/// Verifies and stores one batch sent by a coordinator; says of each chunk whether it was
+/// newly stored.
 pub async fn verify_and_store(
     ctx: &NodeContext,
     chunks: Vec<pb::Chunk>,
-) -> Result<PutOutcome, NodeError> {
+) -> Result<(PutOutcome, Vec<bool>), NodeError> {
     check_put_count(chunks.len())?;
     let max_len = ctx.chunker()?.max_size;
     let store = ctx.store.clone();
-    let (outcome, ids) = blocking(move || {
+    let (outcome, new, ids) = blocking(move || {
         let verified = verify_batch(chunks, max_len)?;
         let ids: Vec<ChunkId> = verified.iter().map(|c| c.id).collect();
-        Ok((store.put(verified)?, ids))
+        let (outcome, new) = store.put_each(verified)?;
+        Ok((outcome, new, ids))
     })
     .await?;
     note_held_for_others(ctx, ids.iter());
     record_put(&ctx.store, outcome);
-    Ok(outcome)
+    Ok((outcome, new))
 }
 
 /// A copy stored here of a chunk this node does not own under the current map (it stands

@@ -448,7 +448,7 @@ async fn copy_from(
         .iter()
         .map(|c| ChunkId::from_slice(&c.id))
         .collect::<Result<Vec<_>, _>>()?;
-    let outcome = owner::verify_and_store(route.ctx(), chunks).await?;
+    let (outcome, _) = owner::verify_and_store(route.ctx(), chunks).await?;
     Ok((got, u64::from(outcome.stored), outcome.stored_bytes))
 }
 

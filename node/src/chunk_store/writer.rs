@@ -30,7 +30,8 @@ pub(super) enum Request {
 
 pub(super) struct PutRequest {
     pub(super) chunks: Vec<VerifiedChunk>,
-    pub(super) reply: SyncSender<Result<PutOutcome, StoreError>>,
+    /// The outcome, and per chunk whether it was newly stored.
+    pub(super) reply: SyncSender<Result<(PutOutcome, Vec<bool>), StoreError>>,
 }
 
 /// Copies to take out of the index, each with the metadata that pointed at it: an entry
@@ -142,8 +143,11 @@ impl Writer {
 
     /// Commits several requests together: new chunks' bytes go to a pack file (synced), then
     /// all metadata and the counters in one synced write batch. Returns each request's
-    /// outcome.
-    fn write_group(&self, group: &[PutRequest]) -> Result<Vec<PutOutcome>, StoreError> {
+    /// outcome, and per chunk whether it was newly stored.
+    fn write_group(
+        &self,
+        group: &[PutRequest],
+    ) -> Result<Vec<(PutOutcome, Vec<bool>)>, StoreError> {
         let db = &*self.db;
         let ids: Vec<ChunkId> = group
             .iter()
@@ -158,8 +162,10 @@ impl Writer {
         let mut found = found.into_iter();
         for req in group {
             let mut outcome = PutOutcome::default();
+            let mut new = Vec::with_capacity(req.chunks.len());
             for chunk in &req.chunks {
                 let meta = found.next().flatten();
+                new.push(meta.is_none() && !seen.contains(&chunk.id));
                 if !seen.insert(chunk.id) {
                     outcome.existing += 1;
                     continue;
@@ -182,7 +188,7 @@ impl Writer {
                     }
                 }
             }
-            outcomes.push(outcome);
+            outcomes.push((outcome, new));
         }
         if !new_chunks.is_empty() {
             let records: Vec<Record<'_>> = new_chunks

@@ -62,7 +62,7 @@ pub enum Presence {
 /// its own owners and its own progress, and every round of questions is one call per node
 /// with all the ids that node is asked about (as [`super::read`] does). Why not one lookup
 /// per owner set: in a cluster wider than R nearly every partition has an owner set of its
-/// own, and a lookup of 4096 ids became thousands of owner calls of a few ids each.
+/// own, and a lookup of 4096 ids through one of eight nodes became ~200 owner calls.
 pub async fn lookup(
     route: &Route,
     ids: Vec<ChunkId>,

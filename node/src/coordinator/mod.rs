@@ -214,9 +214,21 @@ impl Route {
         node: NodeId,
         chunks: Arc<Vec<VerifiedChunk>>,
     ) -> Result<PutOutcome, NodeError> {
+        Ok(self.owner_put_each(node, chunks).await?.0)
+    }
+
+    /// [`Route::owner_put`], also saying of each chunk, in order, whether `node` newly
+    /// stored it. A node of an earlier version does not say: its count of new chunks is
+    /// taken to be the first ones (only the agent's figures of new bytes can be off).
+    pub async fn owner_put_each(
+        &self,
+        node: NodeId,
+        chunks: Arc<Vec<VerifiedChunk>>,
+    ) -> Result<(PutOutcome, Vec<bool>), NodeError> {
         if self.is_local(node) {
             return owner::store(&self.ctx, chunks.to_vec()).await;
         }
+        let n = chunks.len();
         let req = PutRequest {
             epoch: self.epoch(),
             chunks: chunks.iter().map(owner::to_wire).collect(),
@@ -229,11 +241,17 @@ impl Route {
             })
             .await
             .map_err(|e| self.owner_failed(e))?;
-        Ok(PutOutcome {
+        let new = if reply.stored_map.is_empty() {
+            (0..n).map(|i| i < reply.stored as usize).collect()
+        } else {
+            owner::from_bitmap(&reply.stored_map, n)
+        };
+        let outcome = PutOutcome {
             stored: reply.stored,
             existing: reply.existing,
             stored_bytes: reply.stored_bytes,
-        })
+        };
+        Ok((outcome, new))
     }
 
     /// Reads `ids` from `node`: one reply per id, in order, with per-chunk faults.

@@ -1,7 +1,8 @@
 //! Writes (`Put`): a batch is verified once, here, then stored on the current owners of each
 //! chunk and acknowledged when W of them have it durably. The agent's bytes cross the WAN
-//! once; the coordinator forwards them to the owners. The owners beyond the first W still get
-//! their copy (the quorum helper lets their calls finish in the background).
+//! once; the coordinator forwards them to the owners, one call per owner for the whole batch
+//! (each chunk's quorum still counted per owner set). The owners beyond the first W still get
+//! their copy (each owner call runs to its end in a task of its own).
 //!
 //! When fewer than W owners can take a copy (they are down, cut off, or their disks are
 //! full), the missing copies go to the partition's fallbacks, the members that follow the
@@ -11,9 +12,14 @@
 //! ordinary store, where it counts toward W for lookups and reads, until its hand-off pass
 //! ([`crate::anti_entropy::hand_off`]) has written the chunk to every owner.
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::ops::Range;
 use std::sync::Arc;
+use std::time::Duration;
 
-use futures::future::join_all;
+use futures::future::{join_all, BoxFuture, Shared};
+use futures::FutureExt;
 use hashgrid_proto::pb::{PutRequest, PutResponse};
 use hashgrid_proto::NodeId;
 
@@ -22,7 +28,7 @@ use crate::chunk_store::{PutOutcome, VerifiedChunk};
 use crate::error::NodeError;
 use crate::metrics as m;
 use crate::owner;
-use crate::quorum::{call_hedged, call_owners, describe, QuorumError, Wait};
+use crate::quorum::{call_hedged, call_owners, describe, within, QuorumError, Wait};
 use crate::service::blocking;
 
 /// Verifies and stores one `Put` batch; answers once every chunk is durable on W owners.
@@ -30,7 +36,7 @@ pub async fn write(route: &Route, req: PutRequest) -> Result<PutResponse, NodeEr
     owner::check_put_count(req.chunks.len())?;
     let outcome = if route.is_local_only() {
         // One blocking call verifies and stores, as before there was a cluster.
-        owner::verify_and_store(route.ctx(), req.chunks).await?
+        owner::verify_and_store(route.ctx(), req.chunks).await?.0
     } else {
         let max_len = route.ctx().chunker()?.max_size;
         let chunks = req.chunks;
@@ -41,6 +47,7 @@ pub async fn write(route: &Route, req: PutRequest) -> Result<PutResponse, NodeEr
         stored: outcome.stored,
         existing: outcome.existing,
         stored_bytes: outcome.stored_bytes,
+        stored_map: Vec::new(),
     })
 }
 
@@ -71,6 +78,12 @@ async fn replicate(route: &Route, chunks: Vec<VerifiedChunk>) -> Result<PutOutco
 
 /// One attempt of [`replicate`] under one map. The outcome counts each chunk once (as the
 /// owner that stored most of the group saw it).
+///
+/// Chunks are grouped by owner set: each group reaches its quorum (or turns to fallbacks)
+/// on its own. The groups' calls to the same owner are one call, though ([`OwnerPuts`]):
+/// a batch of ~64 chunks spans dozens of owner sets (R = 3 over three nodes already has
+/// six orders of them), and one call per group and owner was dozens of calls and stores
+/// per node per batch.
 async fn replicate_once(route: &Route, chunks: &[VerifiedChunk]) -> Result<PutOutcome, NodeError> {
     let w = route.write_quorum();
     let groups = group_by_owners(route, chunks.iter().map(|c| c.id), |p| {
@@ -78,34 +91,49 @@ async fn replicate_once(route: &Route, chunks: &[VerifiedChunk]) -> Result<PutOu
     });
     let timeout = route.ctx().peers.timeout();
     let hedge = route.ctx().peers.hedge_after();
-    let calls = groups.into_iter().map(|(owners, idx)| {
-        let batch = Arc::new(idx.iter().map(|&i| chunks[i].clone()).collect::<Vec<_>>());
-        async move {
+    let plans: Vec<GroupPlan> = groups
+        .into_iter()
+        .map(|(owners, idx)| {
+            let batch = Arc::new(idx.iter().map(|&i| chunks[i].clone()).collect::<Vec<_>>());
             let hung: Vec<NodeId> = owners
                 .iter()
                 .copied()
                 .filter(|&n| route.is_slow(n))
                 .collect();
-            if owners.len() - hung.len() < w && has_fallback(route, &batch) {
-                return write_around(route, &owners, &hung, batch, w).await;
+            let fallback = has_fallback(route, &batch);
+            let around = owners.len() - hung.len() < w && fallback;
+            GroupPlan {
+                owners,
+                batch,
+                hung,
+                fallback,
+                around,
+            }
+        })
+        .collect();
+    let puts = OwnerPuts::start(route, &plans, timeout);
+    let calls = plans.iter().enumerate().map(|(g, plan)| {
+        let puts = &puts;
+        async move {
+            if plan.around {
+                return write_around(route, &plan.owners, &plan.hung, plan.batch.clone(), w)
+                    .await;
             }
             // With fallbacks to turn to, an owner that has not answered after the hedge
             // does not hold the group up: its copy goes to a fallback beside it.
-            let wait = if has_fallback(route, &batch) {
+            let wait = if plan.fallback {
                 Wait::QuorumWithin(hedge)
             } else {
                 Wait::Quorum
             };
-            let put = call_owners("write", &owners, w, wait, timeout, |node| {
-                let route = route.clone();
-                let batch = batch.clone();
-                async move { route.owner_put(node, batch).await }
+            let put = call_owners("write", &plan.owners, w, wait, timeout, |node| {
+                puts.outcome(g, node, plan.batch.clone())
             })
             .await;
             let answers = match put {
                 Ok(answers) => answers,
-                Err(e) => match fallback_need(route, &batch, &e, w) {
-                    Some(need) => return stand_in(route, &batch, need, &e).await,
+                Err(e) => match fallback_need(route, &plan.batch, &e, w) {
+                    Some(need) => return stand_in(route, &plan.batch, need, &e).await,
                     None => return Err(newer_map_or(e)),
                 },
             };
@@ -116,6 +144,108 @@ async fn replicate_once(route: &Route, chunks: &[VerifiedChunk]) -> Result<PutOu
         }
     });
     sum(join_all(calls).await)
+}
+
+/// How one group of a write goes: to its owners, or around the hung ones.
+struct GroupPlan {
+    owners: Vec<NodeId>,
+    batch: Arc<Vec<VerifiedChunk>>,
+    /// Owners that hang or are down ([`Route::is_slow`]).
+    hung: Vec<NodeId>,
+    /// Whether some chunk of the group has a fallback.
+    fallback: bool,
+    /// Too few owners that answer to make W, and fallbacks to turn to: [`write_around`].
+    around: bool,
+}
+
+/// A call's result, shared by the groups it carries (errors are not `Clone`).
+type SharedPut = Shared<BoxFuture<'static, Result<Arc<Vec<bool>>, Arc<NodeError>>>>;
+
+/// One owner call per node for the groups of a write that go to their owners, each in a
+/// task of its own (so an owner beyond the quorum still gets its copy when the write has
+/// answered), and where each group's chunks sit in it.
+struct OwnerPuts {
+    calls: HashMap<NodeId, SharedPut>,
+    at: HashMap<(usize, NodeId), Range<usize>>,
+}
+
+impl OwnerPuts {
+    fn start(route: &Route, plans: &[GroupPlan], timeout: Duration) -> OwnerPuts {
+        let mut payloads: HashMap<NodeId, Vec<VerifiedChunk>> = HashMap::new();
+        let mut at = HashMap::new();
+        for (g, plan) in plans.iter().enumerate().filter(|(_, p)| !p.around) {
+            for &node in &plan.owners {
+                let payload = payloads.entry(node).or_default();
+                let start = payload.len();
+                payload.extend(plan.batch.iter().cloned());
+                at.insert((g, node), start..payload.len());
+            }
+        }
+        let calls = payloads
+            .into_iter()
+            .map(|(node, chunks)| {
+                let route = route.clone();
+                let task = tokio::spawn(async move {
+                    within(timeout, route.owner_put_each(node, Arc::new(chunks)))
+                        .await
+                        .map(|(_, new)| Arc::new(new))
+                        .map_err(Arc::new)
+                });
+                let shared = async move {
+                    task.await.unwrap_or_else(|e| {
+                        Err(Arc::new(NodeError::Internal(format!(
+                            "write call task: {e}"
+                        ))))
+                    })
+                }
+                .boxed()
+                .shared();
+                (node, shared)
+            })
+            .collect();
+        OwnerPuts { calls, at }
+    }
+
+    /// What `node` did with group `g`'s chunks (`batch`), once its call has answered.
+    fn outcome(
+        &self,
+        g: usize,
+        node: NodeId,
+        batch: Arc<Vec<VerifiedChunk>>,
+    ) -> impl Future<Output = Result<PutOutcome, NodeError>> + 'static {
+        let call = self.calls.get(&node).cloned();
+        let range = self.at.get(&(g, node)).cloned();
+        async move {
+            let (Some(call), Some(range)) = (call, range) else {
+                return Err(NodeError::Internal(format!(
+                    "write: no call to owner {node} for group {g}"
+                )));
+            };
+            let new = call.await.map_err(|e| shared_error(&e))?;
+            let mut outcome = PutOutcome::default();
+            for (chunk, &stored) in batch.iter().zip(&new[range]) {
+                if stored {
+                    outcome.stored += 1;
+                    outcome.stored_bytes += chunk.data.len() as u64;
+                } else {
+                    outcome.existing += 1;
+                }
+            }
+            Ok(outcome)
+        }
+    }
+}
+
+/// One group's copy of a shared call's error: a stale epoch stays one (the write follows
+/// the newer map), anything else is the owner unavailable, as a failed owner call is.
+fn shared_error(e: &NodeError) -> NodeError {
+    match e {
+        NodeError::StaleEpoch { sent, current } => NodeError::StaleEpoch {
+            sent: *sent,
+            current: *current,
+        },
+        other => NodeError::Unavailable(other.to_string()),
+    }
 }
 
 /// The outcomes of a request's groups added up, or the first group's failure.

@@ -150,11 +150,12 @@ impl Peer for PeerService {
         metrics::counter!(m::OWNER_CALLS, "call" => "put").increment(1);
         let req = req.into_inner();
         self.ctx.check_epoch(req.epoch)?;
-        let outcome = owner::verify_and_store(&self.ctx, req.chunks).await?;
+        let (outcome, new) = owner::verify_and_store(&self.ctx, req.chunks).await?;
         Ok(Response::new(PutResponse {
             stored: outcome.stored,
             existing: outcome.existing,
             stored_bytes: outcome.stored_bytes,
+            stored_map: owner::to_bitmap(&new),
         }))
     }
 
