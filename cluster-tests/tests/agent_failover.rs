@@ -11,6 +11,9 @@
 //!   hedge, not after the peer deadline.
 //! - 5 nodes, R = 3, W = 2: a backup with one node killed and another SIGSTOPped writes the
 //!   copies the two cannot take to fallbacks after a hedge, not after the peer deadline.
+//! - 6 nodes, R = 3, W = 2: with two nodes killed and the first fallback of some of their
+//!   partitions SIGSTOPped, a backup writes those copies to the next fallback, not after
+//!   the peer deadline.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -20,11 +23,13 @@ use std::time::{Duration, Instant};
 use hashgrid::backup::{backup, BackupSummary};
 use hashgrid::{ConnectOptions, Connection};
 use hashgrid_cluster_tests::cluster::{members_in, Cluster};
+use hashgrid_cluster_tests::damage::stored_ids;
 use hashgrid_cluster_tests::{
     assert_same_tree, assert_success, backup_opts, bin_dir, cluster_stats, data, peak_rss,
     restore_all, restored, runtime, Node,
 };
-use hashgrid_proto::pb;
+use hashgrid_proto::placement::Placement;
+use hashgrid_proto::{pb, ChunkId};
 
 /// An address nothing listens on (a port the kernel handed out and took back).
 fn dead_addr() -> String {
@@ -487,6 +492,24 @@ fn a_restore_reads_around_an_owner_that_stopped_answering() {
     });
 }
 
+/// Backs up a new source of `mib` MiB (made under `root` as `name`) through `conn`;
+/// returns the source, the summary and how long the backup took.
+async fn timed_backup(
+    conn: &Connection,
+    root: &Path,
+    name: &str,
+    seed: u64,
+    mib: usize,
+) -> (PathBuf, BackupSummary, Duration) {
+    let src = root.join(name);
+    make_source(&src, seed, mib);
+    let started = Instant::now();
+    let summary = backup(conn, &backup_opts(&[&src], false, "c", name))
+        .await
+        .expect("backup");
+    (src, summary, started.elapsed())
+}
+
 #[test]
 fn a_backup_writes_around_a_dead_owner_and_one_that_stopped_answering() {
     const PEER_TIMEOUT: Duration = Duration::from_secs(8);
@@ -518,18 +541,7 @@ fn a_backup_writes_around_a_dead_owner_and_one_that_stopped_answering() {
     cluster.nodes[dead].kill9();
     rt.block_on(async {
         let conn = cluster.connect(coordinator).await;
-        let run = |name: &'static str, seed: u64| {
-            let src = tmp.path().join(name);
-            make_source(&src, seed, MIB);
-            let conn = conn.clone();
-            async move {
-                let started = Instant::now();
-                let summary = backup(&conn, &backup_opts(&[&src], false, "c", name))
-                    .await
-                    .expect("backup");
-                (src, summary, started.elapsed())
-            }
-        };
+        let run = |name, seed| timed_backup(&conn, tmp.path(), name, seed, MIB);
         let (_, _, normal) = run("one-dead", 21).await;
         let counters = || {
             let node = &cluster.nodes[coordinator];
@@ -575,5 +587,147 @@ fn a_backup_writes_around_a_dead_owner_and_one_that_stopped_answering() {
         let target = tmp.path().join("restored");
         restore_all(&conn, summary.snapshot, &target).await;
         assert_same_tree(&src, &restored(&target, &src));
+    });
+}
+
+#[test]
+fn a_backup_writes_past_a_fallback_that_stopped_answering() {
+    const NODES: usize = 6;
+    const PEER_TIMEOUT: Duration = Duration::from_secs(8);
+    const MIB: usize = 32;
+    let tmp = tempfile::tempdir().unwrap();
+    let timeout_ms = PEER_TIMEOUT.as_millis().to_string();
+    let mut cluster = Cluster::start_with(
+        &tmp.path().join("cluster"),
+        NODES,
+        3,
+        2,
+        &["--peer-timeout-ms", &timeout_ms],
+    );
+    let rt = runtime();
+    // Roles: two dead nodes (the catalog group's learner and a voter) and a stopped one (a
+    // voter) leave three of its five voters, so commits go on. The stopped node is the one
+    // of the two candidates left that is the first fallback of more of the partitions
+    // whose owners include both dead nodes: their chunks' copies go to the first fallback
+    // that answers.
+    let (coordinator, dead, hung, placement, ids) = rt.block_on(async {
+        settled(&cluster).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while cluster.cli_json(0, &["cluster", "status"])["moving"] != 0 {
+            assert!(Instant::now() < deadline, "partitions still moving");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let leader = cluster.leader().await.expect("a leader");
+        let status = cluster.status(leader).await.expect("the leader's status");
+        assert_eq!(status.raft_voters.len(), 5, "{status:?}");
+        let mut ids = Vec::new();
+        for i in 0..NODES {
+            ids.push(cluster.node_id(i).await);
+        }
+        let learner = (0..NODES)
+            .find(|&i| !status.raft_voters.contains(&ids[i]))
+            .expect("a learner");
+        let others: Vec<usize> = (0..NODES)
+            .filter(|&i| i != leader && i != learner)
+            .collect();
+        let (coordinator, dead2, candidates) = (others[0], others[1], [others[2], others[3]]);
+        let map = cluster.connect(coordinator).await.map.clone();
+        let placement = Placement::new(&map).expect("cluster map");
+        let stranded_behind = |hung: usize| {
+            (0..placement.partitions())
+                .map(hashgrid_proto::placement::Partition)
+                .filter(|&p| {
+                    let owners = placement.owners(p);
+                    owners.contains(&ids[learner])
+                        && owners.contains(&ids[dead2])
+                        && placement.fallbacks(p).first() == Some(&ids[hung])
+                })
+                .count()
+        };
+        let hung = candidates
+            .into_iter()
+            .max_by_key(|&c| stranded_behind(c))
+            .unwrap();
+        println!(
+            "{} of {} partitions have both dead nodes among their owners and the stopped one \
+             as their first fallback",
+            stranded_behind(hung),
+            placement.partitions()
+        );
+        (coordinator, [learner, dead2], hung, placement, ids)
+    });
+    let stranded = |id: &ChunkId| {
+        let p = placement.partition_of(id);
+        let owners = placement.owners(p);
+        owners.contains(&ids[dead[0]])
+            && owners.contains(&ids[dead[1]])
+            && placement.fallbacks(p).first() == Some(&ids[hung])
+    };
+    for &d in &dead {
+        cluster.nodes[d].kill9();
+    }
+    rt.block_on(async {
+        let conn = cluster.connect(coordinator).await;
+        // The baseline: the dead nodes' copies go to fallbacks at once (refused
+        // connections).
+        let run = |name, seed| timed_backup(&conn, tmp.path(), name, seed, MIB);
+        let (_, _, normal) = run("two-dead", 31).await;
+        let held_before: std::collections::HashSet<ChunkId> = (0..NODES)
+            .flat_map(|i| stored_ids(&cluster.nodes[i].dir.join("data/chunks/packs")))
+            .collect();
+        cluster.nodes[hung].pause();
+        let (src, summary, took) = run("two-dead-one-stopped", 32).await;
+        println!(
+            "backup of {MIB} MiB through node {} with nodes {} and {} dead and node {} \
+             stopped: {:.2} s (with only the dead ones {:.2} s, peer deadline {PEER_TIMEOUT:?})",
+            coordinator + 1,
+            dead[0] + 1,
+            dead[1] + 1,
+            hung + 1,
+            took.as_secs_f64(),
+            normal.as_secs_f64(),
+        );
+        // The chunks placed behind the stopped fallback have W copies on nodes that answer:
+        // their one live owner and a later fallback.
+        let live: Vec<usize> = (0..NODES)
+            .filter(|i| !dead.contains(i) && *i != hung)
+            .collect();
+        let mut copies: std::collections::HashMap<ChunkId, usize> = Default::default();
+        for &i in &live {
+            for id in stored_ids(&cluster.nodes[i].dir.join("data/chunks/packs")) {
+                *copies.entry(id).or_default() += 1;
+            }
+        }
+        let behind: Vec<ChunkId> = copies
+            .keys()
+            .filter(|id| stranded(id) && !held_before.contains(id))
+            .copied()
+            .collect();
+        assert!(
+            behind.len() > 5,
+            "only {} new chunks placed behind the stopped fallback: the data does not \
+             exercise it",
+            behind.len()
+        );
+        for id in &behind {
+            assert!(
+                copies[id] >= 2,
+                "chunk {id} has {} copies on the nodes that answer",
+                copies[id]
+            );
+        }
+        println!(
+            "{} new chunks behind the stopped fallback, each on 2 nodes that answer",
+            behind.len()
+        );
+        assert!(
+            took < normal + PEER_TIMEOUT / 2,
+            "the backup took {took:?} with two nodes dead and a fallback stopped ({normal:?} \
+             with only the dead ones): its writes waited for the stopped fallback's deadline"
+        );
+        let target = tmp.path().join("restored-while-stopped");
+        restore_all(&conn, summary.snapshot, &target).await;
+        assert_same_tree(&src, &restored(&target, &src));
+        cluster.nodes[hung].resume();
     });
 }

@@ -266,9 +266,19 @@ fn split_two_three(fault: Fault) {
 
         // What an operator sees during the cut: the majority's coordinator lost contact
         // with the minority (its repair worker is due, and says with whom), and copies wait
-        // on fallbacks for hand-off, in `cluster status` and in Prometheus.
-        let s = cluster.cli_json(MAJORITY[0], &["cluster", "status"]);
-        let repair = repair_worker(&s, ids[MAJORITY[0]]);
+        // on fallbacks for hand-off, in `cluster status` and in Prometheus. The loss is
+        // learned when a call to the minority runs out of time: lookups and writes that no
+        // longer needed one left it running in its task, so it may end a peer timeout after
+        // the backup.
+        let deadline = Instant::now() + 2 * peer_timeout() + Duration::from_secs(5);
+        let (s, repair) = loop {
+            let s = cluster.cli_json(MAJORITY[0], &["cluster", "status"]);
+            let repair = repair_worker(&s, ids[MAJORITY[0]]);
+            if repair["state"] == "due" || Instant::now() > deadline {
+                break (s, repair);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
         let minority_addrs: Vec<String> = MINORITY
             .iter()
             .map(|&i| cluster.nodes[i].addr.clone())

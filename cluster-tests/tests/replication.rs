@@ -3,8 +3,8 @@
 //! node killed (-9) backups and restores go on; with two killed, a backup fails UNAVAILABLE
 //! saying how many owners answered; a copy damaged on one owner is read from another; a
 //! lookup that finds fewer than W copies copies the chunk to the owners lacking it. In a
-//! cluster wider than R (6 nodes), a lookup asks each owner once, whatever the ids' spread
-//! over owner sets.
+//! cluster wider than R (6 nodes), a lookup and a write batch each ask each owner once,
+//! whatever the ids' spread over owner sets.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ use hashgrid::ClientError;
 use hashgrid_cluster_tests::cluster::{members_in, Cluster};
 use hashgrid_cluster_tests::damage::{damage_one_of, stored_ids};
 use hashgrid_cluster_tests::{
-    assert_same_tree, backup_opts, cluster_stats, data, restore_all, restored, runtime,
+    assert_same_tree, backup_opts, cluster_stats, data, put_chunks, restore_all, restored, runtime,
 };
 use hashgrid_proto::id::pack_ids;
 use hashgrid_proto::{pb, ChunkId};
@@ -262,17 +262,23 @@ fn a_lookup_copies_a_chunk_found_on_fewer_than_w_owners_to_the_owners_lacking_it
     });
 }
 
-/// The `has` owner calls every node served so far.
-fn owner_has_calls(cluster: &Cluster) -> f64 {
+/// The owner calls of kind `call` (`has`, `put`, `get`) every node served so far.
+fn owner_calls(cluster: &Cluster, call: &str) -> f64 {
+    let name = format!("hashgrid_owner_calls_total{{call=\"{call}\"}}");
+    cluster.nodes.iter().filter_map(|n| n.metric(&name)).sum()
+}
+
+/// Every chunk id in the packs of the cluster's nodes, once per copy.
+fn all_copies(cluster: &Cluster) -> Vec<ChunkId> {
     cluster
         .nodes
         .iter()
-        .filter_map(|n| n.metric("hashgrid_owner_calls_total{call=\"has\"}"))
-        .sum()
+        .flat_map(|n| stored_ids(&n.dir.join("data/chunks/packs")))
+        .collect()
 }
 
 #[test]
-fn a_lookup_in_a_cluster_wider_than_r_asks_each_owner_once() {
+fn a_lookup_and_a_write_in_a_cluster_wider_than_r_ask_each_owner_once() {
     const NODES: usize = 6;
     let tmp = tempfile::tempdir().unwrap();
     let cluster = Cluster::start(&tmp.path().join("cluster"), NODES, 3, 2);
@@ -304,9 +310,7 @@ fn a_lookup_in_a_cluster_wider_than_r_asks_each_owner_once() {
         // Every chunk on its three owners (the third copy lands just after the reply).
         let deadline = Instant::now() + SETTLE;
         let present: Vec<ChunkId> = loop {
-            let mut all: Vec<ChunkId> = (0..NODES)
-                .flat_map(|i| stored_ids(&cluster.nodes[i].dir.join("data/chunks/packs")))
-                .collect();
+            let mut all = all_copies(&cluster);
             let copies = all.len();
             all.sort_unstable();
             all.dedup();
@@ -324,7 +328,7 @@ fn a_lookup_in_a_cluster_wider_than_r_asks_each_owner_once() {
             .map(|i| ChunkId::of(&i.to_le_bytes()))
             .collect();
         ids.extend(&present);
-        let before = owner_has_calls(&cluster);
+        let before = owner_calls(&cluster, "has");
         let answer = conn
             .chunks
             .clone()
@@ -336,7 +340,7 @@ fn a_lookup_in_a_cluster_wider_than_r_asks_each_owner_once() {
             .expect("lookup")
             .into_inner()
             .present;
-        let calls = owner_has_calls(&cluster) - before;
+        let calls = owner_calls(&cluster, "has") - before;
         for (i, id) in ids.iter().enumerate() {
             let found = answer[i / 8] & (1 << (i % 8)) != 0;
             assert_eq!(found, present.contains(id), "id {i} answered wrong");
@@ -351,6 +355,44 @@ fn a_lookup_in_a_cluster_wider_than_r_asks_each_owner_once() {
             "lookup of {} ids ({} present) through one of {NODES} nodes: {calls} owner calls",
             ids.len(),
             present.len()
+        );
+
+        // One write batch of new chunks, spread over every owner set: one owner call to
+        // each other node (each gets all its chunks of every group at once), counted once
+        // every copy has landed (the third copies after the reply).
+        const CHUNKS: u64 = 512;
+        let copies_before = all_copies(&cluster).len();
+        let before = owner_calls(&cluster, "put");
+        let chunks: Vec<pb::Chunk> = (0..CHUNKS)
+            .map(|i| {
+                let plain = data::random_bytes(1_000_000 + i, 2048);
+                pb::Chunk {
+                    id: ChunkId::of(&plain).as_bytes().to_vec(),
+                    plain_len: plain.len() as u32,
+                    codec: pb::Codec::Raw as i32,
+                    data: plain.into(),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        let reply = put_chunks(&conn, chunks).await.expect("write batch");
+        assert_eq!(reply.stored as u64, CHUNKS, "{reply:?}");
+        let deadline = Instant::now() + SETTLE;
+        while all_copies(&cluster).len() < copies_before + 3 * CHUNKS as usize {
+            assert!(
+                Instant::now() < deadline,
+                "the batch's copies never reached 3 per chunk"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let calls = owner_calls(&cluster, "put") - before;
+        assert!(
+            calls <= (NODES - 1) as f64,
+            "a write batch of {CHUNKS} chunks made {calls} owner calls to {} other nodes",
+            NODES - 1
+        );
+        println!(
+            "write batch of {CHUNKS} chunks through one of {NODES} nodes: {calls} owner calls"
         );
     });
 }

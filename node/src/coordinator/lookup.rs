@@ -465,8 +465,13 @@ impl<'a> Lookup<'a> {
     }
 
     /// Copies that unreachable owners could not take are on the fallbacks: asks those of
-    /// the ids still short that the hedge did not ask already, and counts every fallback's
-    /// answer. An agent's lookup waits for them at most a hedge.
+    /// the ids still short that the hedge did not ask already, and counts the fallbacks'
+    /// answers until every id asked of them has W copies or no call is left. An agent's
+    /// lookup waits for them at most a hedge. Why not wait for every fallback: the commit
+    /// check would wait out the deadline of one that hangs although the others' answers
+    /// already counted W copies of every id (8 s of a backup's commit, with the first
+    /// fallback of two dead owners' partitions stopped). The calls not waited for run on
+    /// in their tasks, so the peer pool still learns which fallback hangs.
     async fn ask_fallbacks(&mut self) {
         let short = self.short();
         if short.is_empty() {
@@ -476,17 +481,35 @@ impl<'a> Lookup<'a> {
             .into_iter()
             .filter(|&j| !std::mem::replace(&mut self.fallbacks_asked[j], true))
             .collect();
-        let mut calls = std::mem::take(&mut self.fallback_calls);
-        calls.extend(self.spawn_fallbacks(&rest));
-        let within =
-            (self.presence == Presence::Upload).then(|| self.route.ctx().peers.hedge_after());
-        count_fallbacks(calls, &mut self.holders, within).await;
+        let mut calls: FuturesUnordered<_> = std::mem::take(&mut self.fallback_calls)
+            .into_iter()
+            .chain(self.spawn_fallbacks(&rest))
+            .collect();
+        let asked: Vec<usize> = (0..self.ids.len())
+            .filter(|&j| self.fallbacks_asked[j])
+            .collect();
+        let deadline = (self.presence == Presence::Upload)
+            .then(|| tokio::time::Instant::now() + self.route.ctx().peers.hedge_after());
+        while asked.iter().any(|&j| self.holders[j].len() < self.w) {
+            let next = match deadline {
+                Some(at) => match tokio::time::timeout_at(at, calls.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        tracing::debug!("lookup: a fallback is slow; answering without it");
+                        break;
+                    }
+                },
+                None => calls.next().await,
+            };
+            let Some(joined) = next else { break };
+            count_fallback(joined, &mut self.holders);
+        }
     }
 
     /// Asks the fallbacks of the ids at `js` (each id's partition's, see
     /// [`Route::fallbacks`]) which of them they hold, one call per fallback, each in a task
     /// of its own. An agent's lookup leaves out fallbacks that hang: it would not wait for
-    /// their answer anyway (see [`count_fallbacks`]).
+    /// their answer anyway (see [`Lookup::ask_fallbacks`]).
     fn spawn_fallbacks(&mut self, js: &[usize]) -> Vec<JoinHandle<OwnerAnswer>> {
         let mut asked: HashMap<NodeId, Vec<usize>> = HashMap::new();
         let mut fallbacks_of: HashMap<Partition, Vec<NodeId>> = HashMap::new();
@@ -624,45 +647,29 @@ fn spawn_has(
     })
 }
 
-/// Waits for the fallbacks' answers: each fallback that holds an id joins its holders. A
-/// fallback that fails adds nothing, and so does one that has not answered `within` (when
-/// given: an agent's lookup, which calls what it cannot count absent, does not wait out a
-/// hung fallback's deadline; the call runs on in its task).
-async fn count_fallbacks(
-    calls: Vec<JoinHandle<OwnerAnswer>>,
+/// Counts one fallback's answer: each id it holds joins its holders. A fallback that
+/// failed adds nothing.
+fn count_fallback(
+    joined: Result<OwnerAnswer, tokio::task::JoinError>,
     holders: &mut [Vec<NodeId>],
-    within: Option<std::time::Duration>,
 ) {
-    let deadline = within.map(|d| tokio::time::Instant::now() + d);
-    for call in calls {
-        let joined = match deadline {
-            Some(at) => match tokio::time::timeout_at(at, call).await {
-                Ok(joined) => joined,
-                Err(_) => {
-                    tracing::debug!("lookup: a fallback is slow; answering without it");
-                    continue;
-                }
-            },
-            None => call.await,
-        };
-        let answer = match joined {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "lookup on a fallback: call task failed");
-                continue;
-            }
-        };
-        let found = match answer.found {
-            Ok(found) => found,
-            Err(e) => {
-                tracing::debug!(node = answer.node, error = %e, "lookup on a fallback failed");
-                continue;
-            }
-        };
-        for (&j, f) in answer.js.iter().zip(found) {
-            if f && !holders[j].contains(&answer.node) {
-                holders[j].push(answer.node);
-            }
+    let answer = match joined {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "lookup on a fallback: call task failed");
+            return;
+        }
+    };
+    let found = match answer.found {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::debug!(node = answer.node, error = %e, "lookup on a fallback failed");
+            return;
+        }
+    };
+    for (&j, f) in answer.js.iter().zip(found) {
+        if f && !holders[j].contains(&answer.node) {
+            holders[j].push(answer.node);
         }
     }
 }
