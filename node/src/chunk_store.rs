@@ -751,15 +751,28 @@ fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
         .expect("column family opened in ChunkStore::open")
 }
 
+/// The index entries of `ids`, in their order.
+///
+/// The keys go to RocksDB sorted (`sorted_input`): unsorted, its `MultiGet` sorts them
+/// itself through the comparator's virtual calls, which was a tenth of the CPU of a node
+/// serving lookups (`perf`, three nodes, 4096-id lookups); sorting the positions here by
+/// the ids' bytes (the column family's bytewise order) costs a fraction of that.
 fn metas(db: &DB, ids: &[ChunkId]) -> Result<Vec<Option<ChunkMeta>>, StoreError> {
-    db.batched_multi_get_cf(cf(db, CF_META), ids.iter().map(|id| id.as_bytes()), false)
-        .into_iter()
-        .zip(ids)
-        .map(|(r, id)| match r.map_err(rocks(db, "read metadata"))? {
-            Some(v) => ChunkMeta::decode(id, &v).map(Some),
-            None => Ok(None),
-        })
-        .collect()
+    let mut order: Vec<u32> = (0..ids.len() as u32).collect();
+    order.sort_unstable_by_key(|&i| &ids[i as usize]);
+    let found = db.batched_multi_get_cf(
+        cf(db, CF_META),
+        order.iter().map(|&i| ids[i as usize].as_bytes()),
+        true,
+    );
+    let mut out: Vec<Option<ChunkMeta>> = vec![None; ids.len()];
+    for (r, &i) in found.into_iter().zip(&order) {
+        let id = &ids[i as usize];
+        if let Some(v) = r.map_err(rocks(db, "read metadata"))? {
+            out[i as usize] = Some(ChunkMeta::decode(id, &v)?);
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -167,6 +167,7 @@ impl<'a> Lookup<'a> {
         let mut owners: Vec<Owners> = Vec::new();
         // Each partition's entry in `owners` (`usize::MAX`: none yet).
         let mut by_partition = vec![usize::MAX; current.partitions() as usize];
+        let health = route.health();
         let mut owners_of = Vec::with_capacity(ids.len());
         for id in ids {
             let p = current.partition_of(id);
@@ -178,9 +179,9 @@ impl<'a> Lookup<'a> {
                     // decide (a silent partition would otherwise cost every lookup their
                     // deadline). The commit check asks them last, if it must.
                     let (live, hung) = route
-                        .read_owners(p)
+                        .read_owners(p, &health)
                         .into_iter()
-                        .partition(|&n| !route.is_hanging(n));
+                        .partition(|&n| !health.is_hanging(n));
                     let o = Owners {
                         partition: p,
                         live,
@@ -513,13 +514,14 @@ impl<'a> Lookup<'a> {
     fn spawn_fallbacks(&mut self, js: &[usize]) -> Vec<JoinHandle<OwnerAnswer>> {
         let mut asked: HashMap<NodeId, Vec<usize>> = HashMap::new();
         let mut fallbacks_of: HashMap<Partition, Vec<NodeId>> = HashMap::new();
+        let health = self.route.health();
         for &j in js {
             let p = self.owners(j).partition;
             let fallbacks = fallbacks_of
                 .entry(p)
-                .or_insert_with(|| self.route.fallbacks(p));
+                .or_insert_with(|| self.route.fallbacks(p, &health));
             for &node in fallbacks.iter() {
-                let hangs = self.slow_nodes.contains(&node) || self.route.is_hanging(node);
+                let hangs = self.slow_nodes.contains(&node) || health.is_hanging(node);
                 if self.presence == Presence::Upload && hangs {
                     continue;
                 }

@@ -47,6 +47,27 @@ pub struct Route {
     local_only: bool,
 }
 
+/// The peer pool's view of every member, taken once by [`Route::health`]: per member,
+/// whether it hangs ([`Route::is_hanging`]) and whether it is slow ([`Route::is_slow`]).
+pub struct Health(Vec<(NodeId, bool, bool)>);
+
+impl Health {
+    pub fn is_hanging(&self, node: NodeId) -> bool {
+        self.0.iter().any(|&(n, hanging, _)| n == node && hanging)
+    }
+
+    pub fn is_slow(&self, node: NodeId) -> bool {
+        self.0.iter().any(|&(n, _, slow)| n == node && slow)
+    }
+
+    /// Moves suspect, lagging and down peers to the end (a stable sort).
+    fn slow_last(&self, nodes: &mut [NodeId]) {
+        if nodes.iter().any(|&n| self.is_slow(n)) {
+            nodes.sort_by_cached_key(|&n| self.is_slow(n));
+        }
+    }
+}
+
 impl Route {
     pub fn new(ctx: &Arc<NodeContext>) -> Result<Route, NodeError> {
         let placement = ctx.placement()?;
@@ -98,22 +119,36 @@ impl Route {
     /// hedge, go last (their order otherwise kept): a lookup's first wave then asks owners
     /// that answer, and a hung one is asked only when the others cannot decide (see
     /// [`crate::peer::PeerPool::is_suspect`] and [`crate::peer::PeerPool::is_lagging`]).
-    pub fn read_owners(&self, partition: Partition) -> Vec<NodeId> {
+    pub fn read_owners(&self, partition: Partition, health: &Health) -> Vec<NodeId> {
         let mut owners = self.placement.read_owners(partition);
         if let Some(i) = owners.iter().position(|&n| self.is_local(n)) {
             owners[..=i].rotate_right(1);
         }
-        self.suspects_last(&mut owners);
+        health.slow_last(&mut owners);
         owners
     }
 
     /// The members that stand in for `partition`'s owners when too few of them can take a
     /// copy ([`hashgrid_proto::placement::Placement::fallbacks`]), in ring order with
     /// suspect and lagging peers last. This node is one of them only when the ring says so.
-    pub fn fallbacks(&self, partition: Partition) -> Vec<NodeId> {
+    pub fn fallbacks(&self, partition: Partition, health: &Health) -> Vec<NodeId> {
         let mut fallbacks = self.placement.current().fallbacks(partition).to_vec();
-        self.suspects_last(&mut fallbacks);
+        health.slow_last(&mut fallbacks);
         fallbacks
+    }
+
+    /// What the peer pool says of every member now ([`Route::is_hanging`],
+    /// [`Route::is_slow`]), read once. Why: a request that routes thousands of ids over
+    /// thousands of partitions would otherwise ask the pool about each owner of each
+    /// partition, each question taking its locks and hashing the peer's address: 4 % of
+    /// the CPU of three nodes serving lookups (`perf`).
+    pub fn health(&self) -> Health {
+        Health(
+            self.addrs
+                .keys()
+                .map(|&n| (n, self.is_hanging(n), self.is_slow(n)))
+                .collect(),
+        )
     }
 
     /// Whether `node`'s last call ran out of time, with no answer since
@@ -141,18 +176,15 @@ impl Route {
     /// before its fallback copy. (Lookups still ask a down owner, last: it fails at once if
     /// it is still down, and one that came back is found lacking copies and repaired.)
     pub fn is_slow(&self, node: NodeId) -> bool {
-        self.is_hanging(node)
-            || self
-                .addrs
-                .get(&node)
-                .is_some_and(|a| self.ctx.peers.is_down(a))
+        self.is_hanging(node) || self.is_down(node)
     }
 
-    /// Moves suspect and lagging peers to the end (a stable sort).
-    fn suspects_last(&self, nodes: &mut [NodeId]) {
-        if nodes.iter().any(|&n| self.is_slow(n)) {
-            nodes.sort_by_cached_key(|&n| self.is_slow(n));
-        }
+    /// Whether `node` lost its connection on its last call
+    /// ([`crate::peer::PeerPool::is_down`]).
+    fn is_down(&self, node: NodeId) -> bool {
+        self.addrs
+            .get(&node)
+            .is_some_and(|a| self.ctx.peers.is_down(a))
     }
 
     /// `node`'s state in the map this request routes by (`None`: not a member).

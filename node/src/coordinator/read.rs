@@ -66,13 +66,14 @@ pub async fn read(route: Route, ids: Vec<ChunkId>, tx: mpsc::Sender<Result<GetRe
 /// on in its task to its deadline, so the peer pool learns whether the owner is hung.
 async fn read_group(route: &Route, ids: Vec<ChunkId>) -> Vec<pb::Chunk> {
     let current = route.placement.current();
+    let health = route.health();
     // Owners first; the fallbacks last, for copies written there while owners were down.
     let candidates: Vec<Vec<NodeId>> = ids
         .iter()
         .map(|id| {
             let p = current.partition_of(id);
-            let mut nodes = route.read_owners(p);
-            for f in route.fallbacks(p) {
+            let mut nodes = route.read_owners(p, &health);
+            for f in route.fallbacks(p, &health) {
                 if !nodes.contains(&f) {
                     nodes.push(f);
                 }

@@ -91,6 +91,7 @@ async fn replicate_once(route: &Route, chunks: &[VerifiedChunk]) -> Result<PutOu
     });
     let timeout = route.ctx().peers.timeout();
     let hedge = route.ctx().peers.hedge_after();
+    let health = route.health();
     let plans: Vec<GroupPlan> = groups
         .into_iter()
         .map(|(owners, idx)| {
@@ -98,7 +99,7 @@ async fn replicate_once(route: &Route, chunks: &[VerifiedChunk]) -> Result<PutOu
             let hung: Vec<NodeId> = owners
                 .iter()
                 .copied()
-                .filter(|&n| route.is_slow(n))
+                .filter(|&n| health.is_slow(n))
                 .collect();
             let fallback = has_fallback(route, &batch);
             let around = owners.len() - hung.len() < w && fallback;
@@ -368,7 +369,10 @@ async fn stand_in(
     cause: &QuorumError,
 ) -> Result<PutOutcome, NodeError> {
     let current = route.placement.current();
-    let groups = group_by_owners(route, batch.iter().map(|c| c.id), |p| route.fallbacks(p));
+    let health = route.health();
+    let groups = group_by_owners(route, batch.iter().map(|c| c.id), |p| {
+        route.fallbacks(p, &health)
+    });
     let timeout = route.ctx().peers.timeout();
     let hedge = route.ctx().peers.hedge_after();
     let calls = groups.into_iter().map(|(fallbacks, idx)| {
