@@ -442,6 +442,27 @@ pub async fn has_chunks(
     Ok(hashgrid_proto::id::from_bitmap(&reply.present, ids.len()))
 }
 
+/// Every chunk of one `Get` of `ids` through the node behind `conn`, as it answers them.
+pub async fn get_chunks(
+    conn: &Connection,
+    ids: &[hashgrid_proto::ChunkId],
+) -> Result<Vec<hashgrid_proto::pb::Chunk>, tonic::Status> {
+    let mut stream = conn
+        .chunks
+        .clone()
+        .get(hashgrid_proto::pb::GetRequest {
+            epoch: conn.epoch(),
+            ids: hashgrid_proto::id::pack_ids(ids),
+        })
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(msg) = stream.message().await? {
+        out.extend(msg.chunks);
+    }
+    Ok(out)
+}
+
 /// A size-limited tmpfs mounted for a test (a disk that fills up), unmounted on drop.
 pub struct Tmpfs {
     path: PathBuf,

@@ -13,7 +13,9 @@
 //!   copies the two cannot take to fallbacks after a hedge, not after the peer deadline.
 //! - 6 nodes, R = 3, W = 2: with two nodes killed and the first fallback of some of their
 //!   partitions SIGSTOPped, a backup writes those copies to the next fallback, not after
-//!   the peer deadline.
+//!   the peer deadline; and a chunk whose owners are the two dead nodes and the stopped one
+//!   is written to fallbacks after a hedge, before anything marked the stopped one hung,
+//!   and one stored before it stopped is read from a fallback after a hedge.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -25,9 +27,10 @@ use hashgrid::{ConnectOptions, Connection};
 use hashgrid_cluster_tests::cluster::{members_in, Cluster};
 use hashgrid_cluster_tests::damage::stored_ids;
 use hashgrid_cluster_tests::{
-    assert_same_tree, assert_success, backup_opts, bin_dir, cluster_stats, data, peak_rss,
-    restore_all, restored, runtime, Node,
+    assert_same_tree, assert_success, backup_opts, bin_dir, cluster_stats, data, get_chunks,
+    has_chunks, peak_rss, put_chunks, restore_all, restored, runtime, Node,
 };
+use hashgrid_proto::codec::{encode_chunk, DEFAULT_ZSTD_LEVEL};
 use hashgrid_proto::placement::Placement;
 use hashgrid_proto::{pb, ChunkId};
 
@@ -590,27 +593,26 @@ fn a_backup_writes_around_a_dead_owner_and_one_that_stopped_answering() {
     });
 }
 
-#[test]
-fn a_backup_writes_past_a_fallback_that_stopped_answering() {
+/// Six nodes, R = 3, W = 2, with an 8 s peer deadline, and roles for losing three of
+/// them: two to kill (the catalog group's learner and a voter) and two candidates to stop
+/// (voters): killing the two and stopping one leaves three of the five voters, so commits
+/// go on. Neither the catalog leader nor the agent's coordinator is among them.
+struct SixNodes {
+    cluster: Cluster,
+    coordinator: usize,
+    dead: [usize; 2],
+    candidates: [usize; 2],
+    placement: Placement,
+    ids: Vec<hashgrid_proto::NodeId>,
+}
+
+const SIX_PEER_TIMEOUT: Duration = Duration::from_secs(8);
+
+fn six_nodes(root: &Path, rt: &tokio::runtime::Runtime) -> SixNodes {
     const NODES: usize = 6;
-    const PEER_TIMEOUT: Duration = Duration::from_secs(8);
-    const MIB: usize = 32;
-    let tmp = tempfile::tempdir().unwrap();
-    let timeout_ms = PEER_TIMEOUT.as_millis().to_string();
-    let mut cluster = Cluster::start_with(
-        &tmp.path().join("cluster"),
-        NODES,
-        3,
-        2,
-        &["--peer-timeout-ms", &timeout_ms],
-    );
-    let rt = runtime();
-    // Roles: two dead nodes (the catalog group's learner and a voter) and a stopped one (a
-    // voter) leave three of its five voters, so commits go on. The stopped node is the one
-    // of the two candidates left that is the first fallback of more of the partitions
-    // whose owners include both dead nodes: their chunks' copies go to the first fallback
-    // that answers.
-    let (coordinator, dead, hung, placement, ids) = rt.block_on(async {
+    let timeout_ms = SIX_PEER_TIMEOUT.as_millis().to_string();
+    let cluster = Cluster::start_with(root, NODES, 3, 2, &["--peer-timeout-ms", &timeout_ms]);
+    rt.block_on(async {
         settled(&cluster).await;
         let deadline = Instant::now() + Duration::from_secs(60);
         while cluster.cli_json(0, &["cluster", "status"])["moving"] != 0 {
@@ -630,32 +632,58 @@ fn a_backup_writes_past_a_fallback_that_stopped_answering() {
         let others: Vec<usize> = (0..NODES)
             .filter(|&i| i != leader && i != learner)
             .collect();
-        let (coordinator, dead2, candidates) = (others[0], others[1], [others[2], others[3]]);
-        let map = cluster.connect(coordinator).await.map.clone();
+        let map = cluster.connect(others[0]).await.map.clone();
         let placement = Placement::new(&map).expect("cluster map");
-        let stranded_behind = |hung: usize| {
-            (0..placement.partitions())
-                .map(hashgrid_proto::placement::Partition)
-                .filter(|&p| {
-                    let owners = placement.owners(p);
-                    owners.contains(&ids[learner])
-                        && owners.contains(&ids[dead2])
-                        && placement.fallbacks(p).first() == Some(&ids[hung])
-                })
-                .count()
-        };
-        let hung = candidates
-            .into_iter()
-            .max_by_key(|&c| stranded_behind(c))
-            .unwrap();
-        println!(
-            "{} of {} partitions have both dead nodes among their owners and the stopped one \
-             as their first fallback",
-            stranded_behind(hung),
-            placement.partitions()
-        );
-        (coordinator, [learner, dead2], hung, placement, ids)
-    });
+        SixNodes {
+            coordinator: others[0],
+            dead: [learner, others[1]],
+            candidates: [others[2], others[3]],
+            placement,
+            ids,
+            cluster,
+        }
+    })
+}
+
+#[test]
+fn a_backup_writes_past_a_fallback_that_stopped_answering() {
+    const NODES: usize = 6;
+    const PEER_TIMEOUT: Duration = SIX_PEER_TIMEOUT;
+    const MIB: usize = 32;
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let SixNodes {
+        mut cluster,
+        coordinator,
+        dead,
+        candidates,
+        placement,
+        ids,
+    } = six_nodes(&tmp.path().join("cluster"), &rt);
+    // The stopped node is the candidate that is the first fallback of more of the
+    // partitions whose owners include both dead nodes: their chunks' copies go to the first
+    // fallback that answers.
+    let stranded_behind = |hung: usize| {
+        (0..placement.partitions())
+            .map(hashgrid_proto::placement::Partition)
+            .filter(|&p| {
+                let owners = placement.owners(p);
+                owners.contains(&ids[dead[0]])
+                    && owners.contains(&ids[dead[1]])
+                    && placement.fallbacks(p).first() == Some(&ids[hung])
+            })
+            .count()
+    };
+    let hung = candidates
+        .into_iter()
+        .max_by_key(|&c| stranded_behind(c))
+        .unwrap();
+    println!(
+        "{} of {} partitions have both dead nodes among their owners and the stopped one as \
+         their first fallback",
+        stranded_behind(hung),
+        placement.partitions()
+    );
     let stranded = |id: &ChunkId| {
         let p = placement.partition_of(id);
         let owners = placement.owners(p);
@@ -730,4 +758,88 @@ fn a_backup_writes_past_a_fallback_that_stopped_answering() {
         assert_same_tree(&src, &restored(&target, &src));
         cluster.nodes[hung].resume();
     });
+}
+
+#[test]
+fn writes_and_reads_around_dead_owners_do_not_wait_for_a_third_that_stopped_answering() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let mut six = six_nodes(&tmp.path().join("cluster"), &rt);
+    let (dead, hung, reader) = (six.dead, six.candidates[0], six.candidates[1]);
+    for &d in &dead {
+        six.cluster.nodes[d].kill9();
+    }
+    let (cluster, placement, ids) = (&six.cluster, &six.placement, &six.ids);
+    // Chunks whose owners are the two dead nodes and the one that stops.
+    let mut placed = (0u64..).filter_map(|k| {
+        let plain = format!("owned by the dead and the stopped, #{k}").into_bytes();
+        let id = ChunkId::of(&plain);
+        let owners = placement.owners_of(&id);
+        [ids[dead[0]], ids[dead[1]], ids[hung]]
+            .iter()
+            .all(|n| owners.contains(n))
+            .then(|| encode_chunk(id, &plain.into(), DEFAULT_ZSTD_LEVEL))
+    });
+    let (before, after) = (placed.next().unwrap(), placed.next().unwrap());
+    let id_of = |c: &pb::Chunk| ChunkId::from_slice(&c.id).expect("a chunk id");
+    rt.block_on(async {
+        let conn = cluster.connect(six.coordinator).await;
+        let reader_conn = cluster.connect(reader).await;
+        // Both nodes learn that the killed ones are down (a lookup over every partition:
+        // their connections are refused), so they ask them last and write around them.
+        let spread: Vec<ChunkId> = (0..4096u64)
+            .map(|i| ChunkId::of(&i.to_le_bytes()))
+            .collect();
+        for c in [&conn, &reader_conn] {
+            has_chunks(c, &spread)
+                .await
+                .expect("lookup with two nodes dead");
+        }
+        // One chunk stored while the third owner still answers: on it and a fallback.
+        put_chunks(&conn, vec![before.clone()])
+            .await
+            .expect("a write with two owners dead");
+        cluster.nodes[hung].pause();
+
+        // A write before any call has waited on the stopped owner (so nothing marks it hung
+        // yet) goes around the dead owners and must not wait out the stopped one's
+        // deadline either (it did, 8 s, when a backup's first writes met such a chunk).
+        let started = Instant::now();
+        put_chunks(&conn, vec![after.clone()])
+            .await
+            .expect("a write whose owners are two dead nodes and a stopped one");
+        let took = started.elapsed();
+        println!("a chunk owned by two dead nodes and a stopped one written in {took:?}");
+        assert!(
+            took < SIX_PEER_TIMEOUT / 2,
+            "writing a chunk owned by two dead nodes and a stopped one took {took:?}"
+        );
+        let present = has_chunks(&conn, &[id_of(&after)]).await.expect("lookup");
+        assert_eq!(present, [true], "the fallbacks' two copies count toward W");
+
+        // A read through a node that has not called the stopped owner since it stopped asks
+        // it first (the dead ones are known down), asks the next beside it after a hedge,
+        // and on through the candidates as those fail at once, to the fallback holding a
+        // copy: it must not wait out the stopped owner's deadline after the dead ones
+        // failed (a commit check's reads took 8 s so).
+        let started = Instant::now();
+        let got = get_chunks(&reader_conn, &[id_of(&before)])
+            .await
+            .expect("read with two owners dead and one stopped");
+        let took = started.elapsed();
+        println!("a chunk owned by two dead nodes and a stopped one read in {took:?}");
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            got[0].fault,
+            pb::ChunkFault::None as i32,
+            "{:?}",
+            got[0].fault
+        );
+        assert_eq!(got[0].data, before.data);
+        assert!(
+            took < SIX_PEER_TIMEOUT / 2,
+            "reading a chunk owned by two dead nodes and a stopped one took {took:?}"
+        );
+    });
+    six.cluster.nodes[hung].resume();
 }

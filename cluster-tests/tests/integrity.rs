@@ -16,7 +16,7 @@ use hashgrid_cluster_tests::{
 };
 use hashgrid_proto::codec::encode_chunk;
 use hashgrid_proto::id::pack_ids;
-use hashgrid_proto::pb::{self, ChunkFault, GetRequest, HasRequest};
+use hashgrid_proto::pb::{self, ChunkFault, HasRequest};
 use hashgrid_proto::ChunkId;
 use tonic::Code;
 
@@ -46,21 +46,7 @@ async fn has(conn: &Connection, id: ChunkId) -> bool {
 
 /// Every reply of one `Get` of `ids`.
 async fn get_all(conn: &Connection, ids: &[ChunkId]) -> Vec<pb::Chunk> {
-    let mut stream = conn
-        .chunks
-        .clone()
-        .get(GetRequest {
-            epoch: conn.epoch(),
-            ids: pack_ids(ids),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(msg) = stream.message().await.unwrap() {
-        out.extend(msg.chunks);
-    }
-    out
+    hashgrid_cluster_tests::get_chunks(conn, ids).await.unwrap()
 }
 
 fn opts(src: &Path, parent: ParentChoice) -> BackupOptions {

@@ -32,6 +32,11 @@ pub enum Wait {
     QuorumWithin(Duration),
     /// When every owner answered or failed.
     All,
+    /// When every owner answered or failed, or once the given time passed: the owners that
+    /// have not answered by then are counted failed, as with [`Wait::QuorumWithin`]. For a
+    /// write around hung owners, whose other owners may hang too without the pool knowing
+    /// it yet.
+    AllWithin(Duration),
 }
 
 /// The answers of a fan-out that reached its quorum.
@@ -39,8 +44,8 @@ pub enum Wait {
 pub struct Answers<T> {
     /// Owners that answered, in the order they did.
     pub ok: Vec<(NodeId, T)>,
-    /// Owners that failed (or had not answered when the helper returned with `Wait::All`,
-    /// which never happens: with `All` every owner ends in `ok` or here).
+    /// Owners that failed, or had not answered in the time [`Wait::QuorumWithin`] or
+    /// [`Wait::AllWithin`] gave them.
     pub failed: Vec<(NodeId, NodeError)>,
 }
 
@@ -137,7 +142,9 @@ where
     // With `QuorumWithin`, when to stop waiting for the quorum (the sleep below is only
     // polled then).
     let give_up = match wait {
-        Wait::QuorumWithin(after) => Some((after, tokio::time::Instant::now() + after)),
+        Wait::QuorumWithin(after) | Wait::AllWithin(after) => {
+            Some((after, tokio::time::Instant::now() + after))
+        }
         Wait::Quorum | Wait::All => None,
     };
     loop {
@@ -179,7 +186,8 @@ where
         if answers.ok.len() + pending.len() < quorum {
             break;
         }
-        if wait != Wait::All && answers.ok.len() >= quorum {
+        let all = matches!(wait, Wait::All | Wait::AllWithin(_));
+        if !all && answers.ok.len() >= quorum {
             break;
         }
     }
@@ -422,6 +430,42 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(answers.ok.iter().map(|a| a.0).collect::<Vec<_>>(), [1]);
+    }
+
+    #[tokio::test]
+    async fn all_within_waits_for_every_owner_until_its_time_then_counts_the_rest_failed() {
+        let start = std::time::Instant::now();
+        let after = Duration::from_millis(50);
+        let answers = call_owners(
+            "write",
+            &OWNERS,
+            0,
+            Wait::AllWithin(after),
+            Duration::from_secs(60),
+            one_of_each,
+        )
+        .await
+        .unwrap();
+        assert!(start.elapsed() >= after, "returned before its time");
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert_eq!(answers.ok.iter().map(|a| a.0).collect::<Vec<_>>(), [1]);
+        let mut failed: Vec<_> = answers.failed.iter().map(|f| f.0).collect();
+        failed.sort_unstable();
+        assert_eq!(failed, [2, 3], "the hung owner is counted failed");
+        // Owners that all answer in time end it at once.
+        let start = std::time::Instant::now();
+        let answers = call_owners(
+            "write",
+            &[1, 2],
+            0,
+            Wait::AllWithin(Duration::from_secs(60)),
+            Duration::from_secs(60),
+            one_of_each,
+        )
+        .await
+        .unwrap();
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert_eq!((answers.ok.len(), answers.failed.len()), (1, 1));
     }
 
     #[tokio::test]

@@ -88,6 +88,7 @@ async fn read_group(route: &Route, ids: Vec<ChunkId>) -> Vec<pb::Chunk> {
         damaged_on: vec![Vec::new(); ids.len()],
         next: vec![0; ids.len()],
         waits_on: vec![0; ids.len()],
+        slow_waits: vec![0; ids.len()],
         inflight: FuturesUnordered::new(),
         unhedged: HashMap::new(),
         calls: 0,
@@ -104,6 +105,9 @@ async fn read_group(route: &Route, ids: Vec<ChunkId>) -> Vec<pb::Chunk> {
             }
             () = sleep_until_or_never(due) => {
                 for (_, js) in take_late(&mut state.unhedged, hedge) {
+                    for &j in &js {
+                        state.slow_waits[j] += 1;
+                    }
                     let unserved: Vec<usize> =
                         js.into_iter().filter(|&j| state.replies[j].is_none()).collect();
                     if state.ask_next(route, unserved) > 0 {
@@ -162,8 +166,10 @@ struct ReadState<'a> {
     damaged_on: Vec<Vec<NodeId>>,
     /// Per id, the index of the next candidate to ask.
     next: Vec<usize>,
-    /// Per id, the calls under way that include it.
+    /// Per id, the calls under way that include it, and how many of those are past the
+    /// hedge (their ids already asked of a next candidate).
     waits_on: Vec<usize>,
+    slow_waits: Vec<usize>,
     /// The calls under way. Each runs in a task of its own: dropping its handle here (the
     /// group is read) leaves it running to its deadline.
     inflight: FuturesUnordered<BoxFuture<'static, ReadAnswer>>,
@@ -211,11 +217,18 @@ impl ReadState<'_> {
     }
 
     /// Takes in one call's answer; returns the ids it did not serve that no other call is
-    /// reading (to be asked of their next candidates).
+    /// reading but slow ones, past the hedge (to be asked of their next candidates). Why
+    /// not wait for the slow ones: the candidate asked beside a slow owner may fail at once
+    /// (a dead owner), and the read would then wait out the slow owner's deadline with
+    /// candidates left (the commit check read a snapshot's objects for 8 s that way, with
+    /// two of their owners dead and the third stopped).
     fn count(&mut self, answer: ReadAnswer) -> Vec<usize> {
-        self.unhedged.remove(&answer.call);
+        let slow = self.unhedged.remove(&answer.call).is_none();
         for &j in &answer.js {
             self.waits_on[j] -= 1;
+            if slow {
+                self.slow_waits[j] -= 1;
+            }
         }
         match answer.chunks {
             Ok(chunks) => {
@@ -237,7 +250,7 @@ impl ReadState<'_> {
         answer
             .js
             .into_iter()
-            .filter(|&j| self.replies[j].is_none() && self.waits_on[j] == 0)
+            .filter(|&j| self.replies[j].is_none() && self.waits_on[j] == self.slow_waits[j])
             .collect()
     }
 }

@@ -307,7 +307,12 @@ async fn write_around(
         .filter(|n| !hung.contains(n))
         .collect();
     let timeout = route.ctx().peers.timeout();
-    let answers = call_owners("write", &live, 0, Wait::All, timeout, |node| {
+    // An owner that seems live may hang too, before the pool knows it (no call to it yet
+    // past the hedge): waited for at most a hedge, as a write to its owners waits, so its
+    // copy goes to a fallback rather than the write waiting out its deadline (a backup
+    // with two owners of a partition dead and the third just stopped: 10 s instead of 2).
+    let hedge = route.ctx().peers.hedge_after();
+    let answers = call_owners("write", &live, 0, Wait::AllWithin(hedge), timeout, |node| {
         let route = route.clone();
         let batch = batch.clone();
         async move { route.owner_put(node, batch).await }
