@@ -748,8 +748,10 @@ fn a_backup_writes_past_a_fallback_that_stopped_answering() {
             "{} new chunks behind the stopped fallback, each on 2 nodes that answer",
             behind.len()
         );
+        // Up to two hedges of 2 s one after the other (seen once in five runs: 4.25 s), never
+        // the stopped node's whole 8 s deadline.
         assert!(
-            took < normal + PEER_TIMEOUT / 2,
+            took < normal + PEER_TIMEOUT * 3 / 4,
             "the backup took {took:?} with two nodes dead and a fallback stopped ({normal:?} \
              with only the dead ones): its writes waited for the stopped fallback's deadline"
         );
