@@ -705,15 +705,19 @@ fn a_backup_writes_past_a_fallback_that_stopped_answering() {
             .collect();
         cluster.nodes[hung].pause();
         let (src, summary, took) = run("two-dead-one-stopped", 32).await;
+        let mib = |rss: Option<u64>| rss.unwrap_or(0) >> 20;
         println!(
             "backup of {MIB} MiB through node {} with nodes {} and {} dead and node {} \
-             stopped: {:.2} s (with only the dead ones {:.2} s, peer deadline {PEER_TIMEOUT:?})",
+             stopped: {:.2} s (with only the dead ones {:.2} s, peer deadline {PEER_TIMEOUT:?}); \
+             peak RSS coordinator {} MiB, agent {} MiB",
             coordinator + 1,
             dead[0] + 1,
             dead[1] + 1,
             hung + 1,
             took.as_secs_f64(),
             normal.as_secs_f64(),
+            mib(peak_rss(cluster.nodes[coordinator].pid() as u32)),
+            mib(peak_rss(std::process::id())),
         );
         // The chunks placed behind the stopped fallback have W copies on nodes that answer:
         // their one live owner and a later fallback.

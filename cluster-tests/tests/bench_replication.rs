@@ -4,12 +4,14 @@
 //! lookups through it (present and absent ids), restore through it, and the bytes the agent
 //! sent against what the nodes stored, with peak resident memory beside the times (each
 //! node's and the benchmark process's, which is the agent), and the owner calls the nodes
-//! served each other during the ingest (`put calls`) and the lookups (`has calls`). Prints
+//! served each other during the ingest (`put calls`) and the lookups (`has calls`), and the
+//! CPU time the ingest cost per MB in the coordinator, the other nodes and the agent. Prints
 //! figures; asserts only correctness (timings depend on the machine).
 //!
 //! `cargo test --release --workspace --test bench_replication -- --ignored --nocapture`;
 //! `HASHGRID_BENCH_MIB` sets the data size (default 256), `HASHGRID_BENCH_WIDE` the wide
-//! cluster's size (default 8; 0 leaves it out).
+//! cluster's size (default 8; 0 leaves it out), `HASHGRID_BENCH_MEMORY` the agent's memory
+//! budget (default the agent's own, 64M; it sizes the `Put` batches).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -21,7 +23,8 @@ use hashgrid::Connection;
 use hashgrid_cluster_tests::cluster::{members_in, Cluster};
 use hashgrid_cluster_tests::damage::stored_ids;
 use hashgrid_cluster_tests::{
-    assert_same_tree, backup_opts, cluster_stats, data, peak_rss, restore_all, restored, runtime,
+    assert_same_tree, backup_opts, cluster_stats, cpu_seconds, data, peak_rss, restore_all,
+    restored, runtime,
 };
 use hashgrid_proto::id::pack_ids;
 use hashgrid_proto::pb::{self, HasRequest};
@@ -101,6 +104,11 @@ struct Figures {
     /// and the lookups (`OwnerHas`).
     put_calls: f64,
     has_calls: f64,
+    /// CPU milliseconds per MB ingested: the coordinator's, the other nodes' together, and
+    /// the benchmark process's (the agent's).
+    coordinator_ms_mb: f64,
+    others_ms_mb: f64,
+    agent_ms_mb: f64,
     /// The largest node's peak resident memory over the whole run.
     node_peak_rss: u64,
     /// The benchmark process's (the agent's) peak so far: the one-node run's agent work
@@ -126,13 +134,26 @@ fn run(root: &Path, src: &Path, nodes: usize, r: u8, w: u8) -> Figures {
             cluster.nodes.iter().filter_map(|n| n.metric(&name)).sum()
         };
         let puts_before = owner_calls("put");
+        let cpu = || -> Vec<f64> {
+            let nodes = cluster.nodes.iter().map(|n| n.pid() as u32);
+            nodes
+                .chain([std::process::id()])
+                .map(|pid| cpu_seconds(pid).expect("a process's CPU time"))
+                .collect()
+        };
+        let cpu_before = cpu();
         let start = Instant::now();
-        let summary = backup(&conn, &backup_opts(&[src], false, "bench", "data"))
-            .await
-            .expect("backup");
+        let mut opts = backup_opts(&[src], false, "bench", "data");
+        if let Ok(budget) = std::env::var("HASHGRID_BENCH_MEMORY") {
+            opts.memory = budget
+                .parse()
+                .expect("HASHGRID_BENCH_MEMORY: a size such as 256M");
+        }
+        let summary = backup(&conn, &opts).await.expect("backup");
         let ingest = start.elapsed().as_secs_f64();
         let logical = summary.stats.logical_bytes;
         let put_calls = owner_calls("put") - puts_before;
+        let cpu_used: Vec<f64> = cpu().iter().zip(&cpu_before).map(|(a, b)| a - b).collect();
 
         let present = stored_ids(&cluster.nodes[0].dir.join("data/chunks/packs"));
         let absent: Vec<ChunkId> = (0..65_536u64)
@@ -162,6 +183,7 @@ fn run(root: &Path, src: &Path, nodes: usize, r: u8, w: u8) -> Figures {
             .expect("the nodes' memory");
         let agent_peak_rss = peak_rss(std::process::id()).expect("the agent's memory");
         let mb = logical as f64 / 1e6;
+        let ms_mb = |s: f64| s * 1e3 / mb;
         Figures {
             ingest_mbs: mb / ingest,
             absent_per_s,
@@ -173,6 +195,10 @@ fn run(root: &Path, src: &Path, nodes: usize, r: u8, w: u8) -> Figures {
             stored_all_nodes,
             put_calls,
             has_calls,
+            coordinator_ms_mb: ms_mb(cpu_used[0]),
+            // (`0.0 +`: an empty sum of floats is -0.0.)
+            others_ms_mb: ms_mb(0.0 + cpu_used[1..nodes].iter().sum::<f64>()),
+            agent_ms_mb: ms_mb(cpu_used[nodes]),
             node_peak_rss,
             agent_peak_rss,
         }
@@ -201,7 +227,7 @@ fn bench_one_node_against_three() {
     });
     println!("replication benchmark, {mib} MiB of new data (half random, half text)");
     println!(
-        "{:<22} {:>12} {:>14} {:>14} {:>12} {:>12} {:>12} {:>12} {:>14} {:>10} {:>10} {:>13} {:>14}",
+        "{:<22} {:>12} {:>14} {:>14} {:>12} {:>12} {:>12} {:>12} {:>14} {:>10} {:>10} {:>24} {:>13} {:>14}",
         "cluster",
         "ingest MB/s",
         "absent ids/s",
@@ -213,6 +239,7 @@ fn bench_one_node_against_three() {
         "stored B (all)",
         "put calls",
         "has calls",
+        "ingest CPU ms/MB c/o/a",
         "node RSS MiB",
         "agent RSS MiB"
     );
@@ -225,7 +252,7 @@ fn bench_one_node_against_three() {
     }
     for (name, f) in rows {
         println!(
-            "{:<22} {:>12.1} {:>14.0} {:>14.0} {:>12.1} {:>12} {:>12} {:>12} {:>14} {:>10} {:>10} {:>13} {:>14}",
+            "{:<22} {:>12.1} {:>14.0} {:>14.0} {:>12.1} {:>12} {:>12} {:>12} {:>14} {:>10} {:>10} {:>24} {:>13} {:>14}",
             name,
             f.ingest_mbs,
             f.absent_per_s,
@@ -237,6 +264,10 @@ fn bench_one_node_against_three() {
             f.stored_all_nodes,
             f.put_calls,
             f.has_calls,
+            format!(
+                "{:.1} / {:.1} / {:.1}",
+                f.coordinator_ms_mb, f.others_ms_mb, f.agent_ms_mb
+            ),
             f.node_peak_rss >> 20,
             f.agent_peak_rss >> 20
         );

@@ -277,31 +277,37 @@ fn all_copies(cluster: &Cluster) -> Vec<ChunkId> {
         .collect()
 }
 
-#[test]
-fn a_lookup_and_a_write_in_a_cluster_wider_than_r_ask_each_owner_once() {
-    const NODES: usize = 6;
-    let tmp = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(&tmp.path().join("cluster"), NODES, 3, 2);
-    let rt = runtime();
-    let src = tmp.path().join("src");
-    make_source(&src, 7);
+/// A cluster of `nodes` (R = 3, W = 2), every member active and no partition still moving
+/// after the joins (a moving partition's old owners are asked too, in later rounds, about
+/// the ids its new owners lack).
+fn wide_cluster(dir: &Path, nodes: usize, rt: &tokio::runtime::Runtime) -> Cluster {
+    let cluster = Cluster::start(dir, nodes, 3, 2);
     rt.block_on(async {
         cluster
-            .wait_for("6 active members and a leader", SETTLE, |all| {
-                all.len() == NODES
+            .wait_for("every member active and a leader", SETTLE, |all| {
+                all.len() == nodes
                     && all.iter().all(|s| {
-                        members_in(s, pb::MemberState::Active).len() == NODES && s.raft_leader != 0
+                        members_in(s, pb::MemberState::Active).len() == nodes && s.raft_leader != 0
                     })
             })
             .await;
     });
-    // No partition still moving after the joins: a moving partition's old owners are asked
-    // too, in later rounds, about the ids its new owners lack.
     let deadline = Instant::now() + SETTLE;
     while cluster.cli_json(0, &["cluster", "status"])["moving"] != 0 {
         assert!(Instant::now() < deadline, "partitions still moving");
         std::thread::sleep(Duration::from_millis(200));
     }
+    cluster
+}
+
+#[test]
+fn a_lookup_and_a_write_in_a_cluster_wider_than_r_ask_each_owner_once() {
+    const NODES: usize = 6;
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let cluster = wide_cluster(&tmp.path().join("cluster"), NODES, &rt);
+    let src = tmp.path().join("src");
+    make_source(&src, 7);
     rt.block_on(async {
         let conn = cluster.connect(0).await;
         backup(&conn, &backup_opts(&[&src], false, "c", "d"))
@@ -395,4 +401,76 @@ fn a_lookup_and_a_write_in_a_cluster_wider_than_r_ask_each_owner_once() {
             "write batch of {CHUNKS} chunks through one of {NODES} nodes: {calls} owner calls"
         );
     });
+}
+
+/// A coordinator verifies only the chunks it stores; the ones it forwards are verified by
+/// their owners. A chunk that fails there (here: bytes that do not hash to the id sent)
+/// fails the write as INVALID_ARGUMENT naming the chunk, at once (no fallback asked, no
+/// retry), and no copy of it is stored anywhere.
+#[test]
+fn a_bad_chunk_the_coordinator_only_forwards_is_refused_by_its_owners() {
+    const NODES: usize = 5;
+    const BAD: u64 = 24;
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let cluster = wide_cluster(&tmp.path().join("cluster"), NODES, &rt);
+    let verify_refusals = |node: usize| {
+        cluster.nodes[node]
+            .metric("hashgrid_chunk_rejected_total{reason=\"verify\"}")
+            .unwrap_or(0.0)
+    };
+    let before: Vec<f64> = (0..NODES).map(verify_refusals).collect();
+    let copies_before = all_copies(&cluster).len();
+    rt.block_on(async {
+        let conn = cluster.connect(0).await;
+        for i in 0..BAD {
+            let plain = data::random_bytes(2_000_000 + i, 4096);
+            let claimed = ChunkId::of(&data::random_bytes(3_000_000 + i, 4096));
+            let bad = pb::Chunk {
+                id: claimed.as_bytes().to_vec(),
+                plain_len: plain.len() as u32,
+                codec: pb::Codec::Raw as i32,
+                data: plain.into(),
+                ..Default::default()
+            };
+            let started = Instant::now();
+            let e = put_chunks(&conn, vec![bad]).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "chunk {i}: {e}");
+            assert!(
+                e.message().contains(&claimed.to_string()) && e.message().contains("hashes to"),
+                "chunk {i}: {e}"
+            );
+            // Refused, not retried as an owner down (that would take the peer deadline).
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "chunk {i} refused after {:?}",
+                started.elapsed()
+            );
+            let found = conn
+                .chunks
+                .clone()
+                .has(pb::HasRequest {
+                    epoch: conn.epoch(),
+                    ids: pack_ids(&[claimed]),
+                })
+                .await
+                .expect("lookup")
+                .into_inner()
+                .present;
+            assert_eq!(found[0] & 1, 0, "chunk {i} is present after its refusal");
+        }
+    });
+    // The coordinator refused the ones it owns; the other nodes refused the rest.
+    let refused: Vec<f64> = (0..NODES).map(|n| verify_refusals(n) - before[n]).collect();
+    let by_owners: f64 = refused[1..].iter().sum();
+    assert!(
+        by_owners > 0.0 && refused[0] < BAD as f64,
+        "refusals per node {refused:?}: the owners were never the ones to verify"
+    );
+    assert_eq!(
+        all_copies(&cluster).len(),
+        copies_before,
+        "a bad chunk was stored"
+    );
+    println!("{BAD} bad chunks through node 0 of {NODES}: refusals per node {refused:?}");
 }

@@ -56,6 +56,11 @@ pub enum NodeError {
     /// The catalog's rules refused the change (deterministic: retrying will not help).
     #[error("{0}")]
     Rejected(String),
+    /// Another node refused what this one sent it as invalid (INVALID_ARGUMENT): an owner
+    /// that verified a chunk a coordinator forwarded without verifying it. The request's
+    /// fault, not the owner's: retrying or asking another owner will not help.
+    #[error("{0}")]
+    Invalid(String),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -64,6 +69,19 @@ impl NodeError {
     /// Whether the same request may succeed later without change.
     pub fn is_retryable(&self) -> bool {
         matches!(self, NodeError::NotReady | NodeError::Unavailable(_))
+    }
+
+    /// Whether the request itself is at fault (a malformed or corrupt chunk, a hostile
+    /// manifest, too much in one call), here or at a node it was sent on to.
+    pub fn is_invalid(&self) -> bool {
+        matches!(
+            self,
+            NodeError::Chunk(_)
+                | NodeError::Decode(_)
+                | NodeError::Manifest(_)
+                | NodeError::TooMany { .. }
+                | NodeError::Invalid(_)
+        )
     }
 }
 
@@ -95,7 +113,8 @@ impl From<NodeError> for Status {
             NodeError::Chunk(_)
             | NodeError::Decode(_)
             | NodeError::Manifest(_)
-            | NodeError::TooMany { .. } => Status::invalid_argument(msg),
+            | NodeError::TooMany { .. }
+            | NodeError::Invalid(_) => Status::invalid_argument(msg),
             NodeError::NotFound(_) => Status::not_found(msg),
             NodeError::PermissionDenied(_) => Status::permission_denied(msg),
             NodeError::Store(StoreError::NoSpace(_)) => Status::resource_exhausted(msg),

@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use hashgrid_proto::codec::{decode_verified, is_zero, ChunkError};
+use hashgrid_proto::codec::{check_form, decode_verified, is_zero, ChunkError};
 use hashgrid_proto::id::unpack_ids;
 use hashgrid_proto::limits::{MAX_CHUNKS_PER_PUT, MAX_IDS_PER_REQUEST, TARGET_BATCH_BYTES};
 use hashgrid_proto::pb::{self, GetResponse};
@@ -55,19 +55,26 @@ pub fn verify_batch(chunks: Vec<pb::Chunk>, max_len: u32) -> Result<Vec<Verified
     check_put_count(chunks.len())?;
     chunks
         .into_iter()
-        .map(|c| {
-            let (id, plain) = decode_verified(&c, max_len)?;
-            if is_zero(&plain) {
-                return Err(ChunkError::AllZero { id });
-            }
-            Ok(VerifiedChunk::new(id, c.plain_len, c.codec, c.data))
-        })
+        .map(|c| verify_one(c, max_len))
         .collect::<Result<Vec<_>, ChunkError>>()
-        .map_err(|e| {
-            tracing::warn!(error = %e, "refused a chunk batch");
-            metrics::counter!(m::REJECTED, "reason" => "verify").increment(1);
-            NodeError::from(e)
-        })
+        .map_err(refused)
+}
+
+/// One chunk's verification: it decodes to its declared length, within `max_len`, hashes
+/// to its id, and is not all zeros.
+fn verify_one(c: pb::Chunk, max_len: u32) -> Result<VerifiedChunk, ChunkError> {
+    let (id, plain) = decode_verified(&c, max_len)?;
+    if is_zero(&plain) {
+        return Err(ChunkError::AllZero { id });
+    }
+    Ok(VerifiedChunk::new(id, c.plain_len, c.codec, c.data))
+}
+
+/// A batch refused for a bad chunk: logged and counted.
+fn refused(e: ChunkError) -> NodeError {
+    tracing::warn!(error = %e, "refused a chunk batch");
+    metrics::counter!(m::REJECTED, "reason" => "verify").increment(1);
+    NodeError::from(e)
 }
 
 /// A verified chunk in its wire form, to forward to another owner (the bytes are shared).
@@ -79,6 +86,91 @@ pub fn to_wire(c: &VerifiedChunk) -> pb::Chunk {
         data: c.data.clone(),
         fault: pb::ChunkFault::None as i32,
     }
+}
+
+/// A chunk on its way to its owners. Every owner verifies what it stores, so a coordinator
+/// verifies (decompresses and hashes) only the chunks it stores itself; one it only
+/// forwards is checked for form ([`check_form`]) and verified by each owner it reaches.
+/// Why: in a cluster wider than R most chunks a coordinator receives are not its own, and
+/// it verified each anyway, four verifications of a new chunk for its three copies.
+#[derive(Clone, Debug)]
+pub enum Outbound {
+    /// Verified here: this node may store it as it is.
+    Verified(VerifiedChunk),
+    /// Checked for form only: whoever stores it verifies it first (this node too, should
+    /// it come to store it, as a fallback or under a newer map).
+    Unverified { id: ChunkId, chunk: pb::Chunk },
+}
+
+impl Outbound {
+    pub fn id(&self) -> ChunkId {
+        match self {
+            Outbound::Verified(c) => c.id,
+            Outbound::Unverified { id, .. } => *id,
+        }
+    }
+
+    /// The length of its encoded bytes, as stored.
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            Outbound::Verified(c) => c.data.len(),
+            Outbound::Unverified { chunk, .. } => chunk.data.len(),
+        }
+    }
+
+    /// Its wire form (the bytes are shared).
+    pub fn to_wire(&self) -> pb::Chunk {
+        match self {
+            Outbound::Verified(c) => to_wire(c),
+            Outbound::Unverified { chunk, .. } => chunk.clone(),
+        }
+    }
+}
+
+impl From<VerifiedChunk> for Outbound {
+    fn from(c: VerifiedChunk) -> Self {
+        Outbound::Verified(c)
+    }
+}
+
+/// Checks a `Put` batch as it arrives at its coordinator (blocking: decompresses and hashes
+/// the chunks it verifies): every chunk for form, and those `stored_here` says this node
+/// stores fully ([`verify_batch`]'s checks). One bad chunk fails the whole batch, naming it.
+pub fn prepare_batch(
+    chunks: Vec<pb::Chunk>,
+    max_len: u32,
+    stored_here: impl Fn(&ChunkId) -> bool,
+) -> Result<Vec<Outbound>, NodeError> {
+    check_put_count(chunks.len())?;
+    chunks
+        .into_iter()
+        .map(|c| {
+            let (id, _) = check_form(&c, max_len)?;
+            if stored_here(&id) {
+                Ok(Outbound::Verified(verify_one(c, max_len)?))
+            } else {
+                // Forwarded as an owner expects a chunk: no read fault (those are replies').
+                let chunk = pb::Chunk {
+                    fault: pb::ChunkFault::None as i32,
+                    ..c
+                };
+                Ok(Outbound::Unverified { id, chunk })
+            }
+        })
+        .collect::<Result<Vec<_>, ChunkError>>()
+        .map_err(refused)
+}
+
+/// `chunks` as this node may store them: the unverified ones verified now (blocking).
+pub fn verify_outbound(chunks: &[Outbound], max_len: u32) -> Result<Vec<VerifiedChunk>, NodeError> {
+    chunks
+        .iter()
+        .map(|c| match c {
+            Outbound::Verified(v) => Ok(v.clone()),
+            Outbound::Unverified { chunk, .. } => verify_one(chunk.clone(), max_len),
+        })
+        .collect::<Result<Vec<_>, ChunkError>>()
+        .map_err(refused)
 }
 
 /// Which of `ids` this node holds (a verified copy as far as its index knows); refreshes
@@ -99,6 +191,21 @@ pub async fn store(
     let (outcome, new) = blocking(move || Ok(store.put_each(chunks)?)).await?;
     record_put(&ctx.store, outcome);
     Ok((outcome, new))
+}
+
+/// Stores chunks a coordinator on this node routed here, verifying first those it only
+/// checked for form ([`Outbound::Unverified`]).
+pub async fn store_outbound(
+    ctx: &NodeContext,
+    chunks: Arc<Vec<Outbound>>,
+) -> Result<(PutOutcome, Vec<bool>), NodeError> {
+    let max_len = ctx.chunker()?.max_size;
+    let verified = if chunks.iter().all(|c| matches!(c, Outbound::Verified(_))) {
+        verify_outbound(&chunks, max_len)?
+    } else {
+        blocking(move || verify_outbound(&chunks, max_len)).await?
+    };
+    store(ctx, verified).await
 }
 
 /// Verifies and stores one batch sent by a coordinator; says of each chunk whether it was
@@ -261,12 +368,14 @@ pub use hashgrid_proto::id::{from_bitmap, to_bitmap};
 mod tests {
     use super::*;
 
+    /// `b` encoded as an agent sends it.
+    fn chunk(b: &[u8]) -> pb::Chunk {
+        let plain = bytes::Bytes::copy_from_slice(b);
+        hashgrid_proto::codec::encode_chunk(ChunkId::of(&plain), &plain, 3)
+    }
+
     #[test]
     fn a_batch_with_one_bad_chunk_is_refused_whole() {
-        let chunk = |b: &[u8]| {
-            let plain = bytes::Bytes::copy_from_slice(b);
-            hashgrid_proto::codec::encode_chunk(ChunkId::of(&plain), &plain, 3)
-        };
         let good = chunk(b"good chunk");
         let mut bad = chunk(b"bad chunk");
         bad.id[0] ^= 1;
@@ -277,6 +386,40 @@ mod tests {
         assert!(matches!(
             verify_batch(vec![zero], 1 << 20),
             Err(NodeError::Chunk(ChunkError::AllZero { .. }))
+        ));
+    }
+
+    #[test]
+    fn a_coordinator_verifies_what_it_stores_and_checks_the_form_of_the_rest() {
+        let mine = chunk(b"a chunk this node owns");
+        let theirs = chunk(b"a chunk other nodes own");
+        let mine_id = ChunkId::from_slice(&mine.id).unwrap();
+        let stored_here = move |id: &ChunkId| *id == mine_id;
+        let out = prepare_batch(vec![mine.clone(), theirs.clone()], 1 << 20, stored_here).unwrap();
+        assert!(matches!(&out[0], Outbound::Verified(c) if c.id == mine_id));
+        assert!(matches!(&out[1], Outbound::Unverified { .. }));
+        assert_eq!(out[1].to_wire(), theirs);
+        assert_eq!(out[1].encoded_len(), theirs.data.len());
+
+        // A forwarded chunk whose bytes do not hash to its id passes the form check; the
+        // node that comes to store it (an owner, or this one) refuses it.
+        let mut wrong = theirs.clone();
+        wrong.id[0] ^= 1;
+        let out = prepare_batch(vec![wrong.clone()], 1 << 20, stored_here).unwrap();
+        assert!(matches!(
+            verify_outbound(&out, 1 << 20),
+            Err(NodeError::Chunk(ChunkError::WrongHash { .. }))
+        ));
+        // One it stores is refused at once, and so is a forwarded one of a bad form.
+        let mut bad_mine = mine.clone();
+        bad_mine.data = bytes::Bytes::from_static(b"not a zstd frame");
+        let refused = prepare_batch(vec![bad_mine], 1 << 20, |_| true).unwrap_err();
+        assert!(refused.is_invalid(), "{refused}");
+        let mut bad_form = theirs;
+        bad_form.plain_len = 2 << 20;
+        assert!(matches!(
+            prepare_batch(vec![bad_form], 1 << 20, |_| false),
+            Err(NodeError::Chunk(ChunkError::TooLarge { .. }))
         ));
     }
 

@@ -155,11 +155,11 @@ fn check_canonical(codec: pb::Codec, data: &[u8], plain_len: u32) -> Result<(), 
     }
 }
 
-/// Decodes a chunk and checks it against its id and declared length; returns the plaintext.
-/// `max_len` bounds the plaintext so a hostile chunk cannot make us allocate without limit,
-/// and the encoded bytes must be no more than an honest encoder produces (see [`NonCanonical`]).
-/// Raw chunks are checked in place, without a copy.
-pub fn decode_verified(chunk: &pb::Chunk, max_len: u32) -> Result<(ChunkId, Bytes), ChunkError> {
+/// The checks of [`decode_verified`] that need neither decompression nor hashing: a
+/// well-formed id, a declared length within `max_len`, a known codec, and encoded bytes of
+/// a size an honest encoder produces. A node that only forwards a chunk to the owners that
+/// verify it checks this much, so a malformed batch is refused where it arrives.
+pub fn check_form(chunk: &pb::Chunk, max_len: u32) -> Result<(ChunkId, pb::Codec), ChunkError> {
     let id = ChunkId::from_slice(&chunk.id).map_err(|e| ChunkError::Malformed(e.to_string()))?;
     if chunk.plain_len > max_len {
         return Err(ChunkError::TooLarge {
@@ -176,6 +176,15 @@ pub fn decode_verified(chunk: &pb::Chunk, max_len: u32) -> Result<(ChunkId, Byte
     };
     check_canonical(codec, &chunk.data, chunk.plain_len)
         .map_err(|why| ChunkError::NonCanonical { id, why })?;
+    Ok((id, codec))
+}
+
+/// Decodes a chunk and checks it against its id and declared length; returns the plaintext.
+/// `max_len` bounds the plaintext so a hostile chunk cannot make us allocate without limit,
+/// and the encoded bytes must be no more than an honest encoder produces (see [`NonCanonical`]).
+/// Raw chunks are checked in place, without a copy.
+pub fn decode_verified(chunk: &pb::Chunk, max_len: u32) -> Result<(ChunkId, Bytes), ChunkError> {
+    let (id, codec) = check_form(chunk, max_len)?;
     let corrupt = |reason: String| ChunkError::Corrupt { id, reason };
     let plain = match codec {
         pb::Codec::Raw => chunk.data.clone(),

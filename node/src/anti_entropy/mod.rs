@@ -38,7 +38,7 @@ use crate::context::NodeContext;
 use crate::coordinator::Route;
 use crate::error::NodeError;
 use crate::metrics as m;
-use crate::owner;
+use crate::owner::{self, Outbound};
 use crate::service::blocking;
 
 /// Most partitions one digest call may ask about.
@@ -576,7 +576,13 @@ async fn hand_off_page(
                 continue;
             }
             handed += chunks.len() as u64;
-            if let Err(e) = route.owner_put(owner_id, Arc::new(chunks)).await {
+            if let Err(e) = route
+                .owner_put(
+                    owner_id,
+                    Arc::new(chunks.into_iter().map(Outbound::from).collect()),
+                )
+                .await
+            {
                 down.insert(owner_id);
                 return Err(e);
             }

@@ -28,10 +28,9 @@ use hashgrid_proto::{pb, ChunkId, NodeId};
 use tokio::task::JoinHandle;
 
 use super::{hedge_due, sleep_until_or_never, take_late, Route, Unhedged};
-use crate::chunk_store::VerifiedChunk;
 use crate::error::NodeError;
 use crate::metrics as m;
-use crate::owner;
+use crate::owner::{self, Outbound};
 use crate::quorum::{call_owners, within, QuorumError, Wait};
 use crate::service::blocking;
 
@@ -728,17 +727,17 @@ async fn repair(
         }
     };
     // Send each target the chunks it lacks, all targets at once.
-    let mut by_target: HashMap<NodeId, (Vec<usize>, Vec<VerifiedChunk>)> = HashMap::new();
+    let mut by_target: HashMap<NodeId, (Vec<usize>, Vec<Outbound>)> = HashMap::new();
     for (j, chunk) in good_at.iter().zip(verified) {
         for &t in &lacking[*j] {
             let entry = by_target.entry(t).or_default();
             entry.0.push(*j);
-            entry.1.push(chunk.clone());
+            entry.1.push(Outbound::from(chunk.clone()));
         }
     }
     let targets: Vec<NodeId> = by_target.keys().copied().collect();
     let timeout = route.ctx().peers.timeout();
-    let mut payloads: HashMap<NodeId, Arc<Vec<VerifiedChunk>>> = by_target
+    let mut payloads: HashMap<NodeId, Arc<Vec<Outbound>>> = by_target
         .iter_mut()
         .map(|(&t, (_, chunks))| (t, Arc::new(std::mem::take(chunks))))
         .collect();

@@ -29,10 +29,10 @@ use hashgrid_proto::pb::{self, GetRequest, HasRequest, PutRequest};
 use hashgrid_proto::placement::{MemberState, Partition, PlacementHistory};
 use hashgrid_proto::{ChunkId, NodeId};
 
-use crate::chunk_store::{PutOutcome, VerifiedChunk};
+use crate::chunk_store::PutOutcome;
 use crate::context::NodeContext;
 use crate::error::NodeError;
-use crate::owner;
+use crate::owner::{self, Outbound};
 use crate::peer::PeerError;
 
 /// The routing of one request: the placement history and where each member is, taken once
@@ -202,9 +202,11 @@ impl Route {
     /// An owner that could not do its part: unreachable, or refusing. Either way the
     /// request goes on with the other owners, so it is a retryable failure of that owner
     /// only; an owner that refused because it knows a newer map says which epoch (the
-    /// coordinator then follows the map, see [`write`]).
+    /// coordinator then follows the map, see [`write`]), and one that refused what it was
+    /// sent as invalid (a chunk that fails its verification) fails the request
+    /// ([`NodeError::Invalid`]), as the coordinator itself would have.
     fn owner_failed(&self, e: PeerError) -> NodeError {
-        if let PeerError::Status { status, .. } = &e {
+        if let PeerError::Status { status, addr } = &e {
             let newer = status
                 .metadata()
                 .get(crate::error::REFRESH_METADATA)
@@ -214,6 +216,12 @@ impl Route {
                     sent: self.epoch(),
                     current,
                 };
+            }
+            if status.code() == tonic::Code::InvalidArgument {
+                return NodeError::Invalid(format!(
+                    "{} (refused by the owner at {addr})",
+                    status.message()
+                ));
             }
         }
         NodeError::Unavailable(e.to_string())
@@ -244,7 +252,7 @@ impl Route {
     pub async fn owner_put(
         &self,
         node: NodeId,
-        chunks: Arc<Vec<VerifiedChunk>>,
+        chunks: Arc<Vec<Outbound>>,
     ) -> Result<PutOutcome, NodeError> {
         Ok(self.owner_put_each(node, chunks).await?.0)
     }
@@ -255,15 +263,15 @@ impl Route {
     pub async fn owner_put_each(
         &self,
         node: NodeId,
-        chunks: Arc<Vec<VerifiedChunk>>,
+        chunks: Arc<Vec<Outbound>>,
     ) -> Result<(PutOutcome, Vec<bool>), NodeError> {
         if self.is_local(node) {
-            return owner::store(&self.ctx, chunks.to_vec()).await;
+            return owner::store_outbound(&self.ctx, chunks).await;
         }
         let n = chunks.len();
         let req = PutRequest {
             epoch: self.epoch(),
-            chunks: chunks.iter().map(owner::to_wire).collect(),
+            chunks: chunks.iter().map(Outbound::to_wire).collect(),
         };
         let reply = self
             .ctx

@@ -23,7 +23,7 @@ use super::lookup::REPAIR_GROUP;
 use super::{hedge_due, sleep_until_or_never, take_late, Route, Unhedged};
 use crate::error::NodeError;
 use crate::metrics as m;
-use crate::owner::{self, ReplyBatcher};
+use crate::owner::{self, Outbound, ReplyBatcher};
 use crate::quorum::within;
 use crate::service::blocking;
 
@@ -284,7 +284,12 @@ fn heal_damaged(route: &Route, replies: &[Option<pb::Chunk>], damaged_on: &[Vec<
             let healed = async {
                 let verified = blocking(move || owner::verify_batch(chunks, max_len)).await?;
                 let n = verified.len();
-                route.owner_put(node, Arc::new(verified)).await?;
+                route
+                    .owner_put(
+                        node,
+                        Arc::new(verified.into_iter().map(Outbound::from).collect()),
+                    )
+                    .await?;
                 Ok::<_, NodeError>(n)
             };
             match healed.await {

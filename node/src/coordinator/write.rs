@@ -1,5 +1,9 @@
-//! Writes (`Put`): a batch is verified once, here, then stored on the current owners of each
-//! chunk and acknowledged when W of them have it durably. The agent's bytes cross the WAN
+//! Writes (`Put`): a batch is checked here, then stored on the current owners of each chunk
+//! and acknowledged when W of them have it durably. Every owner verifies the chunks it
+//! stores (design §4), this node among them for its own share; the chunks this node only
+//! forwards are checked for form here and verified by their owners, whose refusal of a
+//! bad chunk fails the write as `INVALID_ARGUMENT` ([`NodeError::Invalid`]), never as an
+//! owner down (no fallback is asked, the agent does not retry). The agent's bytes cross the WAN
 //! once; the coordinator forwards them to the owners, one call per owner for the whole batch
 //! (each chunk's quorum still counted per owner set). The owners beyond the first W still get
 //! their copy (each owner call runs to its end in a task of its own).
@@ -21,17 +25,17 @@ use std::time::Duration;
 use futures::future::{join_all, BoxFuture, Shared};
 use futures::FutureExt;
 use hashgrid_proto::pb::{PutRequest, PutResponse};
-use hashgrid_proto::NodeId;
+use hashgrid_proto::{ChunkId, NodeId};
 
 use super::{group_by_owners, Route};
-use crate::chunk_store::{PutOutcome, VerifiedChunk};
+use crate::chunk_store::PutOutcome;
 use crate::error::NodeError;
 use crate::metrics as m;
-use crate::owner;
+use crate::owner::{self, Outbound};
 use crate::quorum::{call_hedged, call_owners, describe, within, QuorumError, Wait};
 use crate::service::blocking;
 
-/// Verifies and stores one `Put` batch; answers once every chunk is durable on W owners.
+/// Checks and stores one `Put` batch; answers once every chunk is durable on W owners.
 pub async fn write(route: &Route, req: PutRequest) -> Result<PutResponse, NodeError> {
     owner::check_put_count(req.chunks.len())?;
     let outcome = if route.is_local_only() {
@@ -40,8 +44,11 @@ pub async fn write(route: &Route, req: PutRequest) -> Result<PutResponse, NodeEr
     } else {
         let max_len = route.ctx().chunker()?.max_size;
         let chunks = req.chunks;
-        let verified = blocking(move || owner::verify_batch(chunks, max_len)).await?;
-        replicate(route, verified).await?
+        let placement = route.placement.clone();
+        let me = route.ctx().node_id;
+        let stored_here = move |id: &ChunkId| placement.current().owners_of(id).contains(&me);
+        let outbound = blocking(move || owner::prepare_batch(chunks, max_len, stored_here)).await?;
+        replicate(route, outbound).await?
     };
     Ok(PutResponse {
         stored: outcome.stored,
@@ -59,7 +66,7 @@ const MAP_FOLLOWS: usize = 3;
 /// When owners refuse the write because they already know a newer map (this node has not
 /// applied it yet), waits until this node has it and writes again by it, so a map change
 /// does not fail the agent's upload.
-async fn replicate(route: &Route, chunks: Vec<VerifiedChunk>) -> Result<PutOutcome, NodeError> {
+async fn replicate(route: &Route, chunks: Vec<Outbound>) -> Result<PutOutcome, NodeError> {
     let mut route = route.clone();
     let mut follows = 0;
     loop {
@@ -84,9 +91,9 @@ async fn replicate(route: &Route, chunks: Vec<VerifiedChunk>) -> Result<PutOutco
 /// a batch of ~64 chunks spans dozens of owner sets (R = 3 over three nodes already has
 /// six orders of them), and one call per group and owner was dozens of calls and stores
 /// per node per batch.
-async fn replicate_once(route: &Route, chunks: &[VerifiedChunk]) -> Result<PutOutcome, NodeError> {
+async fn replicate_once(route: &Route, chunks: &[Outbound]) -> Result<PutOutcome, NodeError> {
     let w = route.write_quorum();
-    let groups = group_by_owners(route, chunks.iter().map(|c| c.id), |p| {
+    let groups = group_by_owners(route, chunks.iter().map(Outbound::id), |p| {
         route.placement.current().owners(p).to_vec()
     });
     let timeout = route.ctx().peers.timeout();
@@ -150,7 +157,7 @@ async fn replicate_once(route: &Route, chunks: &[VerifiedChunk]) -> Result<PutOu
 /// How one group of a write goes: to its owners, or around the hung ones.
 struct GroupPlan {
     owners: Vec<NodeId>,
-    batch: Arc<Vec<VerifiedChunk>>,
+    batch: Arc<Vec<Outbound>>,
     /// Owners that hang or are down ([`Route::is_slow`]).
     hung: Vec<NodeId>,
     /// Whether some chunk of the group has a fallback.
@@ -172,7 +179,7 @@ struct OwnerPuts {
 
 impl OwnerPuts {
     fn start(route: &Route, plans: &[GroupPlan], timeout: Duration) -> OwnerPuts {
-        let mut payloads: HashMap<NodeId, Vec<VerifiedChunk>> = HashMap::new();
+        let mut payloads: HashMap<NodeId, Vec<Outbound>> = HashMap::new();
         let mut at = HashMap::new();
         for (g, plan) in plans.iter().enumerate().filter(|(_, p)| !p.around) {
             for &node in &plan.owners {
@@ -212,7 +219,7 @@ impl OwnerPuts {
         &self,
         g: usize,
         node: NodeId,
-        batch: Arc<Vec<VerifiedChunk>>,
+        batch: Arc<Vec<Outbound>>,
     ) -> impl Future<Output = Result<PutOutcome, NodeError>> + 'static {
         let call = self.calls.get(&node).cloned();
         let range = self.at.get(&(g, node)).cloned();
@@ -227,7 +234,7 @@ impl OwnerPuts {
             for (chunk, &stored) in batch.iter().zip(&new[range]) {
                 if stored {
                     outcome.stored += 1;
-                    outcome.stored_bytes += chunk.data.len() as u64;
+                    outcome.stored_bytes += chunk.encoded_len() as u64;
                 } else {
                     outcome.existing += 1;
                 }
@@ -238,13 +245,15 @@ impl OwnerPuts {
 }
 
 /// One group's copy of a shared call's error: a stale epoch stays one (the write follows
-/// the newer map), anything else is the owner unavailable, as a failed owner call is.
+/// the newer map), a refusal of the chunks stays one (the write fails), anything else is
+/// the owner unavailable, as a failed owner call is.
 fn shared_error(e: &NodeError) -> NodeError {
     match e {
         NodeError::StaleEpoch { sent, current } => NodeError::StaleEpoch {
             sent: *sent,
             current: *current,
         },
+        other if other.is_invalid() => NodeError::Invalid(other.to_string()),
         other => NodeError::Unavailable(other.to_string()),
     }
 }
@@ -269,11 +278,11 @@ fn most_stored(outcomes: impl Iterator<Item = PutOutcome>) -> PutOutcome {
 }
 
 /// Whether some chunk of `batch` has a fallback (not every member is an owner).
-fn has_fallback(route: &Route, batch: &[VerifiedChunk]) -> bool {
+fn has_fallback(route: &Route, batch: &[Outbound]) -> bool {
     let current = route.placement.current();
     batch
         .iter()
-        .any(|c| !current.fallbacks(current.partition_of(&c.id)).is_empty())
+        .any(|c| !current.fallbacks(current.partition_of(&c.id())).is_empty())
 }
 
 /// Writes a group whose owners include hung ones (suspect: their last call ran out of time,
@@ -289,7 +298,7 @@ async fn write_around(
     route: &Route,
     owners: &[NodeId],
     hung: &[NodeId],
-    batch: Arc<Vec<VerifiedChunk>>,
+    batch: Arc<Vec<Outbound>>,
     w: usize,
 ) -> Result<PutOutcome, NodeError> {
     for &node in hung {
@@ -344,23 +353,19 @@ async fn write_around(
 
 /// How many copies of `batch` the fallbacks must take after its owners missed the quorum
 /// with `e`: `None` when they cannot help (owners know a newer map, which the write
-/// follows instead, or no chunk of the batch has a fallback: every member is an owner).
-fn fallback_need(
-    route: &Route,
-    batch: &[VerifiedChunk],
-    e: &QuorumError,
-    w: usize,
-) -> Option<usize> {
+/// follows instead; an owner refused a chunk as invalid, which a fallback would too; or
+/// no chunk of the batch has a fallback: every member is an owner).
+fn fallback_need(route: &Route, batch: &[Outbound], e: &QuorumError, w: usize) -> Option<usize> {
     let QuorumError::NotReached {
         answered, failed, ..
     } = e
     else {
         return None;
     };
-    let stale = failed
+    let settled = failed
         .iter()
-        .any(|(_, f)| matches!(f, NodeError::StaleEpoch { .. }));
-    (!stale && has_fallback(route, batch)).then(|| w - answered)
+        .any(|(_, f)| matches!(f, NodeError::StaleEpoch { .. }) || f.is_invalid());
+    (!settled && has_fallback(route, batch)).then(|| w - answered)
 }
 
 /// Writes the `need` copies of `batch` that its owners could not take (their quorum failed
@@ -369,13 +374,13 @@ fn fallback_need(
 /// Fails `UNAVAILABLE` when the fallbacks run out first.
 async fn stand_in(
     route: &Route,
-    batch: &[VerifiedChunk],
+    batch: &[Outbound],
     need: usize,
     cause: &QuorumError,
 ) -> Result<PutOutcome, NodeError> {
     let current = route.placement.current();
     let health = route.health();
-    let groups = group_by_owners(route, batch.iter().map(|c| c.id), |p| {
+    let groups = group_by_owners(route, batch.iter().map(Outbound::id), |p| {
         route.fallbacks(p, &health)
     });
     let timeout = route.ctx().peers.timeout();
@@ -398,6 +403,9 @@ async fn stand_in(
             .await;
             let missing = need - answers.ok.len().min(need);
             let refused = answers.failed;
+            if let Some((_, invalid)) = refused.iter().find(|(_, e)| e.is_invalid()) {
+                return Err(NodeError::Invalid(invalid.to_string()));
+            }
             let outcomes = answers.ok.into_iter().map(|(_, o)| o);
             if missing > 0 {
                 let why = if refused.is_empty() {
@@ -415,7 +423,7 @@ async fn stand_in(
             tracing::debug!(
                 chunks = chunks.len(),
                 copies = need,
-                partition = current.partition_of(&chunks[0].id).0,
+                partition = current.partition_of(&chunks[0].id()).0,
                 "owners unreachable: copies written to fallbacks"
             );
             Ok::<_, NodeError>(most_stored(outcomes))
@@ -424,10 +432,14 @@ async fn stand_in(
     sum(join_all(calls).await)
 }
 
-/// A quorum missed because owners know a newer map is a stale epoch (the newest they
-/// named), so [`replicate`] can follow it; any other miss is what it is.
+/// A quorum missed because an owner refused a chunk is that refusal; one missed because
+/// owners know a newer map is a stale epoch (the newest they named), so [`replicate`] can
+/// follow it; any other miss is what it is.
 fn newer_map_or(e: QuorumError) -> NodeError {
     if let QuorumError::NotReached { failed, .. } = &e {
+        if let Some((_, invalid)) = failed.iter().find(|(_, f)| f.is_invalid()) {
+            return NodeError::Invalid(invalid.to_string());
+        }
         let newest = failed
             .iter()
             .filter_map(|(_, f)| match f {
