@@ -752,10 +752,11 @@ fn a_backup_writes_past_a_fallback_that_stopped_answering() {
             "{} new chunks behind the stopped fallback, each on 2 nodes that answer",
             behind.len()
         );
-        // Up to two hedges of 2 s one after the other (seen once in five runs: 4.25 s), never
-        // the stopped node's whole 8 s deadline.
+        // One hedge of 2 s (the first call to the stopped node), never the stopped node's
+        // whole 8 s deadline, nor a hedge for each read of the commit check (4.2 – 6.2 s in
+        // about one run of four, before reads asked hanging nodes after the fallbacks).
         assert!(
-            took < normal + PEER_TIMEOUT * 3 / 4,
+            took < normal + PEER_TIMEOUT * 3 / 8,
             "the backup took {took:?} with two nodes dead and a fallback stopped ({normal:?} \
              with only the dead ones): its writes waited for the stopped fallback's deadline"
         );

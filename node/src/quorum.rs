@@ -214,26 +214,37 @@ where
     Ok(answers)
 }
 
+/// How often [`call_hedged`] asks whether a candidate it waits for is known to hang: an
+/// eighth of the hedge, within these bounds.
+const HANGS_POLL_MIN: Duration = Duration::from_millis(10);
+const HANGS_POLL_MAX: Duration = Duration::from_millis(250);
+
 /// Asks `candidates` in their order until `need` of them answered: `need` at once, then the
 /// next one for each call that fails, and the next one beside the slow ones whenever `hedge`
 /// passes without an answer (a peer that stopped answering without closing its connections
-/// would otherwise cost a whole `timeout` before the next is asked). Returns when `need`
-/// answered or every candidate was asked and answered or failed; the caller checks
-/// `ok.len()`. Calls still running then finish in the background, each under `timeout` (an
-/// extra copy on a spare member is harmless, and the peer pool learns whether the slow one
-/// is hung).
-pub async fn call_hedged<T, F, Fut>(
+/// would otherwise cost a whole `timeout` before the next is asked), or as soon as `hangs`
+/// says a candidate with a call under way hangs (the peer pool learned it from another
+/// call: [`crate::coordinator::Route::is_hanging`]). Why the second: calls that start just
+/// before the pool learns a peer stopped would each wait out a hedge of their own; a backup
+/// whose upload streams met such a peer one after the other paid two hedges in a row.
+/// Returns when `need` answered or every candidate was asked and answered or failed; the
+/// caller checks `ok.len()`. Calls still running then finish in the background, each under
+/// `timeout` (an extra copy on a spare member is harmless, and the peer pool learns whether
+/// the slow one is hung).
+pub async fn call_hedged<T, F, Fut, H>(
     what: &'static str,
     candidates: &[NodeId],
     need: usize,
     timeout: Duration,
     hedge: Duration,
+    hangs: H,
     mut call: F,
 ) -> Answers<T>
 where
     F: FnMut(NodeId) -> Fut,
     Fut: Future<Output = Result<T, NodeError>> + Send + 'static,
     T: Send + 'static,
+    H: Fn(NodeId) -> bool,
 {
     let mut answers = Answers {
         ok: Vec::with_capacity(need),
@@ -241,9 +252,16 @@ where
     };
     let mut pending = FuturesUnordered::new();
     let mut asked = 0;
-    let mut ask = |pending: &mut FuturesUnordered<_>, asked: &mut usize| {
+    // Candidates with a call under way that nobody has yet been asked beside.
+    let mut unanswered: Vec<NodeId> = Vec::new();
+    let mut poll_hangs = tokio::time::interval((hedge / 8).clamp(HANGS_POLL_MIN, HANGS_POLL_MAX));
+    poll_hangs.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ask = |pending: &mut FuturesUnordered<_>,
+                   asked: &mut usize,
+                   unanswered: &mut Vec<NodeId>| {
         let node = candidates[*asked];
         *asked += 1;
+        unanswered.push(node);
         let fut = call(node);
         pending.push(tokio::spawn(async move {
             // A call that panics is that candidate failing, listed with the others.
@@ -255,18 +273,26 @@ where
         }));
     };
     while asked < need.min(candidates.len()) {
-        ask(&mut pending, &mut asked);
+        ask(&mut pending, &mut asked, &mut unanswered);
     }
+    // The hedge counts from the last answer or question (a poll that finds nobody hanging
+    // does not restart it).
+    let hedge_timer = tokio::time::sleep(hedge);
+    tokio::pin!(hedge_timer);
     while answers.ok.len() < need && !pending.is_empty() {
         let hedging = asked < candidates.len();
         tokio::select! {
             Some(joined) = pending.next() => match joined {
-                Ok((node, Ok(v))) => answers.ok.push((node, v)),
+                Ok((node, Ok(v))) => {
+                    unanswered.retain(|&n| n != node);
+                    answers.ok.push((node, v));
+                }
                 Ok((node, Err(e))) => {
                     tracing::debug!(%node, error = %e, what, "call failed; asking the next");
+                    unanswered.retain(|&n| n != node);
                     answers.failed.push((node, e));
                     if asked < candidates.len() {
-                        ask(&mut pending, &mut asked);
+                        ask(&mut pending, &mut asked, &mut unanswered);
                     }
                 }
                 Err(e) => {
@@ -276,12 +302,28 @@ where
                     break;
                 }
             },
-            () = tokio::time::sleep(hedge), if hedging => {
+            () = &mut hedge_timer, if hedging => {
                 tracing::debug!(?hedge, what, "a call is slow; asking the next beside it");
                 metrics::counter!(crate::metrics::HEDGED_CALLS, "call" => what).increment(1);
-                ask(&mut pending, &mut asked);
+                // The one asked stands beside the call that has waited longest.
+                if !unanswered.is_empty() {
+                    unanswered.remove(0);
+                }
+                ask(&mut pending, &mut asked, &mut unanswered);
+            }
+            _ = poll_hangs.tick(), if hedging && !unanswered.is_empty() => {
+                let Some(i) = unanswered.iter().position(|&n| hangs(n)) else {
+                    continue;
+                };
+                let node = unanswered.remove(i);
+                tracing::debug!(%node, what, "a call went to a peer now known to hang; asking the next beside it");
+                metrics::counter!(crate::metrics::HEDGED_CALLS, "call" => what).increment(1);
+                ask(&mut pending, &mut asked, &mut unanswered);
             }
         }
+        hedge_timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + hedge);
     }
     if !pending.is_empty() {
         // Enough answered; the slow calls run on in their tasks.
@@ -502,6 +544,7 @@ mod tests {
             1,
             Duration::from_secs(60),
             HEDGE,
+            |_| false,
             one_of_each,
         )
         .await;
@@ -515,21 +558,71 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn hedged_calls_ask_the_next_once_the_pool_knows_a_waited_one_hangs() {
+        // 3 hangs; the hedge is a minute, but the pool learns 3 hangs after 100 ms (another
+        // call to it went unanswered past its own hedge): 1 is asked then.
+        let start = std::time::Instant::now();
+        let learned = Duration::from_millis(100);
+        let answers = call_hedged(
+            "write",
+            &[3, 1, 2],
+            1,
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+            |n| n == 3 && start.elapsed() > learned,
+            one_of_each,
+        )
+        .await;
+        let took = start.elapsed();
+        assert!(took >= learned && took < Duration::from_secs(5), "{took:?}");
+        assert_eq!(answers.ok.iter().map(|a| a.0).collect::<Vec<_>>(), [1]);
+        // A candidate known to hang that has no call under way asks nobody more.
+        let answers = call_hedged(
+            "write",
+            &[1, 2],
+            1,
+            DEADLINE,
+            Duration::from_secs(60),
+            |n| n == 2,
+            |n| async move { Ok(n) },
+        )
+        .await;
+        assert_eq!(answers.ok.iter().map(|a| a.0).collect::<Vec<_>>(), [1]);
+    }
+
+    #[tokio::test]
     async fn hedged_calls_ask_the_next_for_each_that_fails() {
         // 2 and 1 are asked at once; 2 fails, so 3 is asked (no hedge needed), and it hangs
         // to its deadline: one answer of the two needed.
         let hedge = Duration::from_secs(60);
-        let answers = call_hedged("write", &[2, 1, 3], 2, DEADLINE, hedge, one_of_each).await;
+        let answers = call_hedged(
+            "write",
+            &[2, 1, 3],
+            2,
+            DEADLINE,
+            hedge,
+            |_| false,
+            one_of_each,
+        )
+        .await;
         assert_eq!(answers.ok.iter().map(|a| a.0).collect::<Vec<_>>(), [1]);
         let mut failed: Vec<_> = answers.failed.iter().map(|f| f.0).collect();
         failed.sort_unstable();
         assert_eq!(failed, [2, 3]);
         // Only the first `need` are asked when they answer.
         let asked = Arc::new(AtomicUsize::new(0));
-        let answers = call_hedged("write", &[1, 1, 1], 2, DEADLINE, hedge, |n| {
-            asked.fetch_add(1, Ordering::SeqCst);
-            async move { Ok(n) }
-        })
+        let answers = call_hedged(
+            "write",
+            &[1, 1, 1],
+            2,
+            DEADLINE,
+            hedge,
+            |_| false,
+            |n| {
+                asked.fetch_add(1, Ordering::SeqCst);
+                async move { Ok(n) }
+            },
+        )
         .await;
         assert_eq!(answers.ok.len(), 2);
         assert_eq!(asked.load(Ordering::SeqCst), 2);
@@ -543,6 +636,7 @@ mod tests {
             1,
             DEADLINE,
             Duration::from_secs(60),
+            |_| false,
             |node| async move {
                 assert_ne!(node, 2, "this candidate's call panics");
                 Ok(node)
@@ -564,6 +658,7 @@ mod tests {
             1,
             Duration::from_secs(60),
             HEDGE,
+            |_| false,
             |node| {
                 let tx = tx.clone();
                 async move {

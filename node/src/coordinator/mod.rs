@@ -66,6 +66,14 @@ impl Health {
             nodes.sort_by_cached_key(|&n| self.is_slow(n));
         }
     }
+
+    /// Moves suspect and lagging peers to the end (a stable sort); down ones stay where
+    /// they are (asking them fails at once).
+    pub fn hanging_last(&self, nodes: &mut [NodeId]) {
+        if nodes.iter().any(|&n| self.is_hanging(n)) {
+            nodes.sort_by_cached_key(|&n| self.is_hanging(n));
+        }
+    }
 }
 
 impl Route {
@@ -394,4 +402,26 @@ pub fn group_by_owners(
         groups[g].1.push(i);
     }
     groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_ask_hanging_members_after_everyone_else_and_down_ones_in_their_place() {
+        // (node, hanging, slow): 2 hangs (suspect or lagging), 3 is down (slow, not hanging).
+        let health = Health(vec![
+            (1, false, false),
+            (2, true, true),
+            (3, false, true),
+            (4, false, false),
+        ]);
+        let mut nodes = vec![2, 3, 1, 4];
+        health.hanging_last(&mut nodes);
+        assert_eq!(nodes, [3, 1, 4, 2]);
+        let mut nodes = vec![2, 3, 1, 4];
+        health.slow_last(&mut nodes);
+        assert_eq!(nodes, [1, 4, 2, 3]);
+    }
 }

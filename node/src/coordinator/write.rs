@@ -394,6 +394,7 @@ async fn stand_in(
                 need,
                 timeout,
                 hedge,
+                |node| route.is_hanging(node),
                 |node| {
                     let route = route.clone();
                     let chunks = chunks.clone();
