@@ -14,7 +14,8 @@ use hashgrid::ClientError;
 use hashgrid_cluster_tests::cluster::{members_in, Cluster};
 use hashgrid_cluster_tests::damage::{damage_one_of, stored_ids};
 use hashgrid_cluster_tests::{
-    assert_same_tree, backup_opts, cluster_stats, data, put_chunks, restore_all, restored, runtime,
+    assert_same_tree, backup_opts, cluster_stats, data, has_chunks, put_chunks, restore_all,
+    restored, runtime,
 };
 use hashgrid_proto::id::pack_ids;
 use hashgrid_proto::{pb, ChunkId};
@@ -446,18 +447,8 @@ fn a_bad_chunk_the_coordinator_only_forwards_is_refused_by_its_owners() {
                 "chunk {i} refused after {:?}",
                 started.elapsed()
             );
-            let found = conn
-                .chunks
-                .clone()
-                .has(pb::HasRequest {
-                    epoch: conn.epoch(),
-                    ids: pack_ids(&[claimed]),
-                })
-                .await
-                .expect("lookup")
-                .into_inner()
-                .present;
-            assert_eq!(found[0] & 1, 0, "chunk {i} is present after its refusal");
+            let found = has_chunks(&conn, &[claimed]).await.expect("lookup");
+            assert_eq!(found, [false], "chunk {i} is present after its refusal");
         }
     });
     // The coordinator refused the ones it owns; the other nodes refused the rest.

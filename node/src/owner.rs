@@ -110,6 +110,14 @@ impl Outbound {
         }
     }
 
+    /// The chunk, if it was verified here.
+    pub fn verified(&self) -> Option<&VerifiedChunk> {
+        match self {
+            Outbound::Verified(c) => Some(c),
+            Outbound::Unverified { .. } => None,
+        }
+    }
+
     /// The length of its encoded bytes, as stored.
     pub fn encoded_len(&self) -> usize {
         match self {
@@ -199,11 +207,16 @@ pub async fn store_outbound(
     ctx: &NodeContext,
     chunks: Arc<Vec<Outbound>>,
 ) -> Result<(PutOutcome, Vec<bool>), NodeError> {
-    let max_len = ctx.chunker()?.max_size;
-    let verified = if chunks.iter().all(|c| matches!(c, Outbound::Verified(_))) {
-        verify_outbound(&chunks, max_len)?
-    } else {
-        blocking(move || verify_outbound(&chunks, max_len)).await?
+    let verified = match chunks
+        .iter()
+        .map(Outbound::verified)
+        .collect::<Option<Vec<_>>>()
+    {
+        Some(verified) => verified.into_iter().cloned().collect(),
+        None => {
+            let max_len = ctx.chunker()?.max_size;
+            blocking(move || verify_outbound(&chunks, max_len)).await?
+        }
     };
     store(ctx, verified).await
 }
