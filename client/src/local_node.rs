@@ -120,7 +120,12 @@ impl LocalNode {
                 sh
             }
         };
+        // An error the node returns from `main` is a report, not a crash: with
+        // RUST_BACKTRACE set (CI sets it), anyhow would append a backtrace of ~60 lines and
+        // push the error out of the log tail an early exit is reported with. Panics keep
+        // their backtraces (RUST_BACKTRACE still governs those).
         let child = cmd
+            .env("RUST_LIB_BACKTRACE", "0")
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.args)
