@@ -68,9 +68,14 @@ pub struct Timeouts {
     /// Calls that move data or wait for the catalog: the acknowledgement of a `Put` batch,
     /// the start of a `Get` stream, a commit, catalog reads.
     pub transfer: Duration,
-    /// HTTP/2 keepalive: a ping this often, and a connection whose ping is not answered
-    /// within as long again is closed, failing its calls (streams included) at once.
-    pub keepalive: Duration,
+    /// HTTP/2 keepalive: a ping this often, while calls run and while idle.
+    pub keepalive_interval: Duration,
+    /// A connection whose ping is not answered within this is closed, failing its calls
+    /// (streams included) at once: how long a stopped coordinator (SIGSTOP, a hung host)
+    /// holds a backup up, plus up to one interval. A ping queues behind the data already
+    /// in the socket's send buffer, so a link that takes longer than this to drain it
+    /// needs a longer one.
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for Timeouts {
@@ -80,7 +85,8 @@ impl Default for Timeouts {
             status: Duration::from_secs(5),
             lookup: Duration::from_secs(15),
             transfer: Duration::from_secs(60),
-            keepalive: Duration::from_secs(5),
+            keepalive_interval: Duration::from_secs(1),
+            keepalive_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -202,8 +208,8 @@ impl Dialer {
             .max_frame_size(MAX_FRAME_BYTES)
             .initial_stream_window_size(STREAM_WINDOW_BYTES)
             .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-            .http2_keep_alive_interval(t.keepalive)
-            .keep_alive_timeout(t.keepalive)
+            .http2_keep_alive_interval(t.keepalive_interval)
+            .keep_alive_timeout(t.keepalive_timeout)
             .keep_alive_while_idle(true))
     }
 

@@ -28,6 +28,15 @@ pub const TEST_NODE_ARGS: [&str; 8] = [
     "3000",
 ];
 
+/// The peer deadline [`TEST_NODE_ARGS`] gives the nodes.
+pub fn test_peer_timeout() -> Duration {
+    let at = TEST_NODE_ARGS
+        .iter()
+        .position(|a| *a == "--peer-timeout-ms")
+        .expect("a peer deadline in the test flags");
+    Duration::from_millis(TEST_NODE_ARGS[at + 1].parse().expect("milliseconds"))
+}
+
 static SERIAL: Mutex<()> = Mutex::new(());
 
 pub struct Cluster {
@@ -96,7 +105,7 @@ impl Cluster {
         };
         let first = Node::start_with(&root.join("n1"), first);
         cluster.nodes.push(first);
-        let mut joiners: Vec<Node> = (2..=n).map(|i| cluster.spawn_joiner(i)).collect();
+        let mut joiners: Vec<Node> = (2..=n).map(|i| cluster.spawn_joiner(i, &[])).collect();
         for j in &mut joiners {
             j.wait_ready();
         }
@@ -132,7 +141,7 @@ impl Cluster {
         opts
     }
 
-    fn spawn_joiner(&mut self, i: usize) -> Node {
+    fn spawn_joiner(&mut self, i: usize, more: &[&str]) -> Node {
         // Through a running member (the first may have been stopped by the test).
         let seed = self
             .nodes
@@ -141,18 +150,19 @@ impl Cluster {
             .expect("a running member to join through")
             .addr
             .clone();
-        let opts = NodeOpts {
+        let mut opts = NodeOpts {
             join: vec![seed],
             secret_file: Some(self.nodes[0].secret_file()),
             ..self.node_opts()
         };
+        opts.extra.extend(more.iter().map(|a| a.to_string()));
         Node::spawn_with(&self.root.join(format!("n{i}")), opts)
     }
 
     /// Starts one more node that joins through a running member, without waiting for it
     /// (it is admitted while the test goes on); [`Cluster::nodes`] lists it at once.
     pub fn spawn_node(&mut self) -> usize {
-        let node = self.spawn_joiner(self.nodes.len() + 1);
+        let node = self.spawn_joiner(self.nodes.len() + 1, &[]);
         self.nodes.push(node);
         self.nodes.len() - 1
     }
@@ -160,7 +170,12 @@ impl Cluster {
     /// Starts one more node that joins through a running member; returns its index once
     /// it is ready.
     pub fn add_node(&mut self) -> usize {
-        let mut node = self.spawn_joiner(self.nodes.len() + 1);
+        self.add_node_with(&[])
+    }
+
+    /// [`Cluster::add_node`] with more flags for the new node only (`--standby`).
+    pub fn add_node_with(&mut self, more: &[&str]) -> usize {
+        let mut node = self.spawn_joiner(self.nodes.len() + 1, more);
         node.wait_ready();
         self.nodes.push(node);
         self.nodes.len() - 1
@@ -268,6 +283,55 @@ impl Cluster {
                 n.addr,
                 lines[lines.len().saturating_sub(30)..].join("\n")
             );
+        }
+    }
+}
+
+/// The members of a `cluster status --json`.
+pub fn status_members(s: &serde_json::Value) -> &Vec<serde_json::Value> {
+    s["members"].as_array().expect("members")
+}
+
+impl Cluster {
+    /// `hashgrid cluster status --json` through node `via`.
+    pub fn status_json(&self, via: usize) -> serde_json::Value {
+        self.cli_json(via, &["cluster", "status"])
+    }
+
+    /// Waits (up to `within`) until the cluster is quiet, as `cluster status --json` through
+    /// node `via` shows it: no partition moving, nothing under-replicated or awaiting
+    /// hand-off, every member that should answer answering with idle workers that have run
+    /// a pass (a repair worker owed a pass shows `due`, not idle), and `cond` true of the
+    /// status. Returns that status; panics with the nodes' logs when it does not come.
+    pub fn wait_quiet(
+        &self,
+        via: usize,
+        what: &str,
+        within: Duration,
+        mut cond: impl FnMut(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let s = self.status_json(via);
+            let quiet = s["moving"] == 0
+                && s["under_replicated"] == 0
+                && s["hand_off_pending"] == 0
+                && status_members(&s).iter().all(|m| {
+                    m["map_state"] == "removed"
+                        || (m["state"] != "down"
+                            && m["workers"].as_array().is_some_and(|w| {
+                                w.iter()
+                                    .all(|w| w["state"] == "idle" && w["passes"].as_u64() > Some(0))
+                            }))
+                });
+            if quiet && cond(&s) {
+                return s;
+            }
+            if Instant::now() > deadline {
+                self.dump_logs();
+                panic!("{what}: not reached within {within:?}; last status:\n{s:#}");
+            }
+            std::thread::sleep(Duration::from_millis(500));
         }
     }
 }

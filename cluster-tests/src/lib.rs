@@ -195,6 +195,48 @@ impl Node {
         self.process.cluster_secret_file()
     }
 
+    /// The cluster secret this node holds.
+    pub fn secret(&self) -> String {
+        std::fs::read_to_string(self.secret_file())
+            .expect("cluster secret")
+            .trim()
+            .to_string()
+    }
+
+    /// Which of `ids` this node's own store holds (not the cluster's answer: no other owner
+    /// is asked), through the node-to-node service, presenting `secret` as the cluster
+    /// secret (none when `None`) and `token` as an agent's bearer token (none when `None`).
+    pub async fn owner_has(
+        &self,
+        ids: &[hashgrid_proto::ChunkId],
+        secret: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<Vec<bool>, tonic::Status> {
+        use hashgrid_proto::auth;
+        use hashgrid_proto::pb::peer::peer_client::PeerClient;
+        let mut peer = PeerClient::connect(self.server())
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?
+            .max_decoding_message_size(usize::MAX);
+        let mut req = tonic::Request::new(hashgrid_proto::pb::HasRequest {
+            epoch: 0,
+            ids: ids.iter().flat_map(|id| *id.as_bytes()).collect(),
+        });
+        if let Some(s) = secret {
+            req.metadata_mut()
+                .insert(auth::CLUSTER_SECRET_KEY, s.parse().expect("ascii secret"));
+        }
+        if let Some(t) = token {
+            let bearer = auth::bearer_value(t);
+            req.metadata_mut()
+                .insert(auth::METADATA_KEY, bearer.parse().expect("ascii token"));
+        }
+        let present = peer.owner_has(req).await?.into_inner().present;
+        Ok((0..ids.len())
+            .map(|i| present.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0))
+            .collect())
+    }
+
     pub fn pid(&self) -> i32 {
         self.process.pid().expect("running")
     }
@@ -202,12 +244,17 @@ impl Node {
     /// The sum of every series of the Prometheus metric `name` the node serves (all label
     /// sets), `None` when it serves none. Needs [`NodeOpts::metrics_listen`].
     pub fn metric(&self, name: &str) -> Option<f64> {
+        self.metric_with(name, "")
+    }
+
+    /// As [`Self::metric`], over the series whose labels include `label` (`state="active"`).
+    pub fn metric_with(&self, name: &str, label: &str) -> Option<f64> {
         let addr = self
             .opts
             .metrics_listen
             .expect("a node with a metrics listener");
         let text = scrape(addr).unwrap_or_else(|e| panic!("scrape {addr}: {e}"));
-        metric_sum(&text, name)
+        metric_sum(&text, name, label)
     }
 
     pub fn is_running(&self) -> bool {
@@ -617,16 +664,21 @@ fn scrape(addr: SocketAddr) -> std::io::Result<String> {
     }
 }
 
-/// The sum of the samples of metric `name` in a Prometheus text page.
-fn metric_sum(text: &str, name: &str) -> Option<f64> {
+/// The sum of the samples of metric `name` in a Prometheus text page, over the series whose
+/// labels include `label` (all of them when it is empty).
+fn metric_sum(text: &str, name: &str, label: &str) -> Option<f64> {
     let samples: Vec<f64> = text
         .lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let rest = l.strip_prefix(name)?;
             let value = if rest.starts_with('{') {
-                rest.rsplit_once('}')?.1
-            } else if rest.starts_with(' ') {
+                let (labels, value) = rest.rsplit_once('}')?;
+                if !labels.contains(label) {
+                    return None;
+                }
+                value
+            } else if label.is_empty() && rest.starts_with(' ') {
                 rest
             } else {
                 return None; // another metric whose name starts with this one
@@ -645,8 +697,11 @@ mod tests {
     fn a_metric_is_summed_over_its_label_sets_and_not_confused_with_a_longer_name() {
         let page = "# HELP x_total y\n# TYPE x_total counter\nx_total{a=\"1\"} 2\n\
                     x_total{a=\"}\"} 3.5\nx_total_more 100\nx 7\n";
-        assert_eq!(metric_sum(page, "x_total"), Some(5.5));
-        assert_eq!(metric_sum(page, "x"), Some(7.0));
-        assert_eq!(metric_sum(page, "y"), None);
+        assert_eq!(metric_sum(page, "x_total", ""), Some(5.5));
+        assert_eq!(metric_sum(page, "x_total", "a=\"1\""), Some(2.0));
+        assert_eq!(metric_sum(page, "x_total", "a=\"2\""), None);
+        assert_eq!(metric_sum(page, "x", ""), Some(7.0));
+        assert_eq!(metric_sum(page, "x", "a=\"1\""), None);
+        assert_eq!(metric_sum(page, "y", ""), None);
     }
 }

@@ -154,4 +154,91 @@ fn members_join_voters_stay_at_target_and_learners_forward_commits() {
         4,
         "{status}"
     );
+
+    // Prometheus shows the same cluster: epoch, leader, members by state, worker states.
+    let node = &cluster.nodes[sixth];
+    let gauge = |name: &str, label: &str| node.metric_with(name, label).unwrap_or(-1.0);
+    let deadline = std::time::Instant::now() + SETTLE;
+    loop {
+        // The gauges are set every half second: wait for the map and leader of the status.
+        let epoch = gauge("hashgrid_cluster_epoch", "");
+        let leader = gauge("hashgrid_cluster_leader", "");
+        if epoch == status["epoch"].as_f64().unwrap()
+            && leader == status["leader"].as_f64().unwrap()
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics show epoch {epoch} and leader {leader}; {status}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(gauge("hashgrid_cluster_members", "state=\"active\""), 5.0);
+    assert_eq!(gauge("hashgrid_cluster_members", "state=\"removed\""), 1.0);
+    assert_eq!(gauge("hashgrid_cluster_members", "state=\"joining\""), 0.0);
+    assert!(gauge("hashgrid_raft_term", "") >= 1.0);
+    for worker in ["rebalance", "repair"] {
+        // Exactly one state at a time.
+        let label = format!("worker=\"{worker}\"");
+        assert_eq!(gauge("hashgrid_worker_state", &label), 1.0, "{worker}");
+    }
+
+    // Node-to-node calls take the cluster secret, nothing else: not an agent's (even the
+    // admin's) token, not a wrong secret.
+    let file = data.join("a.txt");
+    let known = hashgrid_proto::ChunkId::of(&std::fs::read(&file).unwrap());
+    runtime().block_on(async {
+        let ids = [known];
+        let admin = cluster.nodes[0].token();
+        for (secret, token, why) in [
+            (None, Some(admin.as_str()), "the admin token"),
+            (Some("00".repeat(32)), None, "a wrong secret"),
+            (None, None, "no credential"),
+        ] {
+            let refused = node
+                .owner_has(&ids, secret.as_deref(), token)
+                .await
+                .expect_err(why);
+            assert_eq!(
+                refused.code(),
+                tonic::Code::Unauthenticated,
+                "{why}: {refused}"
+            );
+        }
+        let secret = cluster.nodes[0].secret();
+        let held = node
+            .owner_has(&ids, Some(&secret), None)
+            .await
+            .expect("with the secret");
+        assert_eq!(held.len(), 1);
+    });
+
+    // `cluster nodes` lists every member with its state, the removed one too.
+    let out = std::process::Command::new(bin_dir().join("hashgrid"))
+        .args(["--server", &cluster.nodes[sixth].server()])
+        .arg("--token-file")
+        .arg(cluster.nodes[0].token_file())
+        .args(["cluster", "nodes"])
+        .output()
+        .expect("run hashgrid");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<&str> = text.lines().skip(1).collect();
+    assert_eq!(rows.len(), 6, "{text}");
+    let row_of = |id: u64| {
+        rows.iter()
+            .find(|r| r.split_whitespace().next() == Some(&id.to_string()))
+            .unwrap_or_else(|| panic!("no row for node {id}: {text}"))
+    };
+    assert!(row_of(removed).contains(" removed "), "{text}");
+    for m in members.iter().filter(|m| m["id"] != removed) {
+        let row = row_of(m["id"].as_u64().unwrap());
+        assert!(row.contains(" active "), "{text}");
+        assert!(row.contains(m["addr"].as_str().unwrap()), "{text}");
+    }
 }

@@ -8,6 +8,7 @@ use std::time::Instant;
 use hashgrid::backup::{backup, ParentChoice};
 use hashgrid::upload::Uploader;
 use hashgrid::Connection;
+use hashgrid_cluster_tests::cluster::Cluster;
 use hashgrid_cluster_tests::{backup_opts, cluster_stats, data, runtime, Node};
 use hashgrid_proto::manifest::{
     Content, Entry, EntryKind, Extent, Metadata, ObjectRef, Tree, FORMAT_VERSION,
@@ -256,4 +257,71 @@ fn a_backup_reusing_its_parent_commits_at_the_cost_of_the_change() {
             changed.stats.new_chunks
         );
     });
+}
+
+/// A chunk acknowledged on W owners, one of which then stops answering, has one copy that
+/// answers: the commit check copies it to an owner that lacks it and the snapshot commits,
+/// rather than the commit failing `UNAVAILABLE` while the stopped owner is asked. 3 nodes, R = 3,
+/// W = 2, repair off: chunks stored while a node (`c`) was down are on the other two; `c`
+/// restarts without them; one of the two (`b`) is SIGSTOPped (a hung owner is asked on
+/// every check, and its copies may exist; a dead one is soon skipped); a commit through the
+/// last (`a`) referencing them succeeds, and `c` then holds them.
+#[test]
+fn a_commit_check_repairs_a_chunk_whose_other_copy_stopped_answering() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start_with(
+        &tmp.path().join("cluster"),
+        3,
+        3,
+        2,
+        &["--repair-interval-secs", "0"],
+    );
+    let rt = runtime();
+    // The coordinator (`a`) is the catalog leader, and the node stopped later (`b`) is
+    // not, so the commit does not wait for an election.
+    let leader = rt.block_on(cluster.leader()).expect("a leader");
+    let (a, b, c) = match leader {
+        0 => (0, 1, 2),
+        1 => (1, 0, 2),
+        _ => (2, 0, 1),
+    };
+    cluster.nodes[c].kill9();
+    let pieces: Vec<Vec<u8>> = (0..8).map(|i| data::random_bytes(40 + i, 20_000)).collect();
+    let (ids, root) = rt.block_on(async {
+        let conn = cluster.connect(a).await;
+        let ids = upload(&conn, pieces).await;
+        let entries = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| file(&format!("f{i}"), &[(id, 20_000)]))
+            .collect();
+        let root = upload_tree(&conn, Tree { entries }).await;
+        (ids, root)
+    });
+    cluster.nodes[c].restart();
+    let secret = cluster.nodes[a].secret();
+    let held = rt.block_on(cluster.nodes[c].owner_has(&ids, Some(&secret), None));
+    assert!(
+        held.expect("the restarted node answers").iter().all(|h| !h),
+        "the restarted node already holds chunks written while it was down"
+    );
+    cluster.nodes[b].pause();
+
+    rt.block_on(async {
+        let conn = cluster.connect(a).await;
+        // At the first attempt: the check copies the chunks to `c` before it counts.
+        let committed = commit(&conn, record(&root, None))
+            .await
+            .expect("a commit with one owner of every chunk stopped and one lacking them");
+        assert!(committed.0 > 0);
+        let held = cluster.nodes[c]
+            .owner_has(&ids, Some(&secret), None)
+            .await
+            .expect("the restarted node answers");
+        assert!(
+            held.iter().all(|&h| h),
+            "the commit check did not copy the chunks to the restarted node: {held:?}"
+        );
+    });
+    cluster.nodes[b].resume();
 }

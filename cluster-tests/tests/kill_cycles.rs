@@ -4,9 +4,9 @@
 //! cycle, the agent's coordinator every other, a follower otherwise. The backup completes,
 //! by the agent failing over and retrying or on a rerun; the killed node restarts. At the
 //! end, after repair: every acknowledged snapshot restores byte-identical, there is exactly
-//! one snapshot per backup, and every chunk is on all three nodes. What a cycle re-sends
-//! (after a failover, or on a rerun) is at most what the cluster did not hold when the node
-//! died plus 4 MiB.
+//! one snapshot per backup, and every chunk of every backup is in each node's own store.
+//! What a cycle re-sends (after a failover, or on a rerun) is at most what the cluster did
+//! not hold when the node died plus 4 MiB.
 //!
 //! `HASHGRID_CYCLES` sets the number of cycles (10 by default; 100 for a soak run).
 
@@ -181,7 +181,7 @@ fn kill_cycles_lose_nothing_and_commit_each_backup_once() {
         let watcher = seeds.iter().copied().find(|&i| i != victim).unwrap();
         let baseline = chunks_on(&rt, &cluster, &ids, watcher).unwrap_or(0);
         let dataset = format!("cycle{cycle}");
-        let child = spawn_backup(&cluster, &seeds, &src, &dataset);
+        let mut child = spawn_backup(&cluster, &seeds, &src, &dataset);
         // Kill while the upload is under way: once some of this backup's chunks landed.
         let deadline = Instant::now() + SETTLE;
         while chunks_on(&rt, &cluster, &ids, watcher).unwrap_or(0) < baseline + 20 {
@@ -192,6 +192,10 @@ fn kill_cycles_lose_nothing_and_commit_each_backup_once() {
             std::thread::sleep(Duration::from_millis(10));
         }
         cluster.nodes[victim].kill9();
+        assert!(
+            child.try_wait().expect("backup process").is_none(),
+            "cycle {cycle}: the backup had ended before the kill"
+        );
         let missing = missing_bytes(&rt, &cluster, &chunks_of(params, &src), watcher);
         let (snap, resent, sent) = match finished(child) {
             Ok(s) => s,
@@ -248,6 +252,33 @@ fn kill_cycles_lose_nothing_and_commit_each_backup_once() {
         last = counts;
         std::thread::sleep(Duration::from_millis(500));
     }
+
+    // Every chunk of every acknowledged backup is in each node's own store, asked of each
+    // node alone (R = 3 on 3 nodes: every node owns every chunk).
+    let wanted: Vec<ChunkId> = acknowledged
+        .iter()
+        .flat_map(|(_, src)| chunks_of(params, src))
+        .map(|(id, _)| id)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let secret = cluster.nodes[0].secret();
+    rt.block_on(async {
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            let held = node
+                .owner_has(&wanted, Some(&secret), None)
+                .await
+                .unwrap_or_else(|e| panic!("node {}: {e}", i + 1));
+            let lacking = held.iter().filter(|&&h| !h).count();
+            assert_eq!(
+                lacking,
+                0,
+                "node {} lacks {lacking} of the {} chunks backed up",
+                i + 1,
+                wanted.len()
+            );
+        }
+    });
 
     // Any snapshot lost or restored different panics here.
     let duplicates = rt.block_on(async {

@@ -14,10 +14,10 @@
 //! figure is 1024).
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hashgrid::backup::backup;
-use hashgrid_cluster_tests::cluster::Cluster;
+use hashgrid_cluster_tests::cluster::{status_members as members, Cluster};
 use hashgrid_cluster_tests::damage::{damage_one_of, stored_ids};
 use hashgrid_cluster_tests::{assert_same_tree, backup_opts, data, restore_all, restored, runtime};
 use hashgrid_proto::SnapshotId;
@@ -46,15 +46,6 @@ fn mib_from_env() -> u64 {
         .unwrap_or(40)
 }
 
-/// `hashgrid cluster status --json` through node `via`.
-fn status(cluster: &Cluster, via: usize) -> Value {
-    cluster.cli_json(via, &["cluster", "status"])
-}
-
-fn members(s: &Value) -> &Vec<Value> {
-    s["members"].as_array().expect("members")
-}
-
 /// The status entry of member `id`.
 fn member(s: &Value, id: u64) -> &Value {
     members(s)
@@ -77,38 +68,14 @@ fn chunks_by_member(s: &Value) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Waits until the cluster is quiet: no partition moving, nothing under-replicated or
-/// awaiting hand-off, every member that should answer answering with idle workers, and
-/// `cond` true of the status.
+/// [`Cluster::wait_quiet`] within [`SETTLE`].
 fn wait_quiet(
     cluster: &Cluster,
     via: usize,
     what: &str,
-    mut cond: impl FnMut(&Value) -> bool,
+    cond: impl FnMut(&Value) -> bool,
 ) -> Value {
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let s = status(cluster, via);
-        let quiet = s["moving"] == 0
-            && s["under_replicated"] == 0
-            && s["hand_off_pending"] == 0
-            && members(&s).iter().all(|m| {
-                m["map_state"] == "removed"
-                    || (m["state"] != "down"
-                        && m["workers"].as_array().is_some_and(|w| {
-                            w.iter()
-                                .all(|w| w["state"] == "idle" && w["passes"].as_u64() > Some(0))
-                        }))
-            });
-        if quiet && cond(&s) {
-            return s;
-        }
-        if Instant::now() > deadline {
-            cluster.dump_logs();
-            panic!("{what}: not reached within {SETTLE:?}; last status:\n{s:#}");
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    cluster.wait_quiet(via, what, SETTLE, cond)
 }
 
 /// Waits until every member holds a stable count of chunks whose total is a multiple of R
@@ -182,7 +149,7 @@ fn a_sixth_node_takes_its_share_during_backup_and_restore_then_one_is_drained_an
             .expect("first backup")
     });
     let before = settled_chunks(&cluster, 0, 3, "first backup on 3 owners each");
-    let copied_before = bytes_copied(&status(&cluster, 0));
+    let copied_before = bytes_copied(&cluster.status_json(0));
 
     // A sixth node joins while a backup (through node 2) and a restore (through node 3) run.
     let src2 = tmp.path().join("src2");
@@ -209,7 +176,7 @@ fn a_sixth_node_takes_its_share_during_backup_and_restore_then_one_is_drained_an
         after > before,
         "the second backup added chunks ({before} -> {after})"
     );
-    let s = status(&cluster, 0);
+    let s = cluster.status_json(0);
     let on_new = chunks_of(&s, rt.block_on(cluster.node_id(sixth)));
     // Replicas moved: R x unique / 6 ideally; at most 1.5x that (bytes), and the new node
     // holds about its share (of replicas).
@@ -284,7 +251,7 @@ fn a_lost_store_refills_a_replaced_node_loses_nothing_and_a_damaged_copy_is_rewr
     });
     let distinct = settled_chunks(&cluster, 0, 3, "backup on 3 owners each");
     let ids: Vec<u64> = (0..4).map(|i| rt.block_on(cluster.node_id(i))).collect();
-    let held4 = chunks_of(&status(&cluster, 0), ids[3]);
+    let held4 = chunks_of(&cluster.status_json(0), ids[3]);
 
     // Node 4 loses its chunk store (the disk was replaced); it refills to its share.
     cluster.nodes[3].stop();
@@ -301,7 +268,7 @@ fn a_lost_store_refills_a_replaced_node_loses_nothing_and_a_damaged_copy_is_rewr
     let packs = cluster.nodes[0].dir.join("data/chunks/packs");
     let (victim, _) = damage_one_of(&packs, &stored_ids(&packs));
     cluster.nodes[0].restart();
-    let held1 = chunks_of(&status(&cluster, 1), ids[0]);
+    let held1 = chunks_of(&cluster.status_json(1), ids[0]);
     let out = cluster.cli(0, &["--json", "verify"]);
     let report: Value = serde_json::from_slice(
         out.stdout
@@ -345,4 +312,102 @@ fn a_lost_store_refills_a_replaced_node_loses_nothing_and_a_damaged_copy_is_rewr
     });
     println!("after replacement: {:?}", chunks_by_member(&s));
     restores_without(&mut cluster, &[1, fresh], 0, &[(snap, &src)], tmp.path());
+}
+
+/// `cluster set` is a map change that re-replicates, a write quorum the active members
+/// cannot make is refused with a message that says so, and a standby owns nothing until
+/// `node add`: 3 nodes at R = W = 1 hold one copy of a backup; raised to R = W = 3, every
+/// node holds every chunk; a fourth node joins as a standby and is given nothing; with one
+/// node drained (2 active, W = 3) a backup fails UNAVAILABLE naming the cause; the standby
+/// activated (`node add`), it goes through, and every snapshot restores through one node
+/// with the other three killed.
+#[test]
+fn cluster_set_re_replicates_too_few_active_for_w_is_refused_and_a_standby_is_added() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start_with(&tmp.path().join("cluster"), 3, 1, 1, &FAST_REPAIR);
+    let rt = runtime();
+    let mut ids: Vec<u64> = (0..3).map(|i| rt.block_on(cluster.node_id(i))).collect();
+    let src1 = tmp.path().join("src1");
+    make_source(&src1, 11, 8);
+    let first = rt.block_on(async {
+        let conn = cluster.connect(0).await;
+        backup(&conn, &backup_opts(&[&src1], false, "c", "one"))
+            .await
+            .expect("backup at R = 1")
+    });
+    let distinct = settled_chunks(&cluster, 0, 1, "one copy of each chunk");
+
+    cli_ok(
+        &cluster,
+        1,
+        &["cluster", "set", "--replicas", "3", "--write-quorum", "3"],
+    );
+    wait_quiet(&cluster, 0, "every chunk on all 3 nodes", |s| {
+        ids.iter().all(|&id| chunks_of(s, id) == distinct)
+    });
+
+    let standby = cluster.add_node_with(&["--standby"]);
+    ids.push(rt.block_on(cluster.node_id(standby)));
+    let s = wait_quiet(&cluster, 0, "a standby member", |s| {
+        members(s).len() == 4 && member(s, ids[3])["map_state"] == "joining"
+    });
+    assert_eq!(
+        chunks_of(&s, ids[3]),
+        0,
+        "a standby was given chunks: {s:#}"
+    );
+
+    cli_ok(&cluster, 0, &["node", "drain", &ids[2].to_string()]);
+    let src2 = tmp.path().join("src2");
+    make_source(&src2, 12, 4);
+    let src2_arg = src2.to_str().unwrap();
+    let out = cluster.cli(
+        0,
+        &[
+            "--retry-budget",
+            "3s",
+            "backup",
+            src2_arg,
+            "--client",
+            "c",
+            "--dataset",
+            "two",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a backup with 2 active members and W = 3 went through"
+    );
+    assert!(
+        stderr.contains("fewer than the 3 needed (the write quorum W)")
+            && stderr.contains("too few active members"),
+        "the refusal does not name its cause: {stderr}"
+    );
+
+    cli_ok(&cluster, 0, &["node", "add", &ids[3].to_string()]);
+    let second = rt.block_on(async {
+        let conn = cluster.connect(0).await;
+        backup(&conn, &backup_opts(&[&src2], false, "c", "two"))
+            .await
+            .expect("backup with the standby activated")
+    });
+    let s = wait_quiet(&cluster, 0, "node 3 drained, node 4 active", |s| {
+        let held = chunks_of(s, ids[0]);
+        held > distinct
+            && member(s, ids[3])["map_state"] == "active"
+            && [ids[1], ids[3]].iter().all(|&id| chunks_of(s, id) == held)
+    });
+    println!(
+        "cluster set: {distinct} chunks at R = 1, then on all 3; after the second backup          {} on each of the 3 active members; status {}",
+        chunks_of(&s, ids[0]),
+        s["members"]
+    );
+    restores_without(
+        &mut cluster,
+        &[1, 2, 3],
+        0,
+        &[(first.snapshot, &src1), (second.snapshot, &src2)],
+        tmp.path(),
+    );
 }

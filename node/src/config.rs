@@ -92,9 +92,11 @@ pub struct NodeConfig {
     #[arg(long, env = "HASHGRID_RAFT_HEARTBEAT_MS", default_value_t = 150)]
     pub raft_heartbeat_ms: u64,
 
-    /// Raft election timeout in milliseconds (a follower that hears no leader for a random
-    /// time between this and twice this starts an election). Keep it well above the
-    /// heartbeat and above the worst scheduling delay of a busy machine.
+    /// Raft election timeout in milliseconds: a follower that hears no leader starts an
+    /// election after 2.5 to 3 times this (the leader's lease, 1.5 times this, then a random
+    /// time between this and 1.5 times this), so a stopped leader is replaced in about 3 s
+    /// by default. Keep it well above the heartbeat and above the worst scheduling delay of
+    /// a busy machine.
     #[arg(long, env = "HASHGRID_RAFT_ELECTION_MS", default_value_t = 1000)]
     pub raft_election_ms: u64,
 
@@ -145,12 +147,15 @@ impl NodeConfig {
             return first.validate();
         };
         // File settings become leading flags, so later (real) flags override them; a key
-        // whose environment variable is set is left out so the environment wins too.
+        // given as a flag, or whose environment variable is set, is left out, so flags and
+        // the environment win for lists too (a `--join` replaces the file's `join` list
+        // rather than adding to it).
+        let given = flags_given(&args);
         let mut merged = vec![args
             .first()
             .cloned()
             .unwrap_or_else(|| "hashgrid-node".into())];
-        merged.extend(file_args(&path)?);
+        merged.extend(file_args(&path, &given)?);
         merged.extend(args.into_iter().skip(1));
         NodeConfig::try_parse_from(merged)?.validate()
     }
@@ -208,7 +213,18 @@ impl NodeConfig {
 
 /// The settings of a TOML config file as `--key value` flags, leaving out keys whose
 /// environment variable is set.
-fn file_args(path: &Path) -> Result<Vec<OsString>, ConfigError> {
+/// The long flags on the command line (`--join a --join=b` gives `join` twice).
+fn flags_given(args: &[OsString]) -> Vec<String> {
+    args.iter()
+        .skip(1)
+        .filter_map(|a| a.to_str()?.strip_prefix("--"))
+        .map(|flag| flag.split('=').next().unwrap_or(flag).to_string())
+        .collect()
+}
+
+/// The settings of the TOML file at `path` as flags, leaving out the keys in `given` (set by
+/// flags) and those whose environment variable is set.
+fn file_args(path: &Path, given: &[String]) -> Result<Vec<OsString>, ConfigError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: shown.clone(),
@@ -233,7 +249,7 @@ fn file_args(path: &Path) -> Result<Vec<OsString>, ConfigError> {
             });
         }
         let env = format!("HASHGRID_{}", key.to_uppercase().replace('-', "_"));
-        if std::env::var_os(&env).is_some() {
+        if given.contains(&key) || std::env::var_os(&env).is_some() {
             continue;
         }
         let values: Vec<String> = match value {
@@ -291,6 +307,11 @@ mod tests {
         assert_eq!(c.join, vec!["a:7420", "b:7420"]);
         assert_eq!(c.zone, "rack-9");
         assert_eq!(c.cache_mib, 64);
+        // A list given by flags replaces the file's, as a single value does.
+        let c = load(&["hashgrid-node", "--config", f, "--join", "c:7420"]).unwrap();
+        assert_eq!(c.join, vec!["c:7420"]);
+        let c = load(&["hashgrid-node", "--join=d:7420", "--config", f]).unwrap();
+        assert_eq!(c.join, vec!["d:7420"]);
     }
 
     #[test]

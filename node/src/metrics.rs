@@ -23,10 +23,15 @@ pub const STORE_BYTES: &str = "hashgrid_store_stored_bytes";
 pub const STORE_DAMAGED: &str = "hashgrid_store_damaged_chunks_total";
 pub const STORE_RECLAIMABLE: &str = "hashgrid_store_reclaimable_bytes";
 pub const PARTITIONS_MOVING: &str = "hashgrid_cluster_partitions_moving";
+pub const CLUSTER_EPOCH: &str = "hashgrid_cluster_epoch";
+pub const CLUSTER_LEADER: &str = "hashgrid_cluster_leader";
+pub const CLUSTER_MEMBERS: &str = "hashgrid_cluster_members";
+pub const RAFT_TERM: &str = "hashgrid_raft_term";
 pub const PEERS_OUT_OF_CONTACT: &str = "hashgrid_peers_out_of_contact";
 pub const HAND_OFF_PENDING: &str = "hashgrid_hand_off_pending_chunks";
 pub const WORKER_UNDER_REPLICATED: &str = "hashgrid_worker_under_replicated_chunks";
 pub const WORKER_RUNNING: &str = "hashgrid_worker_running";
+pub const WORKER_STATE: &str = "hashgrid_worker_state";
 pub const WORKER_COPIED: &str = "hashgrid_worker_copied_chunks_total";
 pub const WORKER_COPIED_BYTES: &str = "hashgrid_worker_copied_bytes_total";
 pub const WORKER_RELEASED: &str = "hashgrid_worker_released_chunks_total";
@@ -90,6 +95,19 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
         "Partitions whose owners are still changing after a map change"
     );
     describe_gauge!(
+        CLUSTER_EPOCH,
+        "Epoch of the newest cluster map this node has applied"
+    );
+    describe_gauge!(
+        CLUSTER_LEADER,
+        "Node id of the catalog's Raft leader as this node knows it (0: none known)"
+    );
+    describe_gauge!(
+        CLUSTER_MEMBERS,
+        "Members of the cluster map this node has applied, by state (joining, active, draining, removed)"
+    );
+    describe_gauge!(RAFT_TERM, "The catalog's Raft term as this node knows it");
+    describe_gauge!(
         HAND_OFF_PENDING,
         "Chunks held in partitions this node does not own (fallback copies, partitions moved away) until handed to their owners"
     );
@@ -102,6 +120,10 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
         "Chunk copies a worker found missing and has not restored, by worker"
     );
     describe_gauge!(WORKER_RUNNING, "1 while a worker's pass runs, by worker");
+    describe_gauge!(
+        WORKER_STATE,
+        "1 for a worker's state (idle, running, due, error, off), 0 for the others, by worker and state"
+    );
     describe_counter!(WORKER_COPIED, "Chunks copied from other owners, by worker");
     describe_counter!(
         WORKER_COPIED_BYTES,

@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 /// gRPC metadata key carrying the token.
 pub const METADATA_KEY: &str = "authorization";
 
+/// gRPC metadata key carrying the cluster secret on node-to-node (`Peer`) calls; agents'
+/// tokens are never accepted there.
+pub const CLUSTER_SECRET_KEY: &str = "x-hashgrid-cluster";
+
 /// The metadata value for `token`.
 pub fn bearer_value(token: &str) -> String {
     format!("Bearer {token}")

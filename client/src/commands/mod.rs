@@ -46,6 +46,11 @@ pub struct Global {
     /// acknowledgement, the start of a download, a commit.
     #[arg(long, global = true, env = "HASHGRID_TRANSFER_TIMEOUT", default_value_t = Timeouts::default().transfer.into())]
     pub transfer_timeout: humantime::Duration,
+    /// How long the coordinator may leave a keepalive ping (sent every second)
+    /// unanswered before the agent takes it for hung and moves to another; raise it on
+    /// links whose send queue takes longer to drain.
+    #[arg(long, global = true, env = "HASHGRID_KEEPALIVE_TIMEOUT", default_value_t = Timeouts::default().keepalive_timeout.into())]
+    pub keepalive_timeout: humantime::Duration,
     /// Longest a call keeps retrying (other coordinators, an election, a stale map) before
     /// the command fails.
     #[arg(long, global = true, env = "HASHGRID_RETRY_BUDGET", default_value_t = RetryPolicy::default().budget.into())]
@@ -73,6 +78,7 @@ impl Global {
             timeouts: Timeouts {
                 lookup: self.lookup_timeout.into(),
                 transfer: self.transfer_timeout.into(),
+                keepalive_timeout: self.keepalive_timeout.into(),
                 ..defaults.timeouts
             },
             retry: RetryPolicy {

@@ -39,6 +39,10 @@ const REPAIR_PROBE: Duration = Duration::from_secs(2);
 /// The first repair pass after the node is ready.
 const FIRST_REPAIR: Duration = Duration::from_secs(1);
 
+/// The states a worker shows: between passes, in one, owed a pass (repair), after a pass
+/// that failed, turned off.
+const WORKER_STATES: [&str; 5] = ["idle", "running", "due", "error", "off"];
+
 /// The state a worker shows.
 #[derive(Clone, Debug, Default)]
 struct Status {
@@ -289,6 +293,39 @@ pub fn spawn(ctx: Arc<NodeContext>, repair_every: Option<Duration>) {
     }
 }
 
+/// The cluster's state as this node knows it, for Prometheus: the map's epoch and members
+/// by state, the catalog's leader and term, the workers' states (what `cluster status`
+/// shows).
+fn record_cluster(ctx: &NodeContext) {
+    for w in ctx.workers.to_pb(ctx.peers.lost_contact()) {
+        for state in WORKER_STATES {
+            metrics::gauge!(m::WORKER_STATE, "worker" => w.name.clone(), "state" => state)
+                .set(f64::from(u8::from(w.state == state)));
+        }
+    }
+    let raft = ctx.raft.metrics().borrow().clone();
+    metrics::gauge!(m::CLUSTER_LEADER).set(raft.current_leader.unwrap_or(0) as f64);
+    metrics::gauge!(m::RAFT_TERM).set(raft.current_term as f64);
+    let Ok(config) = ctx.config() else {
+        return;
+    };
+    metrics::gauge!(m::CLUSTER_EPOCH).set(config.map.epoch as f64);
+    for state in [
+        MemberState::Joining,
+        MemberState::Active,
+        MemberState::Draining,
+        MemberState::Removed,
+    ] {
+        let count = config
+            .map
+            .members
+            .iter()
+            .filter(|m| m.state == state)
+            .count();
+        metrics::gauge!(m::CLUSTER_MEMBERS, "state" => state.as_str()).set(count as f64);
+    }
+}
+
 /// The rebalance worker's loop (see the module doc).
 async fn run_rebalance(ctx: Arc<NodeContext>) {
     // The epochs this node has reported synced at and handed off at; in memory, so a
@@ -297,6 +334,7 @@ async fn run_rebalance(ctx: Arc<NodeContext>) {
     let mut handed_off: Option<u64> = None;
     loop {
         tokio::time::sleep(REBALANCE_POLL).await;
+        record_cluster(&ctx);
         let Ok(route) = Route::new(&ctx) else {
             continue;
         };

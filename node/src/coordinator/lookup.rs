@@ -74,6 +74,9 @@ pub async fn lookup(
     l.ask_owners().await?;
     l.ask_fallbacks().await;
     if presence == Presence::Strict {
+        // The copies that answer make W again first, so hung owners are waited for only
+        // for ids no answering member holds.
+        l.repair_under().await;
         l.ask_hung_owners().await?;
     }
     l.finish().await
@@ -573,10 +576,40 @@ impl<'a> Lookup<'a> {
         Ok(())
     }
 
-    /// Decides every id: the commit check fails `UNAVAILABLE` if any is undecided;
-    /// under-replicated ones are repaired; an id is present when W copies are counted.
+    /// Copies the ids found on fewer than W members, but on some, from a good copy to the
+    /// current owners that answered "absent"; the copies stored join their holders.
+    ///
+    /// For the commit check too, before its verdict: a chunk acknowledged on W owners, one
+    /// of which then stopped answering (the agent's coordinator, stopped right after it
+    /// stored its own copy and one other), has a single copy that answers; copied to an
+    /// owner that lacks it, it has W again and the snapshot commits, instead of the check
+    /// waiting on the stopped owner and failing `UNAVAILABLE` until it is back.
+    async fn repair_under(&mut self) {
+        let w = self.w;
+        let under: Vec<usize> = (0..self.ids.len())
+            .filter(|&j| {
+                let held = self.holders[j].len();
+                held > 0 && held < w && !self.lacking[j].is_empty()
+            })
+            .collect();
+        let batches: Vec<Vec<usize>> = under.chunks(REPAIR_GROUP).map(<[usize]>::to_vec).collect();
+        let (route, ids, holders, lacking) = (self.route, self.ids, &self.holders, &self.lacking);
+        let repairs: Vec<Vec<(usize, NodeId)>> = futures::stream::iter(batches)
+            .map(|batch| async move { repair(route, ids, &batch, holders, lacking).await })
+            .buffer_unordered(REPAIRS_IN_FLIGHT)
+            .collect()
+            .await;
+        for (j, node) in repairs.into_iter().flatten() {
+            self.holders[j].push(node);
+            self.lacking[j].retain(|&n| n != node);
+        }
+    }
+
+    /// Decides every id: under-replicated ones are repaired; then the commit check fails
+    /// `UNAVAILABLE` if any is undecided; an id is present when W copies are counted.
     async fn finish(mut self) -> Result<Vec<bool>, NodeError> {
         let w = self.w;
+        self.repair_under().await;
         // Fewer than W copies counted, but enough owners failed that W may exist: "absent"
         // would be a guess.
         let undecided = |l: &Lookup, j: usize| {
@@ -595,22 +628,6 @@ impl<'a> Lookup<'a> {
                 }
                 .into());
             }
-        }
-        let under: Vec<usize> = (0..self.ids.len())
-            .filter(|&j| {
-                let held = self.holders[j].len();
-                held > 0 && held < w && !self.lacking[j].is_empty()
-            })
-            .collect();
-        let batches: Vec<Vec<usize>> = under.chunks(REPAIR_GROUP).map(<[usize]>::to_vec).collect();
-        let (route, ids, holders, lacking) = (self.route, self.ids, &self.holders, &self.lacking);
-        let repairs: Vec<Vec<(usize, NodeId)>> = futures::stream::iter(batches)
-            .map(|batch| async move { repair(route, ids, &batch, holders, lacking).await })
-            .buffer_unordered(REPAIRS_IN_FLIGHT)
-            .collect()
-            .await;
-        for (j, node) in repairs.into_iter().flatten() {
-            self.holders[j].push(node);
         }
         Ok(self.holders.iter().map(|h| h.len() >= w).collect())
     }

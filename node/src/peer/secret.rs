@@ -13,7 +13,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use crate::durable::write_private;
 
 /// gRPC metadata key carrying the secret on `Peer` calls.
-pub const METADATA_KEY: &str = "x-hashgrid-cluster";
+pub const METADATA_KEY: &str = hashgrid_proto::auth::CLUSTER_SECRET_KEY;
 /// The secret's file in the data directory.
 pub const FILE: &str = "cluster.secret";
 
