@@ -36,13 +36,15 @@ fn cycles() -> usize {
         .unwrap_or(10)
 }
 
-/// A fresh source of ~10 MiB: random (incompressible) files and some text.
+/// A fresh source of ~30 MiB: random (incompressible) files and some text. Large enough
+/// that the kill, once 20 chunks landed, finds most cycles still uploading on a fast
+/// machine (with 10 MiB half the cycles had uploaded everything and were committing).
 fn make_source(dir: &Path, seed: u64) {
     std::fs::create_dir_all(dir).unwrap();
     for i in 0..5 {
         std::fs::write(
             dir.join(format!("blob{i}.bin")),
-            data::random_bytes(seed * 100 + i, 2 << 20),
+            data::random_bytes(seed * 100 + i, 6 << 20),
         )
         .unwrap();
     }
@@ -163,6 +165,8 @@ fn kill_cycles_lose_nothing_and_commit_each_backup_once() {
     let mut acknowledged: Vec<(SnapshotId, PathBuf)> = Vec::new();
     let mut reruns = 0;
     let mut total_resent = 0u64;
+    // Cycles whose kill found some of the backup's data not yet stored.
+    let mut mid_upload = 0;
     for cycle in 0..n {
         let src = tmp.path().join(format!("src{cycle}"));
         make_source(&src, cycle as u64 + 1);
@@ -197,6 +201,7 @@ fn kill_cycles_lose_nothing_and_commit_each_backup_once() {
             "cycle {cycle}: the backup had ended before the kill"
         );
         let missing = missing_bytes(&rt, &cluster, &chunks_of(params, &src), watcher);
+        mid_upload += usize::from(missing > 0);
         let (snap, resent, sent) = match finished(child) {
             Ok(s) => s,
             Err(e) => {
@@ -291,8 +296,13 @@ fn kill_cycles_lose_nothing_and_commit_each_backup_once() {
         cluster_stats(&conn).await.snapshots as usize - acknowledged.len()
     });
     println!(
-        "cycles={n} reruns={reruns} lost=0 duplicates={duplicates} resent_kib={}",
+        "cycles={n} reruns={reruns} lost=0 duplicates={duplicates} resent_kib={} \
+         killed_mid_upload={mid_upload}",
         total_resent >> 10
     );
     assert_eq!(duplicates, 0, "a backup committed more than one snapshot");
+    assert!(
+        mid_upload > 0,
+        "every kill landed after the upload: the data path's failover went untested"
+    );
 }
