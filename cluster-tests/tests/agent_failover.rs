@@ -381,7 +381,8 @@ fn backups_complete_while_a_follower_the_leader_or_the_coordinator_is_stopped() 
             r.took
         );
     }
-    // A stopped coordinator is left within seconds: one peer timeout, then the next seed.
+    // A stopped coordinator is left within seconds (the agent pings every second and
+    // gives a ping 3 s): within two of the harness's peer timeouts.
     let coordinator = runs
         .iter()
         .find(|r| matches!(r.victim, Some(Victim::Coordinator)));

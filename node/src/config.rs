@@ -211,8 +211,6 @@ impl NodeConfig {
     }
 }
 
-/// The settings of a TOML config file as `--key value` flags, leaving out keys whose
-/// environment variable is set.
 /// The long flags on the command line (`--join a --join=b` gives `join` twice).
 fn flags_given(args: &[OsString]) -> Vec<String> {
     args.iter()
@@ -222,8 +220,8 @@ fn flags_given(args: &[OsString]) -> Vec<String> {
         .collect()
 }
 
-/// The settings of the TOML file at `path` as flags, leaving out the keys in `given` (set by
-/// flags) and those whose environment variable is set.
+/// The settings of the TOML file at `path` as `--key value` flags, leaving out the keys in
+/// `given` (set by flags) and those whose environment variable is set.
 fn file_args(path: &Path, given: &[String]) -> Result<Vec<OsString>, ConfigError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
