@@ -170,6 +170,9 @@ struct Run {
     status_took: Option<Duration>,
     /// How long after the pause the agent moved to another coordinator, when it did.
     switched_after: Option<Duration>,
+    /// Peak RSS so far of the largest node and of this process (the agent runs in it).
+    nodes_rss: u64,
+    agent_rss: u64,
 }
 
 /// Waits until every node sees every node active and a leader.
@@ -328,6 +331,11 @@ fn run_backup(
         took,
         status_took,
         switched_after,
+        nodes_rss: (0..3)
+            .filter_map(|i| peak_rss(cluster.nodes[i].pid() as u32))
+            .max()
+            .unwrap_or(0),
+        agent_rss: peak_rss(std::process::id()).unwrap_or(0),
     }
 }
 
@@ -359,7 +367,8 @@ fn backups_complete_while_a_follower_the_leader_or_the_coordinator_is_stopped() 
     for r in &runs {
         eprintln!(
             "fault-3 {:<12} backup {:>6.1} s (undisturbed {:.1} s), cluster status {}, \
-             coordinator switched after {}, sent {} MiB, re-sent {} KiB",
+             coordinator switched after {}, sent {} MiB, re-sent {} KiB; peak RSS so far: \
+             largest node {} MiB, agent (test process) {} MiB",
             format!("{:?}", r.victim),
             r.took.as_secs_f64(),
             normal.as_secs_f64(),
@@ -369,6 +378,8 @@ fn backups_complete_while_a_follower_the_leader_or_the_coordinator_is_stopped() 
                 .map_or("-".into(), |t| format!("{:.2} s", t.as_secs_f64())),
             r.summary.upload.sent_bytes >> 20,
             r.summary.upload.resent_bytes >> 10,
+            r.nodes_rss >> 20,
+            r.agent_rss >> 20,
         );
         if let Some(t) = r.status_took {
             assert!(t < Duration::from_secs(3), "cluster status took {t:?}");

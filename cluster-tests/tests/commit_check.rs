@@ -9,7 +9,7 @@ use hashgrid::backup::{backup, ParentChoice};
 use hashgrid::upload::Uploader;
 use hashgrid::Connection;
 use hashgrid_cluster_tests::cluster::Cluster;
-use hashgrid_cluster_tests::{backup_opts, cluster_stats, data, runtime, Node};
+use hashgrid_cluster_tests::{backup_opts, cluster_stats, data, peak_rss, runtime, Node};
 use hashgrid_proto::manifest::{
     Content, Entry, EntryKind, Extent, Metadata, ObjectRef, Tree, FORMAT_VERSION,
 };
@@ -310,9 +310,15 @@ fn a_commit_check_repairs_a_chunk_whose_other_copy_stopped_answering() {
     rt.block_on(async {
         let conn = cluster.connect(a).await;
         // At the first attempt: the check copies the chunks to `c` before it counts.
+        let started = Instant::now();
         let committed = commit(&conn, record(&root, None))
             .await
             .expect("a commit with one owner of every chunk stopped and one lacking them");
+        eprintln!(
+            "commit with one holder stopped: {:.2} s; coordinator peak RSS {} MiB",
+            started.elapsed().as_secs_f64(),
+            peak_rss(cluster.nodes[a].pid() as u32).unwrap_or(0) >> 20
+        );
         assert!(committed.0 > 0);
         let held = cluster.nodes[c]
             .owner_has(&ids, Some(&secret), None)
