@@ -310,13 +310,11 @@ impl Cluster {
         within: Duration,
         mut cond: impl FnMut(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let deadline = Instant::now() + within;
-        loop {
-            let s = self.status_json(via);
+        self.wait_status(via, what, within, |s| {
             let quiet = s["moving"] == 0
                 && s["under_replicated"] == 0
                 && s["hand_off_pending"] == 0
-                && status_members(&s).iter().all(|m| {
+                && status_members(s).iter().all(|m| {
                     m["map_state"] == "removed"
                         || (m["state"] != "down"
                             && m["workers"].as_array().is_some_and(|w| {
@@ -324,7 +322,23 @@ impl Cluster {
                                     .all(|w| w["state"] == "idle" && w["passes"].as_u64() > Some(0))
                             }))
                 });
-            if quiet && cond(&s) {
+            quiet && cond(s)
+        })
+    }
+
+    /// Waits (up to `within`) until `cond` is true of `cluster status --json` through node
+    /// `via`, asking every 500 ms; returns that status, or panics with the nodes' logs.
+    pub fn wait_status(
+        &self,
+        via: usize,
+        what: &str,
+        within: Duration,
+        mut cond: impl FnMut(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let s = self.status_json(via);
+            if cond(&s) {
                 return s;
             }
             if Instant::now() > deadline {

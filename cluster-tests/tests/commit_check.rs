@@ -8,7 +8,7 @@ use std::time::Instant;
 use hashgrid::backup::{backup, ParentChoice};
 use hashgrid::upload::Uploader;
 use hashgrid::Connection;
-use hashgrid_cluster_tests::cluster::Cluster;
+use hashgrid_cluster_tests::cluster::{test_peer_timeout, Cluster};
 use hashgrid_cluster_tests::{backup_opts, cluster_stats, data, peak_rss, runtime, Node};
 use hashgrid_proto::manifest::{
     Content, Entry, EntryKind, Extent, Metadata, ObjectRef, Tree, FORMAT_VERSION,
@@ -320,6 +320,14 @@ fn a_commit_check_repairs_a_chunk_whose_other_copy_stopped_answering() {
             peak_rss(cluster.nodes[a].pid() as u32).unwrap_or(0) >> 20
         );
         assert!(committed.0 > 0);
+        // The stopped owner was met for the first time by the check: its call is slow
+        // after the hedge (a quarter of the deadline), and the copy that answered is made
+        // W again then, not after the stopped owner's whole deadline.
+        let took = started.elapsed();
+        assert!(
+            took < test_peer_timeout(),
+            "the commit check waited out the stopped owner's deadline: {took:?}"
+        );
         let held = cluster.nodes[c]
             .owner_has(&ids, Some(&secret), None)
             .await

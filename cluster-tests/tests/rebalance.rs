@@ -1,8 +1,10 @@
 //! Rebalance and repair with real node processes (R = 3, W = 2), driven by the admin CLI:
 //!
-//! - a sixth node joins five while a backup and a restore run; about 1/6 of the replicas
-//!   move to it, every partition ends on exactly R owners, and the old owners release what
-//!   they handed off (reclaimable); then a node is drained and removed the same way;
+//! - a sixth node joins five, and a backup and a restore run while its partitions move
+//!   (the nodes' `--move-mib-per-sec` keeps the move going for seconds, and the test checks
+//!   it is still going when both have finished); about 1/6 of the replicas move to it,
+//!   every partition ends on exactly R owners, and the old owners release what they handed
+//!   off (reclaimable); then a node is drained and removed the same way;
 //! - a node whose chunk store is lost refills to its share; a dead node replaced by a new
 //!   one (new id, old one removed) loses nothing; a byte flipped in one replica is read
 //!   from another and the bad copy rewritten by repair.
@@ -134,12 +136,22 @@ fn restores_without(
     });
 }
 
+/// The move limit for a first backup of `mib` MiB: the sixth node pulls about R x mib / 6
+/// (half of `mib`) at it in about 4 s, long enough for the backup and restore that run
+/// meanwhile to finish inside the move on any machine these tests run on.
+fn move_limit(mib: u64) -> String {
+    format!("{}", (mib as f64 / 8.0).max(1.0))
+}
+
 #[test]
 fn a_sixth_node_takes_its_share_during_backup_and_restore_then_one_is_drained_and_removed() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::start_with(&tmp.path().join("cluster"), 5, 3, 2, &FAST_REPAIR);
-    let rt = runtime();
     let mib = mib_from_env();
+    let limit = move_limit(mib);
+    let mut extra = FAST_REPAIR.to_vec();
+    extra.extend(["--move-mib-per-sec", &limit]);
+    let mut cluster = Cluster::start_with(&tmp.path().join("cluster"), 5, 3, 2, &extra);
+    let rt = runtime();
     let src1 = tmp.path().join("src1");
     make_source(&src1, 1, mib);
     let first = rt.block_on(async {
@@ -151,10 +163,16 @@ fn a_sixth_node_takes_its_share_during_backup_and_restore_then_one_is_drained_an
     let before = settled_chunks(&cluster, 0, 3, "first backup on 3 owners each");
     let copied_before = bytes_copied(&cluster.status_json(0));
 
-    // A sixth node joins while a backup (through node 2) and a restore (through node 3) run.
+    // A sixth node joins; while its partitions move (it pulls at --move-mib-per-sec), a
+    // backup (through node 2) and a restore (through node 3) run.
     let src2 = tmp.path().join("src2");
     make_source(&src2, 2, 16);
     let sixth = cluster.spawn_node();
+    cluster.nodes[sixth].wait_ready();
+    let joined = std::time::Instant::now();
+    cluster.wait_status(0, "the sixth node's partitions moving", SETTLE, |s| {
+        s["moving"].as_u64() > Some(0)
+    });
     let (second, ()) = rt.block_on(async {
         let b = async {
             let conn = cluster.connect(1).await;
@@ -170,7 +188,20 @@ fn a_sixth_node_takes_its_share_during_backup_and_restore_then_one_is_drained_an
         };
         tokio::join!(b, r)
     });
-    cluster.nodes[sixth].wait_ready();
+    // Both ran inside the move: it had started before them and is still going.
+    let s = cluster.status_json(0);
+    let overlap = joined.elapsed();
+    println!(
+        "backup and restore done {overlap:.1?} after the join, {} partitions still moving, \
+         the new node pulled {} bytes so far (limit {limit} MiB/s)",
+        s["moving"],
+        bytes_copied(&s) - copied_before
+    );
+    assert!(
+        s["moving"].as_u64() > Some(0),
+        "the move ended before the backup and restore did ({overlap:?} after the join): \
+         they did not run during it; lower the limit"
+    );
     let after = settled_chunks(&cluster, 0, 3, "six nodes, every chunk on 3 owners");
     assert!(
         after > before,

@@ -118,6 +118,13 @@ pub struct NodeConfig {
     /// without repair does not heal).
     #[arg(long, env = "HASHGRID_REPAIR_INTERVAL_SECS", default_value_t = 600)]
     pub repair_interval_secs: u64,
+
+    /// Most chunk data, in MiB per second (fractions allowed), that this node's background
+    /// workers move: the partitions it pulls while the cluster rebalances or repairs, and
+    /// the copies it hands off, together. 0 (the default) sets no limit. Copies a backup or
+    /// restore waits on (a lookup or commit check repairing a chunk) are never held back.
+    #[arg(long, env = "HASHGRID_MOVE_MIB_PER_SEC", default_value_t = 0.0)]
+    pub move_mib_per_sec: f64,
 }
 
 /// Why the configuration could not be read.
@@ -175,6 +182,12 @@ impl NodeConfig {
         if self.weight == 0 {
             return bad("--weight must be at least 1".into());
         }
+        if !(self.move_mib_per_sec.is_finite() && self.move_mib_per_sec >= 0.0) {
+            return bad(format!(
+                "--move-mib-per-sec must be 0 (no limit) or a positive number of MiB, not {}",
+                self.move_mib_per_sec
+            ));
+        }
         if self.raft_election_ms < 3 * self.raft_heartbeat_ms {
             return bad(format!(
                 "--raft-election-ms ({}) must be at least three heartbeats ({} ms each)",
@@ -194,6 +207,11 @@ impl NodeConfig {
 
     pub fn peer_timeout(&self) -> Duration {
         Duration::from_millis(self.peer_timeout_ms)
+    }
+
+    /// The workers' move limit in bytes per second (0: none).
+    pub fn move_limit(&self) -> u64 {
+        (self.move_mib_per_sec * 1024.0 * 1024.0) as u64
     }
 
     /// `None` when repair is off.
@@ -316,6 +334,10 @@ mod tests {
     fn bad_settings_are_refused() {
         assert!(load(&["hashgrid-node", "--replicas", "2", "--write-quorum", "3"]).is_err());
         assert!(load(&["hashgrid-node", "--raft-heartbeat-ms", "500"]).is_err());
+        assert!(load(&["hashgrid-node", "--move-mib-per-sec=-1"]).is_err());
+        assert!(load(&["hashgrid-node", "--move-mib-per-sec", "NaN"]).is_err());
+        let c = load(&["hashgrid-node", "--move-mib-per-sec", "0.5"]).unwrap();
+        assert_eq!(c.move_limit(), 512 * 1024);
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("node.toml");
         std::fs::write(&file, "no-such-setting = 1\n").unwrap();

@@ -143,7 +143,11 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
             }
             ctx.set_ready();
             tokio::spawn(membership::maintain(ctx.clone()));
-            anti_entropy::workers::spawn(ctx.clone(), config.repair_interval());
+            anti_entropy::workers::spawn(
+                ctx.clone(),
+                config.repair_interval(),
+                config.move_limit(),
+            );
             write_atomically(&data_dir.join(ADDR_FILE), advertise.as_bytes())?;
             tracing::info!(node = node_id, addr = %advertise, "hashgrid-node ready");
             println!("hashgrid-node {node_id} ready on {advertise}");

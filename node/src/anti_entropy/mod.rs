@@ -18,6 +18,7 @@
 //! Pulling, not pushing: each node is responsible for its own copies, so a node that comes
 //! back knows what to fetch without anyone tracking what it missed.
 
+pub mod pacer;
 pub mod workers;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -387,7 +388,7 @@ pub async fn pull(
                         listed.into_iter().filter(|id| !held.contains(id)).collect();
                     wanted.extend(missing.iter().copied());
                     let mut failed = false;
-                    for batch in missing.chunks(COPY_BATCH) {
+                    for batch in missing.chunks(ctx.workers.pacer.batch(COPY_BATCH)) {
                         match copy_from(route, source, batch.to_vec()).await {
                             Ok((ids, stored, bytes)) => {
                                 report.copied += stored;
@@ -427,9 +428,9 @@ pub async fn pull(
 }
 
 /// Reads `ids` from `source` and stores the good copies here (verified again before they
-/// are stored). Returns the ids now held and the chunks and encoded bytes newly stored (a
-/// chunk another pass stored meanwhile is held but not counted); ids the source lacks or
-/// holds only a damaged copy of are left out.
+/// are stored), at the pace the node's move limit allows. Returns the ids now held and the
+/// chunks and encoded bytes newly stored (a chunk another pass stored meanwhile is held but
+/// not counted); ids the source lacks or holds only a damaged copy of are left out.
 async fn copy_from(
     route: &Route,
     source: NodeId,
@@ -444,6 +445,8 @@ async fn copy_from(
     if chunks.is_empty() {
         return Ok((Vec::new(), 0, 0));
     }
+    let moved: usize = chunks.iter().map(|c| c.data.len()).sum();
+    route.ctx().workers.pacer.charge(moved as u64).await;
     let got = chunks
         .iter()
         .map(|c| ChunkId::from_slice(&c.id))
@@ -457,6 +460,8 @@ async fn copy_from(
 pub struct HandoffReport {
     /// Copies written to current owners that lacked them.
     pub handed: u64,
+    /// Their encoded bytes.
+    pub handed_bytes: u64,
     /// Index entries released.
     pub released: u64,
     /// Partitions left for a later pass (an owner could not be reached).
@@ -517,8 +522,9 @@ pub async fn hand_off(route: &Route) -> Result<HandoffReport, NodeError> {
                 report.pending += held;
             } else {
                 match hand_off_page(route, owners, page, &mut down).await {
-                    Ok((handed, released)) => {
+                    Ok((handed, handed_bytes, released)) => {
                         report.handed += handed;
+                        report.handed_bytes += handed_bytes;
                         report.released += released;
                     }
                     Err(e) if e.is_retryable() => {
@@ -538,16 +544,17 @@ pub async fn hand_off(route: &Route) -> Result<HandoffReport, NodeError> {
     Ok(report)
 }
 
-/// Hands off one page of ids of a partition owned by `owners`; an owner that fails joins
-/// `down`.
+/// Hands off one page of ids of a partition owned by `owners`, at the pace the node's move
+/// limit allows; an owner that fails joins `down`. Returns the copies written, their
+/// encoded bytes, and the index entries released.
 async fn hand_off_page(
     route: &Route,
     owners: &[NodeId],
     ids: Vec<ChunkId>,
     down: &mut HashSet<NodeId>,
-) -> Result<(u64, u64), NodeError> {
+) -> Result<(u64, u64, u64), NodeError> {
     let ctx = route.ctx();
-    let mut handed = 0u64;
+    let (mut handed, mut handed_bytes) = (0u64, 0u64);
     for &owner_id in owners {
         let has = match route.owner_has(owner_id, ids.clone()).await {
             Ok(has) => has,
@@ -562,7 +569,7 @@ async fn hand_off_page(
             .filter(|(_, h)| !**h)
             .map(|(id, _)| *id)
             .collect();
-        for batch in lacking.chunks(COPY_BATCH) {
+        for batch in lacking.chunks(ctx.workers.pacer.batch(COPY_BATCH)) {
             let reads = owner::read(ctx, batch.to_vec()).await?;
             let chunks: Vec<_> = batch
                 .iter()
@@ -575,7 +582,10 @@ async fn hand_off_page(
             if chunks.is_empty() {
                 continue;
             }
+            let bytes: usize = chunks.iter().map(|c| c.data.len()).sum();
+            ctx.workers.pacer.charge(bytes as u64).await;
             handed += chunks.len() as u64;
+            handed_bytes += bytes as u64;
             if let Err(e) = route
                 .owner_put(
                     owner_id,
@@ -592,7 +602,7 @@ async fn hand_off_page(
     // the index when it was read).
     let store = ctx.store.clone();
     let released = blocking(move || Ok(store.release(&ids)?)).await?;
-    Ok((handed, released))
+    Ok((handed, handed_bytes, released))
 }
 
 /// Is `node` gone for good (removed from the map), so a source that cannot be reached is no

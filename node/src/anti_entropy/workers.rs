@@ -23,6 +23,7 @@ use hashgrid_proto::pb::peer::RepairSoonRequest;
 use hashgrid_proto::pb::WorkerStatus;
 use hashgrid_proto::placement::{MemberState, Partition};
 
+use super::pacer::Pacer;
 use super::{hand_off, is_removed, pull, PullReport};
 use crate::catalog::Command;
 use crate::context::NodeContext;
@@ -190,6 +191,8 @@ impl Worker {
 pub struct Workers {
     pub rebalance: Worker,
     pub repair: Worker,
+    /// The node's limit on the chunk bytes both workers move (`--move-mib-per-sec`).
+    pub pacer: Pacer,
     /// Set when this node stored a copy of a chunk it does not own (as a fallback): the
     /// rebalance worker runs a hand-off pass even though the map did not change.
     hand_off_due: AtomicBool,
@@ -208,6 +211,7 @@ impl Default for Workers {
         Workers {
             rebalance: Worker::new("rebalance"),
             repair: Worker::new("repair"),
+            pacer: Pacer::default(),
             hand_off_due: AtomicBool::new(false),
             repair_asked: AtomicU64::new(0),
             repair_seen: AtomicU64::new(0),
@@ -282,8 +286,10 @@ impl Workers {
     }
 }
 
-/// Starts the workers on the current runtime (repair only with an interval).
-pub fn spawn(ctx: Arc<NodeContext>, repair_every: Option<Duration>) {
+/// Starts the workers on the current runtime (repair only with an interval), moving at most
+/// `move_limit` bytes per second between them (0: no limit).
+pub fn spawn(ctx: Arc<NodeContext>, repair_every: Option<Duration>, move_limit: u64) {
+    ctx.workers.pacer.set_limit(move_limit);
     tokio::spawn(run_rebalance(ctx.clone()));
     match repair_every {
         Some(every) => {
@@ -368,12 +374,17 @@ async fn run_rebalance(ctx: Arc<NodeContext>) {
                         tracing::info!(
                             released = r.released,
                             handed = r.handed,
+                            handed_bytes = r.handed_bytes,
                             epoch,
                             "handed off partitions this node no longer owns"
                         );
                     }
                     let done = r.incomplete == 0;
-                    worker.finish(Ok(r.pending), (0, 0), r.released);
+                    worker.update(|s| {
+                        s.chunks_copied += r.handed;
+                        s.bytes_copied += r.handed_bytes;
+                    });
+                    worker.finish(Ok(r.pending), (r.handed, r.handed_bytes), r.released);
                     worker.note_errors(&r.errors);
                     crate::owner::publish_store_gauges(&ctx.store);
                     if done {

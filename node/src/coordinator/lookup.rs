@@ -116,6 +116,9 @@ impl Owners {
 /// lookup ([`Presence::Upload`]) answers once only such slow calls are left, counting them
 /// unknown; so a hung owner that is not yet suspect costs an agent's lookup one hedge, not
 /// its deadline, and once it is lagging ([`crate::peer::PeerPool::is_lagging`]) nothing.
+/// The commit check waits for such calls only for ids that the copies which answered
+/// cannot bring back to W ([`Lookup::repair_under`], run once the slow calls are all that
+/// is left).
 struct Lookup<'a> {
     route: &'a Route,
     ids: &'a [ChunkId],
@@ -160,6 +163,8 @@ struct Lookup<'a> {
     /// Which node each call under way asks.
     call_node: HashMap<u64, NodeId>,
     calls: u64,
+    /// Whether the commit check repaired under-replicated ids while waiting on slow owners.
+    repaired_early: bool,
 }
 
 impl<'a> Lookup<'a> {
@@ -239,6 +244,7 @@ impl<'a> Lookup<'a> {
             passed_over: Vec::new(),
             call_node: HashMap::new(),
             calls: 0,
+            repaired_early: false,
         })
     }
 
@@ -340,6 +346,21 @@ impl<'a> Lookup<'a> {
                 // Calls still under way (a slow owner's) run on in their tasks to their
                 // deadline, so the peer pool learns whether that owner is hung.
                 return Ok(());
+            }
+            // The commit check, left waiting only on owners that were slow at the hedge,
+            // first has the copies that answered make W where they can (once): an id
+            // that has W copies then does not wait on the slow owner's deadline, which for
+            // the first call to a peer nobody knew to hang is the whole peer timeout.
+            if self.presence == Presence::Strict
+                && !self.repaired_early
+                && self
+                    .open
+                    .iter()
+                    .all(|&j| self.waits_on[j] == self.slow_waits[j])
+            {
+                self.repaired_early = true;
+                self.repair_under().await;
+                continue;
             }
             // An agent's lookup does not wait out owners that were slow at the hedge once
             // every other call is answered: they count as unknown, and what stays
