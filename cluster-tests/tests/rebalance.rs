@@ -190,6 +190,14 @@ fn a_sixth_node_takes_its_share_during_backup_and_restore_then_one_is_drained_an
     });
     // Both ran inside the move: it had started before them and is still going.
     let s = cluster.status_json(0);
+    let limit_bytes = (limit.parse::<f64>().unwrap() * 1048576.0) as u64;
+    for m in members(&s) {
+        assert_eq!(
+            m["move_limit_bytes_per_sec"].as_u64(),
+            Some(limit_bytes),
+            "each member shows its move limit: {m:#}"
+        );
+    }
     let overlap = joined.elapsed();
     println!(
         "backup and restore done {overlap:.1?} after the join, {} partitions still moving, \

@@ -155,6 +155,7 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<()> {
                     "reclaimable_bytes": st.as_ref().map(|x| x.reclaimable_bytes),
                     "under_replicated": st.as_ref().map(|x| x.under_replicated),
                     "hand_off_pending": st.as_ref().map(|x| x.hand_off_pending),
+                    "move_limit_bytes_per_sec": st.as_ref().map(|x| x.move_limit_bytes_per_sec),
                     "workers": workers,
                 })
             })
@@ -211,6 +212,16 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<()> {
                 ),
                 state => format!("{} {state}", w.name),
             })
+            .chain(
+                st.iter()
+                    .filter(|x| x.move_limit_bytes_per_sec > 0)
+                    .map(|x| {
+                        format!(
+                            "moving at most {}/s",
+                            HumanBytes(x.move_limit_bytes_per_sec)
+                        )
+                    }),
+            )
             .collect();
         outln!(
             "{:>20}  {:<22} {:<10} {:>6}  {:<9} {:<8} {:>10} {:>10}  {}",

@@ -143,6 +143,7 @@ impl Admin for AdminService {
             moving,
             workers: self.ctx.workers.to_pb(self.ctx.peers.lost_contact()),
             hand_off_pending,
+            move_limit_bytes_per_sec: self.ctx.workers.pacer.limit().unwrap_or(0),
         }))
     }
 }
