@@ -206,6 +206,8 @@ impl Node {
     /// Which of `ids` this node's own store holds (not the cluster's answer: no other owner
     /// is asked), through the node-to-node service, presenting `secret` as the cluster
     /// secret (none when `None`) and `token` as an agent's bearer token (none when `None`).
+    /// Asked [`MAX_IDS_PER_REQUEST`](hashgrid_proto::limits::MAX_IDS_PER_REQUEST) ids per
+    /// call, the most the node accepts in one.
     pub async fn owner_has(
         &self,
         ids: &[hashgrid_proto::ChunkId],
@@ -213,28 +215,40 @@ impl Node {
         token: Option<&str>,
     ) -> Result<Vec<bool>, tonic::Status> {
         use hashgrid_proto::auth;
+        use hashgrid_proto::limits::MAX_IDS_PER_REQUEST;
         use hashgrid_proto::pb::peer::peer_client::PeerClient;
         let mut peer = PeerClient::connect(self.server())
             .await
             .map_err(|e| tonic::Status::unavailable(e.to_string()))?
             .max_decoding_message_size(usize::MAX);
-        let mut req = tonic::Request::new(hashgrid_proto::pb::HasRequest {
-            epoch: 0,
-            ids: ids.iter().flat_map(|id| *id.as_bytes()).collect(),
-        });
-        if let Some(s) = secret {
-            req.metadata_mut()
-                .insert(auth::CLUSTER_SECRET_KEY, s.parse().expect("ascii secret"));
+        let mut held = Vec::with_capacity(ids.len());
+        // At least one call, so that an empty list still tests the credentials.
+        let parts: Vec<&[hashgrid_proto::ChunkId]> = if ids.is_empty() {
+            vec![ids]
+        } else {
+            ids.chunks(MAX_IDS_PER_REQUEST).collect()
+        };
+        for part in parts {
+            let mut req = tonic::Request::new(hashgrid_proto::pb::HasRequest {
+                epoch: 0,
+                ids: part.iter().flat_map(|id| *id.as_bytes()).collect(),
+            });
+            if let Some(s) = secret {
+                req.metadata_mut()
+                    .insert(auth::CLUSTER_SECRET_KEY, s.parse().expect("ascii secret"));
+            }
+            if let Some(t) = token {
+                let bearer = auth::bearer_value(t);
+                req.metadata_mut()
+                    .insert(auth::METADATA_KEY, bearer.parse().expect("ascii token"));
+            }
+            let present = peer.owner_has(req).await?.into_inner().present;
+            held.extend(
+                (0..part.len())
+                    .map(|i| present.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)),
+            );
         }
-        if let Some(t) = token {
-            let bearer = auth::bearer_value(t);
-            req.metadata_mut()
-                .insert(auth::METADATA_KEY, bearer.parse().expect("ascii token"));
-        }
-        let present = peer.owner_has(req).await?.into_inner().present;
-        Ok((0..ids.len())
-            .map(|i| present.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0))
-            .collect())
+        Ok(held)
     }
 
     pub fn pid(&self) -> i32 {
