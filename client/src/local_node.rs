@@ -12,12 +12,9 @@ use std::time::{Duration, Instant};
 
 use rustix::process::{kill_process, Pid, Signal};
 
-/// File a ready node writes its address to (see `hashgrid-node`).
-pub const ADDR_FILE: &str = "node.addr";
-/// File a node that created its cluster writes the admin token to.
-pub const ADMIN_TOKEN_FILE: &str = "admin.token";
-/// File holding the cluster secret joiners need.
-pub const CLUSTER_SECRET_FILE: &str = "cluster.secret";
+pub use hashgrid_proto::data_dir::{
+    ADDR_FILE, ADMIN_TOKEN_FILE, CLUSTER_SECRET_FILE, METRICS_ADDR_FILE,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalNodeError {
@@ -105,6 +102,7 @@ impl LocalNode {
     fn start(&mut self) -> Result<(), LocalNodeError> {
         std::fs::create_dir_all(&self.data_dir)?;
         let _ = std::fs::remove_file(self.data_dir.join(ADDR_FILE));
+        let _ = std::fs::remove_file(self.data_dir.join(METRICS_ADDR_FILE));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -241,6 +239,16 @@ impl LocalNode {
 
     pub fn cluster_secret_file(&self) -> PathBuf {
         self.data_dir.join(CLUSTER_SECRET_FILE)
+    }
+
+    /// Where the node serves Prometheus metrics, once it is ready; `None` when it serves none
+    /// (`--metrics-listen off`).
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        std::fs::read_to_string(self.data_dir.join(METRICS_ADDR_FILE))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 }
 

@@ -5,6 +5,7 @@
 //! start clusters hold [`Cluster::serial`]'s lock, so they run one at a time even when the
 //! test harness runs tests in parallel threads.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -127,16 +128,10 @@ impl Cluster {
             opts.listen = Some(addrs.listen);
             opts.advertise = Some(addrs.advertise);
             opts.dial_from = Some(addrs.ip);
-            // The node's own loopback address, so the port found free here stays free.
-            let metrics = std::net::TcpListener::bind((addrs.ip, 0))
-                .and_then(|l| l.local_addr())
-                .expect("a free port for the metrics listener");
-            opts.metrics_listen = Some(metrics);
+            // On the node's own loopback address; the node picks the port.
+            opts.metrics_listen = Some(SocketAddr::new(addrs.ip, 0));
         } else {
-            let metrics = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
-                .and_then(|l| l.local_addr())
-                .expect("a free port for the metrics listener");
-            opts.metrics_listen = Some(metrics);
+            opts.metrics_listen = Some(SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)));
         }
         opts
     }

@@ -67,7 +67,8 @@ pub struct NodeOpts {
     pub advertise: Option<SocketAddr>,
     /// The local address its calls to other nodes leave from (`--dial-from`).
     pub dial_from: Option<IpAddr>,
-    /// Where it serves Prometheus metrics (`--metrics-listen`); off when `None`.
+    /// Where it serves Prometheus metrics (`--metrics-listen`, port 0 for one the node picks:
+    /// [`Node::metric`] reads which); off when `None`.
     pub metrics_listen: Option<SocketAddr>,
 }
 
@@ -263,10 +264,14 @@ impl Node {
 
     /// As [`Self::metric`], over the series whose labels include `label` (`state="active"`).
     pub fn metric_with(&self, name: &str, label: &str) -> Option<f64> {
+        assert!(
+            self.opts.metrics_listen.is_some(),
+            "a node with a metrics listener"
+        );
         let addr = self
-            .opts
-            .metrics_listen
-            .expect("a node with a metrics listener");
+            .process
+            .metrics_addr()
+            .expect("the node's metrics address (is it ready?)");
         let text = scrape(addr).unwrap_or_else(|e| panic!("scrape {addr}: {e}"));
         metric_sum(&text, name, label)
     }

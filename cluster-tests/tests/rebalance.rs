@@ -21,7 +21,9 @@ use std::time::Duration;
 use hashgrid::backup::backup;
 use hashgrid_cluster_tests::cluster::{status_members as members, Cluster};
 use hashgrid_cluster_tests::damage::{damage_one_of, stored_ids};
-use hashgrid_cluster_tests::{assert_same_tree, backup_opts, data, restore_all, restored, runtime};
+use hashgrid_cluster_tests::{
+    assert_same_tree, assert_success, backup_opts, data, restore_all, restored, runtime,
+};
 use hashgrid_proto::SnapshotId;
 use serde_json::Value;
 
@@ -198,6 +200,15 @@ fn a_sixth_node_takes_its_share_during_backup_and_restore_then_one_is_drained_an
             "each member shows its move limit: {m:#}"
         );
     }
+    // And so does the table an admin reads, once per member.
+    let out = cluster.cli(0, &["cluster", "status"]);
+    assert_success(&out, "cluster status");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        table.matches("moving at most ").count(),
+        members(&s).len(),
+        "each member's move limit in the table:\n{table}"
+    );
     let overlap = joined.elapsed();
     println!(
         "backup and restore done {overlap:.1?} after the join, {} partitions still moving, \

@@ -127,6 +127,9 @@ pub struct NodeConfig {
     pub move_mib_per_sec: f64,
 }
 
+/// The smallest move limit taken: 1 KiB/s.
+const MIN_MOVE_MIB_PER_SEC: f64 = 1.0 / 1024.0;
+
 /// Why the configuration could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -182,10 +185,13 @@ impl NodeConfig {
         if self.weight == 0 {
             return bad("--weight must be at least 1".into());
         }
-        if !(self.move_mib_per_sec.is_finite() && self.move_mib_per_sec >= 0.0) {
+        // A limit below MIN_MOVE_MIB_PER_SEC is refused rather than rounded: it would stall a
+        // move for days (or, rounded to 0 bytes, lift the limit altogether).
+        let m = self.move_mib_per_sec;
+        if !(m.is_finite() && (m == 0.0 || m >= MIN_MOVE_MIB_PER_SEC)) {
             return bad(format!(
-                "--move-mib-per-sec must be 0 (no limit) or a positive number of MiB, not {}",
-                self.move_mib_per_sec
+                "--move-mib-per-sec must be 0 (no limit) or at least {MIN_MOVE_MIB_PER_SEC} \
+                 (1 KiB/s), not {m}"
             ));
         }
         if self.raft_election_ms < 3 * self.raft_heartbeat_ms {
@@ -336,6 +342,9 @@ mod tests {
         assert!(load(&["hashgrid-node", "--raft-heartbeat-ms", "500"]).is_err());
         assert!(load(&["hashgrid-node", "--move-mib-per-sec=-1"]).is_err());
         assert!(load(&["hashgrid-node", "--move-mib-per-sec", "NaN"]).is_err());
+        assert!(load(&["hashgrid-node", "--move-mib-per-sec", "0.0000001"]).is_err());
+        let c = load(&["hashgrid-node", "--move-mib-per-sec", "0.0009765625"]).unwrap();
+        assert_eq!(c.move_limit(), 1024);
         let c = load(&["hashgrid-node", "--move-mib-per-sec", "0.5"]).unwrap();
         assert_eq!(c.move_limit(), 512 * 1024);
         let dir = tempfile::tempdir().unwrap();

@@ -1,10 +1,24 @@
 //! Prometheus metrics of the node, served over HTTP when `--metrics-listen` is set. Names are
 //! `hashgrid_<subsystem>_<what>`; the recording calls live next to the code they measure.
+//!
+//! The node binds the listener itself rather than leaving it to the exporter's own HTTP
+//! listener, so that `--metrics-listen 127.0.0.1:0` works: the exporter's listener does not
+//! say which port it bound, and picking a "free" port beforehand races every other socket on
+//! the host (a test harness saw a node refuse to start with "Address already in use").
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::time::Duration;
 
+use anyhow::Context;
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
 use metrics::{describe_counter, describe_gauge};
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
 
 pub const HAS_IDS: &str = "hashgrid_chunk_has_ids_total";
 pub const PUT_CHUNKS: &str = "hashgrid_chunk_put_total";
@@ -38,12 +52,76 @@ pub const WORKER_RELEASED: &str = "hashgrid_worker_released_chunks_total";
 /// Ids other owners listed to this node because a range's digests differed.
 pub const ANTI_ENTROPY_LISTED: &str = "hashgrid_anti_entropy_listed_ids_total";
 
-/// Starts the exporter's HTTP listener on the current Tokio runtime.
-pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .install()
-        .map_err(|e| anyhow::anyhow!("metrics listener on {addr}: {e}"))?;
+/// How often histograms and idle series are tidied (the exporter's own default).
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Installs the recorder and serves `GET /metrics` on `addr` from the current Tokio runtime;
+/// returns the address bound (its port chosen by the system when `addr`'s is 0).
+pub async fn serve(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("metrics listener on {addr}"))?;
+    let bound = listener.local_addr()?;
+    let handle = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
+    describe();
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(UPKEEP_EVERY).await;
+            upkeep.run_upkeep();
+        }
+    });
+    tokio::spawn(accept(listener, handle));
+    Ok(bound)
+}
+
+async fn accept(listener: TcpListener, handle: PrometheusHandle) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, say: the node goes on, a scrape waits.
+                tracing::warn!(error = %e, "metrics listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                std::future::ready(Ok::<_, Infallible>(respond(&handle, &req)))
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
+/// The Prometheus text for `GET /metrics` (and `/`); 404 for other paths, 405 for other
+/// methods.
+fn respond(handle: &PrometheusHandle, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let (status, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/metrics" | "/") => (StatusCode::OK, handle.render()),
+        (&Method::GET | &Method::HEAD, _) => (StatusCode::NOT_FOUND, "try /metrics\n".into()),
+        _ => (StatusCode::METHOD_NOT_ALLOWED, String::new()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+/// Help text for every series, shown by Prometheus and on the page.
+fn describe() {
     describe_counter!(HAS_IDS, "Chunk ids looked up, by result (present/absent)");
     describe_counter!(PUT_CHUNKS, "Chunks received, by result (stored/existing)");
     describe_counter!(PUT_BYTES, "Encoded bytes newly stored");
@@ -133,5 +211,4 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
         WORKER_RELEASED,
         "Index entries released after their partition moved to other owners"
     );
-    Ok(())
 }

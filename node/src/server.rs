@@ -42,10 +42,7 @@ use crate::service::catalog::CatalogService;
 use crate::service::chunks::ChunksService;
 use crate::service::peer::{self as peer_service, PeerService};
 
-/// File in the data dir holding the admin token made at cluster init (mode 0600).
-pub const ADMIN_TOKEN_FILE: &str = "admin.token";
-/// File in the data dir naming the address the node serves on, written once it is ready.
-pub const ADDR_FILE: &str = "node.addr";
+pub use hashgrid_proto::data_dir::{ADDR_FILE, ADMIN_TOKEN_FILE, METRICS_ADDR_FILE};
 
 /// Runs a node until `shutdown` resolves.
 ///
@@ -60,6 +57,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
     make_private(&data_dir)?;
     let _ = std::fs::remove_file(data_dir.join(ADDR_FILE));
+    let _ = std::fs::remove_file(data_dir.join(METRICS_ADDR_FILE));
 
     let store = Arc::new(
         ChunkStore::open(&data_dir.join("chunks"), config.cache_mib << 20)
@@ -84,7 +82,14 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         .unwrap_or_else(|| bound.to_string());
 
     if let Some(addr) = config.metrics_addr().context("--metrics-listen")? {
-        crate::metrics::install(addr)?;
+        let bound = crate::metrics::serve(addr).await?;
+        write_atomically(
+            &data_dir.join(METRICS_ADDR_FILE),
+            bound.to_string().as_bytes(),
+        )?;
+        tracing::info!(addr = %bound, "serving Prometheus metrics");
+        // What the store holds shows from the first scrape, not from the first write.
+        crate::owner::publish_store_gauges(&store);
     }
 
     let has_cluster = catalog

@@ -24,6 +24,20 @@ fn start(data: &Path) -> (Child, String) {
     (child, line)
 }
 
+/// The whole response to `GET path` (HTTP/1.1, the connection closed after it).
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    response
+}
+
 fn stop(child: &mut Child) {
     let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
@@ -42,6 +56,12 @@ fn starts_stops_and_restarts_as_the_same_node() {
     assert_eq!(std::fs::read_to_string(&token).unwrap().trim().len(), 64);
     let addr = std::fs::read_to_string(data.join("node.addr")).unwrap();
     assert!(first.contains(addr.trim()));
+    // Metrics on the port the node picked (`--metrics-listen 127.0.0.1:0`), named in its data dir.
+    let metrics = std::fs::read_to_string(data.join("metrics.addr")).unwrap();
+    let page = http_get(metrics.trim(), "/metrics");
+    assert!(page.starts_with("HTTP/1.1 200"), "{page:.300}");
+    assert!(page.contains("hashgrid_store_chunks 0"), "{page:.2000}");
+    assert!(http_get(metrics.trim(), "/nothing").starts_with("HTTP/1.1 404"));
 
     // A second node on the same directory is refused, and the first keeps running.
     let second = Command::new(env!("CARGO_BIN_EXE_hashgrid-node"))

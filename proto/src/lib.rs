@@ -4,11 +4,13 @@
 //! messages ([`pb`]), chunk and snapshot ids ([`id`]), the manifest format ([`manifest`]), the
 //! cluster map and the placement function ([`placement`]), the snapshot record kept in the
 //! catalog ([`snapshot`]), how a bearer token is carried and hashed ([`auth`]), the chunker
-//! parameters ([`chunker`]) and the size bounds every request is checked against ([`limits`]).
+//! parameters ([`chunker`]), the size bounds every request is checked against ([`limits`])
+//! and the names of the files in a node's data directory that other programs read ([`data_dir`]).
 
 pub mod auth;
 pub mod chunker;
 pub mod codec;
+pub mod data_dir;
 #[cfg(test)]
 mod decode_props;
 pub mod error;

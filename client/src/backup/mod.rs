@@ -76,6 +76,9 @@ pub struct BackupSummary {
     pub upload: UploadStats,
     /// How the parent's trees were read (`None`: no tree cache).
     pub tree_cache: Option<TreeCacheStats>,
+    /// Entries left out because they were replaced (another file, kind or a symlink in their
+    /// place) between the listing and their reading; each is also among `warnings`.
+    pub replaced: u64,
     pub warnings: Vec<String>,
 }
 
@@ -230,6 +233,7 @@ pub async fn backup(conn: &Connection, opts: &BackupOptions) -> Result<BackupSum
         stats,
         upload,
         tree_cache,
+        replaced: walker.counters.replaced.load(Ordering::Relaxed),
         warnings: walker
             .warnings
             .into_inner()

@@ -112,6 +112,8 @@ pub struct WalkCounters {
     pub reused_files: AtomicU64,
     pub logical_bytes: AtomicU64,
     pub chunks: AtomicU64,
+    /// Entries left out because the name led elsewhere when read ([`SourceError::Replaced`]).
+    pub replaced: AtomicU64,
 }
 
 pub struct Walker {
@@ -161,6 +163,14 @@ impl Walker {
             tree_part_bytes,
             read_buf: sizing.read_buf,
         }
+    }
+
+    /// Warns that the entry `e` concerns was left out, counting one replaced while read.
+    fn skip(&self, e: SourceError) {
+        if matches!(e, SourceError::Replaced { .. }) {
+            self.counters.replaced.fetch_add(1, Ordering::Relaxed);
+        }
+        self.warn(format!("skipped {e}"));
     }
 
     fn warn(&self, msg: String) {
@@ -253,7 +263,7 @@ impl Walker {
             let listing = match self.list(&dir, &selection, small).await? {
                 Ok(l) => l,
                 Err(e @ SourceError::Replaced { .. }) => {
-                    self.warn(format!("skipped {e}"));
+                    self.skip(e);
                     self.descriptors.release(&dir);
                     return Ok(None);
                 }
@@ -267,7 +277,7 @@ impl Walker {
                 }
             };
             for e in listing.skipped {
-                self.warn(format!("skipped {e}"));
+                self.skip(e);
             }
             let (parent_tree, parent_ref) = match parent {
                 Some((t, r)) => (t, Some(r)),
@@ -544,7 +554,7 @@ impl Walker {
                         Ok(file) => file,
                         Err(e) => {
                             if !e.is_not_found() {
-                                walker.warn(format!("skipped {e}"));
+                                walker.skip(e);
                             }
                             return Ok((f.index, None, false));
                         }

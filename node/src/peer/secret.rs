@@ -15,7 +15,7 @@ use crate::durable::write_private;
 /// gRPC metadata key carrying the secret on `Peer` calls.
 pub const METADATA_KEY: &str = hashgrid_proto::auth::CLUSTER_SECRET_KEY;
 /// The secret's file in the data directory.
-pub const FILE: &str = "cluster.secret";
+pub const FILE: &str = hashgrid_proto::data_dir::CLUSTER_SECRET_FILE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
