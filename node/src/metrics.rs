@@ -15,7 +15,7 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics::{describe_counter, describe_gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
@@ -51,6 +51,9 @@ pub const WORKER_COPIED_BYTES: &str = "hashgrid_worker_copied_bytes_total";
 pub const WORKER_RELEASED: &str = "hashgrid_worker_released_chunks_total";
 /// Ids other owners listed to this node because a range's digests differed.
 pub const ANTI_ENTROPY_LISTED: &str = "hashgrid_anti_entropy_listed_ids_total";
+
+/// How long a scraper may take to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often histograms and idle series are tidied (the exporter's own default).
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
@@ -93,7 +96,11 @@ async fn accept(listener: TcpListener, handle: PrometheusHandle) {
             let service = hyper::service::service_fn(move |req| {
                 std::future::ready(Ok::<_, Infallible>(respond(&handle, &req)))
             });
+            // A client that sends no request within the timeout (or holds an idle
+            // connection open) is dropped rather than keeping a task forever.
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {

@@ -270,10 +270,10 @@ pub fn list_dir(
     };
     let mut entries = Vec::with_capacity(names.len());
     for name in names {
-        match list_one(fd, &name) {
+        match list_one(fd, name) {
             Ok(e) => entries.push(e),
-            Err(Fault::Io(Errno::NOENT)) => {} // deleted since the listing: nothing to back up
-            Err(f) => skipped.push(f.at(path.join(std::ffi::OsStr::from_bytes(&name)))),
+            Err((Fault::Io(Errno::NOENT), _)) => {} // deleted since the listing: nothing to back up
+            Err((f, name)) => skipped.push(f.at(path.join(std::ffi::OsStr::from_bytes(&name)))),
         }
     }
     entries.sort_unstable_by(|a, b| a.name.cmp(&b.name));
@@ -306,7 +306,22 @@ fn read_names(fd: &OwnedFd) -> Result<Vec<Vec<u8>>, Fault> {
     Ok(names)
 }
 
-fn list_one(dir: &OwnedFd, name: &[u8]) -> Result<Listed, Fault> {
+/// The entry `name` of `dir`; on a fault, the name comes back with it (the listing owns each
+/// name once: 69,000 entries are 69,000 allocations fewer than copying it).
+fn list_one(dir: &OwnedFd, name: Vec<u8>) -> Result<Listed, (Fault, Vec<u8>)> {
+    let (st, xattrs, target) = match stat_one(dir, &name) {
+        Ok(parts) => parts,
+        Err(f) => return Err((f, name)),
+    };
+    Ok(Listed {
+        name,
+        st,
+        xattrs,
+        target,
+    })
+}
+
+fn stat_one(dir: &OwnedFd, name: &[u8]) -> Result<(SourceStat, Vec<Xattr>, Vec<u8>), Fault> {
     let st = SourceStat::from(&rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?);
     let target = match st.kind() {
         FileType::Symlink => rustix::fs::readlinkat(dir, name, Vec::new())?.into_bytes(),
@@ -317,12 +332,7 @@ fn list_one(dir: &OwnedFd, name: &[u8]) -> Result<Listed, Fault> {
         FileType::RegularFile | FileType::Directory => Vec::new(),
         _ => xattrs::of_entry(dir, name)?,
     };
-    Ok(Listed {
-        name: name.to_vec(),
-        st,
-        xattrs,
-        target,
-    })
+    Ok((st, xattrs, target))
 }
 
 #[cfg(test)]
