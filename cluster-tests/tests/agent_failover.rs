@@ -36,9 +36,11 @@ use hashgrid_proto::codec::{encode_chunk, DEFAULT_ZSTD_LEVEL};
 use hashgrid_proto::placement::Placement;
 use hashgrid_proto::{pb, ChunkId};
 
-/// An address nothing listens on (a port the kernel handed out and took back).
+/// An address nothing listens on: a port the kernel handed out and took back, on a loopback
+/// address no node, proxy or connection of the tests uses (they are on 127.0.0.x), so no
+/// other socket can take the port meanwhile.
 fn dead_addr() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let listener = TcpListener::bind("127.0.2.1:0").expect("bind");
     let addr = listener.local_addr().expect("local addr");
     drop(listener);
     format!("http://{addr}")
