@@ -16,7 +16,7 @@ use std::ffi::OsStr;
 use std::num::NonZeroU64;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use hashgrid_proto::manifest::{
     decode_dir, Content, DirObject, Entry, EntryKind, Extent, Metadata, ObjectRef, Tree, TreePart,
@@ -429,6 +429,7 @@ impl Planner {
             meta: entry.meta.clone(),
             path: path.to_path_buf(),
             shared: self.shared.clone(),
+            write_lock: Mutex::new(()),
             _permit: permit,
         });
         let mut offset = 0u64;

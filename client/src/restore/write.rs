@@ -1,6 +1,13 @@
 //! The fetch stage: batches write jobs into `Get` requests, verifies every chunk against its
 //! id and the extent's length, and writes it at its offset in every file that needs it.
 //!
+//! Writes to one file are taken in turn, by the agent rather than the kernel: several
+//! groups decode at once, and when two of them wrote into the same file (an image) the
+//! second spun on the file's inode lock while the first copied (`rwsem_spin_on_owner`, 7.5 %
+//! of all CPU in a profile of a 3 GiB image restore). A group whose file is busy keeps its
+//! decoded chunk and goes on decoding, and writes what it kept once its own decoding is done
+//! (or once it keeps [`PENDING_WRITE_BYTES`]).
+//!
 //! A chunk the cluster cannot serve (missing, or every copy damaged) costs only the files
 //! that use it: they are named in the damage log, their range stays a hole, and the restore
 //! goes on.
@@ -10,8 +17,9 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, TryLockError};
 
+use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use hashgrid_proto::codec::decode_verified;
 use hashgrid_proto::id::pack_ids;
@@ -31,6 +39,9 @@ use crate::progress::Progress;
 pub(super) const FETCH_BATCH: usize = 256;
 /// `Get` requests in flight.
 const FETCH_IN_FLIGHT: usize = 3;
+/// Decoded bytes one group keeps for files that another group is writing to, before it
+/// waits for them instead of decoding on.
+const PENDING_WRITE_BYTES: usize = 4 << 20;
 
 /// A file being written; finished (metadata applied, closed) when the last holder drops it.
 pub(super) struct FileTarget {
@@ -38,7 +49,33 @@ pub(super) struct FileTarget {
     pub meta: Metadata,
     pub path: PathBuf,
     pub shared: Arc<Shared>,
+    /// Held while a chunk is written to the file (see the module doc).
+    pub write_lock: Mutex<()>,
     pub _permit: OwnedSemaphorePermit,
+}
+
+impl FileTarget {
+    /// Writes `plain` at `offset`, waiting for the file when another group writes to it.
+    fn write_at(&self, plain: &[u8], offset: u64) -> Result<()> {
+        let _turn = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.write_unlocked(plain, offset)
+    }
+
+    /// Writes `plain` at `offset` if no other group is writing to the file; `false` if one is.
+    fn try_write_at(&self, plain: &[u8], offset: u64) -> Result<bool> {
+        let _turn = match self.write_lock.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return Ok(false),
+        };
+        self.write_unlocked(plain, offset).map(|()| true)
+    }
+
+    fn write_unlocked(&self, plain: &[u8], offset: u64) -> Result<()> {
+        self.file
+            .write_all_at(plain, offset)
+            .map_err(|e| ClientError::io(&self.path, e))
+    }
 }
 
 impl Drop for FileTarget {
@@ -154,6 +191,51 @@ async fn fetch_and_write(
     Ok(())
 }
 
+/// Decoded chunks one group keeps for files another group was writing to (see the module
+/// doc), with the places still to write them.
+#[derive(Default)]
+struct Deferred {
+    chunks: Vec<(Bytes, Vec<WriteJob>)>,
+    bytes: usize,
+}
+
+impl Deferred {
+    /// Writes `plain` at each of `jobs` whose file no other group is writing to; keeps the
+    /// others.
+    fn write_or_keep(
+        &mut self,
+        plain: Bytes,
+        jobs: Vec<WriteJob>,
+        progress: &Progress,
+    ) -> Result<()> {
+        let mut busy = Vec::new();
+        for job in jobs {
+            if job.target.try_write_at(&plain, job.offset)? {
+                progress.add_bytes(plain.len() as u64);
+            } else {
+                busy.push(job);
+            }
+        }
+        if !busy.is_empty() {
+            self.bytes += plain.len();
+            self.chunks.push((plain, busy));
+        }
+        Ok(())
+    }
+
+    /// Writes everything kept, waiting for each file's turn.
+    fn write_all(&mut self, progress: &Progress) -> Result<()> {
+        for (plain, jobs) in self.chunks.drain(..) {
+            for job in jobs {
+                job.target.write_at(&plain, job.offset)?;
+                progress.add_bytes(plain.len() as u64);
+            }
+        }
+        self.bytes = 0;
+        Ok(())
+    }
+}
+
 /// Checks one `Get` reply's chunks against the ids asked for (from `order[*got]` on) and
 /// writes them on a blocking thread; returns that thread.
 fn write_group(
@@ -188,6 +270,7 @@ fn write_group(
     }
     let progress = progress.clone();
     Ok(tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut kept = Deferred::default();
         for (expected, chunk, jobs) in group {
             let (id, plain) = match decode_verified(&chunk, max_len) {
                 Ok(v) => v,
@@ -203,22 +286,113 @@ fn write_group(
                     "node sent chunk {id} where {expected} was asked for"
                 )));
             }
-            for job in jobs {
-                if plain.len() != job.len as usize {
-                    return Err(ClientError::Manifest(format!(
-                        "{}: chunk {id} has {} bytes, the manifest says {}",
-                        job.target.path.display(),
-                        plain.len(),
-                        job.len
-                    )));
-                }
-                job.target
-                    .file
-                    .write_all_at(&plain, job.offset)
-                    .map_err(|e| ClientError::io(&job.target.path, e))?;
-                progress.add_bytes(plain.len() as u64);
+            if let Some(job) = jobs.iter().find(|j| plain.len() != j.len as usize) {
+                return Err(ClientError::Manifest(format!(
+                    "{}: chunk {id} has {} bytes, the manifest says {}",
+                    job.target.path.display(),
+                    plain.len(),
+                    job.len
+                )));
+            }
+            kept.write_or_keep(plain, jobs, &progress)?;
+            if kept.bytes >= PENDING_WRITE_BYTES {
+                kept.write_all(&progress)?;
             }
         }
-        Ok(())
+        kept.write_all(&progress)
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tokio::sync::Semaphore;
+
+    use super::*;
+    use crate::restore::policy::RestorePolicy;
+    use crate::restore::report::{DamageLog, Warnings};
+
+    fn target(path: &std::path::Path, size: u64) -> Arc<FileTarget> {
+        let file = File::options()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        file.set_len(size).unwrap();
+        let shared = Arc::new(Shared {
+            policy: RestorePolicy::default(),
+            warnings: Warnings::default(),
+            damage: DamageLog::default(),
+            failed: Mutex::new(None),
+        });
+        Arc::new(FileTarget {
+            file,
+            meta: Metadata {
+                mode: 0o644,
+                size,
+                ..Default::default()
+            },
+            path: path.to_path_buf(),
+            shared,
+            write_lock: Mutex::new(()),
+            _permit: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
+        })
+    }
+
+    fn job(target: &Arc<FileTarget>, offset: u64, plain: &[u8]) -> WriteJob {
+        WriteJob {
+            target: target.clone(),
+            offset,
+            id: ChunkId::of(plain),
+            len: plain.len() as u32,
+        }
+    }
+
+    #[test]
+    fn a_chunk_for_a_busy_file_is_kept_until_the_file_is_free_and_others_are_written_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (busy_path, free_path) = (dir.path().join("image"), dir.path().join("other"));
+        let busy = target(&busy_path, 8);
+        let free = target(&free_path, 4);
+        let progress = Progress::new(false, None, "restored");
+        let mut kept = Deferred::default();
+
+        let turn = busy.write_lock.lock().unwrap(); // another group is writing the image
+        let a = Bytes::from_static(b"AAAA");
+        kept.write_or_keep(
+            a.clone(),
+            vec![job(&busy, 0, &a), job(&free, 0, &a)],
+            &progress,
+        )
+        .unwrap();
+        let b = Bytes::from_static(b"BBBB");
+        kept.write_or_keep(b.clone(), vec![job(&busy, 4, &b)], &progress)
+            .unwrap();
+        assert_eq!(kept.bytes, 8, "both chunks kept for the busy file");
+        assert_eq!(
+            std::fs::read(&free_path).unwrap(),
+            b"AAAA",
+            "the free file is written at once"
+        );
+        assert_eq!(
+            std::fs::read(&busy_path).unwrap(),
+            [0; 8],
+            "nothing written past the lock"
+        );
+        drop(turn);
+
+        kept.write_all(&progress).unwrap();
+        assert_eq!(kept.bytes, 0);
+        assert!(kept.chunks.is_empty());
+        assert_eq!(std::fs::read(&busy_path).unwrap(), b"AAAABBBB");
+        let free_now = kept.write_or_keep(b.clone(), vec![job(&busy, 0, &b)], &progress);
+        assert!(
+            free_now.is_ok() && kept.chunks.is_empty(),
+            "a free file is written at once"
+        );
+        assert_eq!(std::fs::read(&busy_path).unwrap(), b"BBBBBBBB");
+    }
 }
