@@ -1,8 +1,9 @@
-//! Image-level backups: sparse images restore identical and sparse, VMDK files restore
+//! Image-level backups: sparse images restore identical and sparse, a dense image restores
+//! identical when every fetch group writes into it at once, VMDK files restore
 //! byte-identical and pass `qemu-img check`, clones of one template store only their
 //! differences, and backing up the same data twice stores nothing new.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use hashgrid::backup::{backup, BackupOptions, ParentChoice};
@@ -15,6 +16,13 @@ fn image_opts(path: &Path, client: &str) -> BackupOptions {
     backup_opts(&[path], true, client, "disk")
 }
 
+/// `dir/rel`, its parent directory made (each image is backed up from a directory of its own).
+fn path_in(dir: &Path, rel: &str) -> PathBuf {
+    let p = dir.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    p
+}
+
 fn same_bytes(a: &Path, b: &Path) {
     let st = Command::new("cmp").arg(a).arg(b).status().expect("cmp");
     assert!(st.success(), "{} and {} differ", a.display(), b.display());
@@ -24,8 +32,7 @@ fn same_bytes(a: &Path, b: &Path) {
 fn sparse_8gib_image_restores_identical_and_sparse() {
     let tmp = tempfile::tempdir().unwrap();
     let node = Node::start(&tmp.path().join("node"));
-    let img = tmp.path().join("src/disk.raw");
-    std::fs::create_dir_all(img.parent().unwrap()).unwrap();
+    let img = path_in(tmp.path(), "src/disk.raw");
     let gib = 1u64 << 30;
     let islands: Vec<(u64, usize, u64)> = (0..24u64)
         .map(|i| {
@@ -62,6 +69,27 @@ fn sparse_8gib_image_restores_identical_and_sparse() {
     );
 }
 
+/// A dense image of about 1,100 chunks: the restore's fetch groups (256 chunks each, three
+/// at once) all write into the one file, taking turns (`restore/write.rs`), the case a
+/// sparse image with a few MiB of data never reaches.
+#[test]
+fn a_dense_image_restores_identical_with_every_fetch_group_writing_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = Node::start(&tmp.path().join("node"));
+    let src = path_in(tmp.path(), "src/dense.img");
+    data::sparse_image(&src, 72 << 20, &[(0, 72 << 20, 41)]);
+    let out = node.cli_json(&["backup", "--image", src.to_str().unwrap()]);
+    let chunks = out["upload"]["sent_chunks"].as_u64().unwrap();
+    assert!(
+        chunks > 3 * 256,
+        "{chunks} chunks: fewer than three fetch groups"
+    );
+    let id = out["snapshot"].as_u64().unwrap().to_string();
+    let target = tmp.path().join("restore");
+    node.cli_json(&["restore", &id, "--target", target.to_str().unwrap()]);
+    same_bytes(&src, &target.join("dense.img"));
+}
+
 #[test]
 fn vmdk_restores_byte_identical_and_checks_clean() {
     let tmp = tempfile::tempdir().unwrap();
@@ -76,8 +104,7 @@ fn vmdk_restores_byte_identical_and_checks_clean() {
             (200 << 20, 1 << 20, 3),
         ],
     );
-    let vmdk = tmp.path().join("src/disk.vmdk");
-    std::fs::create_dir_all(vmdk.parent().unwrap()).unwrap();
+    let vmdk = path_in(tmp.path(), "src/disk.vmdk");
     let st = Command::new("qemu-img")
         .args(["convert", "-f", "raw", "-O", "vmdk"])
         .arg(&raw)
@@ -126,9 +153,11 @@ fn clones_of_one_template_store_only_their_differences() {
     let template = tmp.path().join("template.raw");
     let islands: Vec<_> = (0..16u64).map(|i| (i * (8 << 20), 3 << 20, i)).collect();
     data::sparse_image(&template, 128 << 20, &islands);
-    let (a, b) = (tmp.path().join("a/vm.raw"), tmp.path().join("b/vm.raw"));
+    let (a, b) = (
+        path_in(tmp.path(), "a/vm.raw"),
+        path_in(tmp.path(), "b/vm.raw"),
+    );
     for (p, seed) in [(&a, 1), (&b, 2)] {
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::copy(&template, p).unwrap();
         data::churn(p, seed, 20);
     }

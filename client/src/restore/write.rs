@@ -305,8 +305,6 @@ fn write_group(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
     use tokio::sync::Semaphore;
 
     use super::*;
