@@ -10,7 +10,7 @@ use hashgrid::backup::backup;
 use hashgrid::chunker::Chunker;
 use hashgrid_cluster_tests::damage::damage_one_of;
 use hashgrid_cluster_tests::{
-    assert_same_tree, backup_opts, data, restore_all, restored, runtime, Node,
+    assert_same_tree, backup_opts, data, restore_all, restored, runtime, Node, NodeOpts,
 };
 use hashgrid_proto::pb::{self, CommitSnapshotRequest};
 use hashgrid_proto::ChunkId;
@@ -138,4 +138,143 @@ fn verify_marks_damage_and_a_new_backup_heals_it() {
     assert_eq!(code, 0, "{report}");
     assert_eq!(report["healed_snapshots"], 1, "{report}");
     assert!(damaged_flags(&node).iter().all(|(_, d)| !d));
+}
+
+/// The node's chunk index, opened directly (the node stopped): RocksDB under `data/chunks/meta`.
+fn open_index(node: &Node) -> rocksdb::DB {
+    let path = node.dir.join("data/chunks/meta");
+    let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), &path).unwrap();
+    assert!(cfs.iter().any(|c| c == "chunk_meta"), "{cfs:?}");
+    rocksdb::DB::open_cf(&rocksdb::Options::default(), &path, &cfs).unwrap()
+}
+
+/// Every `chunk_meta` entry's version byte and length.
+fn entry_shapes(db: &rocksdb::DB) -> Vec<(u8, usize)> {
+    let cf = db.cf_handle("chunk_meta").unwrap();
+    db.iterator_cf(cf, rocksdb::IteratorMode::Start)
+        .map(|kv| {
+            let (_, v) = kv.unwrap();
+            (v[0], v.len())
+        })
+        .collect()
+}
+
+/// Waits (up to 20 s) until the node's `hashgrid_store_entries_upgraded_total` satisfies
+/// `done`, and returns it: the store's writer thread upgrades entries just after the read
+/// that found them.
+fn await_upgraded(node: &Node, done: impl Fn(usize) -> bool, what: &str) -> usize {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let now = node
+            .metric("hashgrid_store_entries_upgraded_total")
+            .unwrap_or(0.0) as usize;
+        if done(now) {
+            return now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "entries upgraded: {now}, expected {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A store written before the index kept a checksum of each copy (every entry rewritten here,
+/// the node stopped, as the first version wrote it: 30 bytes, version 1). Its snapshots
+/// restore identical; each read that decodes and hashes an old copy gives its entry the
+/// checksum (a restore upgrades what it read, verify the rest, nothing twice), after which
+/// the index holds only version 2 entries and restores still come back identical.
+#[test]
+fn entries_from_before_checksums_are_upgraded_by_the_reads_that_check_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut node = Node::start_with(
+        &tmp.path().join("node"),
+        NodeOpts {
+            metrics_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+            ..Default::default()
+        },
+    );
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    for (dir, seed) in [(&one, 31), (&two, 32)] {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("data.bin"), data::random_bytes(seed, 3 << 20)).unwrap();
+        std::fs::write(dir.join("notes.txt"), data::text_bytes(seed, 400_000)).unwrap();
+    }
+    let rt = runtime();
+    let snaps = rt.block_on(async {
+        let conn = node.connect().await;
+        let mut snaps = Vec::new();
+        for (src, dataset) in [(&one, "one"), (&two, "two")] {
+            let opts = backup_opts(&[src.as_path()], false, "db01", dataset);
+            snaps.push(backup(&conn, &opts).await.unwrap().snapshot);
+        }
+        (snaps[0], snaps[1])
+    });
+
+    node.stop();
+    let total = {
+        let db = open_index(&node);
+        let cf = db.cf_handle("chunk_meta").unwrap();
+        let entries: Vec<_> = db
+            .iterator_cf(cf, rocksdb::IteratorMode::Start)
+            .map(|kv| kv.unwrap())
+            .collect();
+        for (key, value) in &entries {
+            assert_eq!(
+                (value[0], value.len()),
+                (2, 38),
+                "a new node writes version 2"
+            );
+            let mut old = value[..30].to_vec();
+            old[0] = 1;
+            db.put_cf(cf, key, old).unwrap();
+        }
+        entries.len()
+    };
+    assert!(total > 50, "{total} entries");
+    node.restart();
+
+    // Restoring the first snapshot reads (and upgrades) its chunks and trees, not the
+    // second's.
+    rt.block_on(async {
+        let conn = node.connect().await;
+        let target = tmp.path().join("restore-one");
+        restore_all(&conn, snaps.0, &target).await;
+        assert_same_tree(&one, &restored(&target, &one));
+    });
+    let after_restore = await_upgraded(&node, |n| n > 0, "some");
+    assert!(after_restore < total, "{after_restore} of {total}");
+
+    // Verify reads every copy: the rest are upgraded, and those already done are not again.
+    let (code, report) = verify(&node, &[]);
+    assert_eq!(code, 0, "{report}");
+    await_upgraded(&node, |n| n >= total, &format!("{total}"));
+    let (code, report) = verify(&node, &[]);
+    assert_eq!(code, 0, "{report}");
+    // A backup's new chunks queue behind any upgrade the verify's reads asked for: once it
+    // is done, the count is final.
+    let three = tmp.path().join("three");
+    std::fs::create_dir_all(&three).unwrap();
+    std::fs::write(three.join("new.bin"), data::random_bytes(33, 1 << 20)).unwrap();
+    rt.block_on(async {
+        let conn = node.connect().await;
+        let opts = backup_opts(&[three.as_path()], false, "db01", "three");
+        assert!(backup(&conn, &opts).await.unwrap().stats.new_chunks > 0);
+    });
+    let upgraded = await_upgraded(&node, |n| n >= total, &format!("{total}"));
+    assert_eq!(upgraded, total, "an entry was upgraded twice");
+
+    node.stop();
+    let shapes = entry_shapes(&open_index(&node));
+    assert!(shapes.len() > total, "{} entries", shapes.len());
+    assert!(shapes.iter().all(|&s| s == (2, 38)), "{shapes:?}");
+    node.restart();
+    rt.block_on(async {
+        let conn = node.connect().await;
+        for (snap, src) in [(snaps.0, &one), (snaps.1, &two)] {
+            let target = tmp.path().join(format!("again-{}", snap.0));
+            restore_all(&conn, snap, &target).await;
+            assert_same_tree(src, &restored(&target, src));
+        }
+    });
 }

@@ -38,7 +38,7 @@ use crate::pack::{Location, PackFiles, RecordHeader, SyncData, HEADER_LEN};
 pub mod digests;
 mod writer;
 use digests::{Digests, LoadError};
-use writer::{DropReason, DropRequest, PutRequest, Request, Writer};
+use writer::{DropReason, DropRequest, PutRequest, Request, UpgradeRequest, Writer};
 
 const CF_META: &str = "chunk_meta";
 const CF_STORE: &str = "store_meta";
@@ -69,7 +69,8 @@ pub fn stored_sum(encoded: &[u8]) -> u64 {
 pub enum Check {
     /// The record header, and the encoded bytes against the checksum taken when they were
     /// verified ([`stored_sum`]): the bytes read are the bytes verified when stored. A copy
-    /// stored before checksums were kept is decoded and hashed (as [`Check::Full`]). For
+    /// stored before checksums were kept is decoded and hashed (as [`Check::Full`]), and its
+    /// entry then gets the checksum (see [`ChunkStore::get`]). For
     /// readers that decode and hash what they get anyway: agents restoring, owners receiving
     /// a copy (they verify before storing), manifest walks.
     Stored,
@@ -503,6 +504,9 @@ impl ChunkStore {
     /// Reads chunks, checking each copy as `check` says (see [`ChunkStore::read_checked`]);
     /// `max_plain_len` is the cluster's largest chunk. Copies that fail are dropped from the
     /// index (durably, before this returns), counted and logged, and reported `Damaged`.
+    /// Entries from before checksums were kept whose copies pass are given the checksum of
+    /// the bytes that passed, by the writer thread after this returns, so the next read of
+    /// them is a cheap one.
     /// CPU-bound: call it from a blocking thread.
     pub fn get(
         &self,
@@ -512,13 +516,19 @@ impl ChunkStore {
     ) -> Result<Vec<ChunkRead>, StoreError> {
         let mut out = Vec::with_capacity(ids.len());
         let mut damaged = Vec::new();
+        let mut upgrades = Vec::new();
         for (id, meta) in ids.iter().zip(metas(&self.db, ids)?) {
             let Some(meta) = meta else {
                 out.push(ChunkRead::Missing);
                 continue;
             };
             match self.read_checked(id, &meta, max_plain_len, check)? {
-                Ok(chunk) => out.push(ChunkRead::Found(chunk)),
+                Ok(chunk) => {
+                    if meta.sum.is_none() {
+                        upgrades.push((*id, meta, chunk.sum));
+                    }
+                    out.push(ChunkRead::Found(chunk));
+                }
                 Err(damage) => {
                     tracing::warn!(
                         chunk = %id,
@@ -530,6 +540,12 @@ impl ChunkStore {
                     damaged.push((*id, meta));
                     out.push(ChunkRead::Damaged);
                 }
+            }
+        }
+        if !upgrades.is_empty() {
+            // Best effort, and never waited for (see `UpgradeRequest`).
+            if let Some(w) = &self.writer {
+                let _ = w.try_send(Request::Upgrade(UpgradeRequest { copies: upgrades }));
             }
         }
         if !damaged.is_empty() {
@@ -1132,35 +1148,77 @@ mod tests {
         assert_eq!(store.counters().chunks, 0);
     }
 
-    #[test]
-    fn entries_written_before_checksums_are_read_and_decoded_on_every_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = ChunkStore::open(dir.path(), 8 << 20).unwrap();
-        let (a, b) = (zstd_chunk(&b"alpha ".repeat(900)), chunk(b"bravo"));
-        store.put(vec![a.clone(), b.clone()]).unwrap();
-        // Rewrite both entries as the first version wrote them: 30 bytes, no checksum.
-        for c in [&a, &b] {
+    /// Rewrites the entries of `ids` as the first version wrote them: 30 bytes, no checksum.
+    fn downgrade(store: &ChunkStore, ids: &[ChunkId]) {
+        for id in ids {
             let meta = ChunkMeta {
                 sum: None,
-                ..metas(&store.db, &[c.id]).unwrap()[0].unwrap()
+                ..metas(&store.db, &[*id]).unwrap()[0].unwrap()
             };
             let old = meta.encode();
             assert_eq!((old.len(), old[0]), (META_V1_LEN, META_V1));
             store
                 .db
-                .put_cf(store.cf(CF_META), c.id.as_bytes(), &old)
+                .put_cf(store.cf(CF_META), id.as_bytes(), &old)
                 .unwrap();
         }
+    }
+
+    /// Waits until the writer thread has handled every request sent before this one.
+    fn settle(store: &ChunkStore) {
+        store.put(Vec::new()).unwrap();
+    }
+
+    fn sum_of(store: &ChunkStore, id: &ChunkId) -> Option<u64> {
+        metas(&store.db, &[*id]).unwrap()[0].unwrap().sum
+    }
+
+    #[test]
+    fn entries_written_before_checksums_are_decoded_once_then_get_the_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), 8 << 20).unwrap();
+        let (a, b) = (zstd_chunk(&b"alpha ".repeat(900)), chunk(b"bravo"));
+        store.put(vec![a.clone(), b.clone()]).unwrap();
+        downgrade(&store, &[a.id, b.id]);
         let got = store.get(&[a.id, b.id], MAX, Check::Stored).unwrap();
         assert_eq!(found(&got[0]), &a.data[..]);
         assert_eq!(found(&got[1]), b"bravo");
         if let ChunkRead::Found(c) = &got[1] {
             assert_eq!(c.sum, b.sum, "the checksum is taken on the way");
         }
-        // A damaged old copy is found by decoding it, whichever check was asked for.
+        // The read that decoded and hashed the old copies gave their entries the checksum.
+        settle(&store);
+        assert_eq!(sum_of(&store, &a.id), Some(a.sum));
+        assert_eq!(sum_of(&store, &b.id), Some(b.sum));
+        assert_eq!(store.counters().chunks, 2);
+
+        // A damaged old copy is found by decoding it, whichever check was asked for, and is
+        // dropped, not upgraded.
+        downgrade(&store, &[a.id]);
         flip(dir.path(), location(&store, &a.id), 7);
         let got = store.get(&[a.id], MAX, Check::Stored).unwrap();
         assert!(matches!(got[0], ChunkRead::Damaged), "{:?}", got[0]);
+        settle(&store);
+        assert!(metas(&store.db, &[a.id]).unwrap()[0].is_none());
+
+        // An entry that changed between the read and the upgrade is left as it is.
+        downgrade(&store, &[b.id]);
+        let read = metas(&store.db, &[b.id]).unwrap()[0].unwrap();
+        let elsewhere = ChunkMeta {
+            location: Location {
+                offset: read.location.offset + 4096,
+                ..read.location
+            },
+            ..read
+        };
+        store
+            .send(Request::Upgrade(UpgradeRequest {
+                copies: vec![(b.id, elsewhere, 7)],
+            }))
+            .unwrap();
+        settle(&store);
+        assert_eq!(sum_of(&store, &b.id), None);
+
         // Refreshing `last_seen` keeps an old entry's shape.
         let meta = metas(&store.db, &[b.id]).unwrap()[0].unwrap();
         assert_eq!(meta.sum, None);

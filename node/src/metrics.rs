@@ -36,6 +36,7 @@ pub const STORE_CHUNKS: &str = "hashgrid_store_chunks";
 pub const STORE_BYTES: &str = "hashgrid_store_stored_bytes";
 pub const STORE_DAMAGED: &str = "hashgrid_store_damaged_chunks_total";
 pub const STORE_RECLAIMABLE: &str = "hashgrid_store_reclaimable_bytes";
+pub const STORE_UPGRADED: &str = "hashgrid_store_entries_upgraded_total";
 pub const PARTITIONS_MOVING: &str = "hashgrid_cluster_partitions_moving";
 pub const CLUSTER_EPOCH: &str = "hashgrid_cluster_epoch";
 pub const CLUSTER_LEADER: &str = "hashgrid_cluster_leader";
@@ -76,11 +77,13 @@ pub async fn serve(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
             upkeep.run_upkeep();
         }
     });
-    tokio::spawn(accept(listener, handle));
+    tokio::spawn(accept(listener, handle, HEADER_TIMEOUT));
     Ok(bound)
 }
 
-async fn accept(listener: TcpListener, handle: PrometheusHandle) {
+/// Serves each connection on its own task; one that has not sent its request headers within
+/// `header_timeout` is closed.
+async fn accept(listener: TcpListener, handle: PrometheusHandle, header_timeout: Duration) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -100,7 +103,7 @@ async fn accept(listener: TcpListener, handle: PrometheusHandle) {
             // connection open) is dropped rather than keeping a task forever.
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
@@ -133,6 +136,10 @@ fn describe() {
     describe_counter!(PUT_CHUNKS, "Chunks received, by result (stored/existing)");
     describe_counter!(PUT_BYTES, "Encoded bytes newly stored");
     describe_counter!(REJECTED, "Chunks refused, by reason");
+    describe_counter!(
+        STORE_UPGRADED,
+        "Index entries written before checksums were kept that a read decoded and hashed, then gave a checksum"
+    );
     describe_counter!(
         GET_CHUNKS,
         "Chunks asked for, by result (served/missing/damaged)"
@@ -218,4 +225,54 @@ fn describe() {
         WORKER_RELEASED,
         "Index entries released after their partition moved to other owners"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// A scraper that connects and says nothing is disconnected at the header timeout (not at
+    /// hyper's own default of 30 s, nor never), and does not hold up the scrapes beside it.
+    #[tokio::test]
+    async fn a_client_that_sends_no_request_is_dropped_at_the_header_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handle = PrometheusBuilder::new().build_recorder().handle();
+        let timeout = Duration::from_millis(300);
+        tokio::spawn(accept(listener, handle, timeout));
+
+        let started = std::time::Instant::now();
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let mut scrape = TcpStream::connect(addr).await.unwrap();
+        scrape
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut page = String::new();
+        scrape.read_to_string(&mut page).await.unwrap();
+        assert!(page.starts_with("HTTP/1.1 200"), "{page:.300}");
+
+        // The server closes the silent connection: the read ends (EOF, or a reset, or the 408
+        // some servers write first) well before hyper's default header timeout would.
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut rest))
+            .await
+            .is_ok();
+        let after = started.elapsed();
+        assert!(
+            ended,
+            "a client that sent nothing is still connected after {after:?}"
+        );
+        assert!(
+            after >= timeout,
+            "closed after {after:?}, before the timeout"
+        );
+        assert!(
+            rest.is_empty() || rest.starts_with(b"HTTP/1.1 408"),
+            "{:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
 }

@@ -26,6 +26,7 @@ const GROUP_BYTES: usize = 32 << 20;
 pub(super) enum Request {
     Put(PutRequest),
     Drop(DropRequest),
+    Upgrade(UpgradeRequest),
 }
 
 pub(super) struct PutRequest {
@@ -40,6 +41,15 @@ pub(super) struct DropRequest {
     pub(super) copies: Vec<(ChunkId, ChunkMeta)>,
     pub(super) why: DropReason,
     pub(super) reply: SyncSender<Result<u64, StoreError>>,
+}
+
+/// Entries written before checksums were kept ([`super::META_V1`]) whose copies a read just
+/// decoded and hashed: each gets the checksum of its encoded bytes, so later reads check that
+/// instead of decoding again. Nobody waits for it: a read that found the queue full leaves
+/// the entry for the next read, and a crash before the (unsynced) write loses nothing.
+pub(super) struct UpgradeRequest {
+    /// Each entry as the read found it, and the checksum of the bytes that passed.
+    pub(super) copies: Vec<(ChunkId, ChunkMeta, u64)>,
 }
 
 /// Why copies leave the index; both leave their pack bytes reclaimable.
@@ -82,6 +92,12 @@ impl Writer {
             let first = match first {
                 Request::Drop(d) => {
                     let _ = d.reply.send(self.drop_copies(&d.copies, d.why));
+                    continue;
+                }
+                Request::Upgrade(u) => {
+                    if let Err(e) = self.upgrade_entries(&u.copies) {
+                        tracing::warn!(error = %e, "adding checksums to old index entries");
+                    }
                     continue;
                 }
                 Request::Put(p) => p,
@@ -277,5 +293,36 @@ impl Writer {
             }
         }
         Ok(dropped)
+    }
+
+    /// Adds the checksum to entries that still point where the read found them and still lack
+    /// one (a copy dropped or replaced since is left alone). Under the fence, so a `has` that
+    /// read an entry before this cannot write its `last_seen` refresh back over the upgrade.
+    /// Returns how many entries were upgraded.
+    fn upgrade_entries(&self, copies: &[(ChunkId, ChunkMeta, u64)]) -> Result<u64, StoreError> {
+        let _fence = self.fence.write().unwrap_or_else(|p| p.into_inner());
+        let db = &*self.db;
+        let ids: Vec<ChunkId> = copies.iter().map(|(id, _, _)| *id).collect();
+        let mut batch = WriteBatch::default();
+        let mut upgraded = 0u64;
+        for ((id, read, sum), indexed) in copies.iter().zip(metas(db, &ids)?) {
+            match indexed {
+                Some(m) if m.location == read.location && m.sum.is_none() => {
+                    let m = ChunkMeta {
+                        sum: Some(*sum),
+                        ..m
+                    };
+                    batch.put_cf(cf(db, CF_META), id.as_bytes(), m.encode());
+                    upgraded += 1;
+                }
+                _ => {}
+            }
+        }
+        if upgraded > 0 {
+            db.write(batch)
+                .map_err(rocks(db, "add checksums to entries"))?;
+            metrics::counter!(m::STORE_UPGRADED).increment(upgraded);
+        }
+        Ok(upgraded)
     }
 }
