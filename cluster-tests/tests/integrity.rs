@@ -56,8 +56,8 @@ fn opts(src: &Path, parent: ParentChoice) -> BackupOptions {
     }
 }
 
-/// A node holding one backup of a file tree, one of whose data chunks was then damaged on
-/// disk while the node was down.
+/// A node holding one backup of a file tree, one of whose data chunks (the file's first, or
+/// with `last` its last) was then damaged on disk while the node was down.
 struct Damaged {
     tmp: tempfile::TempDir,
     node: Node,
@@ -69,7 +69,7 @@ struct Damaged {
     good: ChunkId,
 }
 
-fn backup_then_damage_a_chunk(rt: &tokio::runtime::Runtime) -> Damaged {
+fn backup_then_damage_a_chunk(rt: &tokio::runtime::Runtime, last: bool) -> Damaged {
     let tmp = tempfile::tempdir().unwrap();
     let mut node = Node::start(&tmp.path().join("node"));
     let src = tmp.path().join("src");
@@ -86,7 +86,12 @@ fn backup_then_damage_a_chunk(rt: &tokio::runtime::Runtime) -> Damaged {
     });
     assert!(ids.len() > 4, "{} chunks", ids.len());
     node.stop();
-    let (victim, victim_len) = damage_one_of(&node.dir.join("data/chunks/packs"), &ids);
+    let wanted = if last {
+        &ids[ids.len() - 1..]
+    } else {
+        &ids[..1]
+    };
+    let (victim, victim_len) = damage_one_of(&node.dir.join("data/chunks/packs"), wanted);
     node.restart();
     let good = *ids.iter().find(|id| **id != victim).unwrap();
     Damaged {
@@ -103,7 +108,7 @@ fn backup_then_damage_a_chunk(rt: &tokio::runtime::Runtime) -> Damaged {
 #[test]
 fn a_flipped_byte_is_reported_dropped_and_healed_by_the_next_backup() {
     let rt = runtime();
-    let d = backup_then_damage_a_chunk(&rt);
+    let d = backup_then_damage_a_chunk(&rt, false);
     let (victim, good, src) = (d.victim, d.good, &d.src);
     let absent = ChunkId::of(b"never stored");
     rt.block_on(async {
@@ -168,8 +173,18 @@ fn a_flipped_byte_is_reported_dropped_and_healed_by_the_next_backup() {
 
 #[test]
 fn a_damaged_chunk_costs_the_file_that_uses_it_not_the_restore() {
+    damaged_chunk_costs_only_its_file(false);
+}
+
+/// The lost chunk is the file's tail: the file still gets its full length, the tail a hole.
+#[test]
+fn a_damaged_last_chunk_leaves_its_file_the_full_length() {
+    damaged_chunk_costs_only_its_file(true);
+}
+
+fn damaged_chunk_costs_only_its_file(last: bool) {
     let rt = runtime();
-    let d = backup_then_damage_a_chunk(&rt);
+    let d = backup_then_damage_a_chunk(&rt, last);
     let target = d.tmp.path().join("restore");
     let data_path = restored(&target, &d.src).join("data.bin");
     rt.block_on(async {

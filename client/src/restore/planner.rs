@@ -422,8 +422,6 @@ impl Planner {
             .map_err(|_| ClientError::Internal("file limiter closed".into()))?;
         let file = fs::create_file(self.top_dir(), &entry.name)
             .map_err(|e| errno_at(path, "creating file", e))?;
-        file.set_len(entry.meta.size)
-            .map_err(|e| ClientError::io(path, e))?;
         let target = Arc::new(FileTarget {
             file,
             meta: entry.meta.clone(),
@@ -433,6 +431,8 @@ impl Planner {
             _permit: permit,
         });
         let mut offset = 0u64;
+        // Where the last chunk ends: the writes make the file this long.
+        let mut data_end = 0u64;
         let progress = &self.progress;
         let size = entry.meta.size;
         let mut emit = |e: Extent, jobs: &mpsc::Sender<WriteJob>| -> Result<()> {
@@ -447,6 +447,7 @@ impl Planner {
                 progress.add_bytes(len);
             }
             if let Extent::Chunk { id, len } = e {
+                data_end = offset + u64::from(len);
                 jobs.blocking_send(WriteJob {
                     target: target.clone(),
                     offset,
@@ -490,6 +491,16 @@ impl Planner {
                 path.display(),
                 entry.meta.size
             )));
+        }
+        // A file whose chunks reach its end gets its length from the writes; one that ends
+        // in a hole (or whose tail's extents could not be read: it stays sparse there) is
+        // extended here, while `target` still holds off the metadata (its mtime comes last).
+        // Most files need no `ftruncate`: a system call less for each.
+        if data_end < entry.meta.size {
+            target
+                .file
+                .set_len(entry.meta.size)
+                .map_err(|e| ClientError::io(path, e))?;
         }
         self.summary.bytes += offset;
         Ok(())

@@ -112,10 +112,18 @@ pub(super) async fn write_stage(
         .await
 }
 
-/// Names every file of `jobs` as damaged by chunk `id`; their range stays a hole.
+/// Names every file of `jobs` as damaged by chunk `id`; their range stays a hole. A file
+/// whose lost range is its tail is given its length here (the planner extends only files
+/// whose chunks stop short of their end; the others get it from their writes).
 fn lost(jobs: Vec<WriteJob>, id: ChunkId, fault: ChunkFault, progress: &Progress) {
     for job in jobs {
-        job.target.shared.damage.record(&job.target.path, id, fault);
+        let t = &job.target;
+        t.shared.damage.record(&t.path, id, fault);
+        if job.offset + u64::from(job.len) == t.meta.size {
+            if let Err(e) = t.file.set_len(t.meta.size) {
+                t.shared.fail(ClientError::io(&t.path, e));
+            }
+        }
         progress.add_bytes(u64::from(job.len));
     }
 }
