@@ -219,6 +219,15 @@ impl Cluster {
         self.status(i).await.expect("status").node_id
     }
 
+    /// The node ids of every node, in order.
+    pub async fn node_ids(&self) -> Vec<NodeId> {
+        let mut ids = Vec::with_capacity(self.nodes.len());
+        for i in 0..self.nodes.len() {
+            ids.push(self.node_id(i).await);
+        }
+        ids
+    }
+
     /// The index of the node that leads the catalog group, as the running nodes agree.
     pub async fn leader(&self) -> Option<usize> {
         let mut ids = Vec::new();

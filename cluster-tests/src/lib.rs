@@ -463,7 +463,7 @@ pub fn assert_same_tree(expected: &Path, actual: &Path) {
 pub async fn cluster_stats(conn: &Connection) -> hashgrid_proto::pb::StatsResponse {
     conn.admin
         .clone()
-        .stats(hashgrid_proto::pb::StatsRequest {})
+        .stats(hashgrid_proto::pb::StatsRequest::default())
         .await
         .expect("stats")
         .into_inner()

@@ -283,7 +283,7 @@ fn nodes_refuse_bad_requests_and_keep_nothing_of_them() {
         let stats = conn
             .admin
             .clone()
-            .stats(pb::StatsRequest {})
+            .stats(pb::StatsRequest::default())
             .await
             .unwrap()
             .into_inner();

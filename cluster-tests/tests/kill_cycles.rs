@@ -159,7 +159,7 @@ fn kill_cycles_lose_nothing_and_commit_each_backup_once() {
         &["--repair-interval-secs", "2"],
     );
     let rt = runtime();
-    let ids: Vec<u64> = (0..3).map(|i| rt.block_on(cluster.node_id(i))).collect();
+    let ids = rt.block_on(cluster.node_ids());
     let params = rt.block_on(cluster.connect(0)).chunker;
     let n = cycles();
     let mut acknowledged: Vec<(SnapshotId, PathBuf)> = Vec::new();

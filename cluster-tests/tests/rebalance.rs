@@ -300,7 +300,7 @@ fn a_lost_store_refills_a_replaced_node_loses_nothing_and_a_damaged_copy_is_rewr
             .snapshot
     });
     let distinct = settled_chunks(&cluster, 0, 3, "backup on 3 owners each");
-    let ids: Vec<u64> = (0..4).map(|i| rt.block_on(cluster.node_id(i))).collect();
+    let ids = rt.block_on(cluster.node_ids());
     let held4 = chunks_of(&cluster.status_json(0), ids[3]);
 
     // Node 4 loses its chunk store (the disk was replaced); it refills to its share.
@@ -376,7 +376,7 @@ fn cluster_set_re_replicates_too_few_active_for_w_is_refused_and_a_standby_is_ad
     let tmp = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start_with(&tmp.path().join("cluster"), 3, 1, 1, &FAST_REPAIR);
     let rt = runtime();
-    let mut ids: Vec<u64> = (0..3).map(|i| rt.block_on(cluster.node_id(i))).collect();
+    let mut ids = rt.block_on(cluster.node_ids());
     let src1 = tmp.path().join("src1");
     make_source(&src1, 11, 8);
     let first = rt.block_on(async {

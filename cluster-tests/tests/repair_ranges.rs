@@ -1,14 +1,17 @@
 //! Anti-entropy lists only what differs: a node that was down while a few chunks were
 //! written catches up when it restarts, and the ids its fellow owners list to it are those
 //! of the 16-bit sub-ranges whose digests differ, not those of the whole partitions (which
-//! hold ~16 times as many).
+//! hold ~16 times as many). A copy one owner serves that fails verification where it is
+//! pulled is refused alone, and a chunk two owners lack is counted once.
 
 use std::time::{Duration, Instant};
 
 use hashgrid_cluster_tests::cluster::Cluster;
-use hashgrid_cluster_tests::{put_chunks, runtime};
+use hashgrid_cluster_tests::damage::scan_pack;
+use hashgrid_cluster_tests::{put_chunks, runtime, Node};
 use hashgrid_proto::codec::encode_chunk;
 use hashgrid_proto::pb;
+use hashgrid_proto::placement::Placement;
 use hashgrid_proto::ChunkId;
 use serde_json::Value;
 
@@ -126,4 +129,120 @@ fn a_restarted_node_is_listed_only_the_sub_ranges_it_missed() {
         "listed {listed} ids for {MISSED} missed chunks: whole partitions, not sub-ranges? \
          {caught_up:#}"
     );
+}
+
+/// Flips a byte of one stored chunk of those `wanted` on a stopped node and rewrites that
+/// chunk's index checksum to match, as if the bytes had been damaged in memory before the
+/// checksum was taken: the node's own reads pass them (only a full decode and hash, as
+/// `verify` or the receiving end does, finds them bad). Returns the chunk's id.
+fn damage_behind_the_checksum(node: &Node, wanted: impl Fn(&ChunkId) -> bool) -> ChunkId {
+    let packs = node.dir.join("data/chunks/packs");
+    let (pack_path, mut pack, record) = std::fs::read_dir(&packs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "pack"))
+        .find_map(|path| {
+            let pack = std::fs::read(&path).unwrap();
+            let record = scan_pack(&pack).into_iter().find(|r| wanted(&r.id))?;
+            Some((path, pack, record))
+        })
+        .expect("a record of a wanted chunk");
+    let bytes = record.data_offset..record.data_offset + record.len;
+    pack[record.data_offset + record.len / 2] ^= 0x20;
+    std::fs::write(&pack_path, &pack).unwrap();
+
+    // chunk_meta (docs/file-formats.md): version 2, ..., the XXH3-64 of the encoded bytes last.
+    let path = node.dir.join("data/chunks/meta");
+    let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), &path).unwrap();
+    let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &path, &cfs).unwrap();
+    let cf = db.cf_handle("chunk_meta").unwrap();
+    let mut entry = db
+        .get_cf(cf, record.id.as_bytes())
+        .unwrap()
+        .expect("indexed");
+    assert_eq!((entry[0], entry.len()), (2, 38), "a version 2 entry");
+    let sum = xxhash_rust::xxh3::xxh3_64(&pack[bytes]);
+    entry[30..38].copy_from_slice(&sum.to_le_bytes());
+    db.put_cf(cf, record.id.as_bytes(), entry).unwrap();
+    db.flush_cf(cf).unwrap();
+    record.id
+}
+
+/// Two owners lose their chunk stores and refill from the third, whose copy of one chunk
+/// is bad in a way its own node cannot see. Each refiller refuses that copy alone and takes
+/// every other chunk (before, the refused copy failed each whole pass, so nothing else was
+/// repaired either), and `cluster status` counts the chunk both lack once: one chunk
+/// under-replicated, two copies missing. Then R goes from 3 to 2, so the third node no
+/// longer owns that chunk and hands it off: it reads its copy in full, finds it bad and
+/// drops it, and the hand-off completes (before, the owners refused the copy and every
+/// hand-off pass failed on it); the cluster settles with every other chunk on 2 nodes.
+#[test]
+fn a_bad_copy_is_refused_alone_and_a_chunk_two_owners_lack_counts_once() {
+    const CHUNKS: u32 = 300;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start_with(
+        &tmp.path().join("cluster"),
+        3,
+        3,
+        2,
+        &["--repair-interval-secs", "2"],
+    );
+    let rt = runtime();
+    let ids = rt.block_on(cluster.node_ids());
+    // Where chunks go once R is 2.
+    let at_two = rt.block_on(async {
+        let mut map = cluster.connect(0).await.map.clone();
+        map.replication = 2;
+        map.write_quorum = 2;
+        Placement::new(&map).expect("cluster map")
+    });
+    put(&rt, &cluster, 0, CHUNKS);
+    for &id in &ids {
+        wait_for_chunks(&cluster, 0, id, u64::from(CHUNKS), false);
+    }
+
+    for node in &mut cluster.nodes {
+        node.stop();
+    }
+    for node in &cluster.nodes[..2] {
+        std::fs::remove_dir_all(node.dir.join("data/chunks")).unwrap();
+    }
+    let bad = damage_behind_the_checksum(&cluster.nodes[2], |id| {
+        !at_two.owners_of(id).contains(&ids[2])
+    });
+    for node in &mut cluster.nodes {
+        node.restart();
+    }
+
+    // Settled: both refillers hold every chunk but the bad one, every worker has finished
+    // a pass since the restart (none failed: a failed pass shows `error`), and each
+    // refiller counts the one chunk it lacks (until every node answers, a pass counts the
+    // chunks of partitions with an owner out of reach too).
+    let status = cluster.wait_status(2, "refilled but for the bad copy", SETTLE, |s| {
+        let members = s["members"].as_array().expect("members");
+        members.iter().all(|m| {
+            let refiller = m["id"] != ids[2];
+            workers_done(m)
+                && m["under_replicated"] == u64::from(refiller)
+                && (!refiller || m["chunks"] == u64::from(CHUNKS - 1))
+        })
+    });
+    assert_eq!(status["under_replicated"], 1, "{bad}: {status:#}");
+    assert_eq!(status["under_replicated_copies"], 2, "{bad}: {status:#}");
+    let text = String::from_utf8(cluster.cli(0, &["cluster", "status"]).stdout).unwrap();
+    assert!(text.contains("chunks under-replicated 1,"), "{text}");
+
+    let set = cluster.cli(
+        0,
+        &["cluster", "set", "--replicas", "2", "--write-quorum", "2"],
+    );
+    assert!(set.status.success(), "{set:?}");
+    let settled = cluster.wait_quiet(0, "settled at R = 2", SETTLE, |s| s["replicas"] == 2);
+    let held: u64 = settled["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["chunks"].as_u64().unwrap())
+        .sum();
+    assert_eq!(held, 2 * u64::from(CHUNKS - 1), "{bad}: {settled:#}");
 }

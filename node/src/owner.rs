@@ -17,7 +17,7 @@ use hashgrid_proto::codec::{check_form, decode_verified, is_zero, ChunkError};
 use hashgrid_proto::id::unpack_ids;
 use hashgrid_proto::limits::{MAX_CHUNKS_PER_PUT, MAX_IDS_PER_REQUEST, TARGET_BATCH_BYTES};
 use hashgrid_proto::pb::{self, GetResponse};
-use hashgrid_proto::ChunkId;
+use hashgrid_proto::{ChunkId, NodeId};
 use tokio::sync::mpsc;
 use tonic::Status;
 
@@ -242,6 +242,44 @@ pub async fn verify_and_store(
     Ok((outcome, new))
 }
 
+/// Stores the good copies of `chunks`, which another owner served (a repair or a
+/// rebalance pull): each is verified on its own, and one that fails is left out, logged and
+/// counted (`reason` = `verify`), not allowed to fail the rest. A source whose copy passed
+/// its own stored-bytes check yet decodes wrong here (damaged before that check was taken,
+/// or a faulty peer) must not stall every pass that pulls from it; the id stays missing
+/// here, for another source or a later pass. Returns what was stored and the ids now held.
+pub async fn store_copies(
+    ctx: &NodeContext,
+    chunks: Vec<pb::Chunk>,
+    source: NodeId,
+) -> Result<(PutOutcome, Vec<ChunkId>), NodeError> {
+    check_put_count(chunks.len())?;
+    let max_len = ctx.chunker()?.max_size;
+    let store = ctx.store.clone();
+    let (outcome, ids) = blocking(move || {
+        let mut good = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            match verify_one(c, max_len) {
+                Ok(v) => good.push(v),
+                Err(e) => {
+                    tracing::warn!(%source, error = %e, "refused a copy another owner served");
+                    metrics::counter!(m::REJECTED, "reason" => "verify").increment(1);
+                }
+            }
+        }
+        let ids: Vec<ChunkId> = good.iter().map(|c| c.id).collect();
+        if good.is_empty() {
+            return Ok((PutOutcome::default(), ids));
+        }
+        let (outcome, _) = store.put_each(good)?;
+        Ok((outcome, ids))
+    })
+    .await?;
+    note_held_for_others(ctx, ids.iter());
+    record_put(&ctx.store, outcome);
+    Ok((outcome, ids))
+}
+
 /// A copy stored here of a chunk this node does not own under the current map (it stands
 /// in for unreachable owners, see [`crate::coordinator::write`]) is due to be handed off:
 /// tells the rebalance worker to run a hand-off pass.
@@ -269,14 +307,20 @@ pub fn publish_store_gauges(store: &ChunkStore) {
     metrics::gauge!(m::STORE_RECLAIMABLE).set(counters.reclaimable_bytes as f64);
 }
 
-/// Reads `ids` from the local store, checking that each copy's bytes are the ones verified
-/// when it was stored ([`Check::Stored`]: whoever receives them, an agent or another owner,
-/// decodes and hashes them anyway); a copy that fails leaves the index and comes back as
-/// [`ChunkRead::Damaged`].
-pub async fn read(ctx: &NodeContext, ids: Vec<ChunkId>) -> Result<Vec<ChunkRead>, NodeError> {
+/// Reads `ids` from the local store, checking each copy as `check` says: for a reader that
+/// decodes and hashes what it gets anyway (an agent, another owner verifying a copy before
+/// storing it) that its bytes are the ones verified when stored ([`Check::Stored`]); in
+/// full where this node lets go of its copy once another holds it (a hand-off), so that a
+/// copy gone bad before its checksum was taken is found here, not refused there. A copy
+/// that fails leaves the index and comes back as [`ChunkRead::Damaged`].
+pub async fn read(
+    ctx: &NodeContext,
+    ids: Vec<ChunkId>,
+    check: Check,
+) -> Result<Vec<ChunkRead>, NodeError> {
     let max_len = ctx.chunker()?.max_size;
     let store = ctx.store.clone();
-    let reads = blocking(move || Ok(store.get(&ids, max_len, Check::Stored)?)).await?;
+    let reads = blocking(move || Ok(store.get(&ids, max_len, check)?)).await?;
     let count = |what: fn(&ChunkRead) -> bool| reads.iter().filter(|r| what(r)).count() as u64;
     let missing = count(|r| matches!(r, ChunkRead::Missing));
     let damaged = count(|r| matches!(r, ChunkRead::Damaged));
@@ -319,7 +363,7 @@ pub async fn stream_local(
 ) {
     let mut batcher = ReplyBatcher::new(tx);
     for group in ids.chunks(READ_GROUP) {
-        let reads = match read(&ctx, group.to_vec()).await {
+        let reads = match read(&ctx, group.to_vec(), Check::Stored).await {
             Ok(r) => r,
             Err(e) => return batcher.fail(e).await,
         };

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use hashgrid_proto::pb::{SetReplicationRequest, StatsRequest, StatsResponse};
 use hashgrid_proto::placement::{Member, MemberState};
+use hashgrid_proto::ChunkId;
 use indicatif::HumanBytes;
 
 use super::{outln, print_json, Global};
@@ -65,7 +66,8 @@ async fn member_stats(global: &Global, members: &[Member]) -> Vec<Option<StatsRe
         opts.server = m.addr.clone();
         let ask = async {
             let conn = Connection::connect(&opts).await.ok()?;
-            let s = conn.admin.clone().stats(StatsRequest {}).await.ok()?;
+            let ask = StatsRequest { missing_ids: true };
+            let s = conn.admin.clone().stats(ask).await.ok()?;
             // The connection may fail over to another member: only the member's own answer
             // counts.
             Some(s.into_inner()).filter(|s| s.node_id == m.id)
@@ -76,6 +78,23 @@ async fn member_stats(global: &Global, members: &[Member]) -> Vec<Option<StatsRe
             .flatten()
     });
     futures::future::join_all(asks).await
+}
+
+/// Chunks short of a copy across the cluster, each counted once: every node counts its
+/// own (`under_replicated`), and lists the ids of those it lacks, which another owner may
+/// lack too; those lists are merged, the rest (counted by one node only, or beyond the ids
+/// a node keeps) added.
+fn chunks_under_replicated<'a>(stats: impl Iterator<Item = &'a StatsResponse>) -> u64 {
+    let mut ids: Vec<&[u8]> = Vec::new();
+    let mut rest = 0u64;
+    for s in stats {
+        let listed: Vec<&[u8]> = s.missing_ids.chunks_exact(ChunkId::LEN).collect();
+        rest += s.under_replicated.saturating_sub(listed.len() as u64);
+        ids.extend(listed);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids.len() as u64 + rest
 }
 
 /// The state shown for a member: its map state, or `down` when a member that should
@@ -120,7 +139,8 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<()> {
     let role = |m: &Member| raft_role(m.id, s.raft_leader, &s.raft_voters, &s.raft_learners);
     let stats = member_stats(global, &map.members).await;
     let answered = || stats.iter().flatten();
-    let under_replicated: u64 = answered().map(|x| x.under_replicated).sum();
+    let under_replicated = chunks_under_replicated(answered());
+    let missing_copies: u64 = answered().map(|x| x.under_replicated).sum();
     let reclaimable: u64 = answered().map(|x| x.reclaimable_bytes).sum();
     let hand_off_pending: u64 = answered().map(|x| x.hand_off_pending).sum();
     let moving = answered().map(|x| x.moving).max().unwrap_or(0);
@@ -168,6 +188,7 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<()> {
             "write_quorum": map.write_quorum,
             "moving": moving,
             "under_replicated": under_replicated,
+            "under_replicated_copies": missing_copies,
             "hand_off_pending": hand_off_pending,
             "reclaimable_bytes": reclaimable,
             "members": members,
@@ -183,7 +204,7 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<()> {
             s.node_id
         );
         outln!(
-            "partitions moving {moving}, chunk copies under-replicated {under_replicated}, \
+            "partitions moving {moving}, chunks under-replicated {under_replicated}, \
              chunks awaiting hand-off {hand_off_pending}, reclaimable {}",
             HumanBytes(reclaimable)
         );
@@ -238,4 +259,35 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use hashgrid_proto::id::pack_ids;
+
+    use super::*;
+
+    fn node(under: u64, missing: &[u8]) -> StatsResponse {
+        let ids: Vec<ChunkId> = missing.iter().map(|i| ChunkId::of(&[*i])).collect();
+        StatsResponse {
+            under_replicated: under,
+            missing_ids: pack_ids(&ids),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_chunk_two_owners_lack_counts_once() {
+        // Two owners both lack chunks 1 and 2; one lacks 3 too; a third counts 4 chunks of
+        // partitions with an owner it cannot reach (no ids).
+        let nodes = [node(2, &[1, 2]), node(3, &[1, 2, 3]), node(4, &[])];
+        assert_eq!(chunks_under_replicated(nodes.iter()), 3 + 4);
+        // A node that kept fewer ids than it counts: the rest adds as counted.
+        let nodes = [node(2, &[1, 2]), node(10, &[1, 2, 3])];
+        assert_eq!(chunks_under_replicated(nodes.iter()), 3 + 7);
+        assert_eq!(chunks_under_replicated([].iter()), 0);
+        // Without ids (a node of an earlier version): the sum, as before.
+        let nodes = [node(2, &[]), node(3, &[])];
+        assert_eq!(chunks_under_replicated(nodes.iter()), 5);
+    }
 }

@@ -349,7 +349,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let stats = conn
         .admin
         .clone()
-        .stats(StatsRequest {})
+        .stats(StatsRequest::default())
         .await?
         .into_inner();
     let sent: u64 = steps.iter().map(|s| s.stats.sent_bytes).sum();

@@ -21,7 +21,7 @@ pub async fn run(global: &Global, _args: &Args) -> anyhow::Result<()> {
     let s = conn
         .admin
         .clone()
-        .stats(StatsRequest {})
+        .stats(StatsRequest::default())
         .await?
         .into_inner();
     if global.json {

@@ -34,7 +34,7 @@ use hashgrid_proto::placement::{partition_range, MemberState, Partition, Placeme
 use hashgrid_proto::{ChunkId, DecodeError, NodeId};
 
 use crate::chunk_store::digests::BUCKET_BITS;
-use crate::chunk_store::{ChunkRead, ChunkStore, StoreError};
+use crate::chunk_store::{Check, ChunkRead, ChunkStore, StoreError};
 use crate::context::NodeContext;
 use crate::coordinator::Route;
 use crate::error::NodeError;
@@ -289,6 +289,10 @@ async fn differing_ranges(
     }
 }
 
+/// The most ids of missing copies a pass keeps for the status (32 bytes each); beyond it
+/// they are only counted.
+pub const MISSING_IDS_KEPT: usize = 16_384;
+
 /// What a pull did.
 #[derive(Debug, Default)]
 pub struct PullReport {
@@ -296,6 +300,9 @@ pub struct PullReport {
     pub copied_bytes: u64,
     /// Ids some source listed that no source could provide a good copy of.
     pub not_copied: u64,
+    /// The first [`MISSING_IDS_KEPT`] of those ids, for a cluster-wide count that takes a
+    /// chunk two owners both lack once.
+    pub missing: Vec<ChunkId>,
     /// Ids the sources listed, in the ranges whose digests differed.
     pub listed: u64,
     /// Per partition, the sources that could not be asked (unreachable, refusing).
@@ -415,6 +422,8 @@ pub async fn pull(
                 }
             }
             report.not_copied += wanted.len() as u64;
+            let room = MISSING_IDS_KEPT.saturating_sub(report.missing.len());
+            report.missing.extend(wanted.iter().take(room).copied());
             count = ctx.store.partition_digest(bits, p.0).0;
         }
         report.local_counts.insert(p, count);
@@ -430,7 +439,8 @@ pub async fn pull(
 /// Reads `ids` from `source` and stores the good copies here (verified again before they
 /// are stored), at the pace the node's move limit allows. Returns the ids now held and the
 /// chunks and encoded bytes newly stored (a chunk another pass stored meanwhile is held but
-/// not counted); ids the source lacks or holds only a damaged copy of are left out.
+/// not counted); ids the source lacks or holds only a damaged copy of, and copies that fail
+/// verification here, are left out.
 async fn copy_from(
     route: &Route,
     source: NodeId,
@@ -447,11 +457,7 @@ async fn copy_from(
     }
     let moved: usize = chunks.iter().map(|c| c.data.len()).sum();
     route.ctx().workers.pacer.charge(moved as u64).await;
-    let got = chunks
-        .iter()
-        .map(|c| ChunkId::from_slice(&c.id))
-        .collect::<Result<Vec<_>, _>>()?;
-    let (outcome, _) = owner::verify_and_store(route.ctx(), chunks).await?;
+    let (outcome, got) = owner::store_copies(route.ctx(), chunks, source).await?;
     Ok((got, u64::from(outcome.stored), outcome.stored_bytes))
 }
 
@@ -570,7 +576,7 @@ async fn hand_off_page(
             .map(|(id, _)| *id)
             .collect();
         for batch in lacking.chunks(ctx.workers.pacer.batch(COPY_BATCH)) {
-            let reads = owner::read(ctx, batch.to_vec()).await?;
+            let reads = owner::read(ctx, batch.to_vec(), Check::Full).await?;
             let chunks: Vec<_> = batch
                 .iter()
                 .zip(reads)

@@ -22,9 +22,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use hashgrid_proto::pb::peer::RepairSoonRequest;
 use hashgrid_proto::pb::WorkerStatus;
 use hashgrid_proto::placement::{MemberState, Partition};
+use hashgrid_proto::ChunkId;
 
 use super::pacer::Pacer;
-use super::{hand_off, is_removed, pull, PullReport};
+use super::{hand_off, is_removed, pull, PullReport, MISSING_IDS_KEPT};
 use crate::catalog::Command;
 use crate::context::NodeContext;
 use crate::coordinator::Route;
@@ -58,7 +59,44 @@ struct Status {
     ids_listed: u64,
     last_error: String,
     last_pass_unix: u64,
-    under_replicated: u64,
+    short: Shortfall,
+}
+
+/// What a pass left short: copies this node lacks and could not pull (`missing`, the first
+/// [`MISSING_IDS_KEPT`] of their ids in `ids`, sorted), and chunks it counts for another
+/// reason, without ids (`other`: its chunks in partitions with an owner it could not reach,
+/// or copies it could not hand off).
+#[derive(Clone, Debug, Default)]
+pub struct Shortfall {
+    pub missing: u64,
+    pub ids: Vec<ChunkId>,
+    pub other: u64,
+}
+
+impl Shortfall {
+    /// Copies this node lacks, `ids` being those of them listed.
+    pub fn missing(count: u64, mut ids: Vec<ChunkId>) -> Self {
+        ids.sort_unstable();
+        ids.dedup();
+        ids.truncate(MISSING_IDS_KEPT);
+        Shortfall {
+            missing: count.max(ids.len() as u64),
+            ids,
+            other: 0,
+        }
+    }
+
+    /// Chunks counted without ids.
+    pub fn other(count: u64) -> Self {
+        Shortfall {
+            other: count,
+            ..Default::default()
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.missing + self.other
+    }
 }
 
 /// A worker's running totals before a pass, which the pass's report adds to.
@@ -90,7 +128,7 @@ impl Worker {
         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut s);
         metrics::gauge!(m::WORKER_UNDER_REPLICATED, "worker" => self.name)
-            .set(s.under_replicated as f64);
+            .set(s.short.total() as f64);
         metrics::gauge!(m::WORKER_RUNNING, "worker" => self.name)
             .set(f64::from(u8::from(s.state == "running")));
     }
@@ -121,18 +159,18 @@ impl Worker {
         }
     }
 
-    /// Ends a pass: `Ok` with the copies still missing, or the error that stopped it.
-    fn finish(&self, outcome: Result<u64, String>, copied: (u64, u64), released: u64) {
+    /// Ends a pass: `Ok` with what it left short, or the error that stopped it.
+    fn finish(&self, outcome: Result<Shortfall, String>, copied: (u64, u64), released: u64) {
         metrics::counter!(m::WORKER_COPIED, "worker" => self.name).increment(copied.0);
         metrics::counter!(m::WORKER_COPIED_BYTES, "worker" => self.name).increment(copied.1);
         metrics::counter!(m::WORKER_RELEASED, "worker" => self.name).increment(released);
         self.update(|s| {
             s.chunks_released += released;
             match outcome {
-                Ok(under) => {
+                Ok(short) => {
                     s.state = "idle";
                     s.last_error.clear();
-                    s.under_replicated = under;
+                    s.short = short;
                 }
                 Err(e) => {
                     s.state = "error";
@@ -174,16 +212,17 @@ impl Worker {
             ids_listed: s.ids_listed,
             last_error: s.last_error.clone(),
             last_pass_unix: s.last_pass_unix,
-            under_replicated: s.under_replicated,
+            under_replicated: s.short.total(),
             waiting_for: Vec::new(),
         }
     }
 
-    pub fn under_replicated(&self) -> u64 {
+    fn shortfall(&self) -> Shortfall {
         self.status
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .under_replicated
+            .short
+            .clone()
     }
 }
 
@@ -273,17 +312,37 @@ impl Workers {
         [&self.rebalance, &self.repair]
     }
 
-    /// Chunk copies this node knows to be missing and has not restored yet: the larger of
-    /// the two workers' counts, not their sum, because a repair pass covers every partition
-    /// this node owns, the moving ones the rebalance pulls included, so a copy both passes
-    /// found missing would otherwise count twice.
+    /// Chunks this node counts as short of a copy, each once: a repair pass covers every
+    /// partition this node owns, the moving ones the rebalance pulls included, so both
+    /// workers may find the same copy missing; their ids are merged. Beyond the ids kept,
+    /// the larger of the two remainders is taken (an estimate). Counts without ids add up:
+    /// the repair's are chunks of partitions this node owns, the rebalance's (hand-off)
+    /// of partitions it does not.
     pub fn under_replicated(&self) -> u64 {
-        self.all()
-            .iter()
-            .map(|w| w.under_replicated())
-            .max()
-            .unwrap_or(0)
+        let (rebalance, repair) = (self.rebalance.shortfall(), self.repair.shortfall());
+        let beyond = |s: &Shortfall| s.missing - s.ids.len() as u64;
+        merge_ids(&rebalance.ids, &repair.ids).len() as u64
+            + beyond(&rebalance).max(beyond(&repair))
+            + rebalance.other
+            + repair.other
     }
+
+    /// The ids of the copies counted in [`Workers::under_replicated`] that this node lacks
+    /// (as far as they are kept), sorted.
+    pub fn missing_ids(&self) -> Vec<ChunkId> {
+        merge_ids(
+            &self.rebalance.shortfall().ids,
+            &self.repair.shortfall().ids,
+        )
+    }
+}
+
+/// The sorted union of two sorted id lists.
+fn merge_ids(a: &[ChunkId], b: &[ChunkId]) -> Vec<ChunkId> {
+    let mut all: Vec<ChunkId> = a.iter().chain(b).copied().collect();
+    all.sort_unstable();
+    all.dedup();
+    all
 }
 
 /// Starts the workers on the current runtime (repair only with an interval), moving at most
@@ -384,7 +443,11 @@ async fn run_rebalance(ctx: Arc<NodeContext>) {
                         s.chunks_copied += r.handed;
                         s.bytes_copied += r.handed_bytes;
                     });
-                    worker.finish(Ok(r.pending), (r.handed, r.handed_bytes), r.released);
+                    worker.finish(
+                        Ok(Shortfall::other(r.pending)),
+                        (r.handed, r.handed_bytes),
+                        r.released,
+                    );
                     worker.note_errors(&r.errors);
                     crate::owner::publish_store_gauges(&ctx.store);
                     if done {
@@ -424,8 +487,8 @@ async fn rebalance_pass(ctx: &Arc<NodeContext>, route: &Route) -> Result<bool, N
         .values()
         .flatten()
         .any(|&n| !is_removed(route, n));
-    let under = report.not_copied;
-    worker.finish(Ok(under), (report.copied, report.copied_bytes), 0);
+    let short = Shortfall::missing(report.not_copied, report.missing);
+    worker.finish(Ok(short), (report.copied, report.copied_bytes), 0);
     worker.note_errors(&report.errors);
     if report.copied > 0 {
         tracing::info!(
@@ -540,7 +603,7 @@ async fn repair_pass(ctx: &Arc<NodeContext>) -> Result<(), NodeError> {
     // Copies this node could not restore, plus, for partitions with an owner out of reach,
     // this node's chunks there (counted by the first reachable owner only, so each chunk
     // is counted once across the survivors).
-    let mut under = report.not_copied;
+    let mut short = Shortfall::missing(report.not_copied, report.missing);
     for (p, down) in &report.unreachable {
         let first_up = current
             .owners(*p)
@@ -548,7 +611,7 @@ async fn repair_pass(ctx: &Arc<NodeContext>) -> Result<(), NodeError> {
             .copied()
             .find(|n| !down.contains(n));
         if first_up == Some(ctx.node_id) {
-            under += report.local_counts.get(p).copied().unwrap_or(0);
+            short.other += report.local_counts.get(p).copied().unwrap_or(0);
         }
     }
     if report.copied > 0 {
@@ -562,7 +625,7 @@ async fn repair_pass(ctx: &Arc<NodeContext>) -> Result<(), NodeError> {
     ctx.workers
         .repair_covered
         .fetch_max(asked, Ordering::AcqRel);
-    worker.finish(Ok(under), (report.copied, report.copied_bytes), 0);
+    worker.finish(Ok(short), (report.copied, report.copied_bytes), 0);
     worker.note_errors(&report.errors);
     Ok(())
 }
@@ -571,15 +634,47 @@ async fn repair_pass(ctx: &Arc<NodeContext>) -> Result<(), NodeError> {
 mod tests {
     use super::*;
 
+    fn ids(range: std::ops::Range<u8>) -> Vec<ChunkId> {
+        range.map(|i| ChunkId::of(&[i])).collect()
+    }
+
     #[test]
     fn a_copy_both_workers_found_missing_counts_once() {
         let workers = Workers::default();
         assert_eq!(workers.under_replicated(), 0);
-        workers.rebalance.finish(Ok(3), (0, 0), 0);
-        workers.repair.finish(Ok(5), (0, 0), 0);
-        assert_eq!(workers.under_replicated(), 5);
-        workers.repair.finish(Ok(0), (0, 0), 0);
-        assert_eq!(workers.under_replicated(), 3);
+        // The rebalance pull missed 0..3, the repair pass 1..6 (the same moving partitions
+        // and more): six chunks, not eight, and six ids.
+        workers
+            .rebalance
+            .finish(Ok(Shortfall::missing(3, ids(0..3))), (0, 0), 0);
+        workers
+            .repair
+            .finish(Ok(Shortfall::missing(5, ids(1..6))), (0, 0), 0);
+        assert_eq!(workers.under_replicated(), 6);
+        let mut expected = ids(0..6);
+        expected.sort_unstable();
+        assert_eq!(workers.missing_ids(), expected);
+        // Partitions with an owner out of reach add their chunks; a hand-off's copies add.
+        let mut short = Shortfall::missing(5, ids(1..6));
+        short.other = 10;
+        workers.repair.finish(Ok(short), (0, 0), 0);
+        workers.rebalance.finish(Ok(Shortfall::other(4)), (0, 0), 0);
+        assert_eq!(workers.under_replicated(), 19);
+        assert_eq!(workers.missing_ids().len(), 5);
+        // Beyond the ids kept, the larger remainder counts.
+        workers
+            .repair
+            .finish(Ok(Shortfall::missing(100, ids(1..6))), (0, 0), 0);
+        workers
+            .rebalance
+            .finish(Ok(Shortfall::missing(40, ids(0..3))), (0, 0), 0);
+        assert_eq!(workers.under_replicated(), 6 + 95);
+        workers.repair.finish(Ok(Shortfall::default()), (0, 0), 0);
+        workers
+            .rebalance
+            .finish(Ok(Shortfall::default()), (0, 0), 0);
+        assert_eq!(workers.under_replicated(), 0);
+        assert!(workers.missing_ids().is_empty());
     }
 
     fn repair_state(workers: &Workers, out_of_contact: &[&str]) -> String {
@@ -604,7 +699,7 @@ mod tests {
         let started = workers.repair_asked.load(Ordering::Acquire);
         workers.repair_due(); // asked again while the pass runs
         workers.repair_covered.fetch_max(started, Ordering::AcqRel);
-        workers.repair.finish(Ok(0), (0, 0), 0);
+        workers.repair.finish(Ok(Shortfall::default()), (0, 0), 0);
         assert_eq!(
             repair_state(&workers, &[]),
             "due",

@@ -29,7 +29,7 @@ use hashgrid_proto::pb::{self, GetRequest, HasRequest, PutRequest};
 use hashgrid_proto::placement::{MemberState, Partition, PlacementHistory};
 use hashgrid_proto::{ChunkId, NodeId};
 
-use crate::chunk_store::PutOutcome;
+use crate::chunk_store::{Check, PutOutcome};
 use crate::context::NodeContext;
 use crate::error::NodeError;
 use crate::owner::{self, Outbound};
@@ -309,7 +309,7 @@ impl Route {
         ids: Vec<ChunkId>,
     ) -> Result<Vec<pb::Chunk>, NodeError> {
         if self.is_local(node) {
-            let reads = owner::read(&self.ctx, ids.clone()).await?;
+            let reads = owner::read(&self.ctx, ids.clone(), Check::Stored).await?;
             return Ok(ids
                 .into_iter()
                 .zip(reads)

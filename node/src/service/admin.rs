@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use hashgrid_proto::id::pack_ids;
 use hashgrid_proto::pb::admin_server::Admin;
 use hashgrid_proto::pb::{
     self, ChangeMemberRequest, ChangeMemberResponse, ClientStats, SetReplicationRequest,
@@ -109,6 +110,11 @@ impl Admin for AdminService {
 
     async fn stats(&self, req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
         principal(&req)?;
+        let missing_ids = if req.get_ref().missing_ids {
+            pack_ids(&self.ctx.workers.missing_ids())
+        } else {
+            Vec::new()
+        };
         let counters = self.ctx.store.counters();
         // Before the catalog lock: placement() takes it too.
         let placement = self.ctx.placement().ok();
@@ -144,6 +150,7 @@ impl Admin for AdminService {
             workers: self.ctx.workers.to_pb(self.ctx.peers.lost_contact()),
             hand_off_pending,
             move_limit_bytes_per_sec: self.ctx.workers.pacer.limit().unwrap_or(0),
+            missing_ids,
         }))
     }
 }
