@@ -113,6 +113,14 @@ pub(crate) fn check_fault(chunk: &pb::Chunk, expected: ChunkId) -> Result<()> {
     }
 }
 
+/// Why a group of chunks is fetched again.
+enum FetchAgain {
+    /// The stream failed (retried under the connection's policy).
+    Failed(tonic::Status),
+    /// A chunk failed verification: asked again once, with copies read in full.
+    BadCopy,
+}
+
 /// Fetches chunks and manifest objects from the cluster, verifying every chunk. With a
 /// [`TreeCache`], manifest objects are read from it first (a backup's parent trees).
 #[derive(Clone)]
@@ -161,57 +169,76 @@ impl ObjectReader {
     }
 
     /// The plaintexts of `ids`, in order, each checked against its id. A stream that fails
-    /// is asked for again (its group from the start) under the connection's retry policy.
+    /// is asked for again (its group from the start) under the connection's retry policy;
+    /// a group with a chunk that fails the check is asked for once more with every copy
+    /// read in full by its owner (`full_check`: a copy gone bad before its owner took its
+    /// checksum is then found there, dropped, and read from another owner).
     pub async fn fetch(&self, ids: &[ChunkId]) -> Result<Vec<Bytes>> {
         let mut out = Vec::with_capacity(ids.len());
         for group in ids.chunks(MAX_IDS_PER_REQUEST) {
             let start = out.len();
             let mut backoff = None;
+            let mut full_check = false;
             loop {
                 let generation = self.conn.generation();
-                let Some(status) = self.fetch_group(group, &mut out).await? else {
+                let Some(again) = self.fetch_group(group, &mut out, full_check).await? else {
                     break;
                 };
                 out.truncate(start);
-                let b = backoff.get_or_insert_with(|| self.conn.backoff());
-                self.conn
-                    .recover("fetching chunks", status, generation, b)
-                    .await?;
+                match again {
+                    FetchAgain::BadCopy => full_check = true,
+                    FetchAgain::Failed(status) => {
+                        let b = backoff.get_or_insert_with(|| self.conn.backoff());
+                        self.conn
+                            .recover("fetching chunks", status, generation, b)
+                            .await?;
+                    }
+                }
             }
         }
         Ok(out)
     }
 
-    /// One `Get` stream for `group`, appending to `out`; the status of a failed call.
+    /// One `Get` stream for `group`, appending to `out`; why it is to be asked again, if
+    /// it is.
     async fn fetch_group(
         &self,
         group: &[ChunkId],
         out: &mut Vec<Bytes>,
-    ) -> Result<Option<tonic::Status>> {
+        full_check: bool,
+    ) -> Result<Option<FetchAgain>> {
         let max_len = self.conn.chunker.max_size;
         let mut client = self.conn.chunks.clone();
         let request = GetRequest {
             epoch: self.conn.epoch(),
             ids: pack_ids(group),
+            full_check,
         };
         let deadline = self.conn.timeouts().transfer;
         let mut stream = match within(deadline, "fetching chunks", client.get(request)).await {
             Ok(r) => r.into_inner(),
-            Err(s) => return Ok(Some(s)),
+            Err(s) => return Ok(Some(FetchAgain::Failed(s))),
         };
         let mut got = 0;
         loop {
             let msg = match within(deadline, "fetching chunks", stream.message()).await {
                 Ok(Some(msg)) => msg,
                 Ok(None) => break,
-                Err(s) => return Ok(Some(s)),
+                Err(s) => return Ok(Some(FetchAgain::Failed(s))),
             };
             for chunk in msg.chunks {
                 let expected = group.get(got).ok_or_else(|| {
                     ClientError::Manifest("node sent more chunks than asked for".into())
                 })?;
                 check_fault(&chunk, *expected)?;
-                let (id, plain) = decode_verified(&chunk, max_len)?;
+                let (id, plain) = match decode_verified(&chunk, max_len) {
+                    Ok(v) => v,
+                    Err(e) if !full_check => {
+                        tracing::warn!(chunk = %expected, error = %e, "node sent a chunk that fails verification; asking again with copies read in full");
+                        return Ok(Some(FetchAgain::BadCopy));
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 if id != *expected {
                     return Err(ClientError::Manifest(format!(
                         "node sent chunk {id} where {expected} was asked for"

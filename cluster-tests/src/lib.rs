@@ -519,6 +519,7 @@ pub async fn get_chunks(
         .get(hashgrid_proto::pb::GetRequest {
             epoch: conn.epoch(),
             ids: hashgrid_proto::id::pack_ids(ids),
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -236,6 +236,7 @@ fn nodes_refuse_bad_requests_and_keep_nothing_of_them() {
             .get(pb::GetRequest {
                 epoch: 0,
                 ids: pack_ids(&[ChunkId::of(b"absent")]),
+                ..Default::default()
             })
             .await
             .unwrap()

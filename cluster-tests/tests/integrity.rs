@@ -9,7 +9,8 @@ use hashgrid::chunker::Chunker;
 use hashgrid::objects::ObjectReader;
 use hashgrid::restore::{restore, DamagedChunk, DamagedPath, RestoreOptions};
 use hashgrid::{ClientError, Connection};
-use hashgrid_cluster_tests::damage::damage_one_of;
+use hashgrid_cluster_tests::cluster::{status_members, Cluster};
+use hashgrid_cluster_tests::damage::{damage_behind_the_checksum, damage_one_of};
 use hashgrid_cluster_tests::{
     assert_same_tree, backup_opts, cluster_stats, data, put_chunks, restore_all, restored, runtime,
     Node,
@@ -17,8 +18,12 @@ use hashgrid_cluster_tests::{
 use hashgrid_proto::codec::encode_chunk;
 use hashgrid_proto::id::pack_ids;
 use hashgrid_proto::pb::{self, ChunkFault, HasRequest};
+use hashgrid_proto::placement::Placement;
 use hashgrid_proto::ChunkId;
 use tonic::Code;
+
+/// How long a cluster gets to settle.
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The ids the agent cuts `content` into.
 fn chunk_ids(conn: &Connection, content: &[u8]) -> Vec<ChunkId> {
@@ -368,4 +373,127 @@ fn a_lost_directory_listing_costs_that_directory_only() {
     assert_eq!(std::fs::read_dir(target.join("lost")).unwrap().count(), 0);
     assert!(target.join("kept/inside").is_file());
     assert!(target.join("top").is_file());
+}
+
+/// Copies their own node cannot tell are bad (damaged before the node took their checksums:
+/// the index's checksums match the damaged bytes), one of a file's chunks and one piece of
+/// the snapshot's manifest, on the node an agent restores through, in a cluster of three at
+/// R = 3: that node reads its own copies first, and its cheap check passes them. The agent's
+/// check of the bytes fails; it asks again with copies read in full, the node finds its
+/// copies bad and drops them, the reads go to another owner, and the tree restores
+/// identical. (Before, the file was named damaged and the manifest piece failed the
+/// restore.) The dropped copies are rewritten from the good ones.
+#[test]
+fn copies_bad_behind_their_checksums_are_read_from_another_owner() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(&tmp.path().join("cluster"), 3, 3, 2);
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let content = data::random_bytes(17, 1 << 20);
+    let notes = data::text_bytes(18, 20_000);
+    std::fs::write(src.join("data.bin"), &content).unwrap();
+    std::fs::write(src.join("notes.txt"), &notes).unwrap();
+    let rt = runtime();
+    let (snapshot, file_chunks) = rt.block_on(async {
+        let conn = cluster.connect(0).await;
+        let summary = backup(&conn, &opts(&src, ParentChoice::None))
+            .await
+            .unwrap();
+        let mut ids = chunk_ids(&conn, &content);
+        ids.extend(chunk_ids(&conn, &notes));
+        (summary.snapshot, ids)
+    });
+    let settled = cluster.wait_quiet(0, "backed up on every node", SETTLE, |_| true);
+    let chunks = |s: &serde_json::Value| -> Vec<u64> {
+        status_members(s)
+            .iter()
+            .map(|m| m["chunks"].as_u64().unwrap())
+            .collect()
+    };
+    let held = chunks(&settled);
+    assert!(held.iter().all(|&c| c == held[0]), "{settled:#}");
+
+    cluster.nodes[0].stop();
+    let data_chunk = damage_behind_the_checksum(&cluster.nodes[0], |id| file_chunks.contains(id));
+    let manifest_piece =
+        damage_behind_the_checksum(&cluster.nodes[0], |id| !file_chunks.contains(id));
+    cluster.nodes[0].restart();
+
+    let target = tmp.path().join("restore");
+    rt.block_on(async {
+        let conn = cluster.connect(0).await;
+        let snap = hashgrid::catalog::get(&conn, snapshot).await.unwrap();
+        let opts = RestoreOptions {
+            target: target.clone(),
+            ..Default::default()
+        };
+        if let Err(e) = restore(&conn, &snap, &opts).await {
+            cluster.dump_logs();
+            panic!("restore with {data_chunk} and {manifest_piece} bad on node 0: {e}");
+        }
+    });
+    assert_same_tree(&src, &restored(&target, &src));
+    // Node 0 dropped its two bad copies when it read them in full; the reads that found
+    // them rewrote them from the good copies.
+    cluster.wait_quiet(0, "bad copies rewritten", SETTLE, |s| chunks(s) == held);
+}
+
+/// `verify` through a node that does not own a manifest piece reads it from the piece's
+/// first owner, whose copy went bad behind its checksum (as above): the node's check of the
+/// bytes fails, it reads again with copies read in full, the owner drops its copy, the
+/// second owner serves a good one, and verify finds nothing damaged. (Before, the walk
+/// failed on the bad bytes and verify with it.)
+#[test]
+fn verify_reads_a_manifest_piece_bad_behind_its_checksum_from_another_owner() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(&tmp.path().join("cluster"), 4, 2, 2);
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let content = data::random_bytes(27, 256 << 10);
+    std::fs::write(src.join("data.bin"), &content).unwrap();
+    let rt = runtime();
+    let (file_chunks, map, ids) = rt.block_on(async {
+        let conn = cluster.connect(0).await;
+        backup(&conn, &opts(&src, ParentChoice::None))
+            .await
+            .unwrap();
+        let map = conn.map.clone();
+        (chunk_ids(&conn, &content), map, cluster.node_ids().await)
+    });
+    cluster.wait_quiet(0, "backed up", SETTLE, |_| true);
+    let placement = Placement::new(&map).expect("cluster map");
+    // A manifest piece held on its first owner, which is the one poisoned.
+    let index_of = |id: u64| ids.iter().position(|&n| n == id).unwrap();
+    let (piece, first) = (0..ids.len())
+        .find_map(|i| {
+            let stored = hashgrid_cluster_tests::damage::stored_ids(
+                &cluster.nodes[i].dir.join("data/chunks/packs"),
+            );
+            stored
+                .into_iter()
+                .find(|id| !file_chunks.contains(id) && placement.owners_of(id)[0] == ids[i])
+                .map(|id| (id, i))
+        })
+        .expect("a manifest piece on its first owner");
+    let owners: Vec<usize> = placement
+        .owners_of(&piece)
+        .iter()
+        .map(|&n| index_of(n))
+        .collect();
+    let via = (0..ids.len()).find(|i| !owners.contains(i)).unwrap();
+    cluster.nodes[first].stop();
+    let bad = damage_behind_the_checksum(&cluster.nodes[first], |id| *id == piece);
+    cluster.nodes[first].restart();
+    cluster.wait_quiet(via, "restarted", SETTLE, |_| true);
+
+    let out = cluster.cli(via, &["--json", "verify"]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    if out.status.code() != Some(0) {
+        cluster.dump_logs();
+        panic!(
+            "verify through node {via} with {bad} bad on node {first}: {:?}\n{report}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

@@ -7,8 +7,8 @@
 use std::time::{Duration, Instant};
 
 use hashgrid_cluster_tests::cluster::Cluster;
-use hashgrid_cluster_tests::damage::scan_pack;
-use hashgrid_cluster_tests::{put_chunks, runtime, Node};
+use hashgrid_cluster_tests::damage::damage_behind_the_checksum;
+use hashgrid_cluster_tests::{put_chunks, runtime};
 use hashgrid_proto::codec::encode_chunk;
 use hashgrid_proto::pb;
 use hashgrid_proto::placement::Placement;
@@ -129,43 +129,6 @@ fn a_restarted_node_is_listed_only_the_sub_ranges_it_missed() {
         "listed {listed} ids for {MISSED} missed chunks: whole partitions, not sub-ranges? \
          {caught_up:#}"
     );
-}
-
-/// Flips a byte of one stored chunk of those `wanted` on a stopped node and rewrites that
-/// chunk's index checksum to match, as if the bytes had been damaged in memory before the
-/// checksum was taken: the node's own reads pass them (only a full decode and hash, as
-/// `verify` or the receiving end does, finds them bad). Returns the chunk's id.
-fn damage_behind_the_checksum(node: &Node, wanted: impl Fn(&ChunkId) -> bool) -> ChunkId {
-    let packs = node.dir.join("data/chunks/packs");
-    let (pack_path, mut pack, record) = std::fs::read_dir(&packs)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "pack"))
-        .find_map(|path| {
-            let pack = std::fs::read(&path).unwrap();
-            let record = scan_pack(&pack).into_iter().find(|r| wanted(&r.id))?;
-            Some((path, pack, record))
-        })
-        .expect("a record of a wanted chunk");
-    let bytes = record.data_offset..record.data_offset + record.len;
-    pack[record.data_offset + record.len / 2] ^= 0x20;
-    std::fs::write(&pack_path, &pack).unwrap();
-
-    // chunk_meta (docs/file-formats.md): version 2, ..., the XXH3-64 of the encoded bytes last.
-    let path = node.dir.join("data/chunks/meta");
-    let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), &path).unwrap();
-    let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &path, &cfs).unwrap();
-    let cf = db.cf_handle("chunk_meta").unwrap();
-    let mut entry = db
-        .get_cf(cf, record.id.as_bytes())
-        .unwrap()
-        .expect("indexed");
-    assert_eq!((entry[0], entry.len()), (2, 38), "a version 2 entry");
-    let sum = xxhash_rust::xxh3::xxh3_64(&pack[bytes]);
-    entry[30..38].copy_from_slice(&sum.to_le_bytes());
-    db.put_cf(cf, record.id.as_bytes(), entry).unwrap();
-    db.flush_cf(cf).unwrap();
-    record.id
 }
 
 /// Two owners lose their chunk stores and refill from the third, whose copy of one chunk

@@ -8,7 +8,7 @@ use std::process::Output;
 
 use hashgrid::backup::backup;
 use hashgrid::chunker::Chunker;
-use hashgrid_cluster_tests::damage::damage_one_of;
+use hashgrid_cluster_tests::damage::{damage_one_of, open_index};
 use hashgrid_cluster_tests::{
     assert_same_tree, backup_opts, data, restore_all, restored, runtime, Node, NodeOpts,
 };
@@ -138,14 +138,6 @@ fn verify_marks_damage_and_a_new_backup_heals_it() {
     assert_eq!(code, 0, "{report}");
     assert_eq!(report["healed_snapshots"], 1, "{report}");
     assert!(damaged_flags(&node).iter().all(|(_, d)| !d));
-}
-
-/// The node's chunk index, opened directly (the node stopped): RocksDB under `data/chunks/meta`.
-fn open_index(node: &Node) -> rocksdb::DB {
-    let path = node.dir.join("data/chunks/meta");
-    let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), &path).unwrap();
-    assert!(cfs.iter().any(|c| c == "chunk_meta"), "{cfs:?}");
-    rocksdb::DB::open_cf(&rocksdb::Options::default(), &path, &cfs).unwrap()
 }
 
 /// Every `chunk_meta` entry's version byte and length.

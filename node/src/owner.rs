@@ -334,6 +334,16 @@ pub async fn read(
     Ok(reads)
 }
 
+/// How a `Get` or `OwnerGet` asks its copies to be checked: against their stored checksum,
+/// or, with `full_check`, decoded and hashed (see `GetRequest.full_check`).
+pub fn check_asked(full_check: bool) -> Check {
+    if full_check {
+        Check::Full
+    } else {
+        Check::Stored
+    }
+}
+
 /// The reply for one requested id.
 pub fn reply_chunk(id: ChunkId, read: ChunkRead) -> pb::Chunk {
     let fault = |fault: pb::ChunkFault| pb::Chunk {
@@ -359,11 +369,12 @@ pub fn reply_chunk(id: ChunkId, read: ChunkRead) -> pb::Chunk {
 pub async fn stream_local(
     ctx: Arc<NodeContext>,
     ids: Vec<ChunkId>,
+    check: Check,
     tx: mpsc::Sender<Result<GetResponse, Status>>,
 ) {
     let mut batcher = ReplyBatcher::new(tx);
     for group in ids.chunks(READ_GROUP) {
-        let reads = match read(&ctx, group.to_vec(), Check::Stored).await {
+        let reads = match read(&ctx, group.to_vec(), check).await {
             Ok(r) => r,
             Err(e) => return batcher.fail(e).await,
         };

@@ -8,9 +8,12 @@
 //! decoded chunk and goes on decoding, and writes what it kept once its own decoding is done
 //! (or once it keeps [`PENDING_WRITE_BYTES`]).
 //!
-//! A chunk the cluster cannot serve (missing, or every copy damaged) costs only the files
-//! that use it: they are named in the damage log, their range stays a hole, and the restore
-//! goes on.
+//! A chunk whose bytes fail verification is asked for once more with `full_check`: its
+//! owners decode and hash each copy before serving it, so a copy that went bad before its
+//! owner took its checksum (which the owner's cheap check would pass) is found and dropped
+//! there, and another owner's copy is read. A chunk the cluster cannot serve (missing, or
+//! every copy damaged) costs only the files that use it: they are named in the damage log,
+//! their range stays a hole, and the restore goes on.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -144,6 +147,38 @@ async fn fetch_and_write(
         }
         e.push(job);
     }
+    let failed = fetch_round(&conn, &order, wanted, false, &progress, &fetched).await?;
+    if failed.is_empty() {
+        return Ok(());
+    }
+    // Bytes that do not hash to their id: asked again, each copy read in full by its owner,
+    // so that one gone bad before its owner took its checksum is found there, dropped, and
+    // read from another owner. What fails again is as lost as a damaged copy.
+    tracing::warn!(
+        chunks = failed.len(),
+        "node sent chunks that fail verification; asking again with copies read in full"
+    );
+    let order: Vec<ChunkId> = failed.iter().map(|(id, _)| *id).collect();
+    let wanted: BTreeMap<ChunkId, Vec<WriteJob>> = failed.into_iter().collect();
+    for (id, jobs) in fetch_round(&conn, &order, wanted, true, &progress, &fetched).await? {
+        lost(jobs, id, ChunkFault::Damaged, &progress);
+    }
+    Ok(())
+}
+
+/// Chunks whose bytes failed verification, with the places they were to be written.
+type Failed = Vec<(ChunkId, Vec<WriteJob>)>;
+
+/// Fetches the chunks of `order` (`full_check`: each copy read in full by its owner) and
+/// writes each where `wanted` says; returns those whose bytes failed verification.
+async fn fetch_round(
+    conn: &Connection,
+    order: &[ChunkId],
+    mut wanted: BTreeMap<ChunkId, Vec<WriteJob>>,
+    full_check: bool,
+    progress: &Arc<Progress>,
+    fetched: &Arc<(AtomicU64, AtomicU64)>,
+) -> Result<Failed> {
     let max_len = conn.chunker.max_size;
     let mut writes = Vec::new();
     let mut got = 0usize;
@@ -155,6 +190,7 @@ async fn fetch_and_write(
         let request = GetRequest {
             epoch: conn.epoch(),
             ids: pack_ids(&order[got..]),
+            full_check,
         };
         let deadline = conn.timeouts().transfer;
         let failed = match within(deadline, "fetching chunks", client.get(request)).await {
@@ -165,11 +201,11 @@ async fn fetch_and_write(
                     match within(deadline, "fetching chunks", stream.message()).await {
                         Ok(Some(msg)) => writes.push(write_group(
                             msg.chunks,
-                            &order,
+                            order,
                             &mut got,
                             &mut wanted,
-                            &progress,
-                            &fetched,
+                            progress,
+                            fetched,
                             max_len,
                         )?),
                         Ok(None) => break None,
@@ -193,10 +229,11 @@ async fn fetch_and_write(
             order.len()
         )));
     }
+    let mut failed = Vec::new();
     for w in writes {
-        w.await??;
+        failed.extend(w.await??);
     }
-    Ok(())
+    Ok(failed)
 }
 
 /// Decoded chunks one group keeps for files another group was writing to (see the module
@@ -245,7 +282,8 @@ impl Deferred {
 }
 
 /// Checks one `Get` reply's chunks against the ids asked for (from `order[*got]` on) and
-/// writes them on a blocking thread; returns that thread.
+/// writes them on a blocking thread; returns that thread, which returns the chunks whose
+/// bytes failed verification.
 fn write_group(
     chunks: Vec<pb::Chunk>,
     order: &[ChunkId],
@@ -254,7 +292,7 @@ fn write_group(
     progress: &Arc<Progress>,
     fetched: &Arc<(AtomicU64, AtomicU64)>,
     max_len: u32,
-) -> Result<tokio::task::JoinHandle<Result<()>>> {
+) -> Result<tokio::task::JoinHandle<Result<Failed>>> {
     let mut group = Vec::with_capacity(chunks.len());
     for chunk in chunks {
         let expected = *order
@@ -277,15 +315,15 @@ fn write_group(
         group.push((expected, chunk, jobs));
     }
     let progress = progress.clone();
-    Ok(tokio::task::spawn_blocking(move || -> Result<()> {
+    Ok(tokio::task::spawn_blocking(move || -> Result<Failed> {
         let mut kept = Deferred::default();
+        let mut failed = Vec::new();
         for (expected, chunk, jobs) in group {
             let (id, plain) = match decode_verified(&chunk, max_len) {
                 Ok(v) => v,
-                // Bytes that do not hash to their id are as lost as a damaged copy.
                 Err(e) => {
                     tracing::warn!(chunk = %expected, error = %e, "node sent a chunk that fails verification");
-                    lost(jobs, expected, ChunkFault::Damaged, &progress);
+                    failed.push((expected, jobs));
                     continue;
                 }
             };
@@ -307,7 +345,8 @@ fn write_group(
                 kept.write_all(&progress)?;
             }
         }
-        kept.write_all(&progress)
+        kept.write_all(&progress)?;
+        Ok(failed)
     }))
 }
 

@@ -447,7 +447,7 @@ async fn copy_from(
     ids: Vec<ChunkId>,
 ) -> Result<(Vec<ChunkId>, u64, u64), NodeError> {
     let chunks: Vec<pb::Chunk> = route
-        .owner_get(source, ids)
+        .owner_get(source, ids, Check::Stored)
         .await?
         .into_iter()
         .filter(|c| c.fault == ChunkFault::None as i32)

@@ -28,6 +28,7 @@ use hashgrid_proto::{pb, ChunkId, NodeId};
 use tokio::task::JoinHandle;
 
 use super::{hedge_due, sleep_until_or_never, take_late, Route, Unhedged};
+use crate::chunk_store::Check;
 use crate::error::NodeError;
 use crate::metrics as m;
 use crate::owner::{self, Outbound};
@@ -736,7 +737,7 @@ async fn repair(
     }
     let reads = join_all(by_source.into_iter().map(|(source, js)| async move {
         let wanted = js.iter().map(|&j| group[j]).collect();
-        (js, route.owner_get(source, wanted).await)
+        (js, route.owner_get(source, wanted, Check::Stored).await)
     }))
     .await;
     let mut good: Vec<pb::Chunk> = Vec::new();

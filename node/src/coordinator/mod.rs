@@ -302,14 +302,16 @@ impl Route {
         Ok((outcome, new))
     }
 
-    /// Reads `ids` from `node`: one reply per id, in order, with per-chunk faults.
+    /// Reads `ids` from `node`, each copy checked there as `check` says: one reply per id,
+    /// in order, with per-chunk faults.
     pub async fn owner_get(
         &self,
         node: NodeId,
         ids: Vec<ChunkId>,
+        check: Check,
     ) -> Result<Vec<pb::Chunk>, NodeError> {
         if self.is_local(node) {
-            let reads = owner::read(&self.ctx, ids.clone(), Check::Stored).await?;
+            let reads = owner::read(&self.ctx, ids.clone(), check).await?;
             return Ok(ids
                 .into_iter()
                 .zip(reads)
@@ -320,6 +322,7 @@ impl Route {
         let req = GetRequest {
             epoch: self.epoch(),
             ids: pack_ids(&ids),
+            full_check: check == Check::Full,
         };
         let chunks = self
             .ctx

@@ -21,6 +21,7 @@ use tonic::Status;
 
 use super::lookup::REPAIR_GROUP;
 use super::{hedge_due, sleep_until_or_never, take_late, Route, Unhedged};
+use crate::chunk_store::Check;
 use crate::error::NodeError;
 use crate::metrics as m;
 use crate::owner::{self, Outbound, ReplyBatcher};
@@ -32,17 +33,23 @@ const READ_GROUP: usize = 128;
 /// Groups being read at once (the stream keeps the reply order).
 const GROUPS_IN_FLIGHT: usize = 3;
 
-/// Streams one reply per id of `ids` into `tx`.
-pub async fn read(route: Route, ids: Vec<ChunkId>, tx: mpsc::Sender<Result<GetResponse, Status>>) {
+/// Streams one reply per id of `ids` into `tx`, each copy checked by its owner as `check`
+/// says.
+pub async fn read(
+    route: Route,
+    ids: Vec<ChunkId>,
+    check: Check,
+    tx: mpsc::Sender<Result<GetResponse, Status>>,
+) {
     if route.is_local_only() {
-        return owner::stream_local(route.ctx().clone(), ids, tx).await;
+        return owner::stream_local(route.ctx().clone(), ids, check, tx).await;
     }
     let mut batcher = ReplyBatcher::new(tx);
     let groups: Vec<Vec<ChunkId>> = ids.chunks(READ_GROUP).map(<[ChunkId]>::to_vec).collect();
     let mut replies = futures::stream::iter(groups)
         .map(|group| {
             let route = route.clone();
-            async move { read_group(&route, group).await }
+            async move { read_group(&route, group, check).await }
         })
         .buffered(GROUPS_IN_FLIGHT);
     while let Some(group) = replies.next().await {
@@ -64,7 +71,7 @@ pub async fn read(route: Route, ids: Vec<ChunkId>, tx: mpsc::Sender<Result<GetRe
 /// it, so an owner that stopped answering without closing its connections (SIGSTOP, a
 /// silent partition) costs a read that long, not a whole peer deadline; the slow call runs
 /// on in its task to its deadline, so the peer pool learns whether the owner is hung.
-async fn read_group(route: &Route, ids: Vec<ChunkId>) -> Vec<pb::Chunk> {
+async fn read_group(route: &Route, ids: Vec<ChunkId>, check: Check) -> Vec<pb::Chunk> {
     let current = route.placement.current();
     let health = route.health();
     // Owners first; the fallbacks after them, for copies written there while owners were
@@ -98,6 +105,7 @@ async fn read_group(route: &Route, ids: Vec<ChunkId>) -> Vec<pb::Chunk> {
         inflight: FuturesUnordered::new(),
         unhedged: HashMap::new(),
         calls: 0,
+        check,
     };
     let hedge = route.ctx().peers.hedge_after();
     state.ask_next(route, 0..ids.len());
@@ -183,6 +191,8 @@ struct ReadState<'a> {
     /// its ids.
     unhedged: Unhedged,
     calls: u64,
+    /// How owners check the copies they serve.
+    check: Check,
 }
 
 impl ReadState<'_> {
@@ -205,8 +215,11 @@ impl ReadState<'_> {
             self.unhedged.insert(call, (Instant::now(), js.clone()));
             let route = route.clone();
             let wanted: Vec<ChunkId> = js.iter().map(|&j| self.ids[j]).collect();
+            let check = self.check;
             let task =
-                tokio::spawn(async move { within(timeout, route.owner_get(node, wanted)).await });
+                tokio::spawn(
+                    async move { within(timeout, route.owner_get(node, wanted, check)).await },
+                );
             self.inflight.push(Box::pin(async move {
                 let chunks = task
                     .await

@@ -6,13 +6,14 @@
 //! runtime with [`Handle::block_on`]; that is allowed there, never on a runtime thread.
 
 use bytes::Bytes;
-use hashgrid_proto::codec::decode_verified;
+use hashgrid_proto::codec::{decode_verified, ChunkError};
 use hashgrid_proto::pb::ChunkFault;
 use hashgrid_proto::ChunkId;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
 use super::{lookup, read, Route};
+use crate::chunk_store::Check;
 use crate::error::NodeError;
 use crate::manifest_walk::ChunkSource;
 
@@ -32,13 +33,35 @@ impl ChunkSource for ClusterChunks {
         ))
     }
 
+    /// Reads with each owner checking its copy against its stored checksum; when a piece's
+    /// bytes fail verification here, reads again with every copy read in full, so a copy
+    /// that went bad before its checksum was taken is dropped and another owner's read.
     fn read(&self, ids: &[ChunkId]) -> Result<Vec<Option<Bytes>>, NodeError> {
+        match self.read_checked(ids, Check::Stored)? {
+            Ok(out) => Ok(out),
+            Err(e) => {
+                tracing::warn!(error = %e, "a manifest piece failed verification; reading again with copies read in full");
+                Ok(self.read_checked(ids, Check::Full)??)
+            }
+        }
+    }
+}
+
+impl ClusterChunks {
+    /// One reply per id (`None`: no owner served it), or the first piece whose bytes failed
+    /// verification.
+    fn read_checked(
+        &self,
+        ids: &[ChunkId],
+        check: Check,
+    ) -> Result<Result<Vec<Option<Bytes>>, ChunkError>, NodeError> {
         let (tx, mut rx) = mpsc::channel(4);
         let route = self.route.clone();
         let wanted = ids.to_vec();
         self.runtime.block_on(async move {
-            let reader = tokio::spawn(read::read(route, wanted, tx));
+            let reader = tokio::spawn(read::read(route, wanted, check, tx));
             let mut out = Vec::with_capacity(ids.len());
+            let mut bad = None;
             while let Some(reply) = rx.recv().await {
                 let reply = reply.map_err(|s| {
                     NodeError::Unavailable(format!("reading manifest objects: {}", s.message()))
@@ -48,7 +71,13 @@ impl ChunkSource for ClusterChunks {
                         out.push(None);
                         continue;
                     }
-                    out.push(Some(decode_verified(&chunk, self.max_plain_len)?.1));
+                    match decode_verified(&chunk, self.max_plain_len) {
+                        Ok((_, plain)) => out.push(Some(plain)),
+                        Err(e) => {
+                            bad.get_or_insert(e);
+                            out.push(None);
+                        }
+                    }
                 }
             }
             reader
@@ -61,7 +90,7 @@ impl ChunkSource for ClusterChunks {
                     out.len()
                 )));
             }
-            Ok(out)
+            Ok(bad.map_or(Ok(out), Err))
         })
     }
 }

@@ -129,7 +129,12 @@ impl Chunks for ChunksService {
         let route = self.route(req.epoch)?;
         let ids = owner::ids_of(&req.ids)?;
         let (tx, rx) = mpsc::channel(2);
-        tokio::spawn(read::read(route, ids, tx));
+        tokio::spawn(read::read(
+            route,
+            ids,
+            owner::check_asked(req.full_check),
+            tx,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -187,7 +187,8 @@ impl Peer for PeerService {
         let req = req.into_inner();
         let ids = owner::ids_of(&req.ids)?;
         let (tx, rx) = mpsc::channel(2);
-        tokio::spawn(owner::stream_local(self.ctx.clone(), ids, tx));
+        let check = owner::check_asked(req.full_check);
+        tokio::spawn(owner::stream_local(self.ctx.clone(), ids, check, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
