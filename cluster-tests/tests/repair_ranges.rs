@@ -192,6 +192,24 @@ fn a_bad_copy_is_refused_alone_and_a_chunk_two_owners_lack_counts_once() {
     });
     assert_eq!(status["under_replicated"], 1, "{bad}: {status:#}");
     assert_eq!(status["under_replicated_copies"], 2, "{bad}: {status:#}");
+    // Prometheus: each member's own figure (refreshed every half second), and the copies
+    // the refillers refused.
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let lacks = f64::from(u8::from(i < 2));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while node.metric("hashgrid_under_replicated_chunks") != Some(lacks) {
+            assert!(
+                Instant::now() < deadline,
+                "node {i}: under-replicated gauge {:?}, expected {lacks}",
+                node.metric("hashgrid_under_replicated_chunks")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let refused = node
+            .metric_with("hashgrid_chunk_rejected_total", "reason=\"verify\"")
+            .unwrap_or(0.0);
+        assert_eq!(refused > 0.0, i < 2, "node {i} refused {refused} copies");
+    }
     let text = String::from_utf8(cluster.cli(0, &["cluster", "status"]).stdout).unwrap();
     assert!(text.contains("chunks under-replicated 1,"), "{text}");
 

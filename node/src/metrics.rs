@@ -45,6 +45,7 @@ pub const RAFT_TERM: &str = "hashgrid_raft_term";
 pub const PEERS_OUT_OF_CONTACT: &str = "hashgrid_peers_out_of_contact";
 pub const HAND_OFF_PENDING: &str = "hashgrid_hand_off_pending_chunks";
 pub const WORKER_UNDER_REPLICATED: &str = "hashgrid_worker_under_replicated_chunks";
+pub const UNDER_REPLICATED: &str = "hashgrid_under_replicated_chunks";
 pub const WORKER_RUNNING: &str = "hashgrid_worker_running";
 pub const WORKER_STATE: &str = "hashgrid_worker_state";
 pub const WORKER_COPIED: &str = "hashgrid_worker_copied_chunks_total";
@@ -210,6 +211,10 @@ fn describe() {
     describe_gauge!(
         WORKER_UNDER_REPLICATED,
         "Chunk copies a worker found missing and has not restored, by worker"
+    );
+    describe_gauge!(
+        UNDER_REPLICATED,
+        "Chunks this node counts as short of a copy, each once (its under_replicated in cluster status)"
     );
     describe_gauge!(WORKER_RUNNING, "1 while a worker's pass runs, by worker");
     describe_gauge!(

@@ -368,6 +368,7 @@ fn record_cluster(ctx: &NodeContext) {
                 .set(f64::from(u8::from(w.state == state)));
         }
     }
+    metrics::gauge!(m::UNDER_REPLICATED).set(ctx.workers.under_replicated() as f64);
     let raft = ctx.raft.metrics().borrow().clone();
     metrics::gauge!(m::CLUSTER_LEADER).set(raft.current_leader.unwrap_or(0) as f64);
     metrics::gauge!(m::RAFT_TERM).set(raft.current_term as f64);
