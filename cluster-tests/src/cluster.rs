@@ -291,6 +291,9 @@ impl Cluster {
     }
 }
 
+/// Extra node flags for tests that wait for repair: a pass every 2 s, not every 600.
+pub const FAST_REPAIR: [&str; 2] = ["--repair-interval-secs", "2"];
+
 /// The members of a `cluster status --json`.
 pub fn status_members(s: &serde_json::Value) -> &Vec<serde_json::Value> {
     s["members"].as_array().expect("members")

@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hashgrid::chunker::Chunker;
-use hashgrid_cluster_tests::cluster::Cluster;
+use hashgrid_cluster_tests::cluster::{Cluster, FAST_REPAIR};
 use hashgrid_cluster_tests::{
     assert_same_tree, bin_dir, cluster_stats, data, has_chunks, restore_all, restored, runtime,
 };
@@ -151,13 +151,7 @@ fn chunks_on(
 #[test]
 fn kill_cycles_lose_nothing_and_commit_each_backup_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::start_with(
-        &tmp.path().join("cluster"),
-        3,
-        3,
-        2,
-        &["--repair-interval-secs", "2"],
-    );
+    let mut cluster = Cluster::start_with(&tmp.path().join("cluster"), 3, 3, 2, &FAST_REPAIR);
     let rt = runtime();
     let ids = rt.block_on(cluster.node_ids());
     let params = rt.block_on(cluster.connect(0)).chunker;

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use hashgrid::backup::backup;
-use hashgrid_cluster_tests::cluster::{status_members as members, Cluster};
+use hashgrid_cluster_tests::cluster::{status_members as members, Cluster, FAST_REPAIR};
 use hashgrid_cluster_tests::damage::{damage_one_of, stored_ids};
 use hashgrid_cluster_tests::{
     assert_same_tree, assert_success, backup_opts, data, restore_all, restored, runtime,
@@ -28,7 +28,6 @@ use hashgrid_proto::SnapshotId;
 use serde_json::Value;
 
 /// Repair passes every 2 s, so the tests see it act without waiting minutes.
-const FAST_REPAIR: [&str; 2] = ["--repair-interval-secs", "2"];
 const SETTLE: Duration = Duration::from_secs(180);
 
 fn make_source(dir: &Path, seed: u64, mib: u64) {

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use hashgrid_cluster_tests::cluster::Cluster;
+use hashgrid_cluster_tests::cluster::{Cluster, FAST_REPAIR};
 use hashgrid_cluster_tests::damage::damage_behind_the_checksum;
 use hashgrid_cluster_tests::{put_chunks, runtime};
 use hashgrid_proto::codec::encode_chunk;
@@ -143,13 +143,7 @@ fn a_restarted_node_is_listed_only_the_sub_ranges_it_missed() {
 fn a_bad_copy_is_refused_alone_and_a_chunk_two_owners_lack_counts_once() {
     const CHUNKS: u32 = 300;
     let tmp = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::start_with(
-        &tmp.path().join("cluster"),
-        3,
-        3,
-        2,
-        &["--repair-interval-secs", "2"],
-    );
+    let mut cluster = Cluster::start_with(&tmp.path().join("cluster"), 3, 3, 2, &FAST_REPAIR);
     let rt = runtime();
     let ids = rt.block_on(cluster.node_ids());
     // Where chunks go once R is 2.

@@ -63,7 +63,7 @@ struct Status {
 }
 
 /// What a pass left short: copies this node lacks and could not pull (`missing`, the first
-/// [`MISSING_IDS_KEPT`] of their ids in `ids`, sorted), and chunks it counts for another
+/// [`MISSING_IDS_KEPT`] of their ids in `ids`), and chunks it counts for another
 /// reason, without ids (`other`: its chunks in partitions with an owner it could not reach,
 /// or copies it could not hand off).
 #[derive(Clone, Debug, Default)]
@@ -74,10 +74,8 @@ pub struct Shortfall {
 }
 
 impl Shortfall {
-    /// Copies this node lacks, `ids` being those of them listed.
+    /// Copies this node lacks, `ids` (distinct) being those of them listed.
     pub fn missing(count: u64, mut ids: Vec<ChunkId>) -> Self {
-        ids.sort_unstable();
-        ids.dedup();
         ids.truncate(MISSING_IDS_KEPT);
         Shortfall {
             missing: count.max(ids.len() as u64),
@@ -318,31 +316,24 @@ impl Workers {
     /// the larger of the two remainders is taken (an estimate). Counts without ids add up:
     /// the repair's are chunks of partitions this node owns, the rebalance's (hand-off)
     /// of partitions it does not.
-    pub fn under_replicated(&self) -> u64 {
+    /// With the ids of the copies it counts that this node lacks (as far as they are kept),
+    /// sorted: what `Stats` reports.
+    pub fn shortfall(&self) -> (u64, Vec<ChunkId>) {
         let (rebalance, repair) = (self.rebalance.shortfall(), self.repair.shortfall());
         let beyond = |s: &Shortfall| s.missing - s.ids.len() as u64;
-        merge_ids(&rebalance.ids, &repair.ids).len() as u64
+        let mut ids: Vec<ChunkId> = rebalance.ids.iter().chain(&repair.ids).copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let count = ids.len() as u64
             + beyond(&rebalance).max(beyond(&repair))
             + rebalance.other
-            + repair.other
+            + repair.other;
+        (count, ids)
     }
 
-    /// The ids of the copies counted in [`Workers::under_replicated`] that this node lacks
-    /// (as far as they are kept), sorted.
-    pub fn missing_ids(&self) -> Vec<ChunkId> {
-        merge_ids(
-            &self.rebalance.shortfall().ids,
-            &self.repair.shortfall().ids,
-        )
+    pub fn under_replicated(&self) -> u64 {
+        self.shortfall().0
     }
-}
-
-/// The sorted union of two sorted id lists.
-fn merge_ids(a: &[ChunkId], b: &[ChunkId]) -> Vec<ChunkId> {
-    let mut all: Vec<ChunkId> = a.iter().chain(b).copied().collect();
-    all.sort_unstable();
-    all.dedup();
-    all
 }
 
 /// Starts the workers on the current runtime (repair only with an interval), moving at most
@@ -654,14 +645,14 @@ mod tests {
         assert_eq!(workers.under_replicated(), 6);
         let mut expected = ids(0..6);
         expected.sort_unstable();
-        assert_eq!(workers.missing_ids(), expected);
+        assert_eq!(workers.shortfall().1, expected);
         // Partitions with an owner out of reach add their chunks; a hand-off's copies add.
         let mut short = Shortfall::missing(5, ids(1..6));
         short.other = 10;
         workers.repair.finish(Ok(short), (0, 0), 0);
         workers.rebalance.finish(Ok(Shortfall::other(4)), (0, 0), 0);
         assert_eq!(workers.under_replicated(), 19);
-        assert_eq!(workers.missing_ids().len(), 5);
+        assert_eq!(workers.shortfall().1.len(), 5);
         // Beyond the ids kept, the larger remainder counts.
         workers
             .repair
@@ -675,7 +666,7 @@ mod tests {
             .rebalance
             .finish(Ok(Shortfall::default()), (0, 0), 0);
         assert_eq!(workers.under_replicated(), 0);
-        assert!(workers.missing_ids().is_empty());
+        assert!(workers.shortfall().1.is_empty());
     }
 
     fn repair_state(workers: &Workers, out_of_contact: &[&str]) -> String {

@@ -110,8 +110,9 @@ impl Admin for AdminService {
 
     async fn stats(&self, req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
         principal(&req)?;
+        let (under_replicated, missing) = self.ctx.workers.shortfall();
         let missing_ids = if req.get_ref().missing_ids {
-            pack_ids(&self.ctx.workers.missing_ids())
+            pack_ids(&missing)
         } else {
             Vec::new()
         };
@@ -145,7 +146,7 @@ impl Admin for AdminService {
             clients: clients.into_values().collect(),
             node_id: self.ctx.node_id,
             reclaimable_bytes: counters.reclaimable_bytes,
-            under_replicated: self.ctx.workers.under_replicated(),
+            under_replicated,
             moving,
             workers: self.ctx.workers.to_pb(self.ctx.peers.lost_contact()),
             hand_off_pending,
