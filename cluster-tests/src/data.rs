@@ -229,3 +229,17 @@ pub fn hard_linked_dirs(root: &Path, dirs: usize) {
         std::fs::hard_link(d.join("f"), root.join(format!("links/l{i:04}"))).unwrap();
     }
 }
+
+/// Every file under `dir` (not following symlinks to directories).
+pub fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(files_under(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}

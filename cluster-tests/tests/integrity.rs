@@ -497,3 +497,79 @@ fn verify_reads_a_manifest_piece_bad_behind_its_checksum_from_another_owner() {
         );
     }
 }
+
+/// A repair on lookup takes the copies it read one by one. Two nodes at R = W = 2; the
+/// second loses its chunk store (its background workers kept to a crawl, so what repairs
+/// it here is the lookups), and on the first one file's chunk goes bad behind its checksum.
+/// The next backup of the same tree looks every chunk up through the first node, which
+/// holds the only copies and repairs them onto the second as it answers: the bad copy is
+/// refused alone, so the agent sends that chunk again and no other. (Before, the copies of
+/// a repair round were verified together, and the bad one failed its whole round of 32:
+/// the agent sent those 32 chunks again.) The new snapshot restores identical.
+#[test]
+fn a_bad_copy_costs_a_repair_on_lookup_only_its_own_chunk() {
+    const FILES: usize = 200;
+    let tmp = tempfile::tempdir().unwrap();
+    let slow_workers = ["--repair-interval-secs", "0", "--move-mib-per-sec", "0.001"];
+    let mut cluster = Cluster::start_with(&tmp.path().join("cluster"), 2, 2, 2, &slow_workers);
+    let src = tmp.path().join("src");
+    data::many_files(&src, 4, FILES / 4, 41);
+    let rt = runtime();
+    let file_chunks: Vec<ChunkId> = data::files_under(&src)
+        .iter()
+        .map(|f| ChunkId::of(&std::fs::read(f).unwrap()))
+        .collect();
+    assert_eq!(file_chunks.len(), FILES);
+    rt.block_on(async {
+        let conn = cluster.connect(0).await;
+        backup(&conn, &opts(&src, ParentChoice::None))
+            .await
+            .unwrap();
+    });
+    // W = 2 of 2: the backup's end means both nodes hold every chunk.
+    let held = cluster.status_json(0);
+    let counts: Vec<u64> = status_members(&held)
+        .iter()
+        .map(|m| m["chunks"].as_u64().unwrap())
+        .collect();
+    assert!(
+        counts[0] > FILES as u64 && counts[0] == counts[1],
+        "{held:#}"
+    );
+
+    for node in &mut cluster.nodes {
+        node.stop();
+    }
+    std::fs::remove_dir_all(cluster.nodes[1].dir.join("data/chunks")).unwrap();
+    let bad = damage_behind_the_checksum(&cluster.nodes[0], |id| file_chunks.contains(id));
+    for node in &mut cluster.nodes {
+        node.restart();
+    }
+
+    let again = BackupOptions {
+        parent: ParentChoice::None,
+        ..backup_opts(&[&src], false, "db01", "files-again")
+    };
+    let summary = rt.block_on(async {
+        let conn = cluster.connect(0).await;
+        backup(&conn, &again).await.unwrap()
+    });
+    println!("second backup: {:?}", summary.upload);
+    let refused = cluster.nodes[0]
+        .metric_with("hashgrid_chunk_rejected_total", "reason=\"verify\"")
+        .unwrap_or(0.0);
+    assert!(
+        summary.upload.sent_chunks <= 1,
+        "{bad} bad on node 0: the agent sent {} chunks again ({:?})",
+        summary.upload.sent_chunks,
+        summary.upload
+    );
+    assert!(refused >= 1.0, "node 0 refused {refused} copies");
+
+    let target = tmp.path().join("restore");
+    rt.block_on(async {
+        let conn = cluster.connect(1).await;
+        restore_all(&conn, summary.snapshot, &target).await;
+    });
+    assert_same_tree(&src, &restored(&target, &src));
+}

@@ -12,14 +12,13 @@
 //! goes to a fallback (the next member on the ring) and is handed off after healing. The
 //! majority's backup is checked to hold such chunks, and one is written on its own.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hashgrid::catalog::{for_each_page, ListQuery};
 use hashgrid::error::ClientError;
 use hashgrid::Connection;
 use hashgrid_cluster_tests::cluster::{members_in, Cluster, TEST_NODE_ARGS};
-use hashgrid_cluster_tests::data::many_files;
+use hashgrid_cluster_tests::data::{files_under, many_files};
 use hashgrid_cluster_tests::fault_proxy::Fault;
 use hashgrid_cluster_tests::manifests::{file, meta, try_commit, upload_chunk, upload_tree};
 use hashgrid_cluster_tests::{
@@ -396,20 +395,6 @@ fn repair_worker(s: &serde_json::Value, id: NodeId) -> serde_json::Value {
         .find(|w| w["name"] == "repair")
         .expect("a repair worker")
         .clone()
-}
-
-/// Every file under `dir`.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let path = e.unwrap().path();
-        if path.is_dir() {
-            out.extend(files_under(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
 }
 
 /// Waits until `cluster status` through node `via` shows nothing under-replicated, awaiting

@@ -6,6 +6,8 @@
 //! bounds ([`ids_of`], [`verify_batch`]), chunk verification (every chunk must decode to
 //! exactly `plain_len` bytes, within the cluster's maximum chunk size, that hash to its id,
 //! and must not be all zeros), durable stores, and verified reads with per-chunk faults.
+//! An agent's batch is all or nothing ([`verify_batch`]); copies that move between nodes
+//! are taken one by one ([`verify_copy`]), so one bad copy costs only its chunk.
 //!
 //! The agent-facing service verifies every chunk once as coordinator, before forwarding it;
 //! an owner called over the peer service verifies again before storing, because a
@@ -58,6 +60,27 @@ pub fn verify_batch(chunks: Vec<pb::Chunk>, max_len: u32) -> Result<Vec<Verified
         .map(|c| verify_one(c, max_len))
         .collect::<Result<Vec<_>, ChunkError>>()
         .map_err(refused)
+}
+
+/// Verifies one copy another node served (blocking: decompresses and hashes); `None` when
+/// it fails, logged with its `source` when known and counted (`reason` = `verify`). Where
+/// copies move between nodes (a pull, a repair on lookup, a heal after a read) each is
+/// verified on its own: one copy gone bad where it was read must cost only that chunk, not
+/// every other chunk that came with it.
+pub fn verify_copy(c: pb::Chunk, max_len: u32, source: Option<NodeId>) -> Option<VerifiedChunk> {
+    match verify_one(c, max_len) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            match source {
+                Some(source) => {
+                    tracing::warn!(%source, error = %e, "refused a copy another owner served")
+                }
+                None => tracing::warn!(error = %e, "refused a copy another owner served"),
+            }
+            metrics::counter!(m::REJECTED, "reason" => "verify").increment(1);
+            None
+        }
+    }
 }
 
 /// One chunk's verification: it decodes to its declared length, within `max_len`, hashes
@@ -257,16 +280,10 @@ pub async fn store_copies(
     let max_len = ctx.chunker()?.max_size;
     let store = ctx.store.clone();
     let (outcome, ids) = blocking(move || {
-        let mut good = Vec::with_capacity(chunks.len());
-        for c in chunks {
-            match verify_one(c, max_len) {
-                Ok(v) => good.push(v),
-                Err(e) => {
-                    tracing::warn!(%source, error = %e, "refused a copy another owner served");
-                    metrics::counter!(m::REJECTED, "reason" => "verify").increment(1);
-                }
-            }
-        }
+        let good: Vec<VerifiedChunk> = chunks
+            .into_iter()
+            .filter_map(|c| verify_copy(c, max_len, Some(source)))
+            .collect();
         let ids: Vec<ChunkId> = good.iter().map(|c| c.id).collect();
         if good.is_empty() {
             return Ok((PutOutcome::default(), ids));

@@ -737,40 +737,45 @@ async fn repair(
     }
     let reads = join_all(by_source.into_iter().map(|(source, js)| async move {
         let wanted = js.iter().map(|&j| group[j]).collect();
-        (js, route.owner_get(source, wanted, Check::Stored).await)
+        (
+            js,
+            source,
+            route.owner_get(source, wanted, Check::Stored).await,
+        )
     }))
     .await;
-    let mut good: Vec<pb::Chunk> = Vec::new();
-    let mut good_at: Vec<usize> = Vec::new();
-    for (js, read) in reads {
+    // (the id's index, the copy, where it was read)
+    let mut copies: Vec<(usize, pb::Chunk, NodeId)> = Vec::new();
+    for (js, source, read) in reads {
         match read {
-            Ok(chunks) => {
-                for (j, c) in js.into_iter().zip(chunks) {
-                    if c.fault == pb::ChunkFault::None as i32 {
-                        good.push(c);
-                        good_at.push(j);
-                    }
-                }
-            }
+            Ok(chunks) => copies.extend(
+                js.into_iter()
+                    .zip(chunks)
+                    .filter(|(_, c)| c.fault == pb::ChunkFault::None as i32)
+                    .map(|(j, c)| (j, c, source)),
+            ),
             Err(e) => tracing::warn!(error = %e, "repair on lookup: reading a good copy failed"),
         }
     }
     let Ok(max_len) = route.ctx().chunker().map(|c| c.max_size) else {
         return Vec::new();
     };
-    let verified = match blocking(move || owner::verify_batch(good, max_len)).await {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::warn!(error = %e, "repair on lookup: a copy read for repair failed verification");
-            return Vec::new();
-        }
-    };
+    // Each copy on its own: one that fails (gone bad before its holder took the checksum
+    // its own read checks) is left out, and the rest of the batch is still repaired.
+    let verified = blocking(move || {
+        Ok(copies
+            .into_iter()
+            .filter_map(|(j, c, source)| Some((j, owner::verify_copy(c, max_len, Some(source))?)))
+            .collect::<Vec<_>>())
+    })
+    .await
+    .unwrap_or_default();
     // Send each target the chunks it lacks, all targets at once.
     let mut by_target: HashMap<NodeId, (Vec<usize>, Vec<Outbound>)> = HashMap::new();
-    for (j, chunk) in good_at.iter().zip(verified) {
-        for &t in &lacking[*j] {
+    for (j, chunk) in verified {
+        for &t in &lacking[j] {
             let entry = by_target.entry(t).or_default();
-            entry.0.push(*j);
+            entry.0.push(j);
             entry.1.push(Outbound::from(chunk.clone()));
         }
     }

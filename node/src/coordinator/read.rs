@@ -301,8 +301,18 @@ fn heal_damaged(route: &Route, replies: &[Option<pb::Chunk>], damaged_on: &[Vec<
         });
         for (node, chunks) in batches {
             let healed = async {
-                let verified = blocking(move || owner::verify_batch(chunks, max_len)).await?;
+                // Each copy on its own (see owner::verify_copy).
+                let verified: Vec<_> = blocking(move || {
+                    Ok(chunks
+                        .into_iter()
+                        .filter_map(|c| owner::verify_copy(c, max_len, None))
+                        .collect())
+                })
+                .await?;
                 let n = verified.len();
+                if n == 0 {
+                    return Ok(0);
+                }
                 route
                     .owner_put(
                         node,
