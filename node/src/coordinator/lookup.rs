@@ -762,14 +762,20 @@ async fn repair(
     };
     // Each copy on its own: one that fails (gone bad before its holder took the checksum
     // its own read checks) is left out, and the rest of the batch is still repaired.
-    let verified = blocking(move || {
+    let verified = match blocking(move || {
         Ok(copies
             .into_iter()
             .filter_map(|(j, c, source)| Some((j, owner::verify_copy(c, max_len, Some(source))?)))
             .collect::<Vec<_>>())
     })
     .await
-    .unwrap_or_default();
+    {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(error = %e, "repair on lookup: verifying the copies read failed");
+            return Vec::new();
+        }
+    };
     // Send each target the chunks it lacks, all targets at once.
     let mut by_target: HashMap<NodeId, (Vec<usize>, Vec<Outbound>)> = HashMap::new();
     for (j, chunk) in verified {

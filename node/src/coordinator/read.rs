@@ -322,6 +322,7 @@ fn heal_damaged(route: &Route, replies: &[Option<pb::Chunk>], damaged_on: &[Vec<
                 Ok::<_, NodeError>(n)
             };
             match healed.await {
+                Ok(0) => {}
                 Ok(n) => {
                     tracing::info!(%node, chunks = n, "rewrote damaged copies from a good replica")
                 }
