@@ -1,6 +1,7 @@
 //! What compressing each chunk on its own costs in stored bytes: reads a tree or an image,
 //! cuts it as a backup does, and prints the compressed size of its non-zero data
 //!   - per chunk at the agent's default level (what hashgrid stores: `codec::encode`),
+//!   - per chunk at level 3 (zstd's default, which rustic and borg here use),
 //!   - per chunk with a zstd dictionary (optional second argument, e.g. made with
 //!     `zstd --train -r SAMPLE_DIR -o dict --maxdict=112640`),
 //!   - in 1 MiB pieces at levels 2 and 3 (the unit restic and rustic compress).
@@ -34,7 +35,7 @@ fn files(p: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 }
 
 /// Plain bytes, then the compressed sizes in the order the module doc lists them.
-type Sizes = [usize; 5];
+type Sizes = [usize; 6];
 
 fn measure(path: &Path, chunker: &Chunker, dict: Option<&[u8]>) -> std::io::Result<Sizes> {
     let data = std::fs::read(path)?;
@@ -43,6 +44,7 @@ fn measure(path: &Path, chunker: &Chunker, dict: Option<&[u8]>) -> std::io::Resu
     let mut with_dict = dict
         .map(|d| zstd::bulk::Compressor::with_dictionary(DEFAULT_ZSTD_LEVEL, d))
         .transpose()?;
+    let mut level3 = zstd::bulk::Compressor::new(3)?;
     let mut s = Sizes::default();
     for &(o, l) in &cuts {
         let piece = &data[o..o + l];
@@ -52,14 +54,18 @@ fn measure(path: &Path, chunker: &Chunker, dict: Option<&[u8]>) -> std::io::Resu
         s[0] += l;
         let (codec, encoded) = encode(&Bytes::copy_from_slice(piece), DEFAULT_ZSTD_LEVEL);
         s[1] += encoded.len();
-        s[2] += match (&mut with_dict, codec) {
+        s[2] += match codec {
+            Codec::Zstd => level3.compress(piece)?.len().min(l),
+            Codec::Raw => l,
+        };
+        s[3] += match (&mut with_dict, codec) {
             (Some(c), Codec::Zstd) => c.compress(piece)?.len().min(l),
             _ => encoded.len(),
         };
     }
     for piece in data.chunks(1 << 20).filter(|p| !is_zero(p)) {
-        s[3] += zstd::bulk::compress(piece, 2)?.len().min(piece.len());
-        s[4] += zstd::bulk::compress(piece, 3)?.len().min(piece.len());
+        s[4] += zstd::bulk::compress(piece, 2)?.len().min(piece.len());
+        s[5] += zstd::bulk::compress(piece, 3)?.len().min(piece.len());
     }
     Ok(s)
 }
@@ -84,28 +90,21 @@ fn main() -> std::io::Result<()> {
             *sum += x;
         }
     }
-    let pct = |x: usize| 100.0 * (x as f64 / t[1] as f64 - 1.0);
     println!("files {}, non-zero bytes {}", all.len(), t[0]);
-    println!(
-        "per chunk, level {DEFAULT_ZSTD_LEVEL}:            {:>14}",
-        t[1]
-    );
-    if dict.is_some() {
-        println!(
-            "per chunk, level {DEFAULT_ZSTD_LEVEL}, dictionary: {:>14} ({:+.2} %)",
-            t[2],
-            pct(t[2])
-        );
+    let rows = [
+        (format!("per chunk, level {DEFAULT_ZSTD_LEVEL}"), Some(t[1])),
+        ("per chunk, level 3".to_string(), Some(t[2])),
+        (
+            format!("per chunk, level {DEFAULT_ZSTD_LEVEL}, dictionary"),
+            dict.is_some().then_some(t[3]),
+        ),
+        ("1 MiB pieces, level 2".to_string(), Some(t[4])),
+        ("1 MiB pieces, level 3".to_string(), Some(t[5])),
+    ];
+    for (label, size) in rows {
+        let Some(size) = size else { continue };
+        let pct = 100.0 * (size as f64 / t[1] as f64 - 1.0);
+        println!("{:<32}{size:>14} ({pct:+.2} %)", format!("{label}:"));
     }
-    println!(
-        "1 MiB pieces, level 2:        {:>14} ({:+.2} %)",
-        t[3],
-        pct(t[3])
-    );
-    println!(
-        "1 MiB pieces, level 3:        {:>14} ({:+.2} %)",
-        t[4],
-        pct(t[4])
-    );
     Ok(())
 }
